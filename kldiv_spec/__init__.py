@@ -1,0 +1,16 @@
+"""kldiv-spec: the Kullback-Leibler divergence loss, specified once for every array library.
+
+``kl_div`` / ``KLDivLoss`` give PyTorch's ``torch.nn.functional.kl_div`` semantics
+on NumPy, CuPy, PyTorch, JAX, Dask and array-api-strict arrays, written against
+the Python array API standard; ``kl_div_backward`` gives the analytic gradients.
+``kldiv_spec.torch`` holds a ``torch.nn.Module``; ``kldiv_spec.conformance``
+checks any implementation against the specification.
+"""
+
+from ._dispatch import use_reference
+from ._functional import kl_div, kl_div_backward
+from ._loss import KLDivLoss
+from ._validation import REDUCTIONS
+
+__all__ = ["REDUCTIONS", "KLDivLoss", "kl_div", "kl_div_backward", "use_reference"]
+__version__ = "0.1.0"

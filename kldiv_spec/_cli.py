@@ -1,0 +1,38 @@
+"""The ``kldiv-spec`` command: ``check`` (the conformance suite) and ``bench`` (benchmarks)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+_USAGE = """usage: kldiv-spec {check,bench} [options]
+
+  check   run the conformance suite against an implementation (default: the
+          reference, on every installed backend); 'kldiv-spec check --help'
+  bench   run the benchmarks; 'kldiv-spec bench --help'
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kldiv-spec`` command line; return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "check":
+        from kldiv_spec.conformance.cli import main as check_main
+
+        return check_main(rest)
+    if command == "bench":
+        from kldiv_spec.backends.bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"kldiv-spec: unknown command {command!r}\n{_USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

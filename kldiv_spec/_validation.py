@@ -1,0 +1,179 @@
+"""Argument checks shared by the public functions.
+
+Every error names the argument at fault. Nothing here looks at array *values*
+(only types, dtypes, shapes and devices), so checks never trigger computation
+on lazy backends (Dask, JAX under ``jit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+Namespace = Any
+
+REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean")
+
+__all__: list[str] = []
+
+
+def check_reduction(reduction: object, /) -> str:
+    """Return ``reduction`` if it is one of :data:`REDUCTIONS`, else raise ValueError."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        valid = ", ".join(repr(r) for r in REDUCTIONS)
+        # The first words are PyTorch's own message, so code matching on it keeps working.
+        msg = f"{reduction} is not a valid value for reduction: expected one of {valid}"
+        raise ValueError(msg)
+    return reduction
+
+
+def check_log_target(log_target: object, /) -> bool:
+    """Return ``log_target`` if it is a bool, else raise TypeError."""
+    if not isinstance(log_target, bool):
+        msg = f"log_target must be a bool, got {type(log_target).__name__}"
+        raise TypeError(msg)
+    return log_target
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None, /) -> str:
+    """Resolve PyTorch's deprecated ``size_average`` / ``reduce`` flags as PyTorch does.
+
+    Both default to True; ``reduce=False`` wins (``'none'``), then
+    ``size_average=False`` (``'sum'``), else ``'mean'``.
+    """
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    return "sum" if reduce else "none"
+
+
+def _check_array(a: object, name: str, /) -> None:
+    if not array_api_compat.is_array_api_obj(a):
+        msg = (
+            f"{name} must be an array (NumPy, CuPy, PyTorch, JAX, Dask or any array "
+            f"API library), got {type(a).__name__}"
+        )
+        raise TypeError(msg)
+
+
+def _check_floating(xp: Namespace, a: Array, name: str, /) -> None:
+    if not xp.isdtype(a.dtype, "real floating"):
+        msg = (
+            f"{name} must have a real floating-point dtype, got {a.dtype}: "
+            "kl_div is not defined for integer, boolean or complex arrays"
+        )
+        raise TypeError(msg)
+
+
+def broadcast_shape(
+    shape_a: tuple[int | None, ...],
+    shape_b: tuple[int | None, ...],
+    /,
+    names: tuple[str, str] = ("input", "target"),
+) -> tuple[int | None, ...]:
+    """Return the broadcast shape of two shapes, or raise ValueError naming both arguments."""
+    ndim = max(len(shape_a), len(shape_b))
+    a = (1,) * (ndim - len(shape_a)) + tuple(shape_a)
+    b = (1,) * (ndim - len(shape_b)) + tuple(shape_b)
+    out: list[int | None] = []
+    for n, m in zip(a, b, strict=True):
+        if n == 1:
+            out.append(m)
+        elif m == 1 or m == n:
+            out.append(n)
+        elif _unknown(n) or _unknown(m):
+            out.append(None)
+        else:
+            msg = (
+                f"{names[0]} of shape {tuple(shape_a)} and {names[1]} of shape "
+                f"{tuple(shape_b)} cannot be broadcast together"
+            )
+            raise ValueError(msg)
+    return tuple(out)
+
+
+def _unknown(n: int | float | None) -> bool:
+    return n is None or (isinstance(n, float) and math.isnan(n))
+
+
+@dataclass(frozen=True)
+class Operands:
+    """The validated operands of one call: namespace, common dtype and output shape."""
+
+    xp: Namespace
+    input: Array
+    target: Array
+    dtype: Any
+    output_shape: tuple[int, ...]
+
+
+def operands(input: object, target: object, /) -> Operands:
+    """Check ``input`` and ``target`` and return what every implementation needs.
+
+    Raises TypeError for non-arrays, arrays of two libraries and non-floating
+    dtypes, ValueError for arrays on two devices and shapes that do not broadcast.
+    """
+    _check_array(input, "input")
+    _check_array(target, "target")
+    try:
+        xp = array_api_compat.array_namespace(input, target)
+    except TypeError:
+        msg = (
+            "input and target must come from the same array library, got "
+            f"{type(input).__module__}.{type(input).__name__} and "
+            f"{type(target).__module__}.{type(target).__name__}"
+        )
+        raise TypeError(msg) from None
+    _check_floating(xp, input, "input")
+    _check_floating(xp, target, "target")
+    device_in = array_api_compat.device(input)
+    device_tg = array_api_compat.device(target)
+    if device_in != device_tg:
+        msg = f"input and target must be on the same device, got {device_in} and {device_tg}"
+        raise ValueError(msg)
+    shape = broadcast_shape(input.shape, target.shape)
+    if any(_unknown(n) for n in shape):
+        msg = (
+            f"input of shape {input.shape} and target of shape {target.shape} have "
+            "dimensions of unknown size; compute them first (for Dask: "
+            "compute_chunk_sizes())"
+        )
+        raise ValueError(msg)
+    dtype = xp.result_type(input.dtype, target.dtype)
+    return Operands(xp, input, target, dtype, tuple(int(n) for n in shape))
+
+
+def grad_output_array(grad_output: object, ops: Operands, reduction: str, /) -> Array:
+    """Check ``grad_output`` against the output of the forward and return it as an array.
+
+    A Python real number is accepted and placed on the operands' device.
+    """
+    out_shape = ops.output_shape if reduction == "none" else ()
+    xp = ops.xp
+    if isinstance(grad_output, (int, float)) and not isinstance(grad_output, bool):
+        return xp.asarray(grad_output, dtype=ops.dtype, device=array_api_compat.device(ops.input))
+    _check_array(grad_output, "grad_output")
+    try:
+        array_api_compat.array_namespace(ops.input, grad_output)
+    except TypeError:
+        msg = (
+            "grad_output must come from the same array library as input, got "
+            f"{type(grad_output).__module__}.{type(grad_output).__name__}"
+        )
+        raise TypeError(msg) from None
+    _check_floating(xp, grad_output, "grad_output")
+    if array_api_compat.device(grad_output) != array_api_compat.device(ops.input):
+        msg = "grad_output must be on the same device as input"
+        raise ValueError(msg)
+    if broadcast_shape(grad_output.shape, out_shape, ("grad_output", "the output")) != out_shape:
+        msg = (
+            f"grad_output of shape {grad_output.shape} does not broadcast to the "
+            f"output's shape {out_shape}"
+        )
+        raise ValueError(msg)
+    return grad_output
