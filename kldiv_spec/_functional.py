@@ -94,8 +94,8 @@ def kl_div(
     >>> log_q = xp.log(xp.asarray([[0.5, 0.5], [0.9, 0.1]]))
     >>> p = xp.asarray([[0.5, 0.5], [0.5, 0.5]])
     >>> kldiv_spec.kl_div(log_q, p, reduction="none")
-    Array([[0.        , 0.        ],
-           [-0.29389333, 0.80471896]], dtype=array_api_strict.float64)
+    Array([[ 0.        ,  0.        ],
+           [-0.29389333,  0.80471896]], dtype=array_api_strict.float64)
     >>> kldiv_spec.kl_div(log_q, p, reduction="batchmean")
     Array(0.25541281, dtype=array_api_strict.float64)
     """

@@ -1,0 +1,170 @@
+"""Shared fixtures: one ``xp`` fixture over every installed array library.
+
+Backends that are not installed are skipped with the reason in the summary;
+CuPy and torch-on-CUDA are skipped with "no GPU" where no GPU is visible.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import os
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class Backend(enum.Enum):
+    """An array library (and flavour) the tests run on."""
+
+    NUMPY = "numpy"
+    NUMPY_READONLY = "numpy_readonly"
+    ARRAY_API_STRICT = "array_api_strict"
+    ARRAY_API_STRICTEST = "array_api_strictest"
+    TORCH = "torch"
+    TORCH_GPU = "torch_gpu"
+    JAX = "jax"
+    DASK = "dask"
+    CUPY = "cupy"
+
+    @property
+    def module_name(self) -> str:
+        return {
+            Backend.NUMPY: "numpy",
+            Backend.NUMPY_READONLY: "numpy",
+            Backend.ARRAY_API_STRICT: "array_api_strict",
+            Backend.ARRAY_API_STRICTEST: "array_api_strict",
+            Backend.TORCH: "torch",
+            Backend.TORCH_GPU: "torch",
+            Backend.JAX: "jax.numpy",
+            Backend.DASK: "dask.array",
+            Backend.CUPY: "cupy",
+        }[self]
+
+
+def _gpu_skip_reason(backend: Backend) -> str | None:
+    if backend is Backend.CUPY:
+        try:
+            import cupy
+        except ImportError:
+            return "no GPU: CuPy is not installed (it needs a CUDA device)"
+        try:
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                return None
+        except Exception:  # CUDA driver missing or broken
+            pass
+        return "no GPU: CuPy tests need a CUDA device"
+    if backend is Backend.TORCH_GPU:
+        import torch
+
+        return None if torch.cuda.is_available() else "no GPU: torch CUDA tests need a CUDA device"
+    return None
+
+
+class _ReadOnlyNumPy(types.ModuleType):
+    """array_api_compat.numpy whose array constructors return read-only arrays."""
+
+    def __init__(self) -> None:
+        super().__init__("numpy_readonly")
+        import array_api_compat.numpy as cnp
+
+        self._inner = cnp
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name in ("asarray", "zeros", "ones", "full", "linspace", "arange", "empty"):
+
+            def readonly(*args: Any, **kwargs: Any) -> Any:
+                a = np.array(attr(*args, **kwargs))
+                a.flags.writeable = False
+                return a
+
+            return readonly
+        return attr
+
+
+def namespace(backend: Backend) -> Any:
+    """Return the array API namespace for ``backend`` (skipping when unavailable)."""
+    reason = None
+    if backend in (Backend.CUPY, Backend.TORCH_GPU):
+        reason = _gpu_skip_reason(backend)
+    else:
+        try:
+            importlib.import_module(backend.module_name)
+        except ImportError:
+            reason = f"{backend.module_name} is not installed"
+    if reason is not None:
+        pytest.skip(reason)
+    if backend is Backend.NUMPY_READONLY:
+        return _ReadOnlyNumPy()
+    if backend in (Backend.ARRAY_API_STRICT, Backend.ARRAY_API_STRICTEST):
+        import array_api_strict
+
+        return array_api_strict
+    if backend is Backend.JAX:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return jnp
+    if backend is Backend.CUPY:
+        import array_api_compat.cupy
+
+        return array_api_compat.cupy
+    import array_api_compat
+
+    module = importlib.import_module(backend.module_name)
+    return array_api_compat.array_namespace(module.asarray([1.0]))
+
+
+@pytest.fixture(params=list(Backend), ids=lambda b: b.value)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The backend under test; strictest flags are applied for its duration."""
+    b: Backend = request.param
+    if b is Backend.ARRAY_API_STRICTEST:
+        try:
+            import array_api_strict
+        except ImportError:
+            pytest.skip("array_api_strict is not installed")
+        array_api_strict.set_array_api_strict_flags(
+            boolean_indexing=False, data_dependent_shapes=False
+        )
+        try:
+            yield b
+        finally:
+            array_api_strict.reset_array_api_strict_flags()
+    else:
+        yield b
+
+
+@pytest.fixture
+def xp(backend: Backend) -> Any:
+    """The array API namespace of the backend under test."""
+    xp = namespace(backend)
+    if backend is Backend.TORCH_GPU:
+        import functools
+
+        import array_api_compat.torch as ctorch
+
+        wrapped = types.ModuleType("torch_gpu")
+        wrapped.__dict__.update(ctorch.__dict__)
+        for name in ("asarray", "zeros", "ones", "full", "linspace", "arange", "empty"):
+            setattr(wrapped, name, functools.partial(getattr(ctorch, name), device="cuda"))
+        return wrapped
+    return xp
