@@ -70,8 +70,10 @@ def _gpu_skip_reason(backend: Backend) -> str | None:
             pass
         return "no GPU: CuPy tests need a CUDA device"
     if backend is Backend.TORCH_GPU:
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            return "torch is not installed"
         return None if torch.cuda.is_available() else "no GPU: torch CUDA tests need a CUDA device"
     return None
 
@@ -133,7 +135,30 @@ def namespace(backend: Backend) -> Any:
     return array_api_compat.array_namespace(module.asarray([1.0]))
 
 
-@pytest.fixture(params=list(Backend), ids=lambda b: b.value)
+def selected_backends() -> list[Backend]:
+    """Backends chosen by ``KLDIV_SPEC_BACKENDS`` (comma-separated values), default all.
+
+    A name selects its flavours too: ``numpy`` also runs ``numpy_readonly``,
+    ``array_api_strict`` also ``array_api_strictest``, ``torch`` also ``torch_gpu``.
+    """
+    names = os.environ.get("KLDIV_SPEC_BACKENDS", "").strip()
+    if not names:
+        return list(Backend)
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - {b.value for b in Backend}
+    if unknown:
+        msg = f"KLDIV_SPEC_BACKENDS names unknown backends: {sorted(unknown)}"
+        raise pytest.UsageError(msg)
+    return [
+        b
+        for b in Backend
+        if b.value in wanted
+        or b.value.split("_")[0] in wanted
+        or (b is Backend.ARRAY_API_STRICTEST and "array_api_strict" in wanted)
+    ]
+
+
+@pytest.fixture(params=selected_backends(), ids=lambda b: b.value)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The backend under test; strictest flags are applied for its duration."""
     b: Backend = request.param
