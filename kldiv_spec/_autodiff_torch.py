@@ -1,7 +1,9 @@
-"""The reference on PyTorch: the core's forward with its analytic backward.
+"""The reference on PyTorch: the core's forward with its analytic derivatives.
 
-A :class:`torch.autograd.Function` whose backward is built from differentiable
-torch operations, so double backward (``gradgradcheck``) works too.
+A :class:`torch.autograd.Function` in the ``setup_context`` style, so it works
+with ``loss.backward()``, double backward (its backward is built from
+differentiable torch operations), forward-mode AD (``jvp``) and the
+``torch.func`` transforms (``grad``, ``jacrev``, ``jvp``, ``vmap``).
 """
 
 from __future__ import annotations
@@ -16,40 +18,41 @@ from ._validation import Operands
 __all__: list[str] = []
 
 
+def _promoted(ops: Operands, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, Any]:
+    xp = ops.xp
+    return xp.astype(x, ops.dtype, copy=False), xp.astype(t, ops.dtype, copy=False)
+
+
 class _ReferenceKLDiv(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        ops: Operands,
-        reduction: str,
-        log_target: bool,
+        x: torch.Tensor, t: torch.Tensor, ops: Operands, reduction: str, log_target: bool
     ) -> torch.Tensor:
+        xs, ts = _promoted(ops, x, t)
+        return _core.kl_div(xs, ts, reduction=reduction, log_target=log_target, xp=ops.xp)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, t, ops, reduction, log_target = inputs
         ctx.save_for_backward(x, t)
+        ctx.save_for_forward(x, t)
         ctx.ops, ctx.reduction, ctx.log_target = ops, reduction, log_target
-        xp = ops.xp
-        return _core.kl_div(
-            xp.astype(x, ops.dtype, copy=False),
-            xp.astype(t, ops.dtype, copy=False),
-            reduction=reduction,
-            log_target=log_target,
-            xp=xp,
-        )
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, t = ctx.saved_tensors
         ops: Operands = ctx.ops
-        xp = ops.xp
+        xs, ts = _promoted(ops, x, t)
         grad_x, grad_t = _core.kl_div_backward(
             grad,
-            xp.astype(x, ops.dtype, copy=False),
-            xp.astype(t, ops.dtype, copy=False),
+            xs,
+            ts,
             reduction=ctx.reduction,
             log_target=ctx.log_target,
             output_shape=ops.output_shape,
-            xp=xp,
+            xp=ops.xp,
         )
         return (
             grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
@@ -59,17 +62,24 @@ class _ReferenceKLDiv(torch.autograd.Function):
             None,
         )
 
+    @staticmethod
+    def jvp(ctx: Any, dx: Any, dt: Any, *_: Any) -> torch.Tensor:
+        x, t = ctx.saved_tensors
+        ops: Operands = ctx.ops
+        xp = ops.xp
+        xs, ts = _promoted(ops, x, t)
+        ones = torch.ones((), dtype=ops.dtype, device=x.device)
+        d_x, d_t = _core.pointwise_gradients(ones, xs, ts, log_target=ctx.log_target, xp=xp)
+        tangent = torch.zeros((), dtype=ops.dtype, device=x.device)
+        if dx is not None:
+            tangent = tangent + d_x * dx.to(ops.dtype)
+        if dt is not None:
+            tangent = tangent + d_t * dt.to(ops.dtype)
+        tangent = torch.broadcast_to(tangent, ops.output_shape)
+        batch_size = x.shape[0] if x.ndim > 0 else None
+        return _core.reduce_loss(tangent, reduction=ctx.reduction, batch_size=batch_size, xp=xp)
+
 
 def kl_div_with_gradient(ops: Operands, /, *, reduction: str, log_target: bool) -> Any:
-    """Evaluate the reference on tensors, attaching the analytic backward when needed."""
-    x, t = ops.input, ops.target
-    if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
-        return _ReferenceKLDiv.apply(x, t, ops, reduction, log_target)
-    xp = ops.xp
-    return _core.kl_div(
-        xp.astype(x, ops.dtype, copy=False),
-        xp.astype(t, ops.dtype, copy=False),
-        reduction=reduction,
-        log_target=log_target,
-        xp=xp,
-    )
+    """Evaluate the reference on tensors with the analytic derivatives attached."""
+    return _ReferenceKLDiv.apply(ops.input, ops.target, ops, reduction, log_target)
