@@ -70,10 +70,12 @@ def reduce_loss(loss: Array, /, *, reduction: str, batch_size: int | None, xp: N
     total = xp.sum(loss)
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        return total / math.prod(loss.shape)
-    # batchmean
-    return total if batch_size is None else total / batch_size
+    # An empty sum divided by zero is NaN; it is built directly rather than as
+    # 0 / 0, which NumPy (and Dask, at compute time) would warn about.
+    count = math.prod(loss.shape) if reduction == "mean" else batch_size
+    if count is None:
+        return total
+    return total / count if count else xp.full_like(total, math.nan)
 
 
 def divisor(reduction: str, /, *, output_shape: tuple[int, ...], batch_size: int | None) -> int:
@@ -111,8 +113,10 @@ def pointwise_gradients(
     ``inf / inf``).
     """
     if log_target:
-        p = xp.exp(t)
-        return -(g * p), g * p * (t - x + 1)
+        gp = g * xp.exp(t)
+        # Kept as PyTorch's autograd sums the product rule's two terms: written
+        # g e^t (t - x + 1), the NaN where e^t overflows (inf - inf) would be +-inf.
+        return -gp, g * (t - x) * xp.exp(t) + gp
     grad_x = -(t * g)
     positive_finite = (t > 0) & (t < math.inf)
     safe_t = xp.where(positive_finite, t, xp.ones_like(t))

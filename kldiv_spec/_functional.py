@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
+
 from . import _reference
 from ._dispatch import fast_path
 from ._floating_point import quiet
@@ -129,8 +131,16 @@ def forward(
                 input, target, reduction=reduction, log_target=log_target, ops=ops
             )
         if result is not NotImplemented:
-            return result
-    return _reference.forward(ops, reduction=reduction, log_target=log_target)
+            return _zero_dim_array(result)
+    return _zero_dim_array(_reference.forward(ops, reduction=reduction, log_target=log_target))
+
+
+def _zero_dim_array(result: Array) -> Array:
+    """Return NumPy's reduction results as 0-d arrays, as the array API specifies.
+
+    NumPy's reductions return scalars (``np.float64``), which are not arrays.
+    """
+    return np.asarray(result) if isinstance(result, np.generic) else result
 
 
 def kl_div_backward(

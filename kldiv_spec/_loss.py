@@ -57,7 +57,7 @@ class KLDivLoss:
            [-0.25, -0.25]], dtype=array_api_strict.float64)
     """
 
-    __slots__ = ("_log_target", "_reduction")
+    __slots__ = ("__weakref__", "_log_target", "_reduction")
 
     def __init__(
         self,

@@ -34,7 +34,8 @@ def check_reduction(reduction: object, /) -> str:
 def check_log_target(log_target: object, /) -> bool:
     """Return ``log_target`` if it is a bool, else raise TypeError."""
     if not isinstance(log_target, bool):
-        msg = f"log_target must be a bool, got {type(log_target).__name__}"
+        kind = type(log_target)
+        msg = f"log_target must be a bool, got {kind.__module__}.{kind.__qualname__}"
         raise TypeError(msg)
     return log_target
 
@@ -172,7 +173,7 @@ def grad_output_array(grad_output: object, ops: Operands, reduction: str, /) -> 
         raise ValueError(msg)
     if broadcast_shape(grad_output.shape, out_shape, ("grad_output", "the output")) != out_shape:
         msg = (
-            f"grad_output of shape {grad_output.shape} does not broadcast to the "
+            f"grad_output of shape {tuple(grad_output.shape)} does not broadcast to the "
             f"output's shape {out_shape}"
         )
         raise ValueError(msg)

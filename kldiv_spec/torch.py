@@ -88,7 +88,7 @@ class KLDivLoss(torch.nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return the loss; see :func:`kldiv_spec.kl_div`."""
         return _functional.forward(
-            input, target, reduction=self.reduction, log_target=self.log_target, stacklevel=4
+            input, target, reduction=self.reduction, log_target=self.log_target, stacklevel=5
         )
 
     def extra_repr(self) -> str:
