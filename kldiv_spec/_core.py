@@ -113,10 +113,11 @@ def pointwise_gradients(
     ``inf / inf``).
     """
     if log_target:
-        gp = g * xp.exp(t)
-        # Kept as PyTorch's autograd sums the product rule's two terms: written
-        # g e^t (t - x + 1), the NaN where e^t overflows (inf - inf) would be +-inf.
-        return -gp, g * (t - x) * xp.exp(t) + gp
+        p = xp.exp(t)
+        gp = g * p
+        # PyTorch's autograd order, (g (t - x)) e^t + g e^t: written g e^t (t - x + 1),
+        # the NaN where e^t overflows (inf - inf) would be +-inf, and some zeros' signs flip.
+        return -gp, (g * (t - x)) * p + gp
     grad_x = -(t * g)
     positive_finite = (t > 0) & (t < math.inf)
     safe_t = xp.where(positive_finite, t, xp.ones_like(t))

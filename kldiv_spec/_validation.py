@@ -134,7 +134,8 @@ def operands(input: object, target: object, /) -> Operands:
     _check_floating(xp, target, "target")
     device_in = array_api_compat.device(input)
     device_tg = array_api_compat.device(target)
-    if device_in != device_tg:
+    # A device of None is unknown (JAX tracers under jax.grad): nothing to compare.
+    if device_in is not None and device_tg is not None and device_in != device_tg:
         msg = f"input and target must be on the same device, got {device_in} and {device_tg}"
         raise ValueError(msg)
     shape = broadcast_shape(input.shape, target.shape)
@@ -168,7 +169,8 @@ def grad_output_array(grad_output: object, ops: Operands, reduction: str, /) -> 
         )
         raise TypeError(msg) from None
     _check_floating(xp, grad_output, "grad_output")
-    if array_api_compat.device(grad_output) != array_api_compat.device(ops.input):
+    device_g, device_in = array_api_compat.device(grad_output), array_api_compat.device(ops.input)
+    if device_g is not None and device_in is not None and device_g != device_in:
         msg = "grad_output must be on the same device as input"
         raise ValueError(msg)
     if broadcast_shape(grad_output.shape, out_shape, ("grad_output", "the output")) != out_shape:
