@@ -1,0 +1,194 @@
+"""Adapters for KL-divergence implementations that do not share PyTorch's signature.
+
+Each maps its library's call onto ``(input, target, reduction, log_target)``
+(``input`` = log q, ``target`` = p or log p) and declares what it cannot
+express, which reports show as n/a rather than as failures. Only installed
+libraries can be checked; :func:`load` raises ``ImportError`` otherwise and the
+CLI reports "not installed". See ``shared/reference/peers.md`` for what each
+is expected to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .implementations import Implementation
+
+__all__ = ["ADAPTERS", "load"]
+
+_NO_MEAN_WARNING = {"semantics.mean_warning": "the library has no 'mean' warning"}
+_NO_ERRORS = {
+    "semantics.bad_reduction": "the adapter, not the library, handles reduction",
+}
+
+
+def _reduce(xp: Any, rows_or_loss: Any, reduction: str, batch: int | None, numel: int) -> Any:
+    if reduction == "none":
+        return rows_or_loss
+    if reduction not in ("sum", "mean", "batchmean"):
+        msg = f"{reduction} is not a valid value for reduction"
+        raise ValueError(msg)
+    total = xp.sum(rows_or_loss)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / numel
+    return total / batch if batch is not None else total
+
+
+def _scipy_rel_entr() -> Implementation:
+    import scipy.special
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        x, t = np.asarray(input), np.asarray(target)
+        if x.dtype.kind != "f" or t.dtype.kind != "f":
+            msg = "floating inputs only"
+            raise TypeError(msg)
+        with np.errstate(all="ignore"):
+            loss = np.asarray(scipy.special.rel_entr(t, np.exp(x)))
+            n = int(np.prod(loss.shape))
+            return np.asarray(_reduce(np, loss, reduction, x.shape[0] if x.ndim else None, n))
+
+    return Implementation(
+        "scipy-rel-entr",
+        fn,
+        log_targets=(False,),
+        backends=("numpy",),
+        not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
+        differentiable=False,
+        description="scipy.special.rel_entr(p, exp(input)), reduced by the adapter",
+    )
+
+
+def _optax() -> Implementation:
+    import optax
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        import jax.numpy as jnp
+
+        f = (
+            optax.losses.kl_divergence_with_log_targets
+            if log_target
+            else (optax.losses.kl_divergence)
+        )
+        rows = f(input, target)
+        batch = input.shape[0] if input.ndim else None
+        return _reduce(
+            jnp,
+            rows,
+            reduction,
+            batch,
+            int(np.prod(jnp.broadcast_shapes(input.shape, target.shape))),
+        )
+
+    return Implementation(
+        "optax",
+        fn,
+        reductions=("sum", "batchmean"),
+        backends=("jax",),
+        not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
+        description="optax.losses.kl_divergence[_with_log_targets], rows summed by the adapter",
+    )
+
+
+def _keras() -> Implementation:
+    import keras
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        import jax.numpy as jnp
+
+        loss = keras.losses.KLDivergence(reduction="sum")
+        return loss(target, jnp.exp(input))
+
+    return Implementation(
+        "keras",
+        fn,
+        reductions=("sum",),
+        log_targets=(False,),
+        backends=("jax",),
+        not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
+        description="keras.losses.KLDivergence(y_true=p, y_pred=exp(input)), JAX backend",
+    )
+
+
+def _torchmetrics() -> Implementation:
+    from torchmetrics.functional import kl_divergence
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        import torch
+
+        if log_target:
+            rows = kl_divergence(target, input, log_prob=True, reduction="none")
+        else:
+            rows = kl_divergence(target, torch.exp(input), log_prob=False, reduction="none")
+        return _reduce(torch, rows, reduction, input.shape[0], input.numel())
+
+    return Implementation(
+        "torchmetrics",
+        fn,
+        reductions=("sum", "batchmean"),
+        backends=("torch",),
+        not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
+        description="torchmetrics.functional.kl_divergence(p, q) (2-D only, renormalises)",
+    )
+
+
+def _mlx() -> Implementation:
+    import mlx.core as mx
+    import mlx.nn.losses as losses
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        x, t = mx.array(np.asarray(input)), mx.array(np.asarray(target))
+        tl = t if log_target else mx.log(t)
+        rows = np.asarray(losses.kl_div_loss(x, tl, axis=-1, reduction="none"))
+        return np.asarray(_reduce(np, rows, reduction, np.shape(input)[0], np.size(input)))
+
+    return Implementation(
+        "mlx",
+        fn,
+        reductions=("sum", "batchmean"),
+        backends=("numpy",),
+        not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
+        differentiable=False,
+        description="mlx.nn.losses.kl_div_loss, rows summed by the adapter (NumPy in and out)",
+    )
+
+
+def _paddle() -> Implementation:
+    import paddle
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        out = paddle.nn.functional.kl_div(
+            paddle.to_tensor(np.asarray(input)),
+            paddle.to_tensor(np.asarray(target)),
+            reduction=reduction,
+            log_target=log_target,
+        )
+        return np.asarray(out.numpy())
+
+    return Implementation(
+        "paddle",
+        fn,
+        backends=("numpy",),
+        differentiable=False,
+        description="paddle.nn.functional.kl_div (NumPy in and out)",
+    )
+
+
+#: Every adapter, by ``--impl`` name.
+ADAPTERS: dict[str, Callable[[], Implementation]] = {
+    "scipy-rel-entr": _scipy_rel_entr,
+    "optax": _optax,
+    "keras": _keras,
+    "torchmetrics": _torchmetrics,
+    "mlx": _mlx,
+    "paddle": _paddle,
+}
+
+
+def load(name: str, /) -> Implementation:
+    """Return the adapter called ``name``; ImportError if its library is not installed."""
+    return ADAPTERS[name]()

@@ -1,0 +1,239 @@
+r"""Group ``gradients``: derivatives w.r.t. input and target.
+
+On autograd backends (PyTorch, JAX) gradients are taken through the backend's
+autograd; elsewhere through the implementation's ``backward`` (for the
+reference, ``kldiv_spec.kl_div_backward``); without either the group is n/a.
+They are compared with the analytic formulas of PyTorch's edge-value table
+(:func:`.oracle.gradients`, NaN target gradient where ``t <= 0`` included) and
+with central finite differences of the forward; double backward is checked
+with ``torch.autograd.gradgradcheck``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from .context import Context, fmt
+from .oracle import gradients as exact_gradients
+from .properties import NotApplicable, register
+from .strategies import Case, broadcast_cases, distributions, edge_cases
+
+__all__ = ["take_gradients"]
+
+
+def _applies(ctx: Context) -> str | None:
+    if ctx.backend.autograd and ctx.impl.differentiable:
+        return None
+    if ctx.impl.backward is not None:
+        return None
+    return f"{ctx.impl.name} has no backward and {ctx.backend.name} has no autograd"
+
+
+def _grad_output(case: Case) -> Any:
+    if case.reduction == "none":
+        shape = np.broadcast_shapes(case.input.shape, case.target.shape)
+        dtype = np.result_type(case.input.dtype, case.target.dtype)
+        return (0.5 + (np.arange(int(np.prod(shape))) % 3)).reshape(shape).astype(dtype)
+    return 0.75
+
+
+def take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Return the implementation's ``(grad_input, grad_target)`` for upstream gradient ``g``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
+        return _take_gradients(ctx, case, g)
+
+
+def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
+    be, impl = ctx.backend, ctx.impl
+    kw = {"reduction": case.reduction, "log_target": case.log_target}
+    if be.autograd == "torch" and impl.differentiable:
+        import torch
+
+        x = torch.from_numpy(case.input.copy()).requires_grad_(True)
+        t = torch.from_numpy(case.target.copy()).requires_grad_(True)
+        out = impl.fn(x, t, **kw)
+        if not getattr(out, "requires_grad", False):
+            msg = "the result does not require grad: autograd cannot differentiate it"
+            raise AssertionError(msg)
+        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype).expand(out.shape)
+        gx, gt = torch.autograd.grad(out, (x, t), gout, allow_unused=True)
+        if gx is None or gt is None:
+            msg = f"no gradient w.r.t. {'input' if gx is None else 'target'}"
+            raise AssertionError(msg)
+        return gx.detach().numpy(), gt.detach().numpy()
+    if be.autograd == "jax" and impl.differentiable:
+        import jax
+        import jax.numpy as jnp
+
+        out, vjp = jax.vjp(
+            lambda a, b: impl.fn(a, b, **kw), jnp.asarray(case.input), jnp.asarray(case.target)
+        )
+        gx, gt = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
+        return np.asarray(gx), np.asarray(gt)
+    if impl.backward is None:
+        raise NotApplicable(_applies(ctx) or "no gradients")
+    gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
+    gx, gt = impl.backward(gb, be.asarray(case.input), be.asarray(case.target), **kw)
+    for name, grad, arg in (("input", gx, case.input), ("target", gt, case.target)):
+        if not be.is_array(grad):
+            msg = f"the gradient w.r.t. {name} is a {type(grad).__name__}, not a {be.name} array"
+            raise AssertionError(msg)
+        if grad.dtype != getattr(be.xp, arg.dtype.name):
+            msg = f"the gradient w.r.t. {name} is {grad.dtype}, its argument {arg.dtype}"
+            raise AssertionError(msg)
+    return be.to_numpy(gx), be.to_numpy(gt)
+
+
+def _check_one(name: str, got: np.ndarray, want: np.ndarray, tol: np.ndarray, shape: Any) -> None:
+    got = np.asarray(got)
+    if got.shape != tuple(shape):
+        msg = f"gradient w.r.t. {name} has shape {got.shape}, expected {tuple(shape)}"
+        raise AssertionError(msg)
+    got = got.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        special = ~np.isfinite(want)
+        ok = np.where(
+            special,
+            (got == want) | (np.isnan(got) & np.isnan(want)),
+            np.abs(got - want) <= tol,
+        )
+    if not ok.all():
+        idx = tuple(int(i) for i in np.argwhere(~ok)[0])
+        msg = (
+            f"gradient w.r.t. {name} differs at index {idx}: got {got[idx]!r}, "
+            f"expected {want[idx]!r}"
+        )
+        raise AssertionError(msg)
+
+
+def _cases(ctx: Context) -> Any:
+    kw = {"log_targets": ctx.log_targets, "reductions": ctx.reductions}
+    return st.one_of(distributions(**kw), broadcast_cases(**kw), edge_cases(**kw))
+
+
+def _compare(ctx: Context, case: Case, which: int) -> None:
+    for reduction in ctx.reductions:
+        _compare_one(ctx, Case(case.input, case.target, reduction, case.log_target), which)
+
+
+def _compare_one(ctx: Context, case: Case, which: int) -> None:
+    g = _grad_output(case)
+    got = take_gradients(ctx, case, g)
+    want = exact_gradients(
+        g,
+        case.input,
+        case.target,
+        reduction=case.reduction,
+        log_target=case.log_target,
+        flush=not ctx.backend.subnormals,
+    )
+    names = ("input", "target")
+    shapes = (case.input.shape, case.target.shape)
+    _check_one(names[which], got[which], want[which][0], want[which][1], shapes[which])
+
+
+@register(
+    "gradients.input",
+    "d/d input = -g t / D (log_target: -g e^t / D), summed back over broadcast axes",
+    strategy=_cases,
+    applies=_applies,
+)
+def _grad_input(ctx: Context, case: Case) -> None:
+    _compare(ctx, case, 0)
+
+
+@register(
+    "gradients.target",
+    "d/d target = g (log t + 1 - x) / D, NaN where t <= 0 (log_target: g e^t (t - x + 1) / D)",
+    strategy=_cases,
+    applies=_applies,
+)
+def _grad_target(ctx: Context, case: Case) -> None:
+    _compare(ctx, case, 1)
+
+
+@st.composite
+def _smooth(draw: Any, ctx: Context) -> Case:
+    n = draw(st.integers(1, 4))
+    log_target = draw(st.sampled_from(list(ctx.log_targets)))
+    x = draw(hnp.arrays(np.float64, (2, n), elements=st.floats(-4, 1)))
+    lo, hi = (-3.0, 1.0) if log_target else (0.05, 2.0)
+    t = draw(hnp.arrays(np.float64, (2, n), elements=st.floats(lo, hi)))
+    return Case(x, t, draw(st.sampled_from(list(ctx.reductions))), log_target)
+
+
+@register(
+    "gradients.finite_differences",
+    "both gradients agree with central finite differences of the forward (float64)",
+    strategy=lambda ctx: _smooth(ctx),
+    applies=_applies,
+    examples_scale=0.5,
+)
+def _finite_differences(ctx: Context, case: Case) -> None:
+    g = _grad_output(case)
+    got = take_gradients(ctx, case, g)
+    weights = np.asarray(g, dtype=np.float64)
+
+    def loss(x: np.ndarray, t: np.ndarray) -> float:
+        out = ctx.value(Case(x, t, case.reduction, case.log_target))
+        return float(np.sum(out * weights))
+
+    for which, name in ((0, "input"), (1, "target")):
+        base = [case.input, case.target]
+        fd = np.zeros(base[which].shape)
+        for idx in np.ndindex(base[which].shape):
+            h = 1e-6 * max(1.0, abs(float(base[which][idx])))
+            plus, minus = base[which].copy(), base[which].copy()
+            plus[idx] += h
+            minus[idx] -= h
+            args_p, args_m = list(base), list(base)
+            args_p[which], args_m[which] = plus, minus
+            fd[idx] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+        if not np.allclose(got[which], fd, rtol=1e-5, atol=1e-6):
+            msg = (
+                f"gradient w.r.t. {name} {fmt(got[which])} disagrees with finite "
+                f"differences {fmt(fd)}"
+            )
+            raise AssertionError(msg)
+
+
+def _torch_only(ctx: Context) -> str | None:
+    if ctx.backend.autograd != "torch" or not ctx.impl.differentiable:
+        return "double backward is checked on the torch backend only"
+    return None
+
+
+@register(
+    "gradients.double_backward",
+    "second derivatives through torch autograd pass torch.autograd.gradgradcheck",
+    strategy=lambda ctx: _smooth(ctx),
+    applies=_torch_only,
+    examples_scale=0.3,
+)
+def _double_backward(ctx: Context, case: Case) -> None:
+    import torch
+
+    x = torch.from_numpy(case.input.copy()).requires_grad_(True)
+    t = torch.from_numpy(case.target.copy()).requires_grad_(True)
+
+    def f(a: Any, b: Any) -> Any:
+        return ctx.impl.fn(a, b, reduction=case.reduction, log_target=case.log_target)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
+            ok = torch.autograd.gradgradcheck(f, (x, t), raise_exception=True)
+    except Exception as exc:
+        msg = (
+            f"gradgradcheck failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        )
+        raise AssertionError(msg) from exc
+    if not ok:  # pragma: no cover - raise_exception=True raises instead
+        msg = "gradgradcheck failed"
+        raise AssertionError(msg)

@@ -1,0 +1,347 @@
+"""Group ``semantics``: PyTorch's behaviour beyond the formula.
+
+The edge-value table (zeros, negative and > 1 targets, +-inf, NaN), empty and
+0-d arrays, broadcasting (``batchmean`` divides by the *input's* first
+dimension), dtype promotion, the result's library/dtype/shape, the errors for
+a bad ``reduction`` and for integer arrays, and the ``mean`` warning.
+Signed zeros are not compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from .context import Context, assert_pointwise, assert_reduced, check_against_oracle
+from .properties import NotApplicable, register
+from .strategies import (
+    EDGE_INPUTS,
+    EDGE_LOG_TARGETS,
+    EDGE_TARGETS,
+    Case,
+    broadcast_cases,
+    edge_cases,
+    regular_cases,
+)
+
+__all__: list[str] = []
+
+
+def _edge_grid(ctx: Context) -> list[Case]:
+    """Every (input, target) pair of the table as one 'none' call, then each pair reduced."""
+    cases = []
+    for log_target in ctx.log_targets:
+        targets = EDGE_LOG_TARGETS if log_target else EDGE_TARGETS
+        pairs = list(itertools.product(EDGE_INPUTS, targets))
+        for dtype in (np.float64, np.float32):
+            x = np.array([p[0] for p in pairs], dtype=dtype)
+            t = np.array([p[1] for p in pairs], dtype=dtype)
+            if "none" in ctx.reductions:
+                cases.append(Case(x, t, "none", log_target))
+        for xv, tv in pairs:
+            for reduction in ctx.reductions:
+                if reduction != "none":
+                    x1 = np.array([xv, 0.0]) if reduction != "sum" else np.array([xv])
+                    t1 = np.array([tv, 1.0 if not log_target else 0.0])[: x1.size]
+                    cases.append(Case(x1, t1, reduction, log_target))
+    return cases
+
+
+@register(
+    "semantics.edge_values",
+    "every row of PyTorch's edge-value table (0, <0, >1, +-inf, NaN targets and inputs)",
+    cases=_edge_grid,
+)
+def _edge_values(ctx: Context, case: Case) -> None:
+    check_against_oracle(ctx, case)
+
+
+@register(
+    "semantics.edge_mixtures",
+    "NaN and inf propagate into every reduction as in IEEE summation",
+    strategy=lambda ctx: edge_cases(log_targets=ctx.log_targets, reductions=ctx.reductions),
+)
+def _edge_mixtures(ctx: Context, case: Case) -> None:
+    for reduction in ctx.reductions:
+        check_against_oracle(ctx, case, reduction)
+
+
+def _empty(ctx: Context) -> list[Case]:
+    shapes = [(0,), (0, 3), (3, 0), (2, 0, 4)]
+    return [
+        Case(np.zeros(s), np.zeros(s), r, lt)
+        for s in shapes
+        for r in ctx.reductions
+        for lt in ctx.log_targets
+    ]
+
+
+@register(
+    "semantics.empty",
+    "empty arrays: sum 0, mean NaN, batchmean NaN iff input.shape[0] == 0, 'none' empty",
+    cases=_empty,
+)
+def _empty_check(ctx: Context, case: Case) -> None:
+    check_against_oracle(ctx, case)
+
+
+@st.composite
+def _zero_dim(draw: Any, ctx: Context) -> Case:
+    case = draw(
+        regular_cases(
+            log_targets=ctx.log_targets, reductions=ctx.reductions, min_dims=1, max_dims=1
+        )
+    )
+    which = draw(st.sampled_from(["both", "input", "target"]))
+    x, t = case.input, case.target
+    if which in ("both", "input"):
+        x = x.reshape(-1)[:1].reshape(())
+    if which in ("both", "target"):
+        t = t.reshape(-1)[:1].reshape(())
+    return Case(x, t, case.reduction, case.log_target)
+
+
+@register(
+    "semantics.zero_dim",
+    "0-d input and/or target: 'none' keeps the broadcast shape, batchmean of 0-d input is the sum",
+    strategy=lambda ctx: _zero_dim(ctx),
+)
+def _zero_dim_check(ctx: Context, case: Case) -> None:
+    for reduction in ctx.reductions:
+        check_against_oracle(ctx, case, reduction)
+
+
+@register(
+    "semantics.broadcasting",
+    "input and target broadcast silently; batchmean divides by the input's first dimension",
+    strategy=lambda ctx: broadcast_cases(log_targets=ctx.log_targets, reductions=ctx.reductions),
+)
+def _broadcasting(ctx: Context, case: Case) -> None:
+    for reduction in ctx.reductions:
+        check_against_oracle(ctx, case, reduction)
+
+
+def _incompatible(ctx: Context) -> list[Case]:
+    pairs = [((2, 3), (3, 2)), ((4,), (3,)), ((2, 3), (2,))]
+    return [Case(np.zeros(a), np.full(b, 0.5), r) for a, b in pairs for r in ctx.reductions]
+
+
+@register(
+    "semantics.incompatible_shapes",
+    "shapes that do not broadcast raise an error",
+    cases=_incompatible,
+)
+def _incompatible_check(ctx: Context, case: Case) -> None:
+    try:
+        ctx.call(case)
+    except Exception:
+        return
+    msg = f"shapes {case.input.shape} and {case.target.shape} did not raise"
+    raise AssertionError(msg)
+
+
+def _dtype_cases(ctx: Context) -> list[Case]:
+    dts = [np.float32, np.float64]
+    if hasattr(ctx.backend.xp, "float16"):
+        dts.append(np.float16)
+    x = np.log(np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]))
+    t = np.array([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    return [
+        Case(x.astype(a), (np.log(t) if lt else t).astype(b), r, lt)
+        for a, b in itertools.product(dts, dts)
+        for r in ctx.reductions
+        for lt in ctx.log_targets
+    ]
+
+
+def _expect_dtype(ctx: Context, case: Case, result: Any) -> None:
+    name = np.result_type(case.input.dtype, case.target.dtype).name
+    want = getattr(ctx.backend.xp, name)
+    if result.dtype != want:
+        msg = (
+            f"input {case.input.dtype} and target {case.target.dtype} gave a {result.dtype} "
+            f"result, expected {name}"
+        )
+        raise AssertionError(msg)
+
+
+@register(
+    "semantics.dtypes",
+    "the result has the promoted dtype of input and target (f32+f64 -> f64, f16+f32 -> f32)",
+    cases=_dtype_cases,
+)
+def _dtypes(ctx: Context, case: Case) -> None:
+    call = ctx.call(case)
+    _expect_dtype(ctx, case, call.result)
+    # PyTorch evaluates xlogy(t, t) in the target's own dtype before promoting, so
+    # values are held to the bound of the less precise of the two dtypes.
+    exact = ctx.exact(case)
+    exact.dtype = min((case.input.dtype, case.target.dtype), key=lambda d: d.itemsize)
+    if case.reduction == "none":
+        assert_pointwise(call.value, exact)
+    else:
+        assert_reduced(call.value, exact, case.reduction, case.input.shape)
+
+
+@register(
+    "semantics.result",
+    "the result is an array of the input's library, of the right shape and dtype",
+    strategy=lambda ctx: st.one_of(
+        regular_cases(
+            log_targets=ctx.log_targets, reductions=ctx.reductions, min_dims=0, max_dims=5
+        ),
+        broadcast_cases(log_targets=ctx.log_targets, reductions=ctx.reductions),
+    ),
+)
+def _result(ctx: Context, case: Case) -> None:
+    call = ctx.call(case)
+    out = call.result
+    if not ctx.backend.is_array(out):
+        kind = f"{type(out).__module__}.{type(out).__name__}"
+        msg = f"the result is a {kind}, not a {ctx.backend.name} array"
+        raise AssertionError(msg)
+    want = np.broadcast_shapes(case.input.shape, case.target.shape)
+    want = want if case.reduction == "none" else ()
+    if tuple(out.shape) != want:
+        msg = f"reduction={case.reduction!r}: result shape {tuple(out.shape)}, expected {want}"
+        raise AssertionError(msg)
+    _expect_dtype(ctx, case, out)
+
+
+def _bad_reductions(ctx: Context) -> list[Case]:
+    x, t = np.log(np.array([0.5, 0.5])), np.array([0.3, 0.7])
+    return [Case(x, t, r) for r in ("batch_mean", "Mean", "avg", "max", "")]
+
+
+@register(
+    "semantics.bad_reduction",
+    "an unknown reduction raises ValueError",
+    cases=_bad_reductions,
+)
+def _bad_reduction(ctx: Context, case: Case) -> None:
+    try:
+        ctx.call(case)
+    except ValueError:
+        return
+    except Exception as exc:
+        msg = f"reduction={case.reduction!r} raised {type(exc).__name__}, not ValueError"
+        raise AssertionError(msg) from exc
+    msg = f"reduction={case.reduction!r} did not raise"
+    raise AssertionError(msg)
+
+
+def _integer_cases(ctx: Context) -> list[Case]:
+    f = np.array([0.25, 0.75])
+    bad = [
+        np.array([1, 0], dtype=np.int64),
+        np.array([1, 0], dtype=np.int32),
+        np.array([True, False]),
+    ]
+    if hasattr(ctx.backend.xp, "complex128"):
+        bad.append(np.array([0.25 + 0j, 0.75 + 0j]))
+    reduction = ctx.reductions[0]
+    return [Case(i, f, reduction) for i in bad] + [Case(f, i, reduction) for i in bad]
+
+
+@register(
+    "semantics.non_float_input",
+    "integer, boolean or complex input or target raises an error",
+    cases=_integer_cases,
+)
+def _integer_input(ctx: Context, case: Case) -> None:
+    try:
+        ctx.call(case)
+    except Exception:
+        return
+    msg = f"input {case.input.dtype} and target {case.target.dtype} did not raise"
+    raise AssertionError(msg)
+
+
+def _warning_cases(ctx: Context) -> list[Case]:
+    x, t = np.log(np.array([[0.5, 0.5]])), np.array([[0.3, 0.7]])
+    return [Case(x, t, r, lt) for r in ctx.reductions for lt in ctx.log_targets]
+
+
+@register(
+    "semantics.mean_warning",
+    "reduction='mean' warns (UserWarning naming 'batchmean'); no other reduction warns",
+    cases=_warning_cases,
+)
+def _mean_warning(ctx: Context, case: Case) -> None:
+    if "mean" not in ctx.reductions:
+        raise NotApplicable(f"{ctx.impl.name} cannot express reduction 'mean'")
+    caught = ctx.call(case).warnings
+    users = [w for w in caught if issubclass(w.category, UserWarning)]
+    if case.reduction == "mean":
+        if not any("batchmean" in str(w.message) for w in users):
+            msg = "reduction='mean' did not emit PyTorch's UserWarning about 'batchmean'"
+            raise AssertionError(msg)
+        if len(users) > 1:
+            msg = f"reduction='mean' warned {len(users)} times"
+            raise AssertionError(msg)
+    elif caught:
+        first = caught[0]
+        msg = f"reduction={case.reduction!r} warned: {first.category.__name__}: {first.message}"
+        raise AssertionError(msg)
+
+
+def _opinfo(ctx: Context) -> list[Case]:
+    from .opinfo import samples
+
+    return [
+        c for c in samples() if c.reduction in ctx.reductions and c.log_target in ctx.log_targets
+    ]
+
+
+@register(
+    "semantics.opinfo",
+    "PyTorch's own OpInfo samples for nn.functional.kl_div (float32 and float64)",
+    cases=_opinfo,
+)
+def _opinfo_check(ctx: Context, case: Case) -> None:
+    check_against_oracle(ctx, case)
+
+
+def _strided_applies(ctx: Context) -> str | None:
+    if ctx.backend.name in ("numpy", "torch"):
+        return None
+    return f"{ctx.backend.name} arrays have no user-visible memory layout"
+
+
+def _strided_view(be: Any, a: np.ndarray) -> Any:
+    """Return a non-contiguous backend view holding the values of ``a``."""
+    if be.name == "numpy":
+        big = np.zeros((*a.shape[::-1], 2), dtype=a.dtype)
+        big[..., 0] = a.T
+        return big[..., 0].T
+    import torch
+
+    big = torch.zeros((*a.shape[::-1], 2), dtype=getattr(torch, a.dtype.name))
+    big[..., 0] = torch.from_numpy(np.ascontiguousarray(a.T))
+    return big[..., 0].permute(*reversed(range(a.ndim)))
+
+
+@register(
+    "semantics.layouts",
+    "non-contiguous (transposed, strided) input and target give the same result",
+    strategy=lambda ctx: regular_cases(
+        log_targets=ctx.log_targets, reductions=ctx.reductions, min_dims=2, max_dims=3
+    ),
+    applies=_strided_applies,
+)
+def _layouts(ctx: Context, case: Case) -> None:
+    be = ctx.backend
+    x, t = _strided_view(be, case.input), _strided_view(be, case.target)
+    got = ctx.call(case, input=x, target=t).value
+    exact = ctx.exact(case)
+    try:
+        if case.reduction == "none":
+            assert_pointwise(got, exact)
+        else:
+            assert_reduced(got, exact, case.reduction, case.input.shape)
+    except AssertionError as exc:
+        msg = f"non-contiguous inputs: {exc}"
+        raise AssertionError(msg) from None

@@ -1,0 +1,163 @@
+"""``kldiv-spec check``: run the conformance suite from the command line.
+
+Exit status: 0 when every property holds, 1 when any fails, 2 on a usage error.
+With no arguments it checks the reference on every installed backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from .implementations import resolve
+from .namespaces import BACKENDS, installed_backends
+from .properties import GROUPS, select
+from .report import matrix_markdown, table, write_json
+from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, run
+
+__all__ = ["main"]
+
+#: Per-backend multiplier of the default ``--max-examples``: JAX compiles every new
+#: shape and Dask builds a task graph per call, so they get fewer examples by default.
+_COST = {"jax": 0.3, "dask": 0.6}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kldiv-spec check",
+        description="Check a KL-divergence implementation against PyTorch's kl_div semantics.",
+    )
+    p.add_argument(
+        "--impl",
+        action="append",
+        metavar="IMPL",
+        help="reference (default), torch, numpy, an adapter (scipy-rel-entr, optax, "
+        "keras, torchmetrics, mlx, paddle), mutant:NAME or MODULE:CALLABLE; repeatable",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        choices=list(BACKENDS),
+        help="repeatable; default: every installed backend for the reference, "
+        "the implementation's own backends, else numpy",
+    )
+    p.add_argument(
+        "--all-mutants",
+        action="store_true",
+        help="also check every deliberately broken implementation (see .mutants)",
+    )
+    p.add_argument("--group", action="append", choices=list(GROUPS), help="repeatable")
+    p.add_argument("--property", action="append", metavar="NAME", help="repeatable")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help=f"hypothesis examples per property (default {DEFAULT_MAX_EXAMPLES})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    p.add_argument("--no-shrink", action="store_true", help="report failures unshrunk (faster)")
+    p.add_argument("--json", metavar="PATH", help="write a machine-readable report")
+    p.add_argument("--markdown", metavar="PATH", help="write the conformance matrix as Markdown")
+    p.add_argument("--list", action="store_true", help="list the properties and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _progress(quiet: bool, label: str):  # type: ignore[no-untyped-def]
+    def show(name: str, outcome: Outcome | None) -> None:
+        if quiet:
+            return
+        if outcome is None:
+            sys.stderr.write(f"[{label}] {name} ...")
+        else:
+            sys.stderr.write(f" {outcome.status} ({outcome.examples})\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kldiv-spec check``; return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    props = select(args.group, args.property)
+    if args.list:
+        for p in select():
+            print(f"{p.name:34s} {p.description}")
+        return 0
+    if args.property and not props:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("kldiv-spec check: error: no property matches --property\n")
+        return 2
+    specs = args.impl or ([] if args.all_mutants else ["reference"])
+    if args.all_mutants:
+        from .mutants import MUTANTS
+
+        specs += [f"mutant:{name}" for name in MUTANTS]
+    reports: list[Report] = []
+    for spec in specs:
+        try:
+            impl = resolve(spec)
+        except ImportError as exc:
+            reports.append(
+                Report(
+                    spec,
+                    ",".join(args.backend or ["-"]),
+                    0,
+                    args.seed,
+                    status="n/a",
+                    reason=f"not installed ({exc.name or exc})",
+                )
+            )
+            print(table(reports[-1]), end="")
+            continue
+        except ValueError as exc:
+            parser.print_usage(sys.stderr)
+            sys.stderr.write(f"kldiv-spec check: error: {exc}\n")
+            return 2
+        if args.backend:
+            backends = args.backend
+        elif impl.backends:
+            backends = list(impl.backends)
+        elif spec == "reference":
+            backends = installed_backends()
+        else:
+            backends = ["numpy"]
+        for be in backends:
+            n = args.max_examples
+            if n is None:
+                n = max(1, round(DEFAULT_MAX_EXAMPLES * _COST.get(be, 1.0)))
+            report = run(
+                spec,
+                be,
+                groups=args.group,
+                names=args.property,
+                max_examples=n,
+                seed=args.seed,
+                shrink=not args.no_shrink,
+                progress=_progress(args.quiet, f"{impl.name}/{be}"),
+            )
+            report.impl = spec
+            reports.append(report)
+            print(table(report), flush=True)
+    if args.json:
+        write_json(reports, args.json)
+    if args.markdown:
+        command = "kldiv-spec check " + " ".join(
+            shlex.quote(a)
+            for a in (sys.argv[1:] if argv is None else argv)
+            if not a.startswith("--markdown") and a != args.markdown
+        )
+        from pathlib import Path
+
+        Path(args.markdown).write_text(matrix_markdown(reports, command=command.strip()))
+    return 1 if any(r.failed for r in reports) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

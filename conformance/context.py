@@ -1,0 +1,162 @@
+"""What a property sees: the implementation, the backend, and helpers to call them."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .implementations import Implementation
+from .namespaces import Backend
+from .oracle import Exact, pointwise, pointwise_tolerance, reduce
+from .properties import NotApplicable
+from .strategies import Case
+
+__all__ = ["Call", "Context", "assert_pointwise", "assert_reduced"]
+
+
+@dataclass
+class Call:
+    """The outcome of one call: the raw result, its values, the warnings, the operands."""
+
+    result: Any
+    value: np.ndarray
+    warnings: list[warnings.WarningMessage]
+    input: Any
+    target: Any
+
+
+class Context:
+    """An implementation on a backend."""
+
+    def __init__(self, impl: Implementation, backend: Backend) -> None:
+        self.impl = impl
+        self.backend = backend
+
+    @property
+    def reductions(self) -> tuple[str, ...]:
+        """The reductions the implementation can express."""
+        return self.impl.reductions
+
+    @property
+    def log_targets(self) -> tuple[bool, ...]:
+        """The ``log_target`` forms the implementation can express."""
+        return self.impl.log_targets
+
+    def need(self, *reductions: str) -> None:
+        """Raise NotApplicable unless every one of ``reductions`` is supported."""
+        missing = [r for r in reductions if r not in self.impl.reductions]
+        if missing:
+            raise NotApplicable(f"{self.impl.name} cannot express reduction {missing[0]!r}")
+
+    def some(self, *reductions: str) -> tuple[str, ...]:
+        """Return the supported ones among ``reductions``; NotApplicable if none."""
+        found = tuple(r for r in reductions if r in self.impl.reductions)
+        if not found:
+            raise NotApplicable(f"{self.impl.name} supports none of {', '.join(reductions)}")
+        return found
+
+    def asarray(self, a: np.ndarray, /) -> Any:
+        """Move a NumPy array to the backend."""
+        return self.backend.asarray(a)
+
+    def call(
+        self,
+        case: Case,
+        /,
+        reduction: str | None = None,
+        *,
+        input: Any = None,
+        target: Any = None,
+    ) -> Call:
+        """Call the implementation on ``case`` (on backend copies of its arrays)."""
+        x = self.asarray(case.input) if input is None else input
+        t = self.asarray(case.target) if target is None else target
+        reduction = case.reduction if reduction is None else reduction
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = self.impl.fn(x, t, reduction=reduction, log_target=case.log_target)
+            value = self.backend.to_numpy(out)
+        return Call(out, value, list(caught), x, t)
+
+    def exact(self, case: Case, /) -> Exact:
+        """Return the oracle's pointwise values for ``case``, with this backend's error floor."""
+        exact = pointwise(case.input, case.target, log_target=case.log_target)
+        if not self.backend.subnormals:
+            exact.floor = float(np.finfo(exact.dtype).smallest_normal)
+        return exact
+
+    def value(self, case: Case, /, reduction: str | None = None) -> np.ndarray:
+        """Return the values of the implementation's result as a float64 NumPy array."""
+        return np.asarray(self.call(case, reduction).value, dtype=np.float64)
+
+
+def _fmt(a: np.ndarray) -> str:
+    return np.array2string(np.asarray(a), precision=17, threshold=20)
+
+
+def assert_pointwise(got: np.ndarray, exact: Exact, /, what: str = "reduction='none'") -> None:
+    """Assert ``got`` matches the exact pointwise values: NaN/inf exactly, else within bound."""
+    want = exact.as_float()
+    if got.shape != want.shape:
+        msg = f"{what}: result shape {got.shape}, expected {want.shape}"
+        raise AssertionError(msg)
+    got = np.asarray(got, dtype=np.float64)
+    tol = pointwise_tolerance(exact)
+    with np.errstate(invalid="ignore"):
+        special = ~np.isfinite(want)
+        bad_special = special & ~((got == want) | (np.isnan(got) & np.isnan(want)))
+        err = np.abs(got - want)
+        bad_finite = ~special & ~(err <= tol)
+    bad = bad_special | bad_finite
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        msg = (
+            f"{what}: {int(bad.sum())} of {bad.size} elements differ from PyTorch's exact "
+            f"values; first at index {idx}: got {got[idx]!r}, expected {want[idx]!r}"
+        )
+        if not special[idx]:
+            msg += f" (error {err[idx]:.3g} > bound {tol[idx]:.3g})"
+        raise AssertionError(msg)
+
+
+def assert_reduced(
+    got: np.ndarray, exact: Exact, reduction: str, input_shape: tuple[int, ...]
+) -> None:
+    """Assert a reduced result is 0-d and matches the exact reduction within its bound."""
+    got = np.asarray(got)
+    if got.shape != ():
+        msg = f"reduction={reduction!r}: result shape {got.shape}, expected ()"
+        raise AssertionError(msg)
+    value, tol = reduce(exact, reduction, input_shape)
+    g = float(got)
+    if math.isnan(value):
+        ok = math.isnan(g)
+    elif math.isinf(value):
+        ok = g == value
+    else:
+        ok = math.isfinite(g) and abs(g - value) <= tol
+    if not ok:
+        msg = f"reduction={reduction!r}: got {g!r}, expected {value!r}"
+        if math.isfinite(value) and math.isfinite(g):
+            msg += f" (error {abs(g - value):.3g} > bound {tol:.3g})"
+        raise AssertionError(msg)
+
+
+def check_against_oracle(ctx: Context, case: Case, /, reduction: str | None = None) -> None:
+    """Call the implementation and compare with the oracle for ``case``'s reduction."""
+    reduction = case.reduction if reduction is None else reduction
+    exact = ctx.exact(case)
+    got = ctx.call(case, reduction).value
+    if reduction == "none":
+        assert_pointwise(got, exact)
+    else:
+        assert_reduced(got, exact, reduction, case.input.shape)
+
+
+def fmt(a: np.ndarray) -> str:
+    """Format an array for a message."""
+    return _fmt(a)

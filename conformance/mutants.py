@@ -1,0 +1,326 @@
+"""Deliberately broken implementations: tests of the suite itself.
+
+Each mutant differs from PyTorch's ``kl_div`` in one way a user would care
+about; a strong suite rejects every one of them (see ``tests/test_mutants.py``).
+All run on NumPy and are built from :mod:`.numpy_impl` with one change.
+``MUTANTS[name]`` is an :class:`~.implementations.Implementation`; on the
+command line: ``kldiv-spec check --impl mutant:NAME``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import numpy_impl
+from .implementations import Implementation
+
+__all__ = ["MUTANTS"]
+
+Fn = Callable[..., Any]
+
+
+def _forward(
+    *,
+    pointwise: Callable[[np.ndarray, np.ndarray, bool], np.ndarray] | None = None,
+    divisor: Callable[[str, np.ndarray, np.ndarray, tuple[int, ...]], int] | None = None,
+    post: Callable[[np.ndarray], np.ndarray] | None = None,
+    pre: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    accumulate: Any = None,
+) -> Fn:
+    """Build a NumPy kl_div with one piece replaced."""
+
+    def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+        if pre is not None:
+            pre(input, target)
+        x, t = numpy_impl._check(input, target, reduction)
+        if reduction == "mean":
+            warnings.warn("'mean' is not 'batchmean'", UserWarning, stacklevel=2)
+        with np.errstate(all="ignore"):
+            if pointwise is not None:
+                loss = np.asarray(pointwise(x, t, log_target)).astype(x.dtype)
+            else:
+                loss = numpy_impl.kl_div(x, t, reduction="none", log_target=log_target)
+            if reduction == "none":
+                out = loss
+            else:
+                acc = loss.astype(accumulate) if accumulate is not None else loss
+                total = np.asarray(acc.sum(dtype=acc.dtype))
+                d = (divisor or _divisor)(reduction, x, t, loss.shape)
+                out = np.asarray(total / d).astype(loss.dtype)
+            return post(out) if post is not None else out
+
+    return fn
+
+
+def _divisor(reduction: str, x: np.ndarray, t: np.ndarray, shape: tuple[int, ...]) -> int:
+    return numpy_impl._divisor(reduction, x, shape)
+
+
+def _plain(x: np.ndarray, t: np.ndarray, log_target: bool) -> np.ndarray:
+    return numpy_impl.kl_div(x, t, reduction="none", log_target=log_target)
+
+
+def _mutate(x: Any, t: Any) -> None:
+    if isinstance(x, np.ndarray) and x.flags.writeable and x.size:
+        np.nan_to_num(x, copy=False, nan=0.0)
+        x *= 1.0 + 1e-3
+
+
+def _no_broadcast(x: Any, t: Any) -> None:
+    if np.shape(x) != np.shape(t):
+        msg = "input and target must have the same shape"
+        raise ValueError(msg)
+
+
+def _crash_0d(x: Any, t: Any) -> None:
+    if np.ndim(x) == 0 or np.ndim(t) == 0:
+        msg = "0-d arrays are not supported"
+        raise IndexError(msg)
+
+
+def _crash_empty(x: Any, t: Any) -> None:
+    if np.size(x) == 0 or np.size(t) == 0:
+        msg = "zero-size array to reduction operation maximum which has no identity"
+        raise ValueError(msg)
+
+
+def _backward(flip_target: bool = False, no_sum: bool = False) -> Fn:
+    def backward(
+        g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+    ) -> Any:
+        gx, gt = numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+        if flip_target:
+            gt = -gt
+        if no_sum:
+            shape = np.broadcast_shapes(np.shape(input), np.shape(target))
+            with np.errstate(all="ignore"):
+                gx = np.broadcast_to(gx, shape) if gx.shape != shape else gx
+        return gx, gt
+
+    return backward
+
+
+def _ignore_strides(x: Any, t: Any) -> tuple[Any, Any]:
+    return tuple(a.ravel(order="K").reshape(a.shape) for a in (np.asarray(x), np.asarray(t)))
+
+
+def _strides_ignored(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    x, t = _ignore_strides(input, target)
+    return numpy_impl.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+
+def _zero_grad_at_zero(
+    g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    gx, gt = numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+    if not log_target:
+        gt = np.where(np.broadcast_to(np.asarray(target), gt.shape) == 0, 0, gt).astype(gt.dtype)
+    return gx, gt
+
+
+def _clamped(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    return _plain(x, t if lt else np.maximum(t, 1e-10).astype(t.dtype), lt)
+
+
+def _zero_mask(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    loss = _plain(x, t, lt)
+    return loss if lt else np.where(t <= 0, 0, loss)
+
+
+def _optax_like(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    loss = _plain(x, t, lt)
+    return loss if lt else np.where(t == 0, 0, loss)
+
+
+def _no_xlogy_mask(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    return np.exp(t) * (t - x) if lt else t * np.log(t) - t * x
+
+
+def _ignore_log_target(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    return _plain(x, t, False)
+
+
+def _exp_twice(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    return np.exp(np.exp(t)) * (np.exp(t) - x) if lt else _plain(x, t, lt)
+
+
+def _float16_pointwise(x: np.ndarray, t: np.ndarray, lt: bool) -> np.ndarray:
+    return _plain(x.astype(np.float16), t.astype(np.float16), lt)
+
+
+def _sum_last_axis(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    loss = numpy_impl.kl_div(input, target, reduction="none", log_target=log_target)
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        warnings.warn("'mean' is not 'batchmean'", UserWarning, stacklevel=2)
+    total = loss.sum(axis=-1) if loss.ndim else loss
+    if reduction == "mean":
+        return np.asarray(total / max(1, loss.shape[-1] if loss.ndim else 1))
+    if reduction == "batchmean" and np.ndim(input):
+        return np.asarray(total / np.shape(input)[0])
+    return np.asarray(total)
+
+
+def _numpy_result(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    return numpy_impl.kl_div(input, target, reduction=reduction, log_target=log_target).tolist()
+
+
+def _reference_no_warning(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return numpy_impl.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def _accept_any_reduction(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    if reduction not in ("none", "sum", "mean", "batchmean"):
+        reduction = "mean"
+    return numpy_impl.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def _accept_integers(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    x, t = np.asarray(input), np.asarray(target)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    if t.dtype.kind != "f":
+        t = t.astype(np.float64)
+    return numpy_impl.kl_div(x, t, reduction=reduction, log_target=log_target)
+
+
+def _noisy(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
+    x, t = numpy_impl._check(input, target, reduction)
+    if log_target:
+        loss = np.exp(t) * (t - x)
+    else:
+        with np.errstate(divide="ignore"):
+            loss = np.where(t == 0, 0, t * np.log(np.where(t == 0, 1, t))).astype(t.dtype)
+        loss = loss - t * x  # warns on 0 * inf
+    if reduction == "none":
+        return loss
+    return numpy_impl.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def _m(name: str, fn: Fn, backward: Fn | None = None, description: str = "") -> Implementation:
+    return Implementation(
+        name,
+        fn,
+        backward or numpy_impl.kl_div_backward,
+        backends=("numpy",),
+        description=description,
+    )
+
+
+_LIST = [
+    _m(
+        "batchmean_by_numel",
+        _forward(
+            divisor=lambda r, x, t, s: numpy_impl._divisor("mean" if r == "batchmean" else r, x, s)
+        ),
+        description="batchmean divides by numel",
+    ),
+    _m(
+        "mean_by_batch",
+        _forward(
+            divisor=lambda r, x, t, s: numpy_impl._divisor("batchmean" if r == "mean" else r, x, s)
+        ),
+        description="mean divides by shape[0]",
+    ),
+    _m(
+        "batchmean_broadcast_dim",
+        _forward(
+            divisor=lambda r, x, t, s: (
+                s[0] if r == "batchmean" and len(s) else numpy_impl._divisor(r, x, s)
+            )
+        ),
+        description="batchmean divides by the broadcast shape's first dimension",
+    ),
+    _m("no_xlogy_mask", _forward(pointwise=_no_xlogy_mask), description="t = 0 gives NaN"),
+    _m("mask_nonpositive", _forward(pointwise=_zero_mask), description="t <= 0 gives 0 (paddle)"),
+    _m("eps_clamp", _forward(pointwise=_clamped), description="max(t, 1e-10) (Keras/Liger)"),
+    _m(
+        "zero_target_always_zero",
+        _forward(pointwise=_optax_like),
+        description="t = 0 gives 0 even with infinite input (optax)",
+    ),
+    _m(
+        "log_target_ignored",
+        _forward(pointwise=_ignore_log_target),
+        description="log_target ignored",
+    ),
+    _m(
+        "exp_twice",
+        _forward(pointwise=_exp_twice),
+        description="exp applied twice with log_target",
+    ),
+    _m(
+        "float32_result",
+        _forward(post=lambda o: o.astype(np.float32)),
+        description="result cast to float32",
+    ),
+    _m(
+        "float16_pointwise",
+        _forward(pointwise=_float16_pointwise),
+        description="computes in float16",
+    ),
+    _m("float16_accumulate", _forward(accumulate=np.float16), description="reduces in float16"),
+    _m("crash_0d", _forward(pre=_crash_0d), description="raises on 0-d arrays"),
+    _m("crash_empty", _forward(pre=_crash_empty), description="raises on empty arrays"),
+    _m("mutates_input", _forward(pre=_mutate), description="modifies its input in place"),
+    _m("no_broadcasting", _forward(pre=_no_broadcast), description="refuses to broadcast"),
+    _m("sum_last_axis", _sum_last_axis, description="reduces over the last axis only"),
+    _m(
+        "wrong_target_grad_sign",
+        numpy_impl.kl_div,
+        _backward(flip_target=True),
+        description="target gradient has the wrong sign",
+    ),
+    _m(
+        "grad_not_summed",
+        numpy_impl.kl_div,
+        _backward(no_sum=True),
+        description="input gradient not summed back to its shape",
+    ),
+    _m("list_result", _numpy_result, description="returns a Python list"),
+    _m("no_mean_warning", _reference_no_warning, description="no UserWarning for 'mean'"),
+    _m("any_reduction", _accept_any_reduction, description="unknown reduction treated as 'mean'"),
+    _m("integers_accepted", _accept_integers, description="integer input is cast, not refused"),
+    _m("noisy", _noisy, description="RuntimeWarning for 0 * inf"),
+    _m("strides_ignored", _strides_ignored, description="reads memory order, not strides"),
+    _m(
+        "target_grad_zero_at_zero",
+        numpy_impl.kl_div,
+        _zero_grad_at_zero,
+        description="target gradient 0 instead of NaN at t = 0",
+    ),
+    _m(
+        "float64_result",
+        _forward(post=lambda o: o.astype(np.float64)),
+        description="result always float64",
+    ),
+    _m(
+        "mean_by_input_numel",
+        _forward(
+            divisor=lambda r, x, t, s: x.size if r == "mean" else numpy_impl._divisor(r, x, s)
+        ),
+        description="mean divides by the input's numel, not the broadcast shape's",
+    ),
+]
+
+#: Every mutant, by name.
+MUTANTS: dict[str, Implementation] = {m.name: m for m in _LIST}

@@ -1,0 +1,111 @@
+"""The registry of named properties, each with a group and a one-line description.
+
+A property is a check of one implementation on one backend. It is either
+property-based (a ``strategy`` drawing :class:`~.strategies.Case` objects,
+run through hypothesis) or a fixed list of ``cases``. Its ``check`` raises
+:class:`AssertionError` when the implementation disagrees with PyTorch's
+semantics, and :class:`NotApplicable` when the implementation or backend cannot
+express what it checks (reported as n/a).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["GROUPS", "PROPERTIES", "NotApplicable", "Property", "register", "select"]
+
+#: The property groups, in report order.
+GROUPS: tuple[str, ...] = ("math", "accuracy", "semantics", "gradients", "hygiene")
+
+
+class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)
+    """The property cannot be expressed for this implementation or backend."""
+
+
+@dataclass(frozen=True)
+class Property:
+    """One named property.
+
+    Attributes
+    ----------
+    name : str
+        ``group.short_name``.
+    group : str
+        One of :data:`GROUPS`.
+    description : str
+        One line.
+    check : callable
+        ``check(ctx, case)``; raises AssertionError on a violation.
+    strategy : callable, optional
+        ``strategy(ctx)`` -> hypothesis strategy of cases.
+    cases : callable, optional
+        ``cases(ctx)`` -> iterable of fixed cases (when there is no strategy).
+    applies : callable, optional
+        ``applies(ctx)`` -> None, or the reason it is n/a.
+    examples_scale : float
+        Multiplier of ``--max-examples`` (for expensive properties).
+    """
+
+    name: str
+    group: str
+    description: str
+    check: Callable[[Any, Any], None]
+    strategy: Callable[[Any], Any] | None = None
+    cases: Callable[[Any], Iterable[Any]] | None = None
+    applies: Callable[[Any], str | None] | None = None
+    examples_scale: float = 1.0
+
+
+#: Every property, by name, in registration (report) order.
+PROPERTIES: dict[str, Property] = {}
+
+
+def register(
+    name: str,
+    description: str,
+    *,
+    strategy: Callable[[Any], Any] | None = None,
+    cases: Callable[[Any], Iterable[Any]] | None = None,
+    applies: Callable[[Any], str | None] | None = None,
+    examples_scale: float = 1.0,
+) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], None]]:
+    """Register the decorated ``check(ctx, case)`` as property ``name`` (``group.short``)."""
+    group = name.split(".", 1)[0]
+    if group not in GROUPS:
+        msg = f"unknown group in {name!r}"
+        raise ValueError(msg)
+    if (strategy is None) == (cases is None):
+        msg = "give exactly one of strategy and cases"
+        raise ValueError(msg)
+
+    def decorate(check: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        PROPERTIES[name] = Property(
+            name, group, description, check, strategy, cases, applies, examples_scale
+        )
+        return check
+
+    return decorate
+
+
+def select(
+    groups: Iterable[str] | None = None, names: Iterable[str] | None = None
+) -> list[Property]:
+    """Return the registered properties in the given groups and/or with the given names."""
+    from . import (  # noqa: F401  (registration happens on import)
+        checks_accuracy,
+        checks_gradients,
+        checks_hygiene,
+        checks_math,
+        checks_semantics,
+    )
+
+    groups = set(groups) if groups else None
+    names = set(names) if names else None
+    chosen = [
+        p
+        for p in PROPERTIES.values()
+        if (groups is None or p.group in groups) and (names is None or p.name in names)
+    ]
+    return sorted(chosen, key=lambda p: GROUPS.index(p.group))

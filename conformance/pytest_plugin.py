@@ -1,0 +1,62 @@
+"""The suite as a pytest plugin: one test per property.
+
+Run it in any project's CI::
+
+    pytest --pyargs kldiv_spec.conformance --kldiv-impl MODULE:CALLABLE --kldiv-backend torch
+
+(or ``-p kldiv_spec.conformance.pytest_plugin`` with ``test_conformance_suite.py``
+collected from the package). n/a properties are reported as skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+__all__ = ["pytest_addoption"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--kldiv-impl``, ``--kldiv-backend``, ``--kldiv-max-examples``, ``--kldiv-seed``."""
+    group = parser.getgroup("kldiv-spec conformance")
+    group.addoption(
+        "--kldiv-impl",
+        default="reference",
+        help="implementation to check (as kldiv-spec check --impl)",
+    )
+    group.addoption("--kldiv-backend", default="numpy", help="array library (default numpy)")
+    group.addoption("--kldiv-max-examples", type=int, default=15, help="examples per property")
+    group.addoption("--kldiv-seed", type=int, default=0, help="hypothesis seed")
+
+
+def run_one(config: Any, name: str) -> None:
+    """Run property ``name`` with the options of ``config``; fail or skip the test."""
+    from .context import Context
+    from .implementations import resolve
+    from .namespaces import BackendUnavailable, load_backend
+    from .properties import select
+    from .runner import run_property
+
+    spec = config.getoption("--kldiv-impl")
+    impl = resolve(spec)
+    try:
+        backend = load_backend(config.getoption("--kldiv-backend"))
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    prop = select(names=[name])[0]
+    outcome = run_property(
+        prop,
+        Context(impl, backend),
+        impl_spec=spec,
+        max_examples=config.getoption("--kldiv-max-examples"),
+        seed=config.getoption("--kldiv-seed"),
+    )
+    if outcome.status == "n/a":
+        pytest.skip(outcome.reason)
+    if outcome.status == "fail":
+        pytest.fail(
+            f"{outcome.reason}\nminimal counterexample: {outcome.counterexample}\n"
+            f"reproduce with:\n{outcome.reproduction}",
+            pytrace=False,
+        )

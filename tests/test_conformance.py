@@ -1,0 +1,140 @@
+"""The conformance suite itself: correct implementations pass, the oracle is right."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from kldiv_spec.conformance import GROUPS, PROPERTIES, oracle, resolve, run, select
+from kldiv_spec.conformance.implementations import Implementation
+from kldiv_spec.conformance.namespaces import installed_backends
+
+FAST = {"jax": 3, "dask": 4}
+
+
+def _selected(backend):
+    """Whether KLDIV_SPEC_BACKENDS (as in tests/conftest.py) selects ``backend``."""
+    names = {n.strip() for n in os.environ.get("KLDIV_SPEC_BACKENDS", "").split(",") if n.strip()}
+    return not names or backend in names or backend.split("_")[0] in names
+
+
+def _failures(report):
+    return [(o.name, o.reason, o.counterexample) for o in report.outcomes if o.status == "fail"]
+
+
+def test_every_property_has_a_group_and_a_description():
+    props = select()
+    assert len(props) >= 25
+    assert {p.group for p in props} == set(GROUPS)
+    assert all(p.description and "\n" not in p.description for p in props)
+    assert set(PROPERTIES) == {p.name for p in props}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax", "dask"])
+def test_reference_passes_everything(backend):
+    if not _selected(backend):
+        pytest.skip("not selected by KLDIV_SPEC_BACKENDS")
+    if backend not in installed_backends():
+        pytest.skip(f"{backend} is not installed")
+    report = run("reference", backend, max_examples=FAST.get(backend, 6))
+    assert report.status == "pass", _failures(report)
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses["semantics.edge_values"] == "pass"
+
+
+@pytest.mark.parametrize(("impl", "backend"), [("torch", "torch"), ("numpy", "numpy")])
+def test_other_correct_implementations_pass_everything(impl, backend):
+    if not _selected(backend):
+        pytest.skip("not selected by KLDIV_SPEC_BACKENDS")
+    pytest.importorskip(backend)
+    report = run(impl, backend, max_examples=6)
+    assert report.status == "pass", _failures(report)
+    if impl == "torch":
+        assert {o.name: o.status for o in report.outcomes}["gradients.double_backward"] == "pass"
+
+
+def test_oracle_matches_torch_on_the_edge_table():
+    torch = pytest.importorskip("torch")
+    xs = np.array([-math.inf, math.inf, math.nan, 0.0, -1.5, 2.0])
+    ts = np.array([0.0, -0.5, 0.3, 1.7, math.inf, math.nan])
+    x, t = (a.ravel() for a in np.meshgrid(xs, ts))
+    for log_target in (False, True):
+        want = torch.nn.functional.kl_div(
+            torch.from_numpy(x), torch.from_numpy(t), reduction="none", log_target=log_target
+        ).numpy()
+        got = oracle.pointwise(x, t, log_target=log_target).as_float()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+
+
+def test_oracle_reductions_follow_pytorch_on_empty_arrays():
+    exact = oracle.pointwise(np.zeros((3, 0)), np.zeros((3, 0)), log_target=False)
+    assert oracle.reduce(exact, "sum", (3, 0))[0] == 0
+    assert math.isnan(oracle.reduce(exact, "mean", (3, 0))[0])
+    assert oracle.reduce(exact, "batchmean", (3, 0))[0] == 0
+    exact = oracle.pointwise(np.zeros((0, 3)), np.zeros((0, 3)), log_target=False)
+    assert math.isnan(oracle.reduce(exact, "batchmean", (0, 3))[0])
+
+
+def test_oracle_gradients_match_torch_autograd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 1, (3, 4))
+    t = rng.uniform(0.01, 1.5, (1, 4))
+    t[0, 0] = 0.0
+    for log_target in (False, True):
+        xt = torch.from_numpy(x).requires_grad_(True)
+        tt = torch.from_numpy(t).requires_grad_(True)
+        torch.nn.functional.kl_div(xt, tt, reduction="batchmean", log_target=log_target).backward()
+        (gx, _), (gt, _) = oracle.gradients(
+            1.0, x, t, reduction="batchmean", log_target=log_target
+        )
+        np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(gt, tt.grad.numpy(), rtol=1e-12)
+
+
+def test_a_failure_carries_a_counterexample_and_a_reproduction():
+    report = run("mutant:eps_clamp", "numpy", names=["semantics.edge_mixtures"], max_examples=20)
+    (outcome,) = report.outcomes
+    assert outcome.status == "fail"
+    assert "input" in outcome.counterexample
+    namespace: dict[str, object] = {}
+    exec(outcome.reproduction.replace("print(", "(lambda *a: None)("), namespace)
+    assert "x" in namespace
+
+
+def test_undeclared_reductions_are_not_applicable():
+    impl = resolve("numpy")
+    narrow = Implementation("sum-only", impl.fn, reductions=("sum",), backends=("numpy",))
+    report = run(
+        narrow,
+        "numpy",
+        names=["math.reductions_agree", "semantics.mean_warning", "accuracy.pointwise"],
+        max_examples=3,
+    )
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses == {
+        "math.reductions_agree": "pass",
+        "semantics.mean_warning": "n/a",
+        "accuracy.pointwise": "n/a",
+    }
+
+
+def test_adapter_for_scipy_reports_the_known_differences():
+    pytest.importorskip("scipy")
+    report = run("scipy-rel-entr", "numpy", groups=["semantics"], max_examples=5, shrink=False)
+    statuses = {o.name: o.status for o in report.outcomes}
+    assert statuses["semantics.edge_values"] == "fail"  # rel_entr is inf, PyTorch NaN
+    assert statuses["semantics.mean_warning"] == "n/a"
+    assert statuses["semantics.empty"] == "pass"
+
+
+def test_opinfo_snapshot_matches_torch_shapes_and_options():
+    from kldiv_spec.conformance.opinfo import samples
+
+    cases = samples()
+    assert len(cases) == 32
+    assert {c.reduction for c in cases} == {"none", "sum", "mean", "batchmean"}
+    assert {c.input.dtype.name for c in cases} == {"float32", "float64"}

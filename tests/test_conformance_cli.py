@@ -1,0 +1,146 @@
+"""The ``kldiv-spec check`` command and the pytest plugin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from kldiv_spec.conformance.cli import main
+
+from kldiv_spec._cli import main as kldiv_spec_main
+
+
+def test_passing_run_exits_0_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    status = main(
+        [
+            "--impl",
+            "numpy",
+            "--group",
+            "semantics",
+            "--max-examples",
+            "3",
+            "--json",
+            str(path),
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    data = json.loads(path.read_text())
+    assert data["status"] == "pass"
+    (report,) = data["reports"]
+    assert report["impl"] == "numpy" and report["backend"] == "numpy"
+    assert {o["group"] for o in report["outcomes"]} == {"semantics"}
+    out = capsys.readouterr().out
+    assert "semantics.edge_values" in out and "property" in out
+
+
+def test_failing_run_exits_1_and_prints_a_reproduction(capsys):
+    status = main(["--impl", "mutant:eps_clamp", "--property", "semantics.edge_values", "--quiet"])
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "FAIL semantics.edge_values" in out
+    assert "reproduce with:" in out and "resolve('mutant:eps_clamp')" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backend", "fortran"],
+        ["--impl", "no_such_impl"],
+        ["--impl", "math:nope"],
+        ["--property", "no.such"],
+        ["--max-examples", "x"],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+
+
+def test_markdown_matrix(tmp_path):
+    path = tmp_path / "matrix.md"
+    status = main(
+        [
+            "--impl",
+            "numpy",
+            "--impl",
+            "mutant:crash_empty",
+            "--group",
+            "semantics",
+            "--max-examples",
+            "2",
+            "--no-shrink",
+            "--markdown",
+            str(path),
+            "--quiet",
+        ]
+    )
+    assert status == 1
+    text = path.read_text()
+    assert "| numpy | numpy | " in text
+    assert "FAIL: empty" in text
+
+
+def test_top_level_command_dispatches_to_check():
+    assert (
+        kldiv_spec_main(["check", "--impl", "numpy", "--property", "semantics.empty", "--quiet"])
+        == 0
+    )
+
+
+def test_module_callable_impl(tmp_path):
+    status = main(
+        [
+            "--impl",
+            "kldiv_spec.conformance.numpy_impl:kl_div",
+            "--backend",
+            "numpy",
+            "--group",
+            "math",
+            "--max-examples",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert status == 0
+
+
+def test_pytest_plugin_runs_the_suite(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "kldiv_spec.conformance.pytest_plugin",
+        "--pyargs",
+        "kldiv_spec.conformance",
+        "--kldiv-impl",
+        "mutant:crash_empty",
+        "--kldiv-max-examples",
+        "2",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "semantics and (empty or opinfo)",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout
+
+
+def test_all_mutants_are_listed_and_one_property_rejects_one_of_them(tmp_path):
+    from kldiv_spec.conformance.mutants import MUTANTS
+
+    path = tmp_path / "report.json"
+    status = main(
+        ["--all-mutants", "--property", "semantics.empty", "--json", str(path), "--quiet"]
+    )
+    assert status == 1
+    reports = json.loads(path.read_text())["reports"]
+    assert [r["impl"] for r in reports] == [f"mutant:{m}" for m in MUTANTS]
+    failed = {r["impl"] for r in reports if r["status"] == "fail"}
+    assert "mutant:crash_empty" in failed
+    assert "mutant:no_mean_warning" not in failed
