@@ -1,0 +1,154 @@
+r"""CuPy fast path: one fused ``ReductionKernel`` per reduction, ``ElementwiseKernel`` otherwise.
+
+The C++ below is the whole kernel code; each expression is the reference's,
+operation for operation, so NaN and inf land where PyTorch puts them::
+
+    xlogy  = (t == 0) ? 0 : t * log(t)          // 0 log 0 = 0; log(t < 0) = NaN
+    loss   = xlogy - t * x                       // or exp(t) * (t - x) with log_target
+    grad_x = -(t * g)                            // or -(g * exp(t))
+    grad_t = (0 < t < inf) ? g * (log(t) + 1 - x) : NaN
+                                                 // or (g * (t - x)) * exp(t) + g * exp(t)
+
+``sum``/``mean``/``batchmean`` read each input once in one
+``cupy.ReductionKernel`` that evaluates the loss in the operands' dtype and
+accumulates it in float64 (free on the bandwidth-bound kernel); the divisor
+is applied to the float64 total. ``none`` and the backward are single
+``cupy.ElementwiseKernel`` launches writing each output once. Kernels are
+compiled with ``--fmad=false`` so that ``a - t * x`` is rounded as the
+reference rounds it (no fused multiply-add).
+
+CuPy is imported on first use, so this module (and its kernel source) can be
+imported and reviewed without a GPU. Only float32/float64 operands of one dtype
+and one shape are taken; the reference handles everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from kldiv_spec import _core
+from kldiv_spec._validation import Operands
+
+__all__ = ["GRADIENT", "LOSS", "PREAMBLE", "kl_div", "kl_div_backward"]
+
+#: Device functions shared by every kernel (``T`` is float or double).
+PREAMBLE = r"""
+template <typename T> __device__ __forceinline__ T kl_nan() {
+    return (T)__int_as_float(0x7fc00000);
+}
+template <typename T> __device__ __forceinline__ T kl_inf() {
+    return (T)__int_as_float(0x7f800000);
+}
+template <typename T> __device__ __forceinline__ T kl_loss(T x, T t) {
+    T xlogy = (t == (T)0) ? (T)0 : t * log(t);
+    return xlogy - t * x;
+}
+template <typename T> __device__ __forceinline__ T kl_loss_log_target(T x, T t) {
+    return exp(t) * (t - x);
+}
+"""
+
+#: The pointwise loss, by ``log_target``.
+LOSS = {False: "kl_loss<T>(x, t)", True: "kl_loss_log_target<T>(x, t)"}
+
+#: The backward's body, by ``log_target``: ``g`` is the upstream gradient over the divisor.
+GRADIENT = {
+    False: (
+        "gx = -(t * g);\n"
+        "gt = (t > (T)0 && t < kl_inf<T>()) ? g * (log(t) + (T)1 - x) : kl_nan<T>();"
+    ),
+    True: "T p = exp(t);\nT gp = g * p;\ngx = -gp;\ngt = (g * (t - x)) * p + gp;",
+}
+
+_OPTIONS = ("--fmad=false",)
+
+
+@functools.cache
+def _sum_kernel(log_target: bool) -> Any:
+    import cupy
+
+    return cupy.ReductionKernel(
+        "T x, T t",
+        "float64 total",
+        f"(double){LOSS[log_target]}",
+        "a + b",
+        "total = a",
+        "0.0",
+        name=f"kldiv_spec_sum_{int(log_target)}",
+        reduce_type="double",
+        preamble=PREAMBLE,
+        options=_OPTIONS,
+    )
+
+
+@functools.cache
+def _none_kernel(log_target: bool) -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "T x, T t",
+        "T loss",
+        f"loss = {LOSS[log_target]};",
+        name=f"kldiv_spec_none_{int(log_target)}",
+        preamble=PREAMBLE,
+        options=_OPTIONS,
+    )
+
+
+@functools.cache
+def _backward_kernel(log_target: bool) -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "T x, T t, T g",
+        "T gx, T gt",
+        GRADIENT[log_target],
+        name=f"kldiv_spec_backward_{int(log_target)}",
+        preamble=PREAMBLE,
+        options=_OPTIONS,
+    )
+
+
+def _accepts(x: Any, t: Any) -> bool:
+    import cupy
+
+    dtypes = (cupy.dtype(cupy.float32), cupy.dtype(cupy.float64))
+    return (
+        isinstance(x, cupy.ndarray)
+        and isinstance(t, cupy.ndarray)
+        and x.dtype in dtypes
+        and t.dtype == x.dtype
+        and x.shape == t.shape
+    )
+
+
+def _divisor(x: Any, reduction: str) -> int:
+    batch_size = x.shape[0] if x.ndim > 0 else None
+    return _core.divisor(reduction, output_shape=tuple(x.shape), batch_size=batch_size)
+
+
+def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands) -> Any:
+    """Evaluate the loss with one fused kernel, or return ``NotImplemented``."""
+    if not _accepts(x, t):
+        return NotImplemented
+    if reduction == "none":
+        return _none_kernel(log_target)(x, t)
+    total = _sum_kernel(log_target)(x, t)
+    d = _divisor(x, reduction)
+    return (total / d if d != 1 else total).astype(x.dtype)
+
+
+def kl_div_backward(
+    g: Any, x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
+) -> tuple[Any, Any] | Any:
+    """Both gradients with one elementwise kernel, or ``NotImplemented``."""
+    import cupy
+
+    if not _accepts(x, t) or not isinstance(g, cupy.ndarray):
+        return NotImplemented
+    g = g.astype(x.dtype, copy=False)
+    d = _divisor(x, reduction)
+    if d != 1:
+        g = g / d
+    return _backward_kernel(log_target)(x, t, g)

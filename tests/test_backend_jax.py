@@ -1,0 +1,166 @@
+"""The JAX fast path (jit-compiled, custom_vjp) against the reference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kldiv_spec.backends import jax as fast  # noqa: E402
+
+import kldiv_spec  # noqa: E402
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+TARGETS = [0.0, -0.0, 1e-40, 1e-30, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan]
+TARGETS_LOG = [*TARGETS, -1000.0, 80.0]
+INPUTS = [math.log(1e-30), -100.0, -1.0, 0.0, -0.0, 0.5, math.inf, -math.inf, math.nan, 3e38]
+
+
+def assert_same(got: object, want: object, *, atol: object = 0.0) -> None:
+    """Equal dtype, shape and NaN pattern; values within a few ulp of the terms."""
+    a, b = np.asarray(got), np.asarray(want)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    eps = float(np.finfo(a.dtype).eps)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(a64), np.isnan(b64))
+    with np.errstate(all="ignore"):
+        close = (a64 == b64) | (np.abs(a64 - b64) <= atol + 4 * eps * np.abs(b64))
+    bad = ~close & ~np.isnan(b64)
+    assert not bad.any(), f"at {np.argwhere(bad)[:5].tolist()}: {a64[bad][:5]} != {b64[bad][:5]}"
+
+
+def grid(dtype: object, log_target: bool) -> tuple[object, object]:
+    targets = TARGETS_LOG if log_target else TARGETS
+    t, x = np.meshgrid(np.array(targets, dtype), np.array(INPUTS, dtype), indexing="ij")
+    return jnp.asarray(x), jnp.asarray(t)
+
+
+def terms_scale(x: object, t: object, log_target: bool) -> float:
+    """Size of the two terms of the loss: XLA may fuse ``a - t * x`` into one rounding."""
+    with np.errstate(all="ignore"):
+        xn, tn = np.array(x).astype(np.float64), np.array(t).astype(np.float64)
+        big = (
+            np.abs(np.exp(tn) * tn) + np.abs(np.exp(tn) * xn)
+            if log_target
+            else np.abs(tn * np.log(np.abs(tn))) + np.abs(tn * xn)
+        )
+    return float(np.sum(big[np.isfinite(big)]))
+
+
+def gradient_atol(x: object, t: object, log_target: bool, dtype: object) -> np.ndarray:
+    """Per-element tolerance: XLA may fuse ``(g (t - x)) e^t + g e^t`` into one rounding."""
+    with np.errstate(all="ignore"):
+        xn, tn = np.array(x).astype(np.float64), np.array(t).astype(np.float64)
+        if log_target:
+            terms = (np.abs(tn - xn) + 1) * np.exp(tn)
+        else:
+            terms = np.abs(np.log(np.abs(tn))) + 1 + np.abs(xn)
+    terms = np.where(np.isfinite(terms), terms, 0.0)
+    info = np.finfo(dtype)
+    return 4 * float(info.eps) * terms + float(info.smallest_normal)
+
+
+def evaluate(x: object, t: object, *, reduction: str, log_target: bool, jit: bool) -> tuple:
+    def loss(a: object, b: object) -> object:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # reduction="mean"
+            return kldiv_spec.kl_div(a, b, reduction=reduction, log_target=log_target)
+
+    def scalar(a: object, b: object) -> object:
+        return jnp.sum(loss(a, b) * 0.75)
+
+    grad = jax.grad(scalar, argnums=(0, 1))
+    value, (gx, gt) = (
+        (jax.jit(loss)(x, t), jax.jit(grad)(x, t)) if jit else (loss(x, t), grad(x, t))
+    )
+    bx, bt = kldiv_spec.kl_div_backward(0.75, x, t, reduction=reduction, log_target=log_target)
+    return value, gx, gt, bx, bt
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_edge_values_match_the_reference(
+    jit: bool, dtype: object, log_target: bool, reduction: str
+) -> None:
+    x, t = grid(dtype, log_target)
+    got = evaluate(x, t, reduction=reduction, log_target=log_target, jit=jit)
+    with kldiv_spec.use_reference():
+        # The reference op by op: under an outer jit XLA would fuse the reference too.
+        want = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
+    atol = 4 * float(np.finfo(dtype).eps) * terms_scale(x, t, log_target)
+    assert_same(got[0], want[0], atol=atol)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert_same(a, b, atol=gradient_atol(x, t, log_target, dtype))
+
+
+finite = st.floats(-50, 50, allow_nan=False, width=32)
+special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30])
+
+
+@settings(max_examples=10)
+@given(
+    data=st.data(),
+    n=st.just(12),
+    log_target=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_random_values_match_the_reference(
+    data: st.DataObject, n: int, log_target: bool, reduction: str, dtype: object
+) -> None:
+    values = st.one_of(finite, special) if data.draw(st.booleans()) else finite
+    xs = data.draw(st.lists(values, min_size=n, max_size=n))
+    ts = data.draw(st.lists(st.one_of(st.floats(0, 1, width=32), values), min_size=n, max_size=n))
+    x, t = jnp.asarray(np.array(xs, dtype)), jnp.asarray(np.array(ts, dtype))
+    got = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
+    with kldiv_spec.use_reference():
+        want = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
+    atol = 64 * float(np.finfo(dtype).eps) * terms_scale(x, t, log_target)
+    assert_same(got[0], want[0], atol=atol)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert_same(a, b, atol=gradient_atol(x, t, log_target, dtype))
+
+
+def test_float32_sum_accumulates_in_float64() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 200_000)).astype(np.float32)
+    x = jnp.asarray(logits - np.log(np.exp(logits).sum(1, keepdims=True)))
+    t = jnp.asarray(rng.dirichlet(np.ones(200_000), size=3).astype(np.float32))
+    got = kldiv_spec.kl_div(x, t, reduction="sum")
+    xd, td = np.asarray(x, np.float64), np.asarray(t, np.float64)
+    terms = td * np.log(td) - td * xd
+    assert got.dtype == jnp.float32
+    assert abs(float(got) - terms.sum()) <= 2 * np.finfo(np.float32).eps * np.abs(terms).sum()
+
+
+def test_one_compilation_per_configuration() -> None:
+    x = jnp.zeros((4, 5))
+    t = jnp.full((4, 5), 0.2)
+    before = fast._forward_jit._cache_size()
+    for _ in range(3):
+        kldiv_spec.kl_div(x, t, reduction="batchmean")
+    assert fast._forward_jit._cache_size() - before <= 1
+    kldiv_spec.kl_div(x, t, reduction="sum")
+    assert fast._forward_jit._cache_size() >= before + 1
+
+
+def test_declines_broadcasting_and_mixed_dtypes() -> None:
+    x = jnp.zeros((2, 3))
+    assert fast.kl_div(x, jnp.ones((1, 3)), reduction="sum", log_target=False, ops=None) is (
+        NotImplemented
+    )
+    t32 = jnp.ones((2, 3), dtype=jnp.float32)
+    assert fast.kl_div(x, t32, reduction="sum", log_target=False, ops=None) is NotImplemented
+    assert fast.kl_div(x, jnp.ones((2, 3)), reduction="sum", log_target=False, ops=None) is not (
+        NotImplemented
+    )

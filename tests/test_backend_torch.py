@@ -1,0 +1,273 @@
+"""The PyTorch fast path (blocked CPU kernels, Triton on CUDA) against the reference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from kldiv_spec.backends import torch as fast  # noqa: E402
+
+import kldiv_spec  # noqa: E402
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+TARGETS = [0.0, -0.0, 1e-45, 1e-40, 1e-30, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan]
+TARGETS_LOG = [*TARGETS, -1000.0, 80.0]
+INPUTS = [math.log(1e-40), -100.0, -1.0, 0.0, -0.0, 0.5, math.inf, -math.inf, math.nan, 3e38]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no GPU: torch CUDA tests need a CUDA device"
+        ),
+    ),
+]
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take every call and cut it into blocks of 64 elements, so small data spans blocks."""
+    monkeypatch.setattr(fast, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fast, "BLOCK_BYTES", 64)
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, *, atol: float = 0.0) -> None:
+    """Equal dtype, shape, NaN pattern and sign of zero; values within a few ulp."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    eps = torch.finfo(got.dtype).eps
+    tiny = torch.finfo(got.dtype).smallest_normal * eps  # one subnormal ulp
+    torch.testing.assert_close(
+        got.cpu(), want.cpu(), rtol=4 * eps, atol=max(atol, 2 * tiny), equal_nan=True
+    )
+    finite = ~torch.isnan(want.cpu())
+    assert torch.equal(torch.signbit(got.cpu()[finite]), torch.signbit(want.cpu()[finite]))
+
+
+def grid(dtype: torch.dtype, log_target: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = TARGETS_LOG if log_target else TARGETS
+    t, x = torch.meshgrid(
+        torch.tensor(targets, dtype=dtype), torch.tensor(INPUTS, dtype=dtype), indexing="ij"
+    )
+    return x.contiguous().to(device), t.contiguous().to(device)
+
+
+def evaluate(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    reduction: str,
+    log_target: bool,
+    reference: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Value and gradients through autograd, and both gradients from ``kl_div_backward``."""
+    xg, tg = x.clone().requires_grad_(), t.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reduction="mean"
+        with kldiv_spec.use_reference(reference):
+            loss = kldiv_spec.kl_div(xg, tg, reduction=reduction, log_target=log_target)
+            loss.backward(g)
+            bx, bt = kldiv_spec.kl_div_backward(
+                g, x, t, reduction=reduction, log_target=log_target
+            )
+    if not reference:
+        assert type(loss.grad_fn).__name__ == "_BlockedKLDivBackward"
+    assert xg.grad is not None and tg.grad is not None
+    return loss.detach(), xg.grad, tg.grad, bx, bt
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edge_values_match_the_reference(
+    device: str, dtype: torch.dtype, log_target: bool, reduction: str
+) -> None:
+    x, t = grid(dtype, log_target, device)
+    shape = x.shape if reduction == "none" else ()
+    g = torch.linspace(0.5, 1.5, math.prod(shape), dtype=dtype, device=device).reshape(shape)
+    got = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=False)
+    want = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=True)
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)
+
+
+finite = st.floats(-50, 50, allow_nan=False, width=32)
+special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 1e-38])
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+@given(
+    data=st.data(),
+    n=st.integers(1, 300),
+    log_target=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_random_values_match_the_reference(
+    data: st.DataObject, n: int, log_target: bool, reduction: str, dtype: torch.dtype
+) -> None:
+    values = st.one_of(finite, special) if data.draw(st.booleans()) else finite
+    xs = data.draw(st.lists(values, min_size=n, max_size=n))
+    ts = data.draw(st.lists(st.one_of(st.floats(0, 1, width=32), values), min_size=n, max_size=n))
+    rows = data.draw(st.sampled_from([d for d in (1, 2, 3, 5) if n % d == 0]))
+    x = torch.tensor(xs, dtype=dtype).reshape(rows, -1)
+    t = torch.tensor(ts, dtype=dtype).reshape(rows, -1)
+    g = (
+        torch.tensor(0.75, dtype=dtype)
+        if reduction != "none"
+        else torch.rand(x.shape, dtype=dtype)
+    )
+    got = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=False)
+    want = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=True)
+    # A reduction is a sum: its error is relative to the sum of magnitudes, not to the sum.
+    with kldiv_spec.use_reference():
+        magnitude = kldiv_spec.kl_div(x, t, reduction="none", log_target=log_target).abs()
+    scale = float(magnitude[torch.isfinite(magnitude)].sum()) if magnitude.numel() else 0.0
+    atol = 0.0 if reduction == "none" else 64 * torch.finfo(dtype).eps * scale
+    assert_same(got[0], want[0], atol=atol)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+def test_large_sum_spans_blocks_and_is_accurate(
+    log_target: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Realistic blocks of 16384 elements over 300k elements: the float64 total is accurate."""
+    monkeypatch.setattr(fast, "BLOCK_BYTES", 1 << 16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.log_softmax(torch.randn(3, 100_003, generator=gen), dim=1)
+    t = torch.softmax(torch.randn(3, 100_003, generator=gen), dim=1)
+    if log_target:
+        t = t.log()
+    assert x.numel() > 2 * fast._block_elements(x.dtype)
+    got = fast.kl_div(x, t, reduction="sum", log_target=log_target, ops=None)
+    exact = torch.nn.functional.kl_div(
+        x.double(), t.double(), reduction="sum", log_target=log_target
+    )
+    terms = torch.nn.functional.kl_div(
+        x.double(), t.double(), reduction="none", log_target=log_target
+    )
+    bound = 2 * torch.finfo(torch.float32).eps * float(terms.abs().sum())
+    assert abs(float(got) - float(exact)) <= bound
+    assert got.dtype == torch.float32 and got.shape == ()
+
+
+def test_backward_saves_only_the_inputs() -> None:
+    x = torch.randn(4, 20_000, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 20_000, dtype=torch.float64)
+    loss = kldiv_spec.kl_div(x, t, reduction="batchmean")
+    saved = loss.grad_fn.saved_tensors
+    assert len(saved) == 2
+    assert saved[0].data_ptr() == x.data_ptr() and saved[1].data_ptr() == t.data_ptr()
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward(reduction: str, log_target: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=gen).requires_grad_()
+    t = (torch.rand(3, 7, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
+
+    def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return kldiv_spec.kl_div(a, b, reduction=reduction, log_target=log_target)
+
+    assert type(f(x, t).grad_fn).__name__ == "_BlockedKLDivBackward"
+    assert torch.autograd.gradgradcheck(f, (x, t))
+    (gx, gt) = torch.autograd.grad(f(x, t).sum(), (x, t), create_graph=True)
+    second = torch.autograd.grad((gx.sum() + gt.sum()), (x, t))
+    with kldiv_spec.use_reference():
+        (rx, rt) = torch.autograd.grad(f(x, t).sum(), (x, t), create_graph=True)
+        want = torch.autograd.grad((rx.sum() + rt.sum()), (x, t))
+    for a, b in zip(second, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+def test_forward_mode_ad_and_torch_func_fall_back_to_the_reference() -> None:
+    import torch.autograd.forward_ad as fwad
+
+    x = torch.randn(2, 5, dtype=torch.float64)
+    t = torch.rand(2, 5, dtype=torch.float64)
+    dx = torch.randn(2, 5, dtype=torch.float64)
+    with fwad.dual_level():
+        with warnings.catch_warnings():
+            # torch's first make_dual scripts its jvp decompositions with torch.jit.script
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dual = fwad.make_dual(x, dx)
+        out = kldiv_spec.kl_div(dual, t, reduction="sum")
+        tangent = fwad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, (-t * dx).sum())
+    grad = torch.func.grad(lambda a: kldiv_spec.kl_div(a, t, reduction="sum"))(x)
+    torch.testing.assert_close(grad, -t)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: (torch.zeros(100_000), torch.ones(100_000)), id="taken"),
+        pytest.param(lambda: (torch.zeros(10), torch.ones(10)), id="small"),
+        pytest.param(lambda: (torch.zeros(2, 50_000), torch.ones(1, 50_000)), id="broadcast"),
+        pytest.param(
+            lambda: (torch.zeros(100_000), torch.ones(100_000, dtype=torch.float64)), id="mixed"
+        ),
+        pytest.param(lambda: (torch.zeros(100_000, dtype=torch.float16),) * 2, id="float16"),
+        pytest.param(lambda: (torch.zeros(400, 300).T, torch.ones(300, 400)), id="strided"),
+        pytest.param(
+            lambda: (torch.zeros(100_000, device="meta"), torch.ones(100_000, device="meta")),
+            id="meta",
+        ),
+    ],
+)
+def test_declines_what_it_does_not_handle(make: object) -> None:
+    x, t = make()  # type: ignore[operator]
+    got = fast.kl_div(x, t, reduction="sum", log_target=False, ops=None)
+    taken = x.shape == t.shape and x.dtype == t.dtype == torch.float32 and x.is_contiguous()
+    taken = taken and x.numel() >= fast.MIN_ELEMENTS and x.device.type == "cpu"
+    assert (got is NotImplemented) != taken
+    # and the public function still answers, through the reference
+    loss = kldiv_spec.kl_div(x, t, reduction="sum")
+    assert loss.shape == ()
+
+
+def test_declines_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, t = torch.zeros(100_000), torch.ones(100_000)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fast.kl_div(x, t, reduction="sum", log_target=False, ops=None) is NotImplemented
+
+
+def test_no_graph_without_requires_grad() -> None:
+    x, t = torch.zeros(100_000), torch.full((100_000,), 0.5)
+    loss = kldiv_spec.kl_div(x, t, reduction="sum")
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, torch.tensor(100_000 * 0.5 * math.log(0.5)))
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run() -> None:
+    """``benchmarks/gpu.sh --dry-run`` runs the whole script on the CPU and prints the table."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 2 * 2  # header, rule, two cases x (eager, kldiv_spec)
+    assert "tests collected" in result.stdout
