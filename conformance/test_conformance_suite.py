@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kldiv_spec.conformance.properties import select
 from kldiv_spec.conformance.pytest_plugin import run_one
 

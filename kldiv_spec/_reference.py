@@ -61,7 +61,8 @@ def backward(
             output_shape=ops.output_shape,
             xp=xp,
         )
-    return (
-        xp.astype(grad_x, ops.input.dtype, copy=False),
-        xp.astype(grad_t, ops.target.dtype, copy=False),
-    )
+        # Casting down (float32 -> float16) overflows silently to inf, as in PyTorch.
+        return (
+            xp.astype(grad_x, ops.input.dtype, copy=False),
+            xp.astype(grad_t, ops.target.dtype, copy=False),
+        )

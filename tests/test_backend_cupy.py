@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 import pytest
-from kldiv_spec.backends import cupy as fast
 
 import kldiv_spec
+from kldiv_spec.backends import cupy as fast
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 TARGETS = [0.0, -0.0, 1e-45, 1e-40, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan, -1000.0]

@@ -14,9 +14,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kldiv_spec.backends import jax as fast  # noqa: E402
 
 import kldiv_spec  # noqa: E402
+from kldiv_spec.backends import jax as fast  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 TARGETS = [0.0, -0.0, 1e-40, 1e-30, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan]

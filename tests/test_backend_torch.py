@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from kldiv_spec.backends import torch as fast  # noqa: E402
 
 import kldiv_spec  # noqa: E402
+from kldiv_spec.backends import torch as fast  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 TARGETS = [0.0, -0.0, 1e-45, 1e-40, 1e-30, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan]

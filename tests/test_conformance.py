@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+
 from kldiv_spec.conformance import GROUPS, PROPERTIES, oracle, resolve, run, select
 from kldiv_spec.conformance.implementations import Implementation
 from kldiv_spec.conformance.namespaces import installed_backends

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from kldiv_spec.conformance.cli import main
 
 from kldiv_spec._cli import main as kldiv_spec_main
+from kldiv_spec.conformance.cli import main
 
 
 def test_passing_run_exits_0_and_writes_json(tmp_path, capsys):

@@ -159,7 +159,6 @@ def test_edge_grid_matches_torch_autograd(xp, evaluation, dtype):
                     raise AssertionError(f"grad_{name}, {note}") from error
 
 
-
 def test_log_target_gradient_where_exp_overflows(xp, evaluation):
     big = np.finfo(np.float64).max / 4
     x = np.asarray([big, big, math.inf, math.inf])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kldiv_spec.conformance import run
 from kldiv_spec.conformance.mutants import MUTANTS
 

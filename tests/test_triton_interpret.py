@@ -18,9 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from kldiv_spec.backends import _triton_kernels as kernels  # noqa: E402
-
 import kldiv_spec  # noqa: E402
+from kldiv_spec.backends import _triton_kernels as kernels  # noqa: E402
 
 INTERPRETED = kernels.interpreting()
 in_interpreter = pytest.mark.skipif(
