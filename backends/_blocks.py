@@ -1,0 +1,322 @@
+r"""Blocked, multithreaded evaluation of the KL-divergence loss on NumPy arrays.
+
+The loss is evaluated over *blocks* small enough to stay in the core's cache
+(:data:`BLOCK_ELEMENTS` elements). Each worker thread owns scratch buffers of
+one block, and every operation writes into them with ``out=``, so the reduced
+losses allocate nothing of the arrays' size and ``'none'`` allocates exactly
+its output. NumPy's ufuncs release the GIL, so the threads run in parallel.
+
+Each block repeats the reference's operations in the reference's order and
+dtype (:mod:`kldiv_spec._core`), so every element equals the reference's bit
+for bit, NaN and inf included:
+
+.. math::
+
+    \ell = \bigl[t = 0\;?\;0 : t \log t\bigr] - t x
+    \qquad\text{or, with log\_target,}\qquad
+    \ell = e^{t} (t - x).
+
+Sums are accumulated per block with NumPy's pairwise summation in the block's
+dtype, and the per-block partial sums in float64 (in block order, so the result
+does not depend on the number of threads). For ``n`` terms split into blocks of
+``b`` elements, the rounding error of the sum is at most about
+:math:`(\lceil\log_2 b\rceil + 1)\,\varepsilon \sum |\ell|` with
+:math:`\varepsilon` the unit roundoff of the dtype, which is no larger than the
+:math:`\lceil\log_2 n\rceil\,\varepsilon \sum |\ell|` of NumPy's pairwise sum of
+the whole array (and much smaller than the :math:`n\varepsilon` of naive summation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+__all__: list[str] = []
+
+#: Elements per block: 64 Ki elements (256 KiB in float32), L2-sized per core.
+BLOCK_ELEMENTS = 1 << 16
+
+#: Below this many elements a call is left to the reference (no threading overhead).
+MIN_ELEMENTS = 1 << 16
+
+#: Environment variable that sets the number of worker threads.
+THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
+
+#: Environment variable that overrides :data:`MIN_ELEMENTS` (``0`` sends every non-empty,
+#: non-0-d call through the blocked kernels: for running the conformance suite on them).
+MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
+
+_MAX_DEFAULT_THREADS = 8
+_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None
+
+Block = tuple[Any, ...]
+
+
+def supported_dtype(dtype: Any, /) -> bool:
+    """Return whether the blocked kernels handle ``dtype`` (float16, float32, float64)."""
+    return np.dtype(dtype) in _DTYPES
+
+
+def _positive_int(name: str, value: str, /, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = minimum - 1
+    if n < minimum:
+        msg = f"{name} must be an integer >= {minimum}, got {value!r}"
+        raise ValueError(msg)
+    return n
+
+
+def min_elements() -> int:
+    """Return the size below which calls go to the reference: ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS``.
+
+    Defaults to :data:`MIN_ELEMENTS`.
+    """
+    value = os.environ.get(MIN_ELEMENTS_ENV, "").strip()
+    return _positive_int(MIN_ELEMENTS_ENV, value, 0) if value else MIN_ELEMENTS
+
+
+def num_threads() -> int:
+    """Return the number of worker threads: ``$KLDIV_SPEC_NUM_THREADS`` or the usable cores.
+
+    The default is the number of cores this process may run on, at most 8.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        return _positive_int(THREADS_ENV, value, 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_DEFAULT_THREADS))
+
+
+def _executor(n: int, /) -> ThreadPoolExecutor:
+    """Return a shared pool of ``n`` threads (a new one after ``fork`` or a change of ``n``)."""
+    global _pool, _pool_key
+    key = (os.getpid(), n)
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="kldiv_spec")
+            _pool_key = key
+        return _pool
+
+
+def blocks(shape: tuple[int, ...], /, block_elements: int | None = None) -> list[Block]:
+    """Split an array of ``shape`` into index tuples of about ``block_elements`` elements.
+
+    Blocking is along the first axis ``k`` whose trailing axes hold at most
+    ``block_elements`` elements: each block is one index of the axes before
+    ``k``, a slice of axis ``k`` and all of the axes after it. Every block is
+    therefore a (possibly strided) view with a shape of its own, and the blocks
+    tile the array in C order. ``block_elements`` defaults to :data:`BLOCK_ELEMENTS`.
+    """
+    if block_elements is None:
+        block_elements = BLOCK_ELEMENTS
+    ndim = len(shape)
+    k = ndim - 1
+    inner = 1
+    while k > 0 and inner * shape[k] <= block_elements:
+        inner *= shape[k]
+        k -= 1
+    # now shape[k+1:] holds `inner` <= block_elements elements (or k == 0)
+    inner = math.prod(shape[k + 1 :])
+    step = max(1, block_elements // max(inner, 1))
+    out: list[Block] = []
+    for outer in np.ndindex(*shape[:k]):
+        for start in range(0, shape[k], step):
+            out.append((*outer, slice(start, min(start + step, shape[k]))))
+    return out
+
+
+def _run(
+    work: Callable[[Sequence[Block]], list[Any]], all_blocks: list[Block], threads: int, /
+) -> list[Any]:
+    """Run ``work`` over contiguous stripes of ``all_blocks``; return results in block order."""
+    threads = max(1, min(threads, len(all_blocks)))
+    if threads == 1:
+        return work(all_blocks)
+    bounds = [len(all_blocks) * i // threads for i in range(threads + 1)]
+    stripes = [all_blocks[bounds[i] : bounds[i + 1]] for i in range(threads)]
+    futures = [_executor(threads).submit(work, stripe) for stripe in stripes[1:]]
+    results = work(stripes[0])  # the calling thread takes the first stripe
+    for future in futures:
+        results.extend(future.result())
+    return results
+
+
+class _Scratch:
+    """One worker's buffers: two of the compute dtype and one boolean, one block each."""
+
+    def __init__(self, size: int, dtype: np.dtype[Any]) -> None:
+        self.a = np.empty(size, dtype)
+        self.b = np.empty(size, dtype)
+        self.mask = np.empty(size, np.bool_)
+
+    def views(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
+        n = math.prod(shape)
+        return (
+            self.a[:n].reshape(shape),
+            self.b[:n].reshape(shape),
+            self.mask[:n].reshape(shape),
+        )
+
+
+def _loss_into(
+    x: Any, t: Any, out: Any, b: Any, mask: Any, log_target: bool, cast: dict[str, Any]
+) -> None:
+    """Write the pointwise loss of one block into ``out`` (``b``, ``mask``: scratch).
+
+    ``cast`` is ``{}``, or ``{"dtype": dt}`` when an operand must be cast to the
+    common dtype ``dt`` first (mixed dtypes).
+    """
+    if log_target:
+        # exp(t) * (t - x)
+        np.exp(t, out=out, **cast)
+        np.subtract(t, x, out=b, **cast)
+        np.multiply(out, b, out=out)
+        return
+    # where(t == 0, 0, t * log(t)) - t * x
+    np.log(t, out=out, **cast)
+    np.multiply(t, out, out=out, **cast)
+    np.equal(t, 0, out=mask)
+    np.copyto(out, 0, where=mask)
+    np.multiply(t, x, out=b, **cast)
+    np.subtract(out, b, out=out)
+
+
+def _flat_or_strided(arrays: Sequence[Any], shape: tuple[int, ...], /) -> tuple[list[Any], Any]:
+    """Broadcast ``arrays`` to ``shape``; flatten them when all are C-contiguous."""
+    views = [np.broadcast_to(a, shape) for a in arrays]
+    if all(v.flags.c_contiguous for v in views):
+        n = math.prod(shape)
+        return [v.reshape(n) for v in views], (n,)
+    return views, shape
+
+
+def _chunk_iter(blocks_: Sequence[Block]) -> Iterator[Block]:
+    return iter(blocks_)
+
+
+def _cast(dt: np.dtype[Any], /, *arrays: Any) -> dict[str, Any]:
+    """Return the ufunc keywords that compute in ``dt``: none when all arrays have it."""
+    return {} if all(a.dtype == dt for a in arrays) else {"dtype": dt}
+
+
+def loss_none(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_target: bool) -> Any:
+    """Return the pointwise loss of shape ``shape`` and dtype ``dtype`` in one fresh array."""
+    dt = np.dtype(dtype)
+    result = np.empty(shape, dt)
+    cast = _cast(dt, x, t)
+    (xv, tv), work_shape = _flat_or_strided((x, t), shape)
+    out = result.reshape(work_shape)
+    size = BLOCK_ELEMENTS
+    all_blocks = blocks(work_shape, size)
+
+    def work(stripe: Sequence[Block]) -> list[Any]:
+        scratch = _Scratch(size, dt)
+        with np.errstate(all="ignore"):
+            for index in _chunk_iter(stripe):
+                o = out[index]
+                _, b, mask = scratch.views(o.shape)
+                _loss_into(xv[index], tv[index], o, b, mask, log_target, cast)
+        return []
+
+    _run(work, all_blocks, num_threads())
+    return result
+
+
+def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_target: bool) -> float:
+    """Return the sum of the pointwise loss as a Python float (accumulated in float64).
+
+    NaN and inf propagate as in a plain sum (``inf + -inf`` is NaN).
+    """
+    dt = np.dtype(dtype)
+    cast = _cast(dt, x, t)
+    (xv, tv), work_shape = _flat_or_strided((x, t), shape)
+    size = BLOCK_ELEMENTS
+    all_blocks = blocks(work_shape, size)
+    # float16 blocks are summed in float32 (as NumPy's own float16 sum does).
+    acc = np.float32 if dt == np.float16 else dt
+
+    def work(stripe: Sequence[Block]) -> list[Any]:
+        scratch = _Scratch(size, dt)
+        partials = []
+        with np.errstate(all="ignore"):
+            for index in _chunk_iter(stripe):
+                xb = xv[index]
+                a, b, mask = scratch.views(xb.shape)
+                _loss_into(xb, tv[index], a, b, mask, log_target, cast)
+                partials.append(np.add.reduce(a, axis=None, dtype=acc))
+        return partials
+
+    partials = np.asarray(_run(work, all_blocks, num_threads()), dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return float(np.add.reduce(partials))
+
+
+def gradients(
+    g: Any, x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_target: bool
+) -> tuple[Any, Any]:
+    r"""Return :math:`(g\,\partial\ell/\partial x,\ g\,\partial\ell/\partial t)` in one pass.
+
+    ``x`` and ``t`` have ``shape``; ``g`` broadcasts to it (a 0-d array for the
+    reductions, already divided by the reduction's divisor). Both results are
+    fresh C-contiguous arrays of ``shape`` and ``dtype``; the operations are the
+    reference's (:func:`kldiv_spec._core.pointwise_gradients`), in its order.
+    """
+    dt = np.dtype(dtype)
+    grad_x = np.empty(shape, dt)
+    grad_t = np.empty(shape, dt)
+    cast = _cast(dt, x, t, g)
+    (xv, tv, gv), work_shape = _flat_or_strided((x, t, g), shape)
+    gx_all = grad_x.reshape(work_shape)
+    gt_all = grad_t.reshape(work_shape)
+    size = BLOCK_ELEMENTS
+    all_blocks = blocks(work_shape, size)
+
+    def work(stripe: Sequence[Block]) -> list[Any]:
+        mask_buffer = np.empty(size, np.bool_)
+        with np.errstate(all="ignore"):
+            for index in _chunk_iter(stripe):
+                gx, gt = gx_all[index], gt_all[index]
+                xb, tb, gb = xv[index], tv[index], gv[index]
+                if log_target:
+                    # p = exp(t); gp = g * p; (-gp, (g * (t - x)) * p + gp)
+                    np.exp(tb, out=gx, **cast)
+                    np.subtract(tb, xb, out=gt, **cast)
+                    np.multiply(gb, gt, out=gt, **cast)
+                    np.multiply(gt, gx, out=gt)
+                    np.multiply(gb, gx, out=gx, **cast)
+                    np.add(gt, gx, out=gt)
+                    np.negative(gx, out=gx)
+                    continue
+                # -(t * g); where(0 < t < inf, g * (log(t) + 1 - x), nan)
+                np.multiply(tb, gb, out=gx, **cast)
+                np.negative(gx, out=gx)
+                mask = mask_buffer[: gt.size].reshape(gt.shape)
+                np.log(tb, out=gt, **cast)
+                # log(t) is finite exactly where 0 < t < inf
+                np.isfinite(gt, out=mask)
+                np.logical_not(mask, out=mask)
+                np.add(gt, 1, out=gt)
+                np.subtract(gt, xb, out=gt, **cast)
+                np.multiply(gb, gt, out=gt, **cast)
+                np.copyto(gt, math.nan, where=mask)
+        return []
+
+    _run(work, all_blocks, num_threads())
+    return grad_x, grad_t

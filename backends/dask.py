@@ -1,0 +1,151 @@
+r"""The Dask fast path: every chunk through the chunk library's own path, still lazy.
+
+``kl_div`` broadcasts and rechunks both operands to the output's shape and
+chunks, then maps each pair of chunks through :func:`kldiv_spec.kl_div` on the
+chunk's array library (so NumPy chunks take the blocked NumPy fast path, CuPy
+chunks the CuPy one, small chunks the reference), inside that library's
+floating-point error state: computing the result emits no ``RuntimeWarning``
+for NaN-producing values, as in PyTorch. Reductions are a lazy tree: one
+float64 partial sum per chunk, summed by Dask, rounded to the common dtype and
+divided by the reduction's divisor
+
+.. math::
+
+    L = \frac{1}{D} \sum_{\text{chunks } c} \Bigl(\sum_{i \in c} \ell_i\Bigr).
+
+``kl_div_backward`` maps chunks the same way, with ``g / D`` broadcast to the
+output, and sums each gradient back over broadcast axes lazily. Nothing is
+computed inside either call. 0-d and empty arrays are left to the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kldiv_spec._core import divisor, sum_to_shape
+from kldiv_spec._validation import Operands
+
+__all__ = ["kl_div", "kl_div_backward"]
+
+
+def _chunk_library_kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool) -> Any:
+    """Evaluate one chunk with the chunk's own library (fast path or reference)."""
+    from kldiv_spec._functional import forward
+
+    return forward(x, t, reduction=reduction, log_target=log_target, stacklevel=2, warn_mean=False)
+
+
+def _chunk_none(x: Any, t: Any, /, *, log_target: bool) -> Any:
+    return _chunk_library_kl_div(x, t, reduction="none", log_target=log_target)
+
+
+def _chunk_sum(x: Any, t: Any, /, *, log_target: bool) -> Any:
+    """Return the chunk's loss sum as a float64 array of shape ``(1,) * ndim``."""
+    xp = _namespace(x)
+    if x.size == 0:
+        return xp.zeros((1,) * x.ndim, dtype=xp.float64)
+    total = _chunk_library_kl_div(x, t, reduction="sum", log_target=log_target)
+    return xp.reshape(xp.asarray(total, dtype=xp.float64), (1,) * x.ndim)
+
+
+def _chunk_gradients(g: Any, x: Any, t: Any, /, *, log_target: bool) -> Any:
+    """Return both gradients of one chunk stacked along a new leading axis of size 2."""
+    from kldiv_spec._functional import kl_div_backward
+
+    xp = _namespace(x)
+    grad_x, grad_t = kl_div_backward(g, x, t, reduction="none", log_target=log_target)
+    return xp.stack([grad_x, grad_t])
+
+
+def _namespace(a: Any, /) -> Any:
+    import array_api_compat
+
+    return array_api_compat.array_namespace(a)
+
+
+def _aligned(ops: Operands, /, *arrays: Any) -> list[Any]:
+    """Broadcast ``arrays`` to the output shape, with the chunks of the first one."""
+    import dask.array as da
+
+    shape = ops.output_shape
+    first = da.broadcast_to(arrays[0], shape)
+    out = [first]
+    for a in arrays[1:]:
+        out.append(da.broadcast_to(a, shape).rechunk(first.chunks))
+    return out
+
+
+def _handles(ops: Operands, /) -> bool:
+    shape = ops.output_shape
+    return len(shape) > 0 and all(n > 0 for n in shape)
+
+
+def _meta(a: Any, dtype: Any, /) -> Any:
+    """Return an empty chunk-library array of ``dtype`` for Dask's metadata."""
+    meta = getattr(a, "_meta", None)
+    if meta is None:
+        return np.empty((0,) * a.ndim, dtype=dtype)
+    return meta.astype(dtype)
+
+
+def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands) -> Any:
+    """Return the loss as a lazy Dask array (0-d for the reductions), or NotImplemented."""
+    if not _handles(ops):
+        return NotImplemented
+    import dask.array as da
+
+    dt = ops.dtype
+    xb, tb = _aligned(ops, x, t)
+    if reduction == "none":
+        return da.map_blocks(
+            _chunk_none, xb, tb, log_target=log_target, dtype=dt, meta=_meta(xb, dt)
+        )
+    partials = da.map_blocks(
+        _chunk_sum,
+        xb,
+        tb,
+        log_target=log_target,
+        chunks=tuple((1,) * len(c) for c in xb.chunks),
+        dtype=np.float64,
+        meta=_meta(xb, np.float64),
+    )
+    total = da.sum(partials).astype(dt)
+    d = divisor(
+        reduction, output_shape=ops.output_shape, batch_size=x.shape[0] if x.ndim else None
+    )
+    return total if d == 1 else total / d
+
+
+def kl_div_backward(
+    g: Any, x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
+) -> Any:
+    """Return lazy ``(grad_input, grad_target)``, each of its argument's shape and dtype."""
+    if not _handles(ops):
+        return NotImplemented
+    import dask.array as da
+
+    dt = ops.dtype
+    xp = ops.xp
+    g = da.asarray(g).astype(dt)
+    d = divisor(
+        reduction, output_shape=ops.output_shape, batch_size=x.shape[0] if x.ndim else None
+    )
+    if d != 1:
+        g = g / d
+    xb, tb, gb = _aligned(ops, x.astype(dt), t.astype(dt), g)
+    stacked = da.map_blocks(
+        _chunk_gradients,
+        gb,
+        xb,
+        tb,
+        log_target=log_target,
+        new_axis=0,
+        chunks=((2,), *xb.chunks),
+        dtype=dt,
+        meta=_meta(xb, dt),
+    )
+    grad_x = sum_to_shape(stacked[0], tuple(x.shape), xp=xp).astype(x.dtype)
+    grad_t = sum_to_shape(stacked[1], tuple(t.shape), xp=xp).astype(t.dtype)
+    return grad_x, grad_t

@@ -1,0 +1,127 @@
+"""The Dask fast path (kldiv_spec.backends.dask): lazy, warning-free, equal to the reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import kldiv_spec
+from kldiv_spec._validation import operands
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+from kldiv_spec.backends import _blocks  # noqa: E402
+from kldiv_spec.backends import dask as fast  # noqa: E402
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+EDGE = np.array([-np.inf, -2.0, -1e-30, -0.0, 0.0, 1e-40, 0.3, 1.0, 2.0, np.inf, np.nan])
+
+
+def _refuse_to_compute(*args, **kwargs):
+    raise AssertionError("kl_div computed a Dask graph")
+
+
+def edge_grid(dtype) -> tuple[np.ndarray, np.ndarray]:
+    x, t = np.meshgrid(EDGE, EDGE, indexing="ij")
+    return np.tile(x, (4, 2)).astype(dtype), np.tile(t, (4, 2)).astype(dtype)
+
+
+def numpy_reference(f, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
+        with kldiv_spec.use_reference():
+            return f(*args, **kwargs)
+
+
+def lazy(f, *args, **kwargs):
+    """Call ``f`` on Dask arrays with a scheduler that fails on any compute."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with dask.config.set(scheduler=_refuse_to_compute):
+            return f(*args, **kwargs)
+
+
+def assert_matches(got, want, rtol: float) -> None:
+    """Computed with warnings as errors; then same dtype, shape, NaN pattern and values."""
+    assert isinstance(got, da.Array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = np.asarray(got.compute(scheduler="threads"))
+    want = np.asarray(want)
+    assert value.dtype == want.dtype and value.shape == want.shape
+    np.testing.assert_array_equal(np.isnan(value), np.isnan(want))
+    np.testing.assert_allclose(value, want, rtol=rtol, atol=0, equal_nan=True)
+
+
+@pytest.fixture(params=[False, True], ids=["reference-chunks", "blocked-chunks"])
+def chunk_path(request, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks evaluated by the reference, or (tiny threshold) by the NumPy fast path."""
+    if request.param:
+        monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 29)
+        monkeypatch.setattr(_blocks, "MIN_ELEMENTS", 8)
+
+
+@pytest.mark.usefixtures("chunk_path")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edge_values_lazy_and_quiet(dtype, log_target, reduction) -> None:
+    x, t = edge_grid(dtype)
+    # different, uneven chunks for the two operands
+    dx, dt = da.from_array(x, chunks=(13, 9)), da.from_array(t, chunks=(20, 7))
+    got = lazy(kldiv_spec.kl_div, dx, dt, reduction=reduction, log_target=log_target)
+    want = numpy_reference(kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target)
+    assert_matches(got, want, rtol=1e-6)
+
+    g = np.full(x.shape, 0.5, dtype) if reduction == "none" else 0.5
+    dg = da.from_array(g, chunks=(11, 22)) if reduction == "none" else g
+    got_g = lazy(
+        kldiv_spec.kl_div_backward, dg, dx, dt, reduction=reduction, log_target=log_target
+    )
+    want_g = numpy_reference(
+        kldiv_spec.kl_div_backward, g, x, t, reduction=reduction, log_target=log_target
+    )
+    for a, b in zip(got_g, want_g, strict=True):
+        assert_matches(a, b, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("chunk_path")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_broadcasting_and_mixed_dtypes(reduction) -> None:
+    rng = np.random.default_rng(0)
+    x = np.log(rng.random((12, 1, 6)) + 0.01).astype(np.float32)
+    t = rng.random((5, 6))
+    dx, dt = da.from_array(x, chunks=(5, 1, 4)), da.from_array(t, chunks=(2, 3))
+    got = lazy(kldiv_spec.kl_div, dx, dt, reduction=reduction)
+    want = numpy_reference(kldiv_spec.kl_div, x, t, reduction=reduction)
+    assert_matches(got, want, rtol=1e-12)
+    g = np.ones((12, 5, 6)) if reduction == "none" else 2.0
+    dg = da.from_array(g, chunks=4) if reduction == "none" else g
+    got_g = lazy(kldiv_spec.kl_div_backward, dg, dx, dt, reduction=reduction)
+    want_g = numpy_reference(kldiv_spec.kl_div_backward, g, x, t, reduction=reduction)
+    assert got_g[0].shape == x.shape and got_g[1].shape == t.shape
+    for a, b in zip(got_g, want_g, strict=True):
+        assert_matches(a, b, rtol=1e-6)
+
+
+def test_the_fast_path_takes_the_call_and_builds_a_graph() -> None:
+    dx = da.zeros((10, 4), chunks=3)
+    dt = da.full((10, 4), 0.25, chunks=3)
+    ops = operands(dx, dt)
+    out = lazy(fast.kl_div, dx, dt, reduction="sum", log_target=False, ops=ops)
+    assert isinstance(out, da.Array) and out.shape == ()
+    np.testing.assert_allclose(out.compute(), 40 * 0.25 * np.log(0.25))
+
+
+def test_zero_d_and_empty_are_left_to_the_reference() -> None:
+    for shape in [(), (0, 3)]:
+        dx, dt = da.zeros(shape), da.ones(shape)
+        ops = operands(dx, dt)
+        assert fast.kl_div(dx, dt, reduction="sum", log_target=False, ops=ops) is NotImplemented
+        out = fast.kl_div_backward(
+            da.asarray(1.0), dx, dt, reduction="sum", log_target=False, ops=ops
+        )
+        assert out is NotImplemented

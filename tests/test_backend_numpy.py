@@ -1,0 +1,320 @@
+"""The NumPy fast path (kldiv_spec.backends.numpy) against the reference.
+
+Most tests shrink the block size and the size threshold so that small arrays
+cross both (many blocks, several threads) and the tests stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import kldiv_spec
+from kldiv_spec._validation import operands
+from kldiv_spec.backends import _blocks
+from kldiv_spec.backends import numpy as fast
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+DTYPES = (np.float16, np.float32, np.float64)
+EDGE = np.array([-np.inf, -2.0, -1e-30, -0.0, 0.0, 1e-40, 0.3, 1.0, 2.0, 700.0, np.inf, np.nan])
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 37 elements, a threshold of 16 elements, three threads."""
+    monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 37)
+    monkeypatch.setattr(_blocks, "MIN_ELEMENTS", 16)
+    monkeypatch.setenv(_blocks.THREADS_ENV, "3")
+
+
+def edge_grid(dtype: type, reps: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    x, t = np.meshgrid(EDGE, EDGE, indexing="ij")
+    return (
+        np.tile(x.ravel(), reps).reshape(reps * len(EDGE), len(EDGE)).astype(dtype),
+        np.tile(t.ravel(), reps).reshape(reps * len(EDGE), len(EDGE)).astype(dtype),
+    )
+
+
+def call(f, *args, reference: bool = False, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
+        if reference:
+            with kldiv_spec.use_reference():
+                return f(*args, **kwargs)
+        return f(*args, **kwargs)
+
+
+def fast_forward(x, t, **kwargs):
+    """The fast path itself (not through the dispatcher), asserting that it takes the call."""
+    with np.errstate(all="ignore"):
+        out = fast.kl_div(x, t, ops=operands(x, t), **kwargs)
+    assert out is not NotImplemented
+    return out
+
+
+def assert_identical(got, want) -> None:
+    """Same type, dtype, shape, and the same values bit for bit (NaN where NaN)."""
+    assert type(got) is type(want)
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want, strict=True)
+
+
+def assert_close(got, want, rtol: float) -> None:
+    assert type(got) is type(want)
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0, equal_nan=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+RTOL = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-13}
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edge_values_forward(dtype, log_target, reduction) -> None:
+    x, t = edge_grid(dtype)
+    got = call(kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target)
+    want = call(
+        kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target, reference=True
+    )
+    fast_forward(x, t, reduction=reduction, log_target=log_target)
+    if reduction == "none":
+        assert_identical(got, want)
+    else:
+        assert_identical(got, want)  # NaN: the grid holds NaN terms
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edge_values_backward(dtype, log_target, reduction) -> None:
+    x, t = edge_grid(dtype)
+    g = np.full(x.shape, 0.75, dtype) if reduction == "none" else np.asarray(0.75, dtype)
+    with np.errstate(all="ignore"):
+        direct = fast.kl_div_backward(
+            g, x, t, reduction=reduction, log_target=log_target, ops=operands(x, t)
+        )
+    assert direct is not NotImplemented
+    got = call(kldiv_spec.kl_div_backward, g, x, t, reduction=reduction, log_target=log_target)
+    want = call(
+        kldiv_spec.kl_div_backward,
+        g,
+        x,
+        t,
+        reduction=reduction,
+        log_target=log_target,
+        reference=True,
+    )
+    for a, b in zip(got, want, strict=True):
+        assert_identical(a, b)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "mean"])
+def test_finite_reductions_close(dtype, log_target, reduction) -> None:
+    rng = np.random.default_rng(7)
+    x = np.log(rng.dirichlet(np.ones(50), size=40) + 1e-3).astype(dtype)
+    t = rng.dirichlet(np.ones(50), size=40) + 1e-3
+    t = (np.log(t) if log_target else t).astype(dtype)
+    t[::7, ::3] = -20 if log_target else 0  # exp(-inf) * -inf would be NaN
+    got = fast_forward(x, t, reduction=reduction, log_target=log_target)
+    want = call(
+        kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target, reference=True
+    )
+    assert np.isfinite(want)
+    assert_close(got, want, RTOL[dtype])
+
+
+finite = st.floats(-30, 30, width=32)
+positive = st.one_of(st.just(0.0), st.floats(0, 50, width=32))
+
+
+@pytest.mark.usefixtures("small_blocks")
+@given(
+    shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=1, max_dims=3, max_side=9),
+    dtypes=st.tuples(st.sampled_from(DTYPES), st.sampled_from(DTYPES)),
+    log_target=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    strided=st.booleans(),
+    data=st.data(),
+)
+def test_random_against_reference(shapes, dtypes, log_target, reduction, strided, data) -> None:
+    shape_x, shape_t = shapes.input_shapes
+    x = data.draw(hnp.arrays(dtypes[0], shape_x, elements=finite))
+    t = data.draw(hnp.arrays(dtypes[1], shape_t, elements=finite if log_target else positive))
+    if strided:  # non-contiguous views of the same values
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+        t = np.repeat(t, 2, axis=0)[::2]
+    got = call(kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target)
+    want = call(
+        kldiv_spec.kl_div, x, t, reduction=reduction, log_target=log_target, reference=True
+    )
+    if reduction == "none":
+        assert_identical(got, want)
+    else:
+        dtype = np.result_type(x.dtype, t.dtype).type
+        assert_close(got, want, 20 * RTOL[dtype])
+    g = np.asarray(1.25, np.result_type(x.dtype, t.dtype))
+    if reduction == "none":
+        g = np.broadcast_to(g, np.broadcast_shapes(x.shape, t.shape))
+    # errstate: the reference's final cast of a mixed-dtype gradient to its argument's
+    # dtype (float32 -> float16) can overflow outside its own errstate (reported).
+    with np.errstate(over="ignore"):
+        got_g = call(
+            kldiv_spec.kl_div_backward, g, x, t, reduction=reduction, log_target=log_target
+        )
+        want_g = call(
+            kldiv_spec.kl_div_backward,
+            g,
+            x,
+            t,
+            reduction=reduction,
+            log_target=log_target,
+            reference=True,
+        )
+    for a, b in zip(got_g, want_g, strict=True):
+        assert_identical(a, b)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_strided_broadcast_and_readonly_inputs_are_not_modified() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 1, 40))[:, :, ::2]  # strided, broadcast along axis 1
+    t = rng.random((7, 20))
+    x.flags.writeable = False
+    t.flags.writeable = False
+    x0, t0 = x.copy(), t.copy()
+    got = fast_forward(x, t, reduction="none", log_target=False)
+    assert got.shape == (30, 7, 20) and got.flags.c_contiguous and got.flags.writeable
+    assert not np.shares_memory(got, x) and not np.shares_memory(got, t)
+    want = call(kldiv_spec.kl_div, x, t, reduction="none", reference=True)
+    assert_identical(got, want)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(t, t0)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_mixed_dtypes_compute_in_the_common_dtype() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 30)).astype(np.float32)
+    t = rng.random((20, 30))  # float64
+    for reduction in ("none", "sum"):
+        got = fast_forward(x, t, reduction=reduction, log_target=False)
+        want = call(kldiv_spec.kl_div, x, t, reduction=reduction, reference=True)
+        assert_identical(got, want) if reduction == "none" else assert_close(got, want, 1e-13)
+
+
+def test_small_empty_0d_and_subclasses_are_left_to_the_reference() -> None:
+    tiny = np.ones((3, 4))
+    for x, t in [
+        (tiny, tiny),
+        (np.ones(0), np.ones(0)),
+        (np.asarray(0.5), np.asarray(0.5)),
+        (np.ma.masked_array(np.ones(1 << 17)), np.ones(1 << 17)),
+        (np.ones(1 << 17, np.longdouble), np.ones(1 << 17, np.longdouble)),
+    ]:
+        ops = operands(x, t)
+        assert fast.kl_div(x, t, reduction="sum", log_target=False, ops=ops) is NotImplemented
+
+
+def test_backward_with_broadcasting_is_left_to_the_reference() -> None:
+    x = np.zeros((1 << 16, 2))
+    t = np.full((1, 2), 0.5)
+    ops = operands(x, t)
+    g = np.asarray(1.0)
+    out = fast.kl_div_backward(g, x, t, reduction="sum", log_target=False, ops=ops)
+    assert out is NotImplemented
+    gx, gt = kldiv_spec.kl_div_backward(1.0, x, t, reduction="sum")
+    assert gx.shape == x.shape and gt.shape == t.shape
+    np.testing.assert_allclose(gt, np.full((1, 2), (math.log(0.5) + 1) * (1 << 16)))
+
+
+def test_default_sizes_take_the_fast_path_with_several_blocks() -> None:
+    n = 3 * _blocks.BLOCK_ELEMENTS + 5
+    assert n >= _blocks.MIN_ELEMENTS
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(n).astype(np.float32)
+    t = rng.random(n).astype(np.float32)
+    got = fast_forward(x, t, reduction="none", log_target=False)
+    assert_identical(got, call(kldiv_spec.kl_div, x, t, reduction="none", reference=True))
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_result_does_not_depend_on_the_number_of_threads(monkeypatch) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((101, 13)).astype(np.float32)
+    t = rng.random((101, 13)).astype(np.float32)
+    results = []
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv(_blocks.THREADS_ENV, threads)
+        results.append(fast_forward(x, t, reduction="sum", log_target=False))
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_invalid_thread_count_is_an_error(monkeypatch, value) -> None:
+    monkeypatch.setenv(_blocks.THREADS_ENV, value)
+    with pytest.raises(ValueError, match=_blocks.THREADS_ENV):
+        _blocks.num_threads()
+
+
+def test_blocks_tile_the_array_in_order() -> None:
+    for shape, size in [((10,), 3), ((4, 5, 6), 7), ((3, 100), 40), ((2, 3, 4), 1000)]:
+        seen = np.zeros(shape, int)
+        order = []
+        for index in _blocks.blocks(shape, size):
+            assert seen[index].size <= size
+            seen[index] += 1
+            order.append(np.arange(math.prod(shape)).reshape(shape)[index].ravel())
+        assert (seen == 1).all()
+        np.testing.assert_array_equal(np.concatenate(order), np.arange(math.prod(shape)))
+
+
+def test_float32_sum_error_is_within_the_bound() -> None:
+    """Against an exact oracle: math.fsum of the very same float32 terms."""
+    n = 1 << 21  # 32 default blocks
+    rng = np.random.default_rng(5)
+    x = np.log(rng.random(n, dtype=np.float32) + np.float32(1e-3))
+    t = rng.random(n, dtype=np.float32)
+    terms = call(kldiv_spec.kl_div, x, t, reduction="none", reference=True)
+    exact = math.fsum(terms.astype(np.float64))
+    got = float(fast_forward(x, t, reduction="sum", log_target=False))
+    eps = float(np.finfo(np.float32).eps) / 2
+    bound = (math.ceil(math.log2(_blocks.BLOCK_ELEMENTS)) + 1) * eps * math.fsum(abs(terms))
+    half_ulp = float(np.spacing(np.float32(exact))) / 2
+    assert abs(got - exact) <= bound + half_ulp
+    # and no worse than NumPy's pairwise float32 sum of the whole array (+ the final rounding)
+    numpy_error = abs(float(np.sum(terms)) - exact)
+    assert abs(got - exact) <= numpy_error + half_ulp
+
+
+def test_size_threshold_from_the_environment(monkeypatch) -> None:
+    x = np.log(np.full((2, 3), 0.25))
+    t = np.full((2, 3), 0.5)
+    ops = operands(x, t)
+    assert fast.kl_div(x, t, reduction="sum", log_target=False, ops=ops) is NotImplemented
+    monkeypatch.setenv(_blocks.MIN_ELEMENTS_ENV, "0")
+    got = fast_forward(x, t, reduction="sum", log_target=False)
+    assert_close(got, call(kldiv_spec.kl_div, x, t, reduction="sum", reference=True), 1e-15)
+    zero_d = np.asarray(0.5)
+    ops = operands(zero_d, zero_d)
+    assert fast.kl_div(zero_d, zero_d, reduction="sum", log_target=False, ops=ops) is (
+        NotImplemented
+    )
+    monkeypatch.setenv(_blocks.MIN_ELEMENTS_ENV, "-1")
+    with pytest.raises(ValueError, match=_blocks.MIN_ELEMENTS_ENV):
+        _blocks.min_elements()
