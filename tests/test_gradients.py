@@ -104,7 +104,9 @@ def torch_gradients(
     return gx.to(torch.float64).numpy(), gt.to(torch.float64).numpy()
 
 
-def assert_matches(actual: Any, expected: np.ndarray, *, rtol: float, atol: float = 0.0) -> None:
+def assert_matches(
+    actual: Any, expected: np.ndarray, *, rtol: float, atol: float | np.ndarray = 0.0
+) -> None:
     """Shape, NaN and signed-inf pattern exactly; finite values to ``rtol``/``atol``."""
     assert tuple(actual.shape) == expected.shape
     got = to_numpy(actual)
@@ -112,7 +114,31 @@ def assert_matches(actual: Any, expected: np.ndarray, *, rtol: float, atol: floa
     np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected), err_msg="+inf")
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected), err_msg="-inf")
     finite = np.isfinite(expected)
-    np.testing.assert_allclose(got[finite], expected[finite], rtol=rtol, atol=atol)
+    # Per-element absolute tolerances: assert_allclose only takes a scalar, so it
+    # reports (and fails on) the elements outside their own tolerance.
+    atol = np.broadcast_to(atol, expected.shape)[finite]
+    got, expected = got[finite], expected[finite]
+    outside = ~(np.abs(got - expected) <= atol + rtol * np.abs(expected))
+    np.testing.assert_allclose(
+        got[outside], expected[outside], rtol=rtol, atol=float(np.min(atol, initial=0.0))
+    )
+
+
+def compiled_rounding(
+    g: np.ndarray, x: np.ndarray, t: np.ndarray, *, log_target: bool, dtype: str
+) -> np.ndarray:
+    """Absolute error XLA's compiled code may add to a gradient: 4 ULPs of its terms' size.
+
+    Under ``jax.jit`` XLA contracts ``a * b + c`` into a fused multiply-add and
+    uses its own ``log``, so where the gradient's terms cancel the result is
+    their rounding residual rather than PyTorch's exact 0.
+    """
+    with np.errstate(all="ignore"):
+        if log_target:
+            scale = np.abs(g) * np.exp(t) * (np.abs(t - x) + 1)
+        else:
+            scale = np.abs(g) * (np.abs(np.log(np.abs(t))) + 1 + np.abs(x))
+    return 4 * np.finfo(dtype).eps * np.nan_to_num(scale, nan=0.0, posinf=0.0)
 
 
 # --------------------------------------------------------------------------- edge grid
@@ -152,9 +178,16 @@ def test_edge_grid_matches_torch_autograd(xp, evaluation, dtype):
                 g, xc, tc, reduction=reduction, log_target=log_target, dtype=dtype
             )
             note = f"{reduction=}, {log_target=}"
+            tolerance = atol
+            if array_api_compat.is_jax_namespace(xp) and evaluation == "fast_path":
+                divisor = {"mean": x.size, "batchmean": x.shape[0]}.get(reduction, 1)
+                rounding = compiled_rounding(
+                    g / divisor, xc, tc, log_target=log_target, dtype=dtype
+                )
+                tolerance = np.maximum(atol, rounding)
             for got, expected, name in ((gx, ex, "input"), (gt, et, "target")):
                 try:
-                    assert_matches(got, expected, rtol=RTOL[dtype], atol=atol)
+                    assert_matches(got, expected, rtol=RTOL[dtype], atol=tolerance)
                 except AssertionError as error:
                     raise AssertionError(f"grad_{name}, {note}") from error
 

@@ -89,7 +89,12 @@ def oracle(
 
 
 def assert_matches(
-    actual: Any, expected: np.ndarray, *, rtol: float, atol: float = 0.0, signed_zeros: bool
+    actual: Any,
+    expected: np.ndarray,
+    *,
+    rtol: float,
+    atol: float | np.ndarray = 0.0,
+    signed_zeros: bool,
 ) -> None:
     """Shape, NaN and inf pattern (with sign) exactly; finite values to ``rtol``/``atol``.
 
@@ -102,12 +107,34 @@ def assert_matches(
     np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected), err_msg="+inf")
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected), err_msg="-inf")
     finite = np.isfinite(expected)
-    np.testing.assert_allclose(got[finite], expected[finite], rtol=rtol, atol=atol)
+    # Per-element absolute tolerances: assert_allclose only takes a scalar, so it
+    # reports (and fails on) the elements outside their own tolerance.
+    atol = np.broadcast_to(atol, expected.shape)[finite]
+    got, expected = got[finite], expected[finite]
+    outside = ~(np.abs(got - expected) <= atol + rtol * np.abs(expected))
+    np.testing.assert_allclose(
+        got[outside], expected[outside], rtol=rtol, atol=float(np.min(atol, initial=0.0))
+    )
     if signed_zeros:
         zero = expected == 0
         np.testing.assert_array_equal(
             np.signbit(got[zero]), np.signbit(expected[zero]), err_msg="sign of zero"
         )
+
+
+def compiled_rounding(x: np.ndarray, t: np.ndarray, *, log_target: bool, dtype: str) -> np.ndarray:
+    """Absolute error that XLA's compiled code may add: 4 ULPs of the terms' size.
+
+    Under ``jax.jit`` XLA contracts ``a * b - c`` into one fused multiply-add and
+    uses its own ``log``, so where the two terms of the loss cancel (``x = log t``)
+    the result is their rounding residual (about 1e-17) rather than PyTorch's 0.
+    """
+    with np.errstate(all="ignore"):
+        if log_target:
+            scale = np.exp(t) * (np.abs(t) + np.abs(x))
+        else:
+            scale = np.abs(t * np.log(np.abs(t))) + np.abs(t * x)
+    return 4 * np.finfo(dtype).eps * np.nan_to_num(scale, nan=0.0, posinf=0.0)
 
 
 def sum_tolerance(x: np.ndarray, t: np.ndarray, *, log_target: bool, rtol: float) -> float:
@@ -182,6 +209,17 @@ def test_edge_grid_pointwise(xp, evaluation, dtype, log_target):
     expected = oracle(x, t, reduction="none", log_target=log_target, dtype=dtype)
     # Values below the smallest normal number are rounding noise, whatever the formula.
     atol = torch.finfo(getattr(torch, dtype)).smallest_normal
+    if array_api_compat.is_jax_namespace(xp) and evaluation == "fast_path":
+        atol = np.maximum(atol, compiled_rounding(x, t, log_target=log_target, dtype=dtype))
+        # Documented deviation (docs/backends.md): where t*x overflows, XLA's
+        # compiled code can give -inf where eager evaluation and PyTorch give
+        # NaN (inf - inf). Any non-finite value is accepted in exactly those cells.
+        with np.errstate(all="ignore"):
+            overflow = (
+                np.isinf(t.astype(dtype) * x.astype(dtype)) & np.isfinite(x) & np.isfinite(t)
+            )
+        got = to_numpy(out)
+        expected = np.where(overflow & ~np.isfinite(got) & np.isnan(expected), got, expected)
     assert_matches(
         out,
         expected,
