@@ -34,7 +34,7 @@ INPUTS = [math.log(1e-40), -100.0, -1.0, 0.0, 0.5, math.inf, -math.inf, math.nan
 def test_kernels_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         env=env,
         capture_output=True,
         text=True,
