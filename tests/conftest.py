@@ -193,3 +193,24 @@ def xp(backend: Backend) -> Any:
             setattr(wrapped, name, functools.partial(getattr(ctorch, name), device="cuda"))
         return wrapped
     return xp
+
+
+@pytest.fixture(params=["fast_path", "reference"])
+def evaluation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test through the library's fast path and through the reference.
+
+    Where the library under test (the ``xp`` fixture) has no fast path the two
+    runs are the same, so the ``fast_path`` one is skipped.
+    """
+    if request.param == "fast_path" and "xp" in request.fixturenames:
+        import array_api_compat
+
+        from kldiv_spec._dispatch import fast_path
+
+        namespace = array_api_compat.array_namespace(request.getfixturevalue("xp").asarray([1.0]))
+        if fast_path(namespace) is None:
+            pytest.skip("no fast path for this library: the reference run covers it")
+    import kldiv_spec
+
+    with kldiv_spec.use_reference(request.param == "reference"):
+        yield request.param

@@ -7,7 +7,6 @@ import inspect
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
@@ -29,13 +28,6 @@ CONFIGURATIONS = [
     ("none", True),
     ("sum", True),
 ]
-
-
-@pytest.fixture(params=["fast_path", "reference"])
-def evaluation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test through the library's fast path (if any) and through the reference."""
-    with kldiv_spec.use_reference(request.param == "reference"):
-        yield request.param
 
 
 def quietly(f: Any, *args: Any, **kwargs: Any) -> Any:

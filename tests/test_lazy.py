@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,13 +24,6 @@ CONFIGURATIONS = [
     ("mean", True),
     ("none", True),
 ]
-
-
-@pytest.fixture(params=["fast_path", "reference"])
-def evaluation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test through the library's fast path (if any) and through the reference."""
-    with kldiv_spec.use_reference(request.param == "reference"):
-        yield request.param
 
 
 def kl_div(x: Any, t: Any, **options: Any) -> Any:

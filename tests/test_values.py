@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat
@@ -23,7 +22,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kldiv_spec
-from kldiv_spec._dispatch import fast_path
 
 torch = pytest.importorskip("torch")
 
@@ -32,22 +30,6 @@ RTOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(params=["fast_path", "reference"])
-def evaluation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test through the library's fast path and through the reference.
-
-    Where the library under test has no fast path the two runs are the same, so
-    the ``fast_path`` one is skipped.
-    """
-    if request.param == "fast_path" and "xp" in request.fixturenames:
-        xp = request.getfixturevalue("xp")
-        namespace = array_api_compat.array_namespace(xp.asarray([1.0]))
-        if fast_path(namespace) is None:
-            pytest.skip("no fast path for this library: the reference run covers it")
-    with kldiv_spec.use_reference(request.param == "reference"):
-        yield request.param
 
 
 def kl_div(x: Any, t: Any, *, reduction: str, log_target: bool) -> Any:
