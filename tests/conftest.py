@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _support import cupy_skip_reason
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -59,16 +60,7 @@ class Backend(enum.Enum):
 
 def _gpu_skip_reason(backend: Backend) -> str | None:
     if backend is Backend.CUPY:
-        try:
-            import cupy
-        except ImportError:
-            return "no GPU: CuPy is not installed (it needs a CUDA device)"
-        try:
-            if cupy.cuda.runtime.getDeviceCount() > 0:
-                return None
-        except Exception:  # CUDA driver missing or broken
-            pass
-        return "no GPU: CuPy tests need a CUDA device"
+        return cupy_skip_reason()
     if backend is Backend.TORCH_GPU:
         try:
             import torch

@@ -12,22 +12,12 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
+from _support import CONFIGURATIONS
 
 import kldiv_spec
-from kldiv_spec import KLDivLoss
+from kldiv_spec import REDUCTIONS, KLDivLoss
 
-REDUCTIONS = ("none", "batchmean", "sum", "mean")
 LEGACY = list(itertools.product([None, True, False], repeat=2))
-# Every reduction, each log_target twice: enough for the API tests, and cheap on JAX,
-# which compiles anew for every configuration.
-CONFIGURATIONS = [
-    ("none", False),
-    ("batchmean", True),
-    ("sum", False),
-    ("mean", True),
-    ("none", True),
-    ("sum", True),
-]
 
 
 def quietly(f: Any, *args: Any, **kwargs: Any) -> Any:

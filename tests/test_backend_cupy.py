@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from _support import cupy_skip_reason
 
 import kldiv_spec
 from kldiv_spec.backends import cupy as fast
@@ -21,20 +22,7 @@ TARGETS = [0.0, -0.0, 1e-45, 1e-40, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, ma
 INPUTS = [math.log(1e-40), -100.0, -1.0, 0.0, 0.5, math.inf, -math.inf, math.nan, -0.0, 3e38]
 
 
-def _gpu_reason() -> str | None:
-    try:
-        import cupy
-    except ImportError:
-        return "no GPU: CuPy is not installed (it needs a CUDA device)"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-    except Exception:  # CUDA driver missing or broken
-        pass
-    return "no GPU: CuPy tests need a CUDA device"
-
-
-GPU_REASON = _gpu_reason()
+GPU_REASON = cupy_skip_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
 
 

@@ -15,15 +15,16 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
+from _support import CONFIGURATIONS, JAX_SHAPES, few_shapes_on_jax
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kldiv_spec
+from kldiv_spec import REDUCTIONS
 
 torch = pytest.importorskip("torch")
 
-REDUCTIONS = ("none", "batchmean", "sum", "mean")
 RTOL = {"float64": 1e-12, "float32": 1e-5}
 
 
@@ -216,28 +217,6 @@ def test_target_gradient_edge_values(xp, evaluation):
 
 
 # --------------------------------------------------------------------------- broadcasting, dtypes
-
-# JAX compiles every operation anew for every new shape (about a second each on
-# this machine), so JAX runs the shape-heavy tests on these few shapes only; the
-# broadcasting logic is the same core code on every backend.
-JAX_SHAPES = [((3,), ()), ((4, 1), (1, 3)), ((2, 1, 3), (4, 1))]
-
-
-def few_shapes_on_jax(xp: Any, shapes: list[Any]) -> list[Any]:
-    return JAX_SHAPES if array_api_compat.is_jax_namespace(xp) else shapes
-
-
-# Every reduction, each log_target at least once: enough where shapes are the
-# point, and cheaper on JAX and Dask, which build anew for every configuration.
-CONFIGURATIONS = [
-    ("none", False),
-    ("batchmean", True),
-    ("sum", False),
-    ("mean", True),
-    ("none", True),
-    ("sum", True),
-]
-
 
 BROADCAST = [
     ((3,), ()),
