@@ -41,6 +41,17 @@ __all__ = ["BLOCK", "backward", "forward", "interpreting"]
 BLOCK = 4096
 
 
+@triton.jit
+def _pointwise_loss(x, t, LOG_TARGET: tl.constexpr):  # type: ignore[no-untyped-def]
+    # The reference's pointwise loss, operation for operation; inlined into both
+    # forward kernels. One return after a constexpr branch, as Triton compiles it.
+    if LOG_TARGET:  # noqa: SIM108 (Triton: a constexpr branch)
+        loss = tl.exp(t) * (t - x)
+    else:
+        loss = tl.where(t == 0, 0.0, t * tl.log(t)) - t * x
+    return loss
+
+
 def _forward_partial_kernel(
     x_ptr, t_ptr, partial_ptr, n, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr
 ):  # type: ignore[no-untyped-def]
@@ -49,10 +60,7 @@ def _forward_partial_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-    if LOG_TARGET:  # noqa: SIM108 (Triton: a constexpr branch)
-        loss = tl.exp(t) * (t - x)
-    else:
-        loss = tl.where(t == 0, 0.0, t * tl.log(t)) - t * x
+    loss = _pointwise_loss(x, t, LOG_TARGET)
     tl.store(partial_ptr + pid, tl.sum(loss.to(tl.float64), axis=0))
 
 
@@ -62,10 +70,7 @@ def _forward_none_kernel(x_ptr, t_ptr, out_ptr, n, LOG_TARGET: tl.constexpr, BLO
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-    if LOG_TARGET:  # noqa: SIM108 (Triton: a constexpr branch)
-        loss = tl.exp(t) * (t - x)
-    else:
-        loss = tl.where(t == 0, 0.0, t * tl.log(t)) - t * x
+    loss = _pointwise_loss(x, t, LOG_TARGET)
     tl.store(out_ptr + offs, loss, mask=mask)
 
 
