@@ -18,9 +18,17 @@ of ``BLOCK`` elements:
   where :math:`e^t` overflows).
 
 Masked-off lanes load ``x = t = 0``, whose loss is exactly 0, so partial sums
-need no extra mask. The kernels are compiled for CUDA tensors; for CPU tensors
-the same Python source runs in Triton's interpreter (as with
-``TRITON_INTERPRET=1``), which is how the tests check them without a GPU.
+need no extra mask.
+
+``log`` and ``exp`` are CUDA's libdevice functions (``logf`` within 1 ulp,
+``expf`` within 2), as in PyTorch's CUDA kernels; ``tl.log``/``tl.exp`` may
+compile to the ``lg2.approx``/``ex2.approx`` instructions, whose error in
+``exp(t)`` grows with ``|t|``. Triton's interpreter has no libdevice, so there
+the kernels use ``tl.log``/``tl.exp``, which it evaluates with NumPy.
+
+The kernels are compiled for CUDA tensors; for CPU tensors the same Python
+source runs in Triton's interpreter (as with ``TRITON_INTERPRET=1``), which is
+how the tests check them without a GPU.
 Importing this module raises ImportError when Triton is not installed.
 """
 
@@ -35,10 +43,43 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["BLOCK", "backward", "forward", "interpreting"]
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - Triton without the CUDA extras
+    libdevice = None
+
+__all__ = ["BLOCK", "NUM_WARPS", "backward", "forward", "interpreting"]
 
 #: Elements per program.
 BLOCK = 4096
+#: Warps per program on CUDA (Triton's default).
+NUM_WARPS = 4
+
+
+def interpreting() -> bool:
+    """Return whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+if interpreting() or libdevice is None:
+
+    @triton.jit
+    def _log(x):  # type: ignore[no-untyped-def]
+        return tl.log(x)
+
+    @triton.jit
+    def _exp(x):  # type: ignore[no-untyped-def]
+        return tl.exp(x)
+
+else:  # pragma: no cover - compiled for a GPU
+
+    @triton.jit
+    def _log(x):  # type: ignore[no-untyped-def]
+        return libdevice.log(x)
+
+    @triton.jit
+    def _exp(x):  # type: ignore[no-untyped-def]
+        return libdevice.exp(x)
 
 
 @triton.jit
@@ -46,9 +87,9 @@ def _pointwise_loss(x, t, LOG_TARGET: tl.constexpr):  # type: ignore[no-untyped-
     # The reference's pointwise loss, operation for operation; inlined into both
     # forward kernels. One return after a constexpr branch, as Triton compiles it.
     if LOG_TARGET:  # noqa: SIM108 (Triton: a constexpr branch)
-        loss = tl.exp(t) * (t - x)
+        loss = _exp(t) * (t - x)
     else:
-        loss = tl.where(t == 0, 0.0, t * tl.log(t)) - t * x
+        loss = tl.where(t == 0, 0.0, t * _log(t)) - t * x
     return loss
 
 
@@ -96,7 +137,7 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
     else:
         g = tl.load(g_ptr)
     if LOG_TARGET:
-        p = tl.exp(t)
+        p = _exp(t)
         gp = g * p
         if NEED_X:
             tl.store(gx_ptr + offs, -gp, mask=mask)
@@ -110,13 +151,8 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
             regular = (t > 0) & (t < float("inf"))
             safe_t = tl.where(regular, t, 1.0)
-            grad_t = tl.where(regular, g * (tl.log(safe_t) + 1.0 - x), float("nan"))
+            grad_t = tl.where(regular, g * (_log(safe_t) + 1.0 - x), float("nan"))
             tl.store(gt_ptr + offs, grad_t, mask=mask)
-
-
-def interpreting() -> bool:
-    """Return whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return bool(triton.knobs.runtime.interpret)
 
 
 @functools.cache
@@ -127,7 +163,9 @@ def _kernel(name: str) -> Any:
 
 def _launch(name: str, grid: tuple[int], device: torch.device, *args: Any) -> None:
     if device.type == "cuda":
-        _kernel(name)[grid](*args)
+        # No fused multiply-add: the reference rounds ``t * x`` before it subtracts, and
+        # a contracted ``xlogy - t * x`` differs from it where the two terms cancel.
+        _kernel(name)[grid](*args, num_warps=NUM_WARPS, enable_fp_fusion=False)
         return
     if not interpreting():
         msg = (
