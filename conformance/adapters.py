@@ -130,7 +130,7 @@ def _torchmetrics() -> Implementation:
         "torchmetrics",
         fn,
         reductions=("sum", "batchmean"),
-        backends=("torch",),
+        backends=("torch", "torch_cuda"),
         not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
         description="torchmetrics.functional.kl_divergence(p, q) (2-D only, renormalises)",
     )

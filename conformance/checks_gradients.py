@@ -55,18 +55,19 @@ def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.nd
     if be.autograd == "torch" and impl.differentiable:
         import torch
 
-        x = torch.from_numpy(case.input.copy()).requires_grad_(True)
-        t = torch.from_numpy(case.target.copy()).requires_grad_(True)
+        x = torch.from_numpy(case.input.copy()).to(be.torch_device).requires_grad_(True)
+        t = torch.from_numpy(case.target.copy()).to(be.torch_device).requires_grad_(True)
         out = impl.fn(x, t, **kw)
         if not getattr(out, "requires_grad", False):
             msg = "the result does not require grad: autograd cannot differentiate it"
             raise AssertionError(msg)
-        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype).expand(out.shape)
+        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
+        gout = gout.expand(out.shape)
         gx, gt = torch.autograd.grad(out, (x, t), gout, allow_unused=True)
         if gx is None or gt is None:
             msg = f"no gradient w.r.t. {'input' if gx is None else 'target'}"
             raise AssertionError(msg)
-        return gx.detach().numpy(), gt.detach().numpy()
+        return gx.detach().cpu().numpy(), gt.detach().cpu().numpy()
     if be.autograd == "jax" and impl.differentiable:
         import jax
         import jax.numpy as jnp
@@ -219,8 +220,9 @@ def _torch_only(ctx: Context) -> str | None:
 def _double_backward(ctx: Context, case: Case) -> None:
     import torch
 
-    x = torch.from_numpy(case.input.copy()).requires_grad_(True)
-    t = torch.from_numpy(case.target.copy()).requires_grad_(True)
+    device = ctx.backend.torch_device
+    x = torch.from_numpy(case.input.copy()).to(device).requires_grad_(True)
+    t = torch.from_numpy(case.target.copy()).to(device).requires_grad_(True)
 
     def f(a: Any, b: Any) -> Any:
         return ctx.impl.fn(a, b, reduction=case.reduction, log_target=case.log_target)

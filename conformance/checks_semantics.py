@@ -306,7 +306,7 @@ def _opinfo_check(ctx: Context, case: Case) -> None:
 
 
 def _strided_applies(ctx: Context) -> str | None:
-    if ctx.backend.name in ("numpy", "torch"):
+    if ctx.backend.name in ("numpy", "torch", "torch_cuda"):
         return None
     return f"{ctx.backend.name} arrays have no user-visible memory layout"
 
@@ -319,8 +319,10 @@ def _strided_view(be: Any, a: np.ndarray) -> Any:
         return big[..., 0].T
     import torch
 
-    big = torch.zeros((*a.shape[::-1], 2), dtype=getattr(torch, a.dtype.name))
-    big[..., 0] = torch.from_numpy(np.ascontiguousarray(a.T))
+    big = torch.zeros(
+        (*a.shape[::-1], 2), dtype=getattr(torch, a.dtype.name), device=be.torch_device
+    )
+    big[..., 0] = torch.from_numpy(np.ascontiguousarray(a.T)).to(be.torch_device)
     return big[..., 0].permute(*reversed(range(a.ndim)))
 
 

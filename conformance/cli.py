@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .implementations import resolve
-from .namespaces import BACKENDS, installed_backends
+from .namespaces import BACKENDS, BackendUnavailable, installed_backends, load_backend
 from .properties import GROUPS, select
 from .report import matrix_markdown, table, write_json
 from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, run
@@ -22,6 +22,14 @@ __all__ = ["main"]
 #: Per-backend multiplier of the default ``--max-examples``: JAX compiles every new
 #: shape and Dask builds a task graph per call, so they get fewer examples by default.
 _COST = {"jax": 0.3, "dask": 0.6}
+
+
+def _can_run(backend: str) -> bool:
+    try:
+        load_backend(backend)
+    except (ImportError, BackendUnavailable):
+        return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.backend:
             backends = args.backend
         elif impl.backends:
-            backends = list(impl.backends)
+            backends = [b for b in impl.backends if _can_run(b)] or list(impl.backends[:1])
         elif spec == "reference":
             backends = installed_backends()
         else:

@@ -83,7 +83,7 @@ def _torch() -> Implementation:
     return Implementation(
         "torch",
         torch.nn.functional.kl_div,
-        backends=("torch",),
+        backends=("torch", "torch_cuda"),
         description="torch.nn.functional.kl_div",
     )
 

@@ -41,6 +41,8 @@ class Backend:
         Whether arrays can be made read-only (NumPy only).
     subnormals : bool
         Whether arithmetic on subnormal numbers works (XLA on CPU flushes them).
+    torch_device : str
+        For the torch backends, the device their tensors live on.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Backend:
     autograd: str | None = None
     readonly: bool = False
     subnormals: bool = True
+    torch_device: str = "cpu"
     _to_numpy: Callable[[Array], np.ndarray] = field(default=np.asarray, repr=False)
     _asarray: Callable[[np.ndarray], Array] | None = field(default=None, repr=False)
 
@@ -111,6 +114,29 @@ def _torch() -> Backend:
     return Backend("torch", ctorch, autograd="torch", _to_numpy=to_numpy, _asarray=asarray)
 
 
+def _torch_cuda() -> Backend:
+    import array_api_compat.torch as ctorch
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("torch_cuda: torch sees no CUDA device")
+
+    def to_numpy(a: Any) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+    def asarray(a: np.ndarray) -> Any:
+        return torch.from_numpy(a.copy()).to("cuda")
+
+    return Backend(
+        "torch_cuda",
+        ctorch,
+        autograd="torch",
+        torch_device="cuda",
+        _to_numpy=to_numpy,
+        _asarray=asarray,
+    )
+
+
 def _jax() -> Backend:
     import jax
 
@@ -149,10 +175,14 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "numpy": _numpy,
     "array_api_strict": _array_api_strict,
     "torch": _torch,
+    "torch_cuda": _torch_cuda,
     "jax": _jax,
     "dask": _dask,
     "cupy": _cupy,
 }
+
+#: The module a backend needs, where its name is not the module's.
+_MODULES = {"torch_cuda": "torch"}
 
 _CACHE: dict[str, Backend] = {}
 
@@ -179,7 +209,7 @@ def installed_backends() -> list[str]:
     names = []
     for name in BACKENDS:
         try:
-            if importlib.util.find_spec(name) is None:
+            if importlib.util.find_spec(_MODULES.get(name, name)) is None:
                 continue
             load_backend(name)
         except (ImportError, BackendUnavailable):
