@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# One short GPU check (well under 5 minutes): the CUDA / CuPy / Triton tests, then the GPU
+# One short GPU check (about 3 minutes on an H100; every step has a time limit): the GPU
 # benchmark (forward sum and forward+backward batchmean on 4096x32000 float32 against torch
-# eager F.kl_div and torch.compile, with the device's copy bandwidth as the roofline), printed
-# as one table.
+# eager F.kl_div, torch.compile and the CuPy path, with the device's copy bandwidth as the
+# roofline, plus a Triton block/warp sweep), the CUDA and CuPy tests, and the conformance
+# suite on torch CUDA and CuPy. It ends with a summary of the steps and the benchmark table.
 #
-#   benchmarks/gpu.sh             # on a CUDA machine, from anywhere in the repository
-#   benchmarks/gpu.sh --dry-run   # on the CPU, tiny sizes, seconds: checks the script itself
+#   benchmarks/gpu.sh                 # on a CUDA machine, from anywhere in the repository
+#   benchmarks/gpu.sh --out DIR       # ... and keep each step's log and the JSON in DIR
+#   benchmarks/gpu.sh --dry-run       # on the CPU, tiny sizes, seconds: checks the script itself
 #
 # Works offline on a bare copy of the working tree: it needs python with torch, numpy and
-# array-api-compat; pytest and hypothesis for the tests (else the tests are skipped, said so);
-# triton, cupy are used when present. Missing packages can come from a local wheelhouse:
-# WHEELHOUSE=/path/to/wheels benchmarks/gpu.sh. PYTHON selects the interpreter.
-set -euo pipefail
+# array-api-compat; pytest and hypothesis for the tests; triton and cupy are used when present.
+# Missing packages can come from a local wheelhouse: WHEELHOUSE=/path/to/wheels
+# benchmarks/gpu.sh. PYTHON selects the interpreter. A failing step does not stop the others;
+# the exit status is 1 if any step failed.
+set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 DRY=0
-for arg in "$@"; do
-    case "$arg" in
+OUTDIR=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
         --dry-run) DRY=1 ;;
-        *) echo "gpu.sh: unknown argument: $arg (use --dry-run or nothing)" >&2; exit 64 ;;
+        --out) OUTDIR="${2:?--out needs a directory}"; shift ;;
+        *) echo "gpu.sh: unknown argument: $1 (use --dry-run, --out DIR)" >&2; exit 64 ;;
     esac
+    shift
 done
+CLEANUP=()
+trap 'rm -rf "${CLEANUP[@]}"' EXIT
+if [[ -n $OUTDIR ]]; then
+    mkdir -p "$OUTDIR"
+    LOGS="$OUTDIR"
+else
+    LOGS="$(mktemp -d)"
+    CLEANUP+=("$LOGS")
+fi
 
-say() { printf '== %s\n' "$*"; }
+say() { printf '\n== %s\n' "$*"; }
 # Whether a module is installed (found, not imported: quick).
 has() { "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)" 2>/dev/null; }
 
@@ -39,12 +54,15 @@ fi
 # kldiv_spec: installed, or run from this tree (backends/ is kldiv_spec.backends once installed).
 if ! "$PY" -c "import kldiv_spec.backends" >/dev/null 2>&1; then
     SITE="$(mktemp -d)"
-    trap 'rm -rf "$SITE"' EXIT
+    CLEANUP+=("$SITE")
     mkdir "$SITE/kldiv_spec"
     for f in kldiv_spec/*; do ln -s "$PWD/$f" "$SITE/kldiv_spec/"; done
     ln -s "$PWD/backends" "$SITE/kldiv_spec/backends"
     ln -s "$PWD/conformance" "$SITE/kldiv_spec/conformance"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    # `python -m` would put this directory first on sys.path, and its kldiv_spec/ (without
+    # backends/ and conformance/ inside) would shadow the linked one (Python >= 3.11).
+    export PYTHONSAFEPATH=1
     say "kldiv_spec is not installed: using this tree through $SITE"
 fi
 for pkg in array_api_compat pytest hypothesis; do
@@ -57,33 +75,73 @@ if ! has array_api_compat; then
     exit 2
 fi
 
+say "versions"
 "$PY" - <<'EOF'
 import importlib.metadata as md
-for name in ("triton", "cupy", "jax"):
+import platform
+import torch
+for name in ("numpy", "torch", "triton", "cupy", "jax", "array-api-compat", "hypothesis"):
     found = [d.version for d in md.distributions() if (d.name or "").startswith(name)]
-    print(f"== {name}: {found[0]}" if found else f"== {name}: not installed (checks skipped)")
+    print(f"{name}: {found[0] if found else 'not installed (its checks are skipped)'}")
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
+print(f"python {platform.python_version()} | CUDA {torch.version.cuda} | {gpu}")
 EOF
-"$PY" -c "import torch; print('== torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (dry run)')"
 
-TESTS=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_triton_interpret.py)
+SUMMARY=()
+# step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NAME.log, record the outcome.
+step() {
+    local name="$1" limit="$2" start rc
+    shift 2
+    say "$name (limit ${limit} s)"
+    start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) SUMMARY+=("$name: ok ($((SECONDS - start)) s)") ;;
+        124) SUMMARY+=("$name: TIMED OUT after $limit s") ;;
+        *) SUMMARY+=("$name: FAILED, exit status $rc ($((SECONDS - start)) s)") ;;
+    esac
+}
+
+if [[ $DRY == 1 ]]; then
+    step benchmark 120 "$PY" benchmarks/gpu_bench.py --dry-run --json "$LOGS/gpu_bench.json"
+else
+    step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
+        --json "$LOGS/gpu_bench.json"
+fi
+
+# The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
+SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
+        tests/test_values.py tests/test_errors.py tests/test_gradients.py)
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda or torch_gpu or cupy")
+if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi
 if has pytest && has hypothesis; then
-    XDIST=()
-    has xdist && XDIST=(-n 0)
     if [[ $DRY == 1 ]]; then
-        say "tests (dry run: collected, not run)"
-        "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --collect-only "${TESTS[@]}" | tail -n 1
+        step tests 120 "${PYTEST[@]}" --collect-only "${SELECT[@]}"
     else
-        say "tests"
-        "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -rs "${TESTS[@]}"
+        step tests 150 "${PYTEST[@]}" "${SELECT[@]}"
     fi
 else
-    say "tests skipped: pytest and hypothesis are needed (WHEELHOUSE=... can provide them)"
+    SUMMARY+=("tests: SKIPPED (pytest and hypothesis are needed; WHEELHOUSE=... can provide them)")
 fi
 
-say "benchmark"
+# The conformance suite: the reference on the GPU backends, and PyTorch's own CUDA kl_div.
+CHECK=("$PY" -m kldiv_spec._cli check --quiet)
 if [[ $DRY == 1 ]]; then
-    "$PY" benchmarks/gpu_bench.py --dry-run
+    step conformance 120 "${CHECK[@]}" --backend torch --max-examples 2 --group semantics
 else
-    "$PY" benchmarks/gpu_bench.py --repeats 20
+    step conformance 120 "${CHECK[@]}" --backend torch_cuda cupy \
+        --json "$LOGS/conformance.json"
+    step conformance-torch-cuda 60 "${CHECK[@]}" --impl torch --backend torch_cuda
 fi
+
+say "summary"
+printf '%s\n' "${SUMMARY[@]}"
+if [[ -s "$LOGS/benchmark.log" ]]; then
+    say "benchmark"
+    awk '/^\| BLOCK/{exit} /^(#|\|)/{print}' "$LOGS/benchmark.log"
+fi
+for line in "${SUMMARY[@]}"; do
+    [[ $line == *": ok"* ]] || exit 1
+done
+exit 0

@@ -104,6 +104,7 @@ special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 1e-3
 
 
 @pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     data=st.data(),
     n=st.integers(1, 300),
@@ -112,18 +113,23 @@ special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 1e-3
     dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 def test_random_values_match_the_reference(
-    data: st.DataObject, n: int, log_target: bool, reduction: str, dtype: torch.dtype
+    device: str,
+    data: st.DataObject,
+    n: int,
+    log_target: bool,
+    reduction: str,
+    dtype: torch.dtype,
 ) -> None:
     values = st.one_of(finite, special) if data.draw(st.booleans()) else finite
     xs = data.draw(st.lists(values, min_size=n, max_size=n))
     ts = data.draw(st.lists(st.one_of(st.floats(0, 1, width=32), values), min_size=n, max_size=n))
     rows = data.draw(st.sampled_from([d for d in (1, 2, 3, 5) if n % d == 0]))
-    x = torch.tensor(xs, dtype=dtype).reshape(rows, -1)
-    t = torch.tensor(ts, dtype=dtype).reshape(rows, -1)
+    x = torch.tensor(xs, dtype=dtype, device=device).reshape(rows, -1)
+    t = torch.tensor(ts, dtype=dtype, device=device).reshape(rows, -1)
     g = (
-        torch.tensor(0.75, dtype=dtype)
+        torch.tensor(0.75, dtype=dtype, device=device)
         if reduction != "none"
-        else torch.rand(x.shape, dtype=dtype)
+        else torch.rand(x.shape, dtype=dtype).to(device)
     )
     got = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=False)
     want = evaluate(x, t, g, reduction=reduction, log_target=log_target, reference=True)
@@ -137,11 +143,12 @@ def test_random_values_match_the_reference(
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("log_target", [False, True])
 def test_large_sum_spans_blocks_and_is_accurate(
-    log_target: bool, monkeypatch: pytest.MonkeyPatch
+    device: str, log_target: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Realistic blocks of 16384 elements over 300k elements: the float64 total is accurate."""
+    """Realistic blocks over 300k elements (CPU: 16384, CUDA: Triton's): the total is accurate."""
     monkeypatch.setattr(fast, "BLOCK_BYTES", 1 << 16)
     gen = torch.Generator().manual_seed(0)
     x = torch.log_softmax(torch.randn(3, 100_003, generator=gen), dim=1)
@@ -149,7 +156,8 @@ def test_large_sum_spans_blocks_and_is_accurate(
     if log_target:
         t = t.log()
     assert x.numel() > 2 * fast._block_elements(x.dtype)
-    got = fast.kl_div(x, t, reduction="sum", log_target=log_target, ops=None)
+    got = fast.kl_div(x.to(device), t.to(device), reduction="sum", log_target=log_target, ops=None)
+    assert got is not NotImplemented and got.device.type == device
     exact = torch.nn.functional.kl_div(
         x.double(), t.double(), reduction="sum", log_target=log_target
     )
@@ -161,9 +169,10 @@ def test_large_sum_spans_blocks_and_is_accurate(
     assert got.dtype == torch.float32 and got.shape == ()
 
 
-def test_backward_saves_only_the_inputs() -> None:
-    x = torch.randn(4, 20_000, dtype=torch.float64, requires_grad=True)
-    t = torch.rand(4, 20_000, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_saves_only_the_inputs(device: str) -> None:
+    x = torch.randn(4, 20_000, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.rand(4, 20_000, dtype=torch.float64, device=device)
     loss = kldiv_spec.kl_div(x, t, reduction="batchmean")
     saved = loss.grad_fn.saved_tensors
     assert len(saved) == 2
@@ -171,12 +180,13 @@ def test_backward_saves_only_the_inputs() -> None:
 
 
 @pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_double_backward(reduction: str, log_target: bool) -> None:
+def test_double_backward(device: str, reduction: str, log_target: bool) -> None:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 7, dtype=torch.float64, generator=gen).requires_grad_()
-    t = (torch.rand(3, 7, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
+    x = torch.randn(3, 7, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    t = (torch.rand(3, 7, dtype=torch.float64, generator=gen) + 0.1).to(device).requires_grad_()
 
     def f(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -268,6 +278,10 @@ def test_gpu_script_dry_run() -> None:
         ["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 + 2 * 2  # header, rule, two cases x (eager, kldiv_spec)
     assert "tests collected" in result.stdout
+    summary = result.stdout.split("\n== summary\n")[-1]
+    steps = [line for line in summary.splitlines() if ": " in line and not line.startswith("|")]
+    assert [s.split(":")[0] for s in steps] == ["benchmark", "tests", "conformance"]
+    assert all(": ok" in s for s in steps), steps
+    table = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + 2 * 2  # header, rule, two cases x (eager, kldiv_spec)
