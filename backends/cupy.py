@@ -12,7 +12,12 @@ operation for operation, so NaN and inf land where PyTorch puts them::
 ``sum``/``mean``/``batchmean`` read each input once in one
 ``cupy.ReductionKernel`` that evaluates the loss in the operands' dtype and
 accumulates it in float64 (free on the bandwidth-bound kernel); the divisor
-is applied to the float64 total. ``none`` and the backward are single
+is applied to the float64 total. CuPy gives each output of a
+``ReductionKernel`` one thread block, so a reduction to one scalar would run
+on one of the GPU's multiprocessors (measured on an H100: 8.5 GB/s). The
+kernel therefore reduces contiguous operands as rows of a ``(rows, cols)``
+view, at most :data:`MAX_PARTIALS` float64 partial sums in parallel, then sums
+the partials and the ragged tail. ``none`` and the backward are single
 ``cupy.ElementwiseKernel`` launches writing each output once. Kernels are
 compiled with ``--fmad=false`` so that ``a - t * x`` is rounded as the
 reference rounds it (no fused multiply-add).
@@ -30,7 +35,7 @@ from typing import Any
 from kldiv_spec import _core
 from kldiv_spec._validation import Operands
 
-__all__ = ["GRADIENT", "LOSS", "PREAMBLE", "kl_div", "kl_div_backward"]
+__all__ = ["GRADIENT", "LOSS", "MAX_PARTIALS", "PREAMBLE", "kl_div", "kl_div_backward", "split"]
 
 #: Device functions shared by every kernel (``T`` is float or double).
 PREAMBLE = r"""
@@ -62,6 +67,34 @@ GRADIENT = {
 }
 
 _OPTIONS = ("--fmad=false",)
+
+#: The most partial sums (thread blocks) of a reduction's first pass.
+MAX_PARTIALS = 4096
+#: The fewest elements one partial sum covers.
+MIN_COLUMNS = 1024
+
+
+def split(n: int, /) -> tuple[int, int]:
+    """Return ``(rows, cols)``: the ``rows * cols <= n`` leading elements reduced as rows.
+
+    ``rows`` is at most :data:`MAX_PARTIALS` and ``cols`` at least
+    :data:`MIN_COLUMNS`; the ``n - rows * cols < cols`` elements left are the tail.
+    """
+    cols = max(MIN_COLUMNS, -(-n // MAX_PARTIALS))
+    return n // cols, cols
+
+
+def _sum(kernel: Any, x: Any, t: Any) -> Any:
+    """Return the float64 sum of the pointwise loss, with every multiprocessor busy."""
+    rows, cols = split(x.size)
+    if rows == 0 or not (x.flags.c_contiguous and t.flags.c_contiguous):
+        return kernel(x, t)
+    xf, tf = x.reshape(-1), t.reshape(-1)
+    head = rows * cols
+    total = kernel(xf[:head].reshape(rows, cols), tf[:head].reshape(rows, cols), axis=1).sum()
+    if head < x.size:
+        total = total + kernel(xf[head:], tf[head:])
+    return total
 
 
 @functools.cache
@@ -134,7 +167,7 @@ def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
         return NotImplemented
     if reduction == "none":
         return _none_kernel(log_target)(x, t)
-    total = _sum_kernel(log_target)(x, t)
+    total = _sum(_sum_kernel(log_target), x, t)
     d = _divisor(x, reduction)
     return (total / d if d != 1 else total).astype(x.dtype)
 

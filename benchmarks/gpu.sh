@@ -113,7 +113,8 @@ fi
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
 SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
         tests/test_values.py tests/test_errors.py tests/test_gradients.py)
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda or torch_gpu or cupy")
+# (-p no:benchmark: pytest-benchmark warns under xdist, and the tests make warnings errors.)
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -rs -k "cuda or torch_gpu or cupy")
 if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi
 if has pytest && has hypothesis; then
     if [[ $DRY == 1 ]]; then
@@ -130,7 +131,7 @@ CHECK=("$PY" -m kldiv_spec._cli check --quiet)
 if [[ $DRY == 1 ]]; then
     step conformance 120 "${CHECK[@]}" --backend torch --max-examples 2 --group semantics
 else
-    step conformance 120 "${CHECK[@]}" --backend torch_cuda cupy \
+    step conformance 120 "${CHECK[@]}" --backend torch_cuda --backend cupy \
         --json "$LOGS/conformance.json"
     step conformance-torch-cuda 60 "${CHECK[@]}" --impl torch --backend torch_cuda
 fi

@@ -154,3 +154,41 @@ def test_large_float32_sum_is_accumulated_in_float64() -> None:
     assert got.dtype == np.float32
     bound = 2 * float(np.finfo(np.float32).eps) * float(np.abs(terms).sum())
     assert abs(float(got) - float(terms.sum())) <= bound
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 1023, 1024, 4095, 4096 * 1024, 4096 * 1024 + 1, 4096 * 32000, 10**9 + 7]
+)
+def test_split_keeps_every_multiprocessor_busy(n: int) -> None:
+    """The first pass has many rows (thread blocks), each long enough, and a short tail."""
+    rows, cols = fast.split(n)
+    assert rows * cols <= n and n - rows * cols < cols
+    assert rows <= fast.MAX_PARTIALS and cols >= fast.MIN_COLUMNS
+    if n >= fast.MAX_PARTIALS * fast.MIN_COLUMNS:
+        assert rows > fast.MAX_PARTIALS // 2
+
+
+@needs_gpu
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+@pytest.mark.parametrize("n", [1500, 1024 * 4096, 1024 * 4096 + 777])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_two_pass_sum_matches_the_reference(n: int, contiguous: bool, log_target: bool) -> None:
+    """Rows, tail and the non-contiguous one-pass fallback all give the reference's sums."""
+    import cupy
+
+    rng = np.random.default_rng(n)
+    xn = np.log(rng.dirichlet(np.ones(n))).astype(np.float64)
+    tn = rng.dirichlet(np.ones(n)).astype(np.float64)
+    if log_target:
+        tn = np.log(tn)
+    x, t = cupy.asarray(xn), cupy.asarray(tn)
+    if not contiguous:
+        x, t = cupy.asarray(np.stack([xn, xn]))[:, ::2], cupy.asarray(np.stack([tn, tn]))[:, ::2]
+    for reduction in ("sum", "mean", "batchmean"):
+        got = kldiv_spec.kl_div(x, t, reduction=reduction, log_target=log_target)
+        with kldiv_spec.use_reference():
+            want = kldiv_spec.kl_div(x, t, reduction=reduction, log_target=log_target)
+        terms = cupy.abs(kldiv_spec.kl_div(x, t, reduction="none", log_target=log_target))
+        bound = 4 * float(np.finfo(np.float64).eps) * float(terms.sum())
+        assert abs(float(got) - float(want)) <= bound
