@@ -140,13 +140,14 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
         p = _exp(t)
         gp = g * p
         if NEED_X:
-            tl.store(gx_ptr + offs, -gp, mask=mask)
+            # -gp: Triton compiles unary minus as 0 - v, which turns -0 into +0.
+            tl.store(gx_ptr + offs, gp * -1.0, mask=mask)
         if NEED_T:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
             tl.store(gt_ptr + offs, (g * (t - x)) * p + gp, mask=mask)
     else:
         if NEED_X:
-            tl.store(gx_ptr + offs, -(t * g), mask=mask)
+            tl.store(gx_ptr + offs, (t * g) * -1.0, mask=mask)  # -(t * g), sign of 0 kept
         if NEED_T:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
             regular = (t > 0) & (t < float("inf"))

@@ -167,7 +167,15 @@ def _cupy() -> Backend:
 
     if cupy.cuda.runtime.getDeviceCount() == 0:  # pragma: no cover - needs a GPU
         raise BackendUnavailable("cupy: no CUDA device")
-    return Backend("cupy", ccp, _to_numpy=cupy.asnumpy, _asarray=cupy.asarray)
+    # CuPy compiles every kernel with -ftz=true: float32 subnormals are flushed to zero.
+    half_tiny = cupy.asarray(np.finfo(np.float32).smallest_normal, dtype=cupy.float32) / 2
+    return Backend(
+        "cupy",
+        ccp,
+        subnormals=bool(half_tiny != 0),
+        _to_numpy=cupy.asnumpy,
+        _asarray=cupy.asarray,
+    )
 
 
 #: Every backend the suite knows, by ``--backend`` name.

@@ -15,7 +15,13 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
-from _support import CONFIGURATIONS, JAX_SHAPES, few_shapes_on_jax
+from _support import (
+    CONFIGURATIONS,
+    JAX_SHAPES,
+    few_shapes_on_jax,
+    flushed,
+    flushes_subnormals,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -59,11 +65,8 @@ def to_numpy(a: Any) -> np.ndarray:
 
 
 def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
-    """JAX (XLA on CPU) flushes subnormals to zero; give the oracle the flushed values."""
-    if not array_api_compat.is_jax_namespace(xp):
-        return a
-    tiny = torch.finfo(getattr(torch, dtype)).smallest_normal
-    return np.where(np.abs(a) < tiny, np.copysign(0.0, a), a)
+    """JAX, and CuPy in float32, flush subnormals to zero; give the oracle those values."""
+    return flushed(a, dtype) if flushes_subnormals(xp, dtype) else a
 
 
 def torch_gradients(

@@ -17,7 +17,13 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
-from _support import CONFIGURATIONS, JAX_SHAPES, few_shapes_on_jax
+from _support import (
+    CONFIGURATIONS,
+    JAX_SHAPES,
+    few_shapes_on_jax,
+    flushed,
+    flushes_subnormals,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -132,15 +138,13 @@ def dtype_of(xp: Any, name: str) -> Any:
 
 
 def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
-    """The values ``xp`` computes with: JAX (XLA on CPU) flushes subnormals to zero.
+    """The values ``xp`` computes with: subnormals flushed where the platform flushes them.
 
-    That is a property of the platform, not of kldiv-spec (documented as such),
-    so the oracle is given the flushed values on JAX.
+    JAX (XLA on CPU) and CuPy in float32 flush subnormals to zero. That is a
+    property of the platform, not of kldiv-spec (documented as such), so the
+    oracle is given the flushed values there.
     """
-    if not array_api_compat.is_jax_namespace(xp):
-        return a
-    tiny = torch.finfo(getattr(torch, dtype)).smallest_normal
-    return np.where(np.abs(a) < tiny, np.copysign(0.0, a), a)
+    return flushed(a, dtype) if flushes_subnormals(xp, dtype) else a
 
 
 # --------------------------------------------------------------------------- edge grid
