@@ -83,15 +83,30 @@ class Context:
         return Call(out, value, list(caught), x, t)
 
     def exact(self, case: Case, /) -> Exact:
-        """Return the oracle's pointwise values for ``case``, with this backend's error floor."""
-        exact = pointwise(case.input, case.target, log_target=case.log_target)
-        if not self.backend.subnormals:
-            exact.floor = float(np.finfo(exact.dtype).smallest_normal)
+        """Return the oracle's pointwise values for ``case``, with this backend's error floor.
+
+        On a backend that flushes subnormal numbers to zero (XLA on the CPU, CuPy
+        in float32) the implementation sees flushed operands, so the oracle is
+        given them too, and intermediates may be flushed: the floor is the
+        smallest normal number.
+        """
+        if self.backend.subnormals:
+            return pointwise(case.input, case.target, log_target=case.log_target)
+        x, t = (_flush_subnormals(a) for a in (case.input, case.target))
+        exact = pointwise(x, t, log_target=case.log_target)
+        exact.floor = float(np.finfo(exact.dtype).smallest_normal)
         return exact
 
     def value(self, case: Case, /, reduction: str | None = None) -> np.ndarray:
         """Return the values of the implementation's result as a float64 NumPy array."""
         return np.asarray(self.call(case, reduction).value, dtype=np.float64)
+
+
+def _flush_subnormals(a: np.ndarray) -> np.ndarray:
+    """Return ``a`` with its subnormal numbers replaced by zeros of the same sign."""
+    tiny = np.finfo(a.dtype).smallest_normal
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(a) < tiny, np.copysign(np.zeros_like(a), a), a)
 
 
 def _fmt(a: np.ndarray) -> str:
