@@ -81,7 +81,12 @@ import importlib.metadata as md
 import platform
 import torch
 for name in ("numpy", "torch", "triton", "cupy", "jax", "array-api-compat", "hypothesis"):
-    found = [d.version for d in md.distributions() if (d.name or "").startswith(name)]
+    # CuPy's distribution is named after its CUDA version (cupy-cuda13x, say).
+    found = [
+        d.version
+        for d in md.distributions()
+        if (d.name or "").lower() == name or (d.name or "").lower().startswith(name + "-cuda")
+    ]
     print(f"{name}: {found[0] if found else 'not installed (its checks are skipped)'}")
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
 print(f"python {platform.python_version()} | CUDA {torch.version.cuda} | {gpu}")
