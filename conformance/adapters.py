@@ -10,6 +10,7 @@ is expected to show.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,24 @@ def _reduce(xp: Any, rows_or_loss: Any, reduction: str, batch: int | None, numel
     if reduction == "mean":
         return total / numel
     return total / batch if batch is not None else total
+
+
+def _rows(xp: Any, input: Any, target: Any, *, two_d: bool = False) -> tuple[Any, Any]:
+    """Broadcast ``input`` and ``target`` for a library that reduces over the last axis.
+
+    PyTorch's loss is elementwise, so any shape is rows of the last axis: 0-d
+    operands become one row of one element, and with ``two_d`` (a library that
+    takes 2-D arrays only) leading axes are merged into one. The adapter sums
+    the rows, so neither reshaping changes the loss.
+    """
+    broadcast = getattr(xp, "broadcast_arrays", None) or xp.broadcast_tensors  # torch
+    x, t = broadcast(input, target)
+    if x.ndim == 0:
+        x, t = xp.reshape(x, (1,)), xp.reshape(t, (1,))
+    if two_d:
+        rows = (math.prod(x.shape[:-1]), x.shape[-1])
+        x, t = xp.reshape(x, rows), xp.reshape(t, rows)
+    return x, t
 
 
 def _scipy_rel_entr() -> Implementation:
@@ -74,7 +93,7 @@ def _optax() -> Implementation:
             if log_target
             else (optax.losses.kl_divergence)
         )
-        rows = f(input, target)
+        rows = f(*_rows(jnp, input, target))
         batch = input.shape[0] if input.ndim else None
         return _reduce(
             jnp,
@@ -95,13 +114,21 @@ def _optax() -> Implementation:
 
 
 def _keras() -> Implementation:
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # read when keras is first imported
     import keras
+
+    if keras.backend.backend() != "jax":
+        msg = f"the keras adapter needs KERAS_BACKEND=jax, not {keras.backend.backend()!r}"
+        raise ImportError(msg)
 
     def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
         import jax.numpy as jnp
 
+        x, t = _rows(jnp, input, target)
         loss = keras.losses.KLDivergence(reduction="sum")
-        return loss(target, jnp.exp(input))
+        return loss(t, jnp.exp(x))
 
     return Implementation(
         "keras",
@@ -120,11 +147,13 @@ def _torchmetrics() -> Implementation:
     def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
         import torch
 
+        x, t = _rows(torch, input, target, two_d=True)
         if log_target:
-            rows = kl_divergence(target, input, log_prob=True, reduction="none")
+            rows = kl_divergence(t, x, log_prob=True, reduction="none")
         else:
-            rows = kl_divergence(target, torch.exp(input), log_prob=False, reduction="none")
-        return _reduce(torch, rows, reduction, input.shape[0], input.numel())
+            rows = kl_divergence(t, torch.exp(x), log_prob=False, reduction="none")
+        batch = input.shape[0] if input.ndim else None
+        return _reduce(torch, rows, reduction, batch, x.numel())
 
     return Implementation(
         "torchmetrics",
@@ -141,19 +170,24 @@ def _mlx() -> Implementation:
     import mlx.nn.losses as losses
 
     def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
-        x, t = mx.array(np.asarray(input)), mx.array(np.asarray(target))
-        tl = t if log_target else mx.log(t)
-        rows = np.asarray(losses.kl_div_loss(x, tl, axis=-1, reduction="none"))
-        return np.asarray(_reduce(np, rows, reduction, np.shape(input)[0], np.size(input)))
+        xn, tn = _rows(np, np.asarray(input), np.asarray(target))
+        rows = np.asarray(
+            losses.kl_div_loss(mx.array(xn), mx.array(tn), axis=-1, reduction="none")
+        )
+        batch = np.shape(input)[0] if np.ndim(input) else None
+        return np.asarray(_reduce(np, rows, reduction, batch, xn.size))
 
+    # kl_div_loss takes log-targets only; feeding it log(t) would add NaN at t = 0
+    # that is the adapter's, not mlx's.
     return Implementation(
         "mlx",
         fn,
         reductions=("sum", "batchmean"),
+        log_targets=(True,),
         backends=("numpy",),
         not_applicable={**_NO_MEAN_WARNING, **_NO_ERRORS},
         differentiable=False,
-        description="mlx.nn.losses.kl_div_loss, rows summed by the adapter (NumPy in and out)",
+        description="mlx.nn.losses.kl_div_loss (log-targets), rows summed by the adapter",
     )
 
 
