@@ -35,7 +35,16 @@ from typing import Any
 from kldiv_spec import _core
 from kldiv_spec._validation import Operands
 
-__all__ = ["GRADIENT", "LOSS", "MAX_PARTIALS", "PREAMBLE", "kl_div", "kl_div_backward", "split"]
+__all__ = [
+    "GRADIENT",
+    "LOSS",
+    "MAX_PARTIALS",
+    "MIN_COLUMNS",
+    "PREAMBLE",
+    "kl_div",
+    "kl_div_backward",
+    "split",
+]
 
 #: Device functions shared by every kernel (``T`` is float or double).
 PREAMBLE = r"""
