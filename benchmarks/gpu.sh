@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check (about 3 minutes on an H100; every step has a time limit): the GPU
+# One short GPU check (about 2 minutes on an H100; every step has a time limit): the GPU
 # benchmark (forward sum and forward+backward batchmean on 4096x32000 float32 against torch
 # eager F.kl_div, torch.compile and the CuPy path, with the device's copy bandwidth as the
 # roofline, plus a Triton block/warp sweep), the CUDA and CuPy tests, and the conformance
