@@ -141,6 +141,11 @@ else
     step conformance-torch-cuda 60 "${CHECK[@]}" --impl torch --backend torch_cuda
 fi
 
+if [[ -n $OUTDIR && -s "$LOGS/gpu_bench.json" ]] && has matplotlib; then
+    "$PY" benchmarks/plot_gpu.py "$LOGS/gpu_bench.json" "$LOGS/gpu_bench.png" >/dev/null \
+        || echo "gpu.sh: the plot failed (the table below stands)" >&2
+fi
+
 say "summary"
 printf '%s\n' "${SUMMARY[@]}"
 if [[ -s "$LOGS/benchmark.log" ]]; then
