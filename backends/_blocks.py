@@ -37,6 +37,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # the compiled fused float32 sum (backends/_fused.c), when it was built
+    from . import _fused
+except ImportError:  # pragma: no cover - installed without a C compiler
+    _fused = None
+
 __all__: list[str] = []
 
 #: Elements per block: 64 Ki elements (256 KiB in float32), L2-sized per core.
@@ -47,6 +52,10 @@ MIN_ELEMENTS = 1 << 16
 
 #: Environment variable that sets the number of worker threads.
 THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
+
+#: Environment variable that turns the compiled fused float32 sum off (``0``), for
+#: comparing it with the ufunc kernels.
+FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 #: Environment variable that overrides :data:`MIN_ELEMENTS` (``0`` sends every non-empty,
 #: non-0-d call through the blocked kernels: for running the conformance suite on them).
@@ -239,16 +248,41 @@ def loss_none(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targ
     return result
 
 
+def fused_available() -> bool:
+    """Return whether the compiled fused float32 sum runs here (built, AVX2, not turned off)."""
+    if os.environ.get(FUSED_ENV, "").strip() == "0":
+        return False
+    return _fused is not None and bool(_fused.available())
+
+
 def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_target: bool) -> float:
     """Return the sum of the pointwise loss as a Python float (accumulated in float64).
 
-    NaN and inf propagate as in a plain sum (``inf + -inf`` is NaN).
+    NaN and inf propagate as in a plain sum (``inf + -inf`` is NaN). Contiguous
+    float32 operands without ``log_target`` are summed by the compiled fused pass
+    where it is available (:func:`fused_available`), else by the ufunc kernels.
     """
     dt = np.dtype(dtype)
     cast = _cast(dt, x, t)
     (xv, tv), work_shape = _flat_or_strided((x, t), shape)
     size = BLOCK_ELEMENTS
     all_blocks = blocks(work_shape, size)
+    if (
+        dt == np.float32
+        and not cast
+        and not log_target
+        and len(work_shape) == 1
+        and fused_available()
+        and _fused is not None
+    ):
+        fused_sum = _fused.loss_sum_f32
+
+        def fused(stripe: Sequence[Block]) -> list[Any]:
+            return [fused_sum(xv[index], tv[index]) for index in stripe]
+
+        fused_partials = np.asarray(_run(fused, all_blocks, num_threads()), dtype=np.float64)
+        with np.errstate(all="ignore"):
+            return float(np.add.reduce(fused_partials) + 0.0)
     # float16 blocks are summed in float32 (as NumPy's own float16 sum does).
     acc = np.float32 if dt == np.float16 else dt
 

@@ -24,7 +24,7 @@ SOURCES = ("pyproject.toml", "README.md", "LICENSE", "kldiv_spec", "backends", "
 
 
 def _copy_sources(destination: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so")
     for name in SOURCES:
         source = ROOT / name
         if source.is_dir():
@@ -75,6 +75,14 @@ def test_wheel_holds_every_backend_and_conformance_module(wheel_files):
     for folder in ("backends", "conformance"):
         for module in (ROOT / folder).glob("*.py"):
             assert f"kldiv_spec/{folder}/{module.name}" in wheel_files, module
+
+
+def test_wheel_carries_the_compiled_fused_sum(wheel_files):
+    """The optional extension is built wherever a C compiler is (CI has one)."""
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the wheel is built without the fused float32 sum")
+    built = [n for n in wheel_files if n.startswith("kldiv_spec/backends/_fused.")]
+    assert len(built) == 1 and built[0].endswith((".so", ".pyd")), built
 
 
 def test_wheel_installs_no_generic_top_level_package(wheel_files):

@@ -1,0 +1,173 @@
+"""The compiled fused float32 sum of the NumPy fast path (backends/_fused.c).
+
+Its ``log`` is its own (eight lanes at a time with AVX2), so it is held to
+accuracy bounds against float64, not to NumPy's bits: the ``log`` within 1 ulp
+of the exact value, the sums within the reductions' bound, and NaN, infinities
+and zeros exactly where the reference has them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import kldiv_spec
+from kldiv_spec.backends import _blocks
+
+pytestmark = pytest.mark.skipif(
+    not _blocks.fused_available(),
+    reason="the fused float32 sum is not built here, or this CPU has no AVX2",
+)
+_fused = _blocks._fused
+
+
+def exact_sum(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """The float64 sum of the loss of float32 ``x``, ``t``, and the sum of the terms' sizes."""
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    with np.errstate(all="ignore"):
+        xlogy = np.where(t64 == 0, 0.0, t64 * np.log(t64))
+        terms = xlogy - t64 * x64
+        scale = np.abs(xlogy) + np.abs(t64 * x64)
+    return math.fsum(terms), math.fsum(scale)
+
+
+def fused_sum(x: np.ndarray, t: np.ndarray) -> float:
+    return float(kldiv_spec.kl_div(x, t, reduction="sum"))
+
+
+@pytest.fixture
+def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every call, however small, through the blocked kernels."""
+    monkeypatch.setenv(_blocks.MIN_ELEMENTS_ENV, "0")
+
+
+def test_log_is_within_one_ulp_of_the_exact_value() -> None:
+    # every 1009th positive finite float32, subnormals included, and the powers of two
+    bits = np.concatenate(
+        [np.arange(1, 0x7F800000, 1009, dtype=np.uint32), np.arange(1, 255, dtype=np.uint32) << 23]
+    )
+    v = bits.view(np.float32)
+    got = np.empty_like(v)
+    assert _fused.log_f32(v, got) is None
+    exact = np.log(v.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    error = np.abs(got.astype(np.float64) - exact) / ulp
+    assert error.max() <= 1.0, v[np.argmax(error)]
+    assert got[v == 1][0] == 0.0
+
+
+def test_log_edge_values_are_numpys() -> None:
+    v = np.array([0.0, -0.0, -1e-45, -1.0, -np.inf, np.inf, np.nan, 1e-45, 1.0], np.float32)
+    got = np.empty_like(v)
+    _fused.log_f32(v, got)
+    with np.errstate(all="ignore"):
+        want = np.log(v)
+    np.testing.assert_array_equal(got, want)  # NaN compares equal to NaN here
+    assert not np.signbit(got[-1])  # log 1 = +0
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 40, (1 << 16) + 7, 3 * (1 << 16)])
+def test_sum_of_any_length_is_accurate(n: int, every_size: None) -> None:
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal(n)
+    x = (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+    t = rng.dirichlet(np.ones(n)).astype(np.float32)
+    t[:: max(1, n // 5)] = 0  # zero targets: 0 log 0 = 0
+    want, scale = exact_sum(x, t)
+    # each term: two products and a difference rounded (3 u), the log within 1 ulp (2 u)
+    bound = 5 * float(np.finfo(np.float32).eps) / 2 * scale + 1e-300
+    assert abs(fused_sum(x, t) - float(np.float32(want))) <= bound + np.spacing(np.float32(want))
+
+
+@pytest.mark.parametrize("where", [0, 3, 70000])
+@pytest.mark.parametrize(
+    ("t_value", "x_value"),
+    [
+        (-0.5, -1.0),  # log of a negative target: NaN
+        (np.nan, -1.0),
+        (0.3, np.nan),
+        (np.inf, -1.0),  # inf * log inf - inf * x = inf - (-inf) = inf
+        (np.inf, 1.0),  # inf - inf = NaN
+        (0.3, -np.inf),  # - t * x = +inf
+        (0.3, np.inf),  # -inf
+        (0.0, -np.inf),  # 0 - 0 * -inf = NaN
+        (0.0, 5.0),  # 0 log 0 = 0
+        (1e-45, 0.0),  # a subnormal target
+        (-0.0, 2.0),
+    ],
+)
+def test_edge_values_propagate_as_in_the_reference(
+    t_value: float, x_value: float, where: int, every_size: None
+) -> None:
+    n = 100_000
+    x = np.full(n, -9.0, np.float32)
+    t = np.full(n, 1e-4, np.float32)
+    x[where], t[where] = x_value, t_value
+    got = fused_sum(x, t)
+    with kldiv_spec.use_reference():
+        want = float(kldiv_spec.kl_div(x, t, reduction="sum"))
+    if math.isnan(want) or math.isinf(want):
+        assert got == want or (math.isnan(got) and math.isnan(want))
+    else:
+        assert math.isclose(got, want, rel_tol=1e-6)
+
+
+def test_an_all_zero_sum_is_positive_zero(every_size: None) -> None:
+    x = np.full(1000, 3.0, np.float32)
+    t = np.zeros(1000, np.float32)
+    t[::2] = -0.0
+    got = fused_sum(x, t)
+    assert got == 0.0 and not math.copysign(1.0, got) < 0
+
+
+def test_result_does_not_depend_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    x = np.log(rng.random(5 * (1 << 16) + 3, dtype=np.float32) + np.float32(1e-3))
+    t = rng.random(x.size, dtype=np.float32)
+    results = set()
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv(_blocks.THREADS_ENV, threads)
+        results.add(fused_sum(x, t))
+    assert len(results) == 1
+
+
+def test_switched_off_the_ufunc_kernels_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    x = np.log(rng.random(1 << 17, dtype=np.float32) + np.float32(1e-3))
+    t = rng.random(x.size, dtype=np.float32)
+    fused = fused_sum(x, t)
+    monkeypatch.setenv(_blocks.FUSED_ENV, "0")
+    assert not _blocks.fused_available()
+    ufuncs = fused_sum(x, t)
+    want, scale = exact_sum(x, t)
+    for got in (fused, ufuncs):
+        assert abs(got - want) <= 20 * float(np.finfo(np.float32).eps) * scale
+
+
+def test_read_only_inputs_are_read(every_size: None) -> None:
+    x = np.log(np.full(50, 0.02, np.float32))
+    t = np.full(50, 0.02, np.float32)
+    x.flags.writeable = t.flags.writeable = False
+    assert fused_sum(x, t) == 0.0
+
+
+def test_bad_buffers_are_refused_by_name() -> None:
+    f32 = np.ones(8, np.float32)
+    with pytest.raises(TypeError, match="t must be a C-contiguous float32 buffer"):
+        _fused.loss_sum_f32(f32, np.ones(8))
+    with pytest.raises(TypeError, match="x must be a C-contiguous float32 buffer"):
+        _fused.loss_sum_f32(np.ones(8, np.int32), f32)
+    with pytest.raises(ValueError, match="same length"):
+        _fused.loss_sum_f32(f32, f32[:4])
+    with pytest.raises(TypeError, match="x must be a C-contiguous float32 buffer"):
+        _fused.loss_sum_f32(np.ones(16, np.float32)[::2], f32)
+    with pytest.raises(TypeError, match="x must be"):
+        _fused.loss_sum_f32([1.0] * 8, f32)
+    read_only = np.ones(8, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(TypeError, match=r"dst must be a C-contiguous float32 buffer \(writable\)"):
+        _fused.log_f32(f32, read_only)
+    with pytest.raises(TypeError, match="two buffers"):
+        _fused.loss_sum_f32(f32)
