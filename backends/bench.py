@@ -502,8 +502,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Roofline: read bandwidth {roof['read_bandwidth_gbps']:.1f} GB/s "
         f"({roof['threads']} threads); np.log float32 "
         f"{roof['np_log_float32_ns_per_element_one_core']:.2f} ns/element on one core, "
-        f"so a log-bound float32 loss tops out at {roof['log_ceiling_float32_gbps']:.1f} GB/s "
-        "of input.",
+        "so a float32 loss built on NumPy's log tops out at "
+        f"{roof['log_ceiling_float32_gbps']:.1f} GB/s of input.",
         "",
         summary(result),
         "| shape | dtype | reduction | mode | implementation | median ms | min ms | GB/s "
