@@ -277,6 +277,8 @@ def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targe
         and not cast
         and not log_target
         and len(work_shape) == 1
+        and xv.flags.c_contiguous  # not a broadcast or strided view
+        and tv.flags.c_contiguous
         and fused_available()
         and _fused is not None
     ):

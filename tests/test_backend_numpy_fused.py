@@ -126,6 +126,25 @@ def test_sum_is_at_least_as_accurate_as_numpys() -> None:
     assert abs(fused_sum(x, t) - want) <= abs(reference - want) + half_ulp
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "t_shape", "step"),
+    [((), (70000,), 1), ((70000,), (), 1), ((1, 70000), (3, 1), 1), ((140000,), (140000,), 2)],
+)
+def test_broadcast_and_strided_operands_take_the_ufunc_kernels(
+    x_shape: tuple[int, ...], t_shape: tuple[int, ...], step: int
+) -> None:
+    """Only contiguous operands of the output's shape go through the fused pass."""
+    rng = np.random.default_rng(3)
+    x = np.log(np.asarray(rng.random(x_shape, dtype=np.float32)) + np.float32(0.01))
+    t = np.asarray(rng.random(t_shape, dtype=np.float32))
+    if step > 1:
+        x, t = x[::step], t[::step]
+    got = fused_sum(x, t)
+    with kldiv_spec.use_reference():
+        want = float(kldiv_spec.kl_div(x, t, reduction="sum"))
+    assert math.isclose(got, want, rel_tol=1e-5)
+
+
 def test_an_all_zero_sum_is_positive_zero(every_size: None) -> None:
     x = np.full(1000, 3.0, np.float32)
     t = np.zeros(1000, np.float32)
