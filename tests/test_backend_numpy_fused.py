@@ -68,6 +68,28 @@ def test_log_edge_values_are_numpys() -> None:
     assert not np.signbit(got[-1])  # log 1 = +0
 
 
+def test_product_is_rounded_before_the_subtraction() -> None:
+    """Each term is fl(t log t) - fl(t x), as the reference rounds it, never a fused
+    multiply-add (which a build without -ffp-contract=off could produce)."""
+    rng = np.random.default_rng(7)
+    t = rng.random(4000, dtype=np.float32) + np.float32(0.01)
+    log_t = np.empty_like(t)
+    _fused.log_f32(t, log_t)
+    x = np.nextafter(log_t, np.float32(np.inf))  # the two products nearly cancel
+    xlogy = t * log_t
+    separate = xlogy - t * x  # float32 throughout: the reference's roundings
+    contracted = (xlogy.astype(np.float64) - t.astype(np.float64) * x).astype(np.float32)
+    differ = np.flatnonzero(separate != contracted)
+    assert differ.size > 1000  # the check below can tell the two apart
+    for i in differ[:300]:
+        assert _fused.loss_sum_f32(x[i : i + 1], t[i : i + 1]) == float(separate[i])
+        block = np.zeros(40, np.float32), np.zeros(40, np.float32)
+        block[0][17], block[1][17] = x[i], t[i]  # a lane of a full vector, not the tail
+        assert _fused.loss_sum_f32(*block) == float(separate[i])
+        block[1][:] = np.where(np.arange(40) == 17, t[i], 1)  # t = 1, x = 0: loss 0, and
+        assert _fused.loss_sum_f32(*block) == float(separate[i])  # every lane is regular
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 40, (1 << 16) + 7, 3 * (1 << 16)])
 def test_sum_of_any_length_is_accurate(n: int, every_size: None) -> None:
     rng = np.random.default_rng(n)
