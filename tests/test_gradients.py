@@ -15,13 +15,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
-from _support import (
-    CONFIGURATIONS,
-    JAX_SHAPES,
-    few_shapes_on_jax,
-    flushed,
-    flushes_subnormals,
-)
+from _support import CONFIGURATIONS, JAX_SHAPES, as_computed, few_shapes_on_jax
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -62,11 +56,6 @@ def to_numpy(a: Any) -> np.ndarray:
     if array_api_compat.is_cupy_array(a):
         a = a.get()
     return np.asarray(a, dtype=np.float64)
-
-
-def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
-    """JAX, and CuPy in float32, flush subnormals to zero; give the oracle those values."""
-    return flushed(a, dtype) if flushes_subnormals(xp, dtype) else a
 
 
 def torch_gradients(

@@ -17,13 +17,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
-from _support import (
-    CONFIGURATIONS,
-    JAX_SHAPES,
-    few_shapes_on_jax,
-    flushed,
-    flushes_subnormals,
-)
+from _support import CONFIGURATIONS, JAX_SHAPES, as_computed, few_shapes_on_jax
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -135,16 +129,6 @@ def sum_tolerance(x: np.ndarray, t: np.ndarray, *, log_target: bool, rtol: float
 
 def dtype_of(xp: Any, name: str) -> Any:
     return getattr(xp, name)
-
-
-def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
-    """The values ``xp`` computes with: subnormals flushed where the platform flushes them.
-
-    JAX (XLA on CPU) and CuPy in float32 flush subnormals to zero. That is a
-    property of the platform, not of kldiv-spec (documented as such), so the
-    oracle is given the flushed values there.
-    """
-    return flushed(a, dtype) if flushes_subnormals(xp, dtype) else a
 
 
 # --------------------------------------------------------------------------- edge grid
