@@ -7,6 +7,7 @@ oracle sees the exact values) and moves them to the backend under test with
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -101,37 +102,26 @@ def _array_api_strict() -> Backend:
     return Backend("array_api_strict", array_api_strict, _to_numpy=np.from_dlpack)
 
 
-def _torch() -> Backend:
+def _torch_on(device: str) -> Backend:
+    """PyTorch, tensors on ``device``: backend ``torch`` on the CPU, else ``torch_<device>``."""
     import array_api_compat.torch as ctorch
     import torch
+
+    name = "torch" if device == "cpu" else f"torch_{device}"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"{name}: torch sees no CUDA device")
 
     def to_numpy(a: Any) -> np.ndarray:
         return a.detach().cpu().numpy()
 
     def asarray(a: np.ndarray) -> Any:
-        return torch.from_numpy(a.copy())
-
-    return Backend("torch", ctorch, autograd="torch", _to_numpy=to_numpy, _asarray=asarray)
-
-
-def _torch_cuda() -> Backend:
-    import array_api_compat.torch as ctorch
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("torch_cuda: torch sees no CUDA device")
-
-    def to_numpy(a: Any) -> np.ndarray:
-        return a.detach().cpu().numpy()
-
-    def asarray(a: np.ndarray) -> Any:
-        return torch.from_numpy(a.copy()).to("cuda")
+        return torch.from_numpy(a.copy()).to(device)
 
     return Backend(
-        "torch_cuda",
+        name,
         ctorch,
         autograd="torch",
-        torch_device="cuda",
+        torch_device=device,
         _to_numpy=to_numpy,
         _asarray=asarray,
     )
@@ -182,8 +172,8 @@ def _cupy() -> Backend:
 BACKENDS: dict[str, Callable[[], Backend]] = {
     "numpy": _numpy,
     "array_api_strict": _array_api_strict,
-    "torch": _torch,
-    "torch_cuda": _torch_cuda,
+    "torch": functools.partial(_torch_on, "cpu"),
+    "torch_cuda": functools.partial(_torch_on, "cuda"),
     "jax": _jax,
     "dask": _dask,
     "cupy": _cupy,
