@@ -253,11 +253,16 @@ def loss_none(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targ
     return result
 
 
+def _fused_sum() -> Callable[[Any, Any], Any] | None:
+    """Return the compiled fused float32 sum, or None (not built, no AVX2/FMA, turned off)."""
+    if os.environ.get(FUSED_ENV, "").strip() == "0" or _fused is None:
+        return None
+    return _fused.loss_sum_f32 if _fused.available() else None
+
+
 def fused_available() -> bool:
     """Return whether the compiled fused float32 sum runs here (built, AVX2, not turned off)."""
-    if os.environ.get(FUSED_ENV, "").strip() == "0":
-        return False
-    return _fused is not None and bool(_fused.available())
+    return _fused_sum() is not None
 
 
 def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_target: bool) -> float:
@@ -271,29 +276,22 @@ def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targe
     cast = _cast(dt, x, t)
     (xv, tv), work_shape = _flat_or_strided((x, t), shape)
     size = BLOCK_ELEMENTS
-    all_blocks = blocks(work_shape, size)
-    if (
-        dt == np.float32
+    fused_sum = (
+        _fused_sum()
+        if dt == np.float32
         and not cast
         and not log_target
         and len(work_shape) == 1
         and xv.flags.c_contiguous  # not a broadcast or strided view
         and tv.flags.c_contiguous
-        and fused_available()
-        and _fused is not None
-    ):
-        fused_sum = _fused.loss_sum_f32
-
-        def fused(stripe: Sequence[Block]) -> list[Any]:
-            return [fused_sum(xv[index], tv[index]) for index in stripe]
-
-        fused_partials = np.asarray(_run(fused, all_blocks, num_threads()), dtype=np.float64)
-        with np.errstate(all="ignore"):
-            return float(np.add.reduce(fused_partials) + 0.0)
+        else None
+    )
     # float16 blocks are summed in float32 (as NumPy's own float16 sum does).
     acc = np.float32 if dt == np.float16 else dt
 
     def work(stripe: Sequence[Block]) -> list[Any]:
+        if fused_sum is not None:
+            return [fused_sum(xv[index], tv[index]) for index in stripe]
         scratch = _Scratch(size, dt)
         partials = []
         with np.errstate(all="ignore"):
@@ -304,9 +302,10 @@ def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targe
                 partials.append(np.add.reduce(a, axis=None, dtype=acc))
         return partials
 
-    partials = np.asarray(_run(work, all_blocks, num_threads()), dtype=np.float64)
+    partials = np.asarray(_run(work, blocks(work_shape, size), num_threads()), dtype=np.float64)
     with np.errstate(all="ignore"):
-        return float(np.add.reduce(partials))
+        # + 0.0: a sum of zeros is +0.0, as the reference's (whose terms are never -0.0)
+        return float(np.add.reduce(partials) + 0.0)
 
 
 def gradients(
