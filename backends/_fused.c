@@ -187,6 +187,27 @@ static int kl_float32_buffer(PyObject *obj, Py_buffer *view, int flags, const ch
     return 0;
 }
 
+/* Buffers ``first`` (read) and ``second`` (``second_flags``) of one length from ``args``:
+ * 0 with both held, or -1 with the error set and neither held. */
+static int kl_float32_pair(PyObject *const *args, const char *first, const char *second,
+                           int second_flags, Py_buffer *a, Py_buffer *b)
+{
+    if (kl_float32_buffer(args[0], a, PyBUF_SIMPLE, first) < 0) {
+        return -1;
+    }
+    if (kl_float32_buffer(args[1], b, second_flags, second) < 0) {
+        PyBuffer_Release(a);
+        return -1;
+    }
+    if (a->len != b->len) {
+        PyBuffer_Release(a);
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_ValueError, "%s and %s must have the same length", first, second);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *kl_loss_sum_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -198,17 +219,7 @@ static PyObject *kl_loss_sum_f32(PyObject *module, PyObject *const *args, Py_ssi
         Py_RETURN_NOTIMPLEMENTED;
     }
     Py_buffer x, t;
-    if (kl_float32_buffer(args[0], &x, PyBUF_SIMPLE, "x") < 0) {
-        return NULL;
-    }
-    if (kl_float32_buffer(args[1], &t, PyBUF_SIMPLE, "t") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    if (x.len != t.len) {
-        PyBuffer_Release(&x);
-        PyBuffer_Release(&t);
-        PyErr_SetString(PyExc_ValueError, "x and t must have the same length");
+    if (kl_float32_pair(args, "x", "t", PyBUF_SIMPLE, &x, &t) < 0) {
         return NULL;
     }
     double total = 0.0;
@@ -234,17 +245,7 @@ static PyObject *kl_log_f32(PyObject *module, PyObject *const *args, Py_ssize_t 
         Py_RETURN_NOTIMPLEMENTED;
     }
     Py_buffer src, dst;
-    if (kl_float32_buffer(args[0], &src, PyBUF_SIMPLE, "src") < 0) {
-        return NULL;
-    }
-    if (kl_float32_buffer(args[1], &dst, PyBUF_WRITABLE, "dst") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (src.len != dst.len) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        PyErr_SetString(PyExc_ValueError, "src and dst must have the same length");
+    if (kl_float32_pair(args, "src", "dst", PyBUF_WRITABLE, &src, &dst) < 0) {
         return NULL;
     }
 #if KL_X86
