@@ -6,8 +6,10 @@ of ``BLOCK`` elements:
 - ``_forward_partial_kernel``: reads each input once, computes the pointwise
   loss :math:`\ell = \operatorname{xlogy}(t, t) - t x` (or :math:`e^t (t - x)`)
   in the operands' dtype and writes one float64 partial sum per block; the
-  partials (``n / BLOCK`` of them) are then summed in float64 and divided by
-  the reduction's divisor, all on the device (no host synchronisation).
+  partials (``n / BLOCK`` of them) are then summed in float64, the total is
+  rounded to the operands' dtype and only then divided by the reduction's
+  divisor in that dtype (the reductions' one rounding rule, as the reference
+  does it), all on the device (no host synchronisation).
 - ``_forward_none_kernel``: the same pointwise loss, written once.
 - ``_backward_kernel``: reads ``t`` (and ``x`` only when the target gradient
   is needed), the scalar ``g / D`` or the per-element ``g``, and writes each
@@ -26,16 +28,17 @@ compile to the ``lg2.approx``/``ex2.approx`` instructions, whose error in
 ``exp(t)`` grows with ``|t|``. Triton's interpreter has no libdevice, so there
 the kernels use ``tl.log``/``tl.exp``, which it evaluates with NumPy.
 
-The kernels are compiled for CUDA tensors; for CPU tensors the same Python
-source runs in Triton's interpreter (as with ``TRITON_INTERPRET=1``), which is
-how the tests check them without a GPU.
+Each kernel is a ``@triton.jit`` function, launched with its compile-time
+constants (``LOG_TARGET``, ``BLOCK``, ...) by keyword. They are compiled for
+CUDA tensors; for CPU tensors the same Python source runs in Triton's
+interpreter when ``TRITON_INTERPRET=1`` was set as this module was imported,
+which is how the tests check them without a GPU.
 Importing this module raises ImportError when Triton is not installed.
 """
 
 # ruff: noqa: N803  (Triton spells compile-time constants in capitals)
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -56,9 +59,14 @@ BLOCK = 4096
 NUM_WARPS = 4
 
 
+# ``@triton.jit`` makes an interpreted function or a compiled one by the setting at the
+# time it decorates, that is when this module is imported: the decision is fixed then.
+_INTERPRETING = bool(triton.knobs.runtime.interpret)
+
+
 def interpreting() -> bool:
     """Return whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return bool(triton.knobs.runtime.interpret)
+    return _INTERPRETING
 
 
 if interpreting() or libdevice is None:
@@ -93,6 +101,7 @@ def _pointwise_loss(x, t, LOG_TARGET: tl.constexpr):  # type: ignore[no-untyped-
     return loss
 
 
+@triton.jit
 def _forward_partial_kernel(
     x_ptr, t_ptr, partial_ptr, n, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr
 ):  # type: ignore[no-untyped-def]
@@ -105,7 +114,10 @@ def _forward_partial_kernel(
     tl.store(partial_ptr + pid, tl.sum(loss.to(tl.float64), axis=0))
 
 
-def _forward_none_kernel(x_ptr, t_ptr, out_ptr, n, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+@triton.jit
+def _forward_none_kernel(  # type: ignore[no-untyped-def]
+    x_ptr, t_ptr, out_ptr, n, LOG_TARGET: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -115,6 +127,7 @@ def _forward_none_kernel(x_ptr, t_ptr, out_ptr, n, LOG_TARGET: tl.constexpr, BLO
     tl.store(out_ptr + offs, loss, mask=mask)
 
 
+@triton.jit
 def _backward_kernel(  # type: ignore[no-untyped-def]
     g_ptr,
     x_ptr,
@@ -156,17 +169,14 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             tl.store(gt_ptr + offs, grad_t, mask=mask)
 
 
-@functools.cache
-def _kernel(name: str) -> Any:
-    """Return kernel ``name``, compiled by Triton or wrapped for its interpreter."""
-    return triton.jit(globals()[name])
-
-
-def _launch(name: str, grid: tuple[int], device: torch.device, *args: Any) -> None:
+def _launch(
+    kernel: Any, grid: tuple[int], device: torch.device, *args: Any, **constexprs: Any
+) -> None:
+    """Run ``kernel`` (a ``@triton.jit`` function) on ``grid``; ``constexprs`` by keyword."""
     if device.type == "cuda":
         # No fused multiply-add: the reference rounds ``t * x`` before it subtracts, and
         # a contracted ``xlogy - t * x`` differs from it where the two terms cancel.
-        _kernel(name)[grid](*args, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        kernel[grid](*args, **constexprs, num_warps=NUM_WARPS, enable_fp_fusion=False)
         return
     if not interpreting():
         msg = (
@@ -176,7 +186,7 @@ def _launch(name: str, grid: tuple[int], device: torch.device, *args: Any) -> No
         raise RuntimeError(msg)
     # The interpreter computes with NumPy, which would warn where CUDA is silent.
     with np.errstate(all="ignore"):
-        _kernel(name)[grid](*args)
+        kernel[grid](*args, **constexprs)
 
 
 def forward(
@@ -187,12 +197,26 @@ def forward(
     grid = (triton.cdiv(n, BLOCK),)
     if reduction == "none":
         out = torch.empty_like(x)
-        _launch("_forward_none_kernel", grid, x.device, x, t, out, n, log_target, BLOCK)
+        _launch(
+            _forward_none_kernel, grid, x.device, x, t, out, n, LOG_TARGET=log_target, BLOCK=BLOCK
+        )
         return out
     partial = torch.empty(grid[0], dtype=torch.float64, device=x.device)
-    _launch("_forward_partial_kernel", grid, x.device, x, t, partial, n, log_target, BLOCK)
-    total = partial.sum()
-    return (total / divisor if divisor != 1 else total).to(x.dtype)
+    _launch(
+        _forward_partial_kernel,
+        grid,
+        x.device,
+        x,
+        t,
+        partial,
+        n,
+        LOG_TARGET=log_target,
+        BLOCK=BLOCK,
+    )
+    # The one rounding rule of the reductions: the float64 total is rounded to the
+    # operands' dtype first, then divided by the divisor in that dtype.
+    total = partial.sum().to(x.dtype)
+    return total / divisor if divisor != 1 else total
 
 
 def backward(
@@ -210,7 +234,7 @@ def backward(
     grad_t = torch.empty_like(t) if need[1] else None
     dummy = x  # never written: its store is compiled out when not needed
     _launch(
-        "_backward_kernel",
+        _backward_kernel,
         (triton.cdiv(n, BLOCK),),
         x.device,
         g.contiguous(),
@@ -219,10 +243,10 @@ def backward(
         dummy if grad_x is None else grad_x,
         dummy if grad_t is None else grad_t,
         n,
-        g.ndim > 0,
-        need[0],
-        need[1],
-        log_target,
-        BLOCK,
+        G_PER_ELEMENT=g.ndim > 0,
+        NEED_X=need[0],
+        NEED_T=need[1],
+        LOG_TARGET=log_target,
+        BLOCK=BLOCK,
     )
     return grad_x, grad_t

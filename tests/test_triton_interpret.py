@@ -104,3 +104,46 @@ def test_cpu_tensors_need_the_interpreter() -> None:
     x = torch.zeros(10)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.forward(x, x, reduction="sum", log_target=False, divisor=1)
+
+
+def _rounding_witness(divisor: int) -> tuple[float, float]:
+    """Return float32 values ``a`` (in [1, 2)) and ``delta`` (3/8 of an ulp of ``a``).
+
+    ``a + delta`` rounds to ``a`` in float32, and dividing the rounded ``a`` by ``divisor``
+    in float32 gives another float32 than dividing ``a + delta`` in float64 and rounding.
+    """
+    ulp = 2.0**-23
+    delta = 0.375 * ulp
+    for k in range(1, 1 << 16):
+        a = 1.0 + k * ulp
+        rounded_first = torch.tensor(a, dtype=torch.float32) / divisor
+        divided_first = torch.tensor((a + delta) / divisor, dtype=torch.float64).float()
+        if rounded_first != divided_first:
+            return a, delta
+    raise AssertionError(f"no witness for divisor {divisor}")  # pragma: no cover
+
+
+@in_interpreter
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_reductions_round_the_total_then_divide(reduction: str) -> None:
+    # The reductions' one rounding rule: the float64 total is rounded to float32 first,
+    # then divided in float32, as the reference divides its float32 sum.
+    rows, cols = 3, 1500  # 4500 elements: two programs
+    divisor = rows if reduction == "batchmean" else rows * cols
+    a, delta = _rounding_witness(divisor)
+    # t = 1 gives the loss -x exactly; t = 0 (with x = 0) gives 0. The loss is a in the
+    # first program and delta in the second: their float32 sum is a, their float64 sum not.
+    x = torch.zeros(rows * cols, dtype=torch.float32)
+    t = torch.zeros(rows * cols, dtype=torch.float32)
+    x[0], x[-1] = -a, -delta
+    t[0], t[-1] = 1.0, 1.0
+    x, t = x.reshape(rows, cols), t.reshape(rows, cols)
+    with kldiv_spec.use_reference():
+        want = kldiv_spec.kl_div(x, t, reduction=reduction)
+    got = kernels.forward(x, t, reduction=reduction, log_target=False, divisor=divisor)
+    assert got.dtype == want.dtype == torch.float32
+    rounded_first = torch.tensor(a, dtype=torch.float32) / divisor
+    assert got.item() == want.item() == rounded_first.item()
+    divided_first = torch.tensor((a + delta) / divisor, dtype=torch.float64).float()
+    assert got != divided_first  # the case tells the two orders apart
