@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .assertions import assert_loss
 from .implementations import Implementation
 from .namespaces import Backend
-from .oracle import Exact, pointwise, pointwise_tolerance, reduce
+from .oracle import Exact, pointwise
 from .properties import NotApplicable
 from .strategies import Case
 
-__all__ = ["Call", "Context", "assert_pointwise", "assert_reduced"]
+__all__ = ["Call", "Context", "assert_pointwise", "assert_reduced", "check_against_oracle", "fmt"]
 
 
 @dataclass
@@ -109,56 +109,27 @@ def _flush_subnormals(a: np.ndarray) -> np.ndarray:
         return np.where(np.abs(a) < tiny, np.copysign(np.zeros_like(a), a), a)
 
 
-def _fmt(a: np.ndarray) -> str:
+def fmt(a: np.ndarray) -> str:
+    """Format an array for a message (17 significant digits, summarised past 20 elements)."""
     return np.array2string(np.asarray(a), precision=17, threshold=20)
 
 
 def assert_pointwise(got: np.ndarray, exact: Exact, /, what: str = "reduction='none'") -> None:
-    """Assert ``got`` matches the exact pointwise values: NaN/inf exactly, else within bound."""
-    want = exact.as_float()
-    if got.shape != want.shape:
-        msg = f"{what}: result shape {got.shape}, expected {want.shape}"
-        raise AssertionError(msg)
-    got = np.asarray(got, dtype=np.float64)
-    tol = pointwise_tolerance(exact)
-    with np.errstate(invalid="ignore"):
-        special = ~np.isfinite(want)
-        bad_special = special & ~((got == want) | (np.isnan(got) & np.isnan(want)))
-        err = np.abs(got - want)
-        bad_finite = ~special & ~(err <= tol)
-    bad = bad_special | bad_finite
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        msg = (
-            f"{what}: {int(bad.sum())} of {bad.size} elements differ from PyTorch's exact "
-            f"values; first at index {idx}: got {got[idx]!r}, expected {want[idx]!r}"
-        )
-        if not special[idx]:
-            msg += f" (error {err[idx]:.3g} > bound {tol[idx]:.3g})"
-        raise AssertionError(msg)
+    """Assert ``got`` matches the exact pointwise values: NaN/inf exactly, else within bound.
+
+    Delegates to :func:`.assertions.assert_loss` (shape, non-finite pattern, bound).
+    """
+    assert_loss(got, exact, "none", what=what)
 
 
 def assert_reduced(
     got: np.ndarray, exact: Exact, reduction: str, input_shape: tuple[int, ...]
 ) -> None:
-    """Assert a reduced result is 0-d and matches the exact reduction within its bound."""
-    got = np.asarray(got)
-    if got.shape != ():
-        msg = f"reduction={reduction!r}: result shape {got.shape}, expected ()"
-        raise AssertionError(msg)
-    value, tol = reduce(exact, reduction, input_shape)
-    g = float(got)
-    if math.isnan(value):
-        ok = math.isnan(g)
-    elif math.isinf(value):
-        ok = g == value
-    else:
-        ok = math.isfinite(g) and abs(g - value) <= tol
-    if not ok:
-        msg = f"reduction={reduction!r}: got {g!r}, expected {value!r}"
-        if math.isfinite(value) and math.isfinite(g):
-            msg += f" (error {abs(g - value):.3g} > bound {tol:.3g})"
-        raise AssertionError(msg)
+    """Assert a reduced result is 0-d and matches the exact reduction within its bound.
+
+    Delegates to :func:`.assertions.assert_loss`.
+    """
+    assert_loss(got, exact, reduction, input_shape)
 
 
 def check_against_oracle(ctx: Context, case: Case, /, reduction: str | None = None) -> None:
@@ -170,8 +141,3 @@ def check_against_oracle(ctx: Context, case: Case, /, reduction: str | None = No
         assert_pointwise(got, exact)
     else:
         assert_reduced(got, exact, reduction, case.input.shape)
-
-
-def fmt(a: np.ndarray) -> str:
-    """Format an array for a message."""
-    return _fmt(a)

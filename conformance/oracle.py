@@ -129,11 +129,19 @@ def _pointwise_one(
         return (0.0 if math.isfinite(x) else nan), 0.0, 1.0
     if t == inf:
         return (inf if x < 0 else nan), 0.0, 1.0
-    if math.isinf(x):
-        return -x, 0.0, 1.0  # t * log t is finite, -t * x = -x * inf
     mt, mx = _mpf(t), _mpf(x)
     tlogt = mt * _ctx().log(mt)
+    a = _in_dtype(float(tlogt), dtype)
+    b = _in_dtype(float(mt * mx) if math.isfinite(x) else x, dtype)
+    if math.isinf(a) or math.isinf(b):
+        return a - b, 0.0, 1.0  # a term overflows: IEEE arithmetic on the rounded terms
     return tlogt - mt * mx, float(abs(tlogt) + abs(mt * mx)), 1.0
+
+
+def _in_dtype(v: float, dtype: np.dtype) -> float:
+    """Return ``v`` rounded to ``dtype`` (infinite where it overflows), as a float."""
+    with np.errstate(over="ignore"):
+        return float(np.asarray(v, dtype=np.float64).astype(dtype))
 
 
 def _extended_regular(
@@ -153,8 +161,10 @@ def _extended_regular(
             scale = e * (np.abs(tl) + np.abs(xl))
             spread = np.abs(tb) + np.abs(xb)
         else:
-            mask = finite & (tb > 0)
             tlogt = tl * np.log(tl)
+            # a term that overflows in the dtype is left to IEEE arithmetic (_pointwise_one)
+            a, b = tlogt.astype(dtype), (tl * xl).astype(dtype)
+            mask = finite & (tb > 0) & np.isfinite(a) & np.isfinite(b)
             value = tlogt - tl * xl
             scale = np.abs(tlogt) + np.abs(tl * xl)
             spread = np.ones(xb.shape)
@@ -162,11 +172,15 @@ def _extended_regular(
 
 
 def pointwise(x: np.ndarray, t: np.ndarray, /, *, log_target: bool) -> Exact:
-    """Return PyTorch's pointwise loss for NumPy arrays ``x`` and ``t``, exactly.
+    r"""Return PyTorch's pointwise loss for NumPy arrays ``x`` and ``t``, exactly.
 
     Regular elements are computed in ``numpy.longdouble`` where it is the x87
     80-bit (or a wider) format, 11 or more bits beyond ``float64``; else, and
-    for every special element, element by element with ``mpmath``.
+    for every special element, element by element with ``mpmath``. As in
+    PyTorch's evaluation in the result dtype, a term (:math:`t \log t` or
+    :math:`t x`) that overflows that dtype makes the result IEEE arithmetic on
+    the rounded terms (``inf - inf`` is NaN), and an exact value beyond the
+    dtype's range is the infinity it rounds to.
     """
     dtype = np.result_type(x.dtype, t.dtype)
     xb, tb = np.broadcast_arrays(x.astype(np.float64), t.astype(np.float64))
@@ -184,7 +198,19 @@ def pointwise(x: np.ndarray, t: np.ndarray, /, *, log_target: bool) -> Exact:
             float(xb[idx]), float(tb[idx]), log_target, dtype
         )
         value[idx] = float(v1)
+    _overflow_to_inf(value, scale, dtype)
     return Exact(value, scale, dtype, spread)
+
+
+def _overflow_to_inf(value: np.ndarray, scale: np.ndarray | None, dtype: np.dtype) -> None:
+    """Replace, in place, finite values that round to an infinity in ``dtype`` by it."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = value.astype(dtype)
+    over = np.isinf(rounded) & np.isfinite(value)
+    if over.any():
+        value[over] = rounded[over]
+        if scale is not None:
+            scale[over] = 0.0
 
 
 def divisor(reduction: str, /, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
@@ -256,6 +282,10 @@ def gradients(
     (with extended precision for the logarithm terms) and the bounds are
     :data:`GRADIENT_ULPS` ULPs of the summed term magnitudes in the result dtype
     (with an absolute floor of the smallest normal number when ``flush``).
+    Where PyTorch's evaluation in the dtype overflows (with ``log_target``, its
+    product rule :math:`g (t - x) e^t + g e^t`, NaN where ``e^t`` is infinite and
+    ``t = x``) its non-finite value is the gradient, and a finite gradient
+    beyond the dtype's range is an infinity.
     """
     dtype = np.result_type(x.dtype, t.dtype)
     out_shape = np.broadcast_shapes(x.shape, t.shape)
@@ -270,6 +300,14 @@ def gradients(
             gt = gb * e * (tb - xb + 1)
             sx = np.abs(gx)
             st = np.abs(gb) * e * (np.abs(tb) + np.abs(xb) + 1)
+            # Where PyTorch's own evaluation order in the dtype overflows (the product
+            # rule: g (t - x) e^t + g e^t), its non-finite result is the gradient.
+            gd, td, xd = (a.astype(dtype) for a in (gb, tb, xb))
+            ed = np.exp(td)
+            ieee_x = -(gd * ed)
+            ieee_t = (gd * (td - xd)) * ed + gd * ed
+            gx = np.where(np.isfinite(ieee_x), gx, ieee_x.astype(np.float64))
+            gt = np.where(np.isfinite(ieee_t), gt, ieee_t.astype(np.float64))
         else:
             gx = -(tb * gb)
             ok = (tb > 0) & np.isfinite(tb)
@@ -294,6 +332,7 @@ def gradients(
         for grad, scale, shape in ((gx, sx, x.shape), (gt, st, t.shape)):
             n_summed = max(1, math.prod(out_shape) // max(1, math.prod(shape)))
             summed = _sum_to_shape(grad, shape)
+            _overflow_to_inf(summed, None, dtype)
             tol = (GRADIENT_ULPS + n_summed) * eps * _sum_to_shape(np.nan_to_num(scale), shape)
             out.append((summed, tol + GRADIENT_ULPS * tiny))
     return out[0], out[1]
