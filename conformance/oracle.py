@@ -98,7 +98,8 @@ class Exact:
 
     def as_float(self) -> np.ndarray:
         """Return the values rounded to float64."""
-        return self.value.astype(np.float64)
+        with np.errstate(over="ignore"):
+            return self.value.astype(np.float64)
 
 
 def _mpf(v: float) -> Any:
@@ -168,7 +169,7 @@ def _extended_regular(
             value = tlogt - tl * xl
             scale = np.abs(tlogt) + np.abs(tl * xl)
             spread = np.ones(xb.shape)
-    return mask, value, scale.astype(np.float64), spread.astype(np.float64)
+        return mask, value, scale.astype(np.float64), spread.astype(np.float64)
 
 
 def pointwise(x: np.ndarray, t: np.ndarray, /, *, log_target: bool) -> Exact:
@@ -248,8 +249,8 @@ def reduce(exact: Exact, /, reduction: str, input_shape: tuple[int, ...]) -> tup
 
 def pointwise_tolerance(exact: Exact, /) -> np.ndarray:
     """Return the elementwise bound for ``'none'``: POINTWISE_ULPS ULPs of the scale."""
-    scale = exact.scale.astype(exact.dtype) if exact.dtype != np.float64 else exact.scale
     with np.errstate(over="ignore"):
+        scale = exact.scale.astype(exact.dtype) if exact.dtype != np.float64 else exact.scale
         ulp = np.spacing(np.abs(scale)).astype(np.float64)
     return POINTWISE_ULPS * (ulp + exact.floor * exact.spread)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 import numpy as np
+
+if TYPE_CHECKING:
+    from kldiv_spec.conformance.oracle import Exact
 
 # Every reduction, each log_target at least once: enough where shapes or laziness are
 # the point, and cheaper on JAX and Dask, which build anew for every configuration.
@@ -70,3 +74,82 @@ def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
         return a
     tiny = np.finfo(dtype).smallest_normal
     return np.where(np.abs(a) < tiny, np.copysign(0.0, a), a)
+
+
+def kl_div(x: Any, t: Any, **options: Any) -> Any:
+    """Call ``kldiv_spec.kl_div`` with the ``'mean'`` UserWarning silenced (test_api checks it)."""
+    import warnings
+
+    import kldiv_spec
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="reduction: 'mean'", category=UserWarning)
+        return kldiv_spec.kl_div(x, t, **options)
+
+
+def exact(
+    xp: Any, x: np.ndarray, t: np.ndarray, *, log_target: bool, dtype: str = "float64"
+) -> Exact:
+    """The oracle's exact pointwise loss of ``x`` and ``t`` in ``dtype``, as ``xp`` sees them.
+
+    Where ``xp`` flushes subnormals (:func:`flushes_subnormals`) the oracle gets
+    the flushed operands and its absolute error floor is the smallest normal
+    number, as in the conformance suite (``Context.exact``).
+    """
+    from kldiv_spec.conformance import oracle
+
+    xc, tc = (as_computed(xp, np.asarray(a, dtype=np.float64), dtype) for a in (x, t))
+    result = oracle.pointwise(xc.astype(dtype), tc.astype(dtype), log_target=log_target)
+    if flushes_subnormals(xp, dtype):
+        result.floor = float(np.finfo(dtype).smallest_normal)
+    return result
+
+
+def edge_grid(finfo: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Every (input, target) pair of edge values of a dtype, as two flat float64 arrays.
+
+    ``finfo`` is ``numpy.finfo(dtype)`` (or ``torch.finfo``): subnormals, +-inf,
+    NaN, -0.0, targets above 1 and below 0, an overflowing ``exp`` and values
+    whose products overflow.
+    """
+    big = float(finfo.max) / 4
+    tiny = float(finfo.smallest_normal)
+    sub = tiny / 4  # a subnormal, exactly representable
+    exp_overflow = math.log(float(finfo.max)) + 1
+    inf, nan = math.inf, math.nan
+    xs = [-inf, -big, -30.0, -1.0, -0.0, 0.0, sub, tiny, 0.5, 2.0, big, inf, nan]
+    ts = [-inf, -1000.0, -1.0, -sub, -0.0, 0.0, sub, tiny, 0.25, 1.0, 2.5]
+    ts += [exp_overflow, big, inf, nan]
+    x, t = np.meshgrid(np.asarray(xs), np.asarray(ts), indexing="ij")
+    return x.ravel(), t.ravel()
+
+
+def finite_edge_grid(finfo: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs whose pointwise loss is finite: non-negative finite targets, moderate inputs."""
+    sub = float(finfo.smallest_normal) / 4
+    xs = [-30.0, -1.0, -0.0, 0.0, sub, 0.5, 2.0]
+    ts = [0.0, -0.0, sub, float(finfo.smallest_normal), 0.25, 1.0, 2.5]
+    x, t = np.meshgrid(np.asarray(xs), np.asarray(ts), indexing="ij")
+    return x.ravel(), t.ravel()
+
+
+def gradient_edge_grid(finfo: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The edge pairs of the gradient tests, flat, as float64 arrays."""
+    big, tiny = float(finfo.max) / 4, float(finfo.smallest_normal)
+    sub = tiny / 4
+    inf, nan = math.inf, math.nan
+    xs = [-inf, -big, -30.0, -1.0, -0.0, 0.0, sub, 0.5, 2.0, big, inf, nan]
+    ts = [-inf, -1000.0, -1.0, -0.0, 0.0, sub, tiny, 0.25, 1.0, 2.5]
+    ts += [math.log(float(finfo.max)) + 1, big, inf, nan]
+    x, t = np.meshgrid(np.asarray(xs), np.asarray(ts), indexing="ij")
+    return x.ravel(), t.ravel()
+
+
+def random_operands(
+    x_shape: tuple[int, ...], t_shape: tuple[int, ...], *, log_target: bool, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probability-like inputs and probability (or log-probability) targets."""
+    rng = np.random.default_rng(seed)
+    x = np.log(rng.uniform(0.01, 1.0, size=x_shape))
+    t = rng.uniform(0.0, 1.0, size=t_shape)
+    return np.asarray(x), np.asarray(np.log(t) if log_target else t)
