@@ -1,4 +1,4 @@
-"""The ``kldiv-spec`` command: ``check`` (the conformance suite) and ``bench`` (benchmarks)."""
+"""The ``kldiv-spec`` command: ``check``, the conformance suite."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
-_USAGE = """usage: kldiv-spec {check,bench} [options]
+_USAGE = """usage: kldiv-spec check [options]
 
   check   run the conformance suite against an implementation (default: the
           reference, on every installed backend); 'kldiv-spec check --help'
-  bench   run the benchmarks; 'kldiv-spec bench --help'
 """
 
 
@@ -26,10 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kldiv_spec.conformance.cli import main as check_main
 
         return check_main(rest)
-    if command == "bench":
-        from kldiv_spec.backends.bench import main as bench_main
-
-        return bench_main(rest)
     print(f"kldiv-spec: unknown command {command!r}\n{_USAGE}", end="", file=sys.stderr)
     return 2
 

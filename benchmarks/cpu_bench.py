@@ -1,4 +1,4 @@
-"""``kldiv-spec bench``: throughput, speed-ups, extra peak memory and the roofline.
+"""The CPU benchmark: throughput, speed-ups, extra peak memory and the roofline.
 
 Every implementation is timed in the same process on the same data:
 
@@ -21,7 +21,14 @@ over 512 MB) and the measured cost of ``np.log`` (float32, cache-resident, on
 every core).
 
 Results go to ``<out>/<name>.json`` and ``.csv``, a Markdown table to stdout
-and ``<out>/<name>.md``, and a plot to ``--plot`` (PNG, needs matplotlib).
+and ``<out>/<name>.md``, and a plot to ``<out>/<name>.png`` or ``--plot`` (PNG, needs
+matplotlib); nothing is written anywhere else. ``kldiv_spec`` must be importable
+(installed, or an editable install of this tree)::
+
+    python benchmarks/cpu_bench.py --out DIR [--quick] [--shapes 512x1000] [--repeats 1]
+    benchmarks/run.sh ...   # the same, into benchmarks/results and docs/img
+
+This is a script of the source tree, not part of the installed package.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -297,7 +305,7 @@ def roofline(quick: bool) -> dict[str, float]:
     """Measure read bandwidth (GB/s, all cores) and the float32 ``np.log`` ceiling."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import _blocks
+    from kldiv_spec.backends import _blocks
 
     threads = _blocks.num_threads()
     n = (1 << 25) if quick else (1 << 27)  # 128 MB or 512 MB of float32
@@ -431,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped,
         "quick": args.quick,
         "records": [asdict(r) for r in records],
-        "command": "kldiv-spec bench " + " ".join(args.argv),
+        "command": shlex.join(["python", "benchmarks/cpu_bench.py", *args.argv]),
     }
 
 
@@ -594,16 +602,17 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
-    p = argparse.ArgumentParser(prog="kldiv-spec bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="cpu_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes only (under a minute)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per case (default 5, 3 with --quick)")  # fmt: skip
     p.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS),
                    choices=IMPLEMENTATIONS, metavar="NAME", help="subset to run")  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="folder for <name>.json, .csv, .md (and .png)")  # fmt: skip
     p.add_argument("--name", default=None, help="file stem (default: cpu or cpu-quick)")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="PNG path (default docs/img/benchmarks-cpu[-quick].png)")  # fmt: skip
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="plot path; {name} is the stem (default <out>/<name>.png)")  # fmt: skip
     p.add_argument("--shapes", nargs="+", type=_shape, default=None, metavar="AxB",
                    help="only these shapes (float32, the three headline cases)")  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -621,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.name or ("cpu-quick" if args.quick else "cpu")
     result = run(args)
     paths = write(result, args.out, name)
-    png = args.plot or Path("docs/img") / f"benchmarks-{name}.png"
+    png = Path(args.plot.replace("{name}", name)) if args.plot else args.out / f"{name}.png"
     if plot(result, png):
         paths.append(png)
     print(markdown(result))

@@ -1,0 +1,85 @@
+"""The CPU benchmark script (``benchmarks/cpu_bench.py``) writes only where it is told.
+
+It is a script of the source tree, not part of the installed package, and the
+``kldiv-spec`` command has no ``bench`` subcommand. The roofline (hundreds of MB
+read) is replaced by fixed figures here: these tests check the files, not speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from kldiv_spec._cli import main as kldiv_spec_main
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "cpu_bench.py"
+TINY = ["--shapes", "4x10", "--repeats", "1", "--no-memory", "--name", "tiny"]
+TINY += ["--implementations", "kldiv_spec numpy", "plain numpy"]
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cpu_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cpu_bench", module)  # its dataclass looks itself up
+    spec.loader.exec_module(module)
+    roof = {
+        "threads": 1,
+        "read_bandwidth_gbps": 10.0,
+        "np_log_float32_ns_per_element_one_core": 1.0,
+        "log_ceiling_float32_gbps": 8.0,
+    }
+    monkeypatch.setattr(module, "roofline", lambda quick: roof)
+    return module
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_writes_only_into_out(bench, tmp_path, monkeypatch, capsys):
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert bench.main(["--out", str(out), *TINY]) == 0
+    plotted = importlib.util.find_spec("matplotlib") is not None
+    assert files(out) == ["tiny.csv", "tiny.json", "tiny.md"] + ["tiny.png"] * plotted
+    assert files(cwd) == []
+    result = json.loads((out / "tiny.json").read_text())
+    # three headline cases (sum, none, batchmean with its gradients) per implementation
+    assert len(result["records"]) == 6
+    assert result["command"].startswith("python benchmarks/cpu_bench.py --out ")
+    assert "'kldiv_spec numpy'" in result["command"]  # quoted: the command can be rerun
+    assert "| kldiv_spec numpy |" in capsys.readouterr().out
+
+
+def test_plot_goes_where_told(bench, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    plot = tmp_path / "img" / "benchmarks-{name}.png"
+    assert bench.main(["--out", "results", "--plot", str(plot), *TINY]) == 0
+    assert files(tmp_path) == [
+        "img/benchmarks-tiny.png",
+        "results/tiny.csv",
+        "results/tiny.json",
+        "results/tiny.md",
+    ]
+
+
+def test_out_is_required(bench, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(TINY)
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_kldiv_spec_has_no_bench_command(capsys):
+    assert kldiv_spec_main(["bench"]) == 2
+    assert kldiv_spec_main(["--help"]) == 0
+    assert "bench" not in capsys.readouterr().out
