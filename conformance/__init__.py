@@ -7,10 +7,18 @@ plugin (``pytest --pyargs kldiv_spec.conformance --kldiv-impl MODULE:CALLABLE``)
 or from Python with :func:`run`.
 """
 
-from .implementations import Implementation, resolve
+# Importing the checks_* modules registers their properties in PROPERTIES.
+from . import (
+    checks_accuracy,  # noqa: F401
+    checks_gradients,  # noqa: F401
+    checks_hygiene,  # noqa: F401
+    checks_math,  # noqa: F401
+    checks_semantics,  # noqa: F401
+)
+from .implementations import Implementation
 from .namespaces import load_backend
 from .properties import GROUPS, PROPERTIES, NotApplicable, Property, select
-from .runner import Outcome, Report, run
+from .runner import Outcome, Report, resolve, run
 
 __all__ = [
     "GROUPS",

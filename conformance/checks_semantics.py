@@ -16,6 +16,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from .context import Context, assert_pointwise, assert_reduced, check_against_oracle
+from .opinfo import samples
 from .properties import NotApplicable, register
 from .strategies import (
     EDGE_INPUTS,
@@ -289,8 +290,6 @@ def _mean_warning(ctx: Context, case: Case) -> None:
 
 
 def _opinfo(ctx: Context) -> list[Case]:
-    from .opinfo import samples
-
     return [
         c for c in samples() if c.reduction in ctx.reductions and c.log_target in ctx.log_targets
     ]
@@ -306,24 +305,20 @@ def _opinfo_check(ctx: Context, case: Case) -> None:
 
 
 def _strided_applies(ctx: Context) -> str | None:
-    if ctx.backend.name in ("numpy", "torch", "torch_cuda"):
+    if ctx.backend.library in ("numpy", "torch"):
         return None
     return f"{ctx.backend.name} arrays have no user-visible memory layout"
 
 
 def _strided_view(be: Any, a: np.ndarray) -> Any:
-    """Return a non-contiguous backend view holding the values of ``a``."""
-    if be.name == "numpy":
-        big = np.zeros((*a.shape[::-1], 2), dtype=a.dtype)
-        big[..., 0] = a.T
-        return big[..., 0].T
-    import torch
+    """Return a non-contiguous backend view holding the values of ``a``.
 
-    big = torch.zeros(
-        (*a.shape[::-1], 2), dtype=getattr(torch, a.dtype.name), device=be.torch_device
-    )
-    big[..., 0] = torch.from_numpy(np.ascontiguousarray(a.T)).to(be.torch_device)
-    return big[..., 0].permute(*reversed(range(a.ndim)))
+    ``a`` is written transposed into every other element of a larger array, moved
+    to the backend, and viewed back: element strides ``(2, 2 n_0, ...)`` reversed.
+    """
+    big = np.zeros((*a.shape[::-1], 2), dtype=a.dtype)
+    big[..., 0] = a.T
+    return be.xp.permute_dims(be.asarray(big)[..., 0], tuple(reversed(range(a.ndim))))
 
 
 @register(

@@ -10,12 +10,13 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .implementations import resolve
+from .mutants import MUTANTS
 from .namespaces import BACKENDS, BackendUnavailable, installed_backends, load_backend
 from .properties import GROUPS, select
 from .report import matrix_markdown, table, write_json
-from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, run
+from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, resolve, run
 
 __all__ = ["main"]
 
@@ -104,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     specs = args.impl or ([] if args.all_mutants else ["reference"])
     if args.all_mutants:
-        from .mutants import MUTANTS
-
         specs += [f"mutant:{name}" for name in MUTANTS]
     reports: list[Report] = []
     for spec in specs:
@@ -161,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for a in (sys.argv[1:] if argv is None else argv)
             if not a.startswith("--markdown") and a != args.markdown
         )
-        from pathlib import Path
-
         Path(args.markdown).write_text(matrix_markdown(reports, command=command.strip()))
     return 1 if any(r.failed for r in reports) else 0
 

@@ -3,17 +3,25 @@
 An :class:`Implementation` wraps ``fn(input, target, reduction=..., log_target=...)``
 and declares what it can express: its reductions, its ``log_target`` forms, the
 backends it runs on, and properties that do not apply to it (reported as n/a,
-never as failures). ``--impl`` names are resolved by :func:`resolve`.
+never as failures). :data:`BUILTIN` holds the built-in ones (``reference``,
+``torch``, ``numpy``); :func:`.runner.resolve` turns any ``--impl`` name into one.
+
+This module sits below every other that builds implementations
+(:mod:`.adapters`, :mod:`.mutants`): it imports only :mod:`.numpy_impl`, which
+imports nothing from the suite.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["REDUCTIONS", "Implementation", "resolve"]
+import kldiv_spec
+
+from . import numpy_impl
+
+__all__ = ["BUILTIN", "REDUCTIONS", "Implementation"]
 
 REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean")
 
@@ -60,8 +68,6 @@ class Implementation:
 
 
 def _reference() -> Implementation:
-    import kldiv_spec
-
     def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
         return kldiv_spec.kl_div(input, target, reduction=reduction, log_target=log_target)
 
@@ -89,59 +95,18 @@ def _torch() -> Implementation:
 
 
 def _numpy() -> Implementation:
-    from .numpy_impl import NUMPY_IMPLEMENTATION
+    return Implementation(
+        "numpy",
+        numpy_impl.kl_div,
+        numpy_impl.kl_div_backward,
+        backends=("numpy",),
+        description="kldiv_spec.conformance.numpy_impl (independent NumPy code)",
+    )
 
-    return NUMPY_IMPLEMENTATION
 
-
+#: The built-in implementations, by ``--impl`` name (factories: ``torch`` is imported on call).
 BUILTIN: dict[str, Callable[[], Implementation]] = {
     "reference": _reference,
     "torch": _torch,
     "numpy": _numpy,
 }
-
-
-def resolve(spec: str, /) -> Implementation:
-    """Return the implementation named by ``spec``.
-
-    ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
-    NumPy implementation), an adapter name (see :mod:`.adapters`), ``mutant:NAME``
-    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. The callable may be an
-    :class:`Implementation`, or a function with PyTorch's functional signature
-    (a ``backward`` attribute on it, if any, is used as its backward).
-
-    Raises
-    ------
-    ValueError
-        If ``spec`` names nothing importable.
-    """
-    from . import adapters, mutants
-
-    if spec in BUILTIN:
-        return BUILTIN[spec]()
-    if spec in adapters.ADAPTERS:
-        return adapters.load(spec)
-    if spec.startswith("mutant:"):
-        name = spec.split(":", 1)[1]
-        if name not in mutants.MUTANTS:
-            msg = f"unknown mutant {name!r}; choose from {', '.join(mutants.MUTANTS)}"
-            raise ValueError(msg)
-        return mutants.MUTANTS[name]
-    if ":" not in spec:
-        known = ", ".join([*BUILTIN, *adapters.ADAPTERS])
-        msg = f"--impl must be one of {known}, mutant:NAME or MODULE:CALLABLE, got {spec!r}"
-        raise ValueError(msg)
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        msg = f"cannot load {spec!r}: {exc}"
-        raise ValueError(msg) from None
-    if isinstance(obj, Implementation):
-        return obj
-    if not callable(obj):
-        msg = f"{spec!r} is not callable"
-        raise ValueError(msg)
-    return Implementation(spec, obj, backward=getattr(obj, "backward", None), description=spec)

@@ -3,21 +3,41 @@
 Every property builds its cases as NumPy ``float64``/``float32`` arrays (so the
 oracle sees the exact values) and moves them to the backend under test with
 :meth:`Backend.asarray`; results come back with :meth:`Backend.to_numpy`.
+
+The backends come from the one registry of array libraries,
+:data:`kldiv_spec.backends._registry.BACKENDS`: each entry gives one backend per
+device it lists, named after the library on its first device (``torch``) and
+``<library>_<device>`` on the others (``torch_cuda``), with the entry's autograd
+and read-only support. What is library-specific here is only how NumPy arrays
+are moved there and back: one construction function per registry name in
+:data:`CONSTRUCTORS`. An entry without one is an error on import, so adding a
+library to the registry adds it to ``kldiv-spec check --backend`` or fails loudly.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "installed_backends", "load_backend"]
+from kldiv_spec.backends import _registry
+
+__all__ = [
+    "BACKENDS",
+    "CONSTRUCTORS",
+    "Backend",
+    "BackendUnavailable",
+    "Parts",
+    "backend_names",
+    "backends_from",
+    "installed_backends",
+    "load_backend",
+]
 
 Array = Any
 
@@ -28,7 +48,7 @@ class BackendUnavailable(RuntimeError):  # noqa: N818 (reads as a status)
 
 @dataclass
 class Backend:
-    """One array library as the suite sees it.
+    """One array library on one device, as the suite sees it.
 
     Attributes
     ----------
@@ -36,22 +56,25 @@ class Backend:
         The ``--backend`` name.
     xp : module
         Its array API namespace (the array-api-compat wrapper where there is one).
+    library : str
+        The registry entry's name (``torch`` for both ``torch`` and ``torch_cuda``).
+    device_name : str
+        The registry device its arrays are created on (``"cpu"``, ``"cuda"``, ...).
     autograd : {'torch', 'jax', None}
         Which automatic differentiation the gradient properties use.
     readonly : bool
         Whether arrays can be made read-only (NumPy only).
     subnormals : bool
         Whether arithmetic on subnormal numbers works (XLA on CPU flushes them).
-    torch_device : str
-        For the torch backends, the device their tensors live on.
     """
 
     name: str
     xp: Any
+    library: str = ""
+    device_name: str = "cpu"
     autograd: str | None = None
     readonly: bool = False
     subnormals: bool = True
-    torch_device: str = "cpu"
     _to_numpy: Callable[[Array], np.ndarray] = field(default=np.asarray, repr=False)
     _asarray: Callable[[np.ndarray], Array] | None = field(default=None, repr=False)
 
@@ -68,8 +91,6 @@ class Backend:
 
     def is_array(self, a: object, /) -> bool:
         """Whether ``a`` is an array of this backend's library."""
-        import array_api_compat
-
         if not array_api_compat.is_array_api_obj(a):
             return False
         try:
@@ -80,9 +101,29 @@ class Backend:
 
     def device(self, a: Array, /) -> Any:
         """Return the device of ``a``."""
-        import array_api_compat
-
         return array_api_compat.device(a)
+
+
+@dataclass
+class Parts:
+    """What a construction function returns: the library-specific part of a :class:`Backend`.
+
+    Attributes
+    ----------
+    xp : module
+        The array API namespace.
+    asarray : callable, optional
+        NumPy array -> backend array on the device (default ``xp.asarray``).
+    to_numpy : callable
+        Backend array -> NumPy array.
+    subnormals : bool
+        Whether arithmetic on subnormal numbers works on the device.
+    """
+
+    xp: Any
+    asarray: Callable[[np.ndarray], Array] | None = None
+    to_numpy: Callable[[Array], np.ndarray] = np.asarray
+    subnormals: bool = True
 
 
 def _namespace_name(ns: Any) -> str:
@@ -90,26 +131,24 @@ def _namespace_name(ns: Any) -> str:
     return name.replace("array_api_compat.", "").split(".")[0]
 
 
-def _numpy() -> Backend:
+def _numpy(device: str) -> Parts:
     import array_api_compat.numpy as cnp
 
-    return Backend("numpy", cnp, readonly=True)
+    return Parts(cnp)
 
 
-def _array_api_strict() -> Backend:
+def _array_api_strict(device: str) -> Parts:
     import array_api_strict
 
-    return Backend("array_api_strict", array_api_strict, _to_numpy=np.from_dlpack)
+    return Parts(array_api_strict, to_numpy=np.from_dlpack)
 
 
-def _torch_on(device: str) -> Backend:
-    """PyTorch, tensors on ``device``: backend ``torch`` on the CPU, else ``torch_<device>``."""
+def _torch(device: str) -> Parts:
     import array_api_compat.torch as ctorch
     import torch
 
-    name = "torch" if device == "cpu" else f"torch_{device}"
     if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable(f"{name}: torch sees no CUDA device")
+        raise BackendUnavailable("torch sees no CUDA device")
 
     def to_numpy(a: Any) -> np.ndarray:
         return a.detach().cpu().numpy()
@@ -117,27 +156,29 @@ def _torch_on(device: str) -> Backend:
     def asarray(a: np.ndarray) -> Any:
         return torch.from_numpy(a.copy()).to(device)
 
-    return Backend(
-        name,
-        ctorch,
-        autograd="torch",
-        torch_device=device,
-        _to_numpy=to_numpy,
-        _asarray=asarray,
-    )
+    return Parts(ctorch, asarray, to_numpy)
 
 
-def _jax() -> Backend:
+def _jax(device: str) -> Parts:
     import jax
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    tiny = jnp.asarray(math.ulp(0.0)) * 1.0
-    return Backend("jax", jnp, autograd="jax", subnormals=bool(tiny != 0))
+    try:
+        where = jax.devices(device)[0]
+    except RuntimeError as exc:  # no such platform
+        raise BackendUnavailable(f"jax has no {device} device ({exc})") from None
+
+    def asarray(a: np.ndarray) -> Any:
+        return jax.device_put(a, where)
+
+    # XLA on the CPU flushes subnormal numbers to zero.
+    tiny = asarray(np.asarray(math.ulp(0.0))) * 1.0
+    return Parts(jnp, asarray, subnormals=bool(tiny != 0))
 
 
-def _dask() -> Backend:
+def _dask(device: str) -> Parts:
     import array_api_compat.dask.array as cda
     import dask.array as da
 
@@ -148,39 +189,88 @@ def _dask() -> Backend:
     def to_numpy(a: Any) -> np.ndarray:
         return np.asarray(a.compute(scheduler="synchronous"))
 
-    return Backend("dask", cda, _to_numpy=to_numpy, _asarray=asarray)
+    return Parts(cda, asarray, to_numpy)
 
 
-def _cupy() -> Backend:
+def _cupy(device: str) -> Parts:
     import array_api_compat.cupy as ccp
     import cupy
 
     if cupy.cuda.runtime.getDeviceCount() == 0:  # pragma: no cover - needs a GPU
-        raise BackendUnavailable("cupy: no CUDA device")
+        raise BackendUnavailable("no CUDA device")
     # CuPy compiles every kernel with -ftz=true: float32 subnormals are flushed to zero.
     half_tiny = cupy.asarray(np.finfo(np.float32).smallest_normal, dtype=cupy.float32) / 2
-    return Backend(
-        "cupy",
-        ccp,
-        subnormals=bool(half_tiny != 0),
-        _to_numpy=cupy.asnumpy,
-        _asarray=cupy.asarray,
-    )
+    return Parts(ccp, cupy.asarray, cupy.asnumpy, subnormals=bool(half_tiny != 0))
 
 
-#: Every backend the suite knows, by ``--backend`` name.
-BACKENDS: dict[str, Callable[[], Backend]] = {
+#: How to build each registry entry's backends: ``construct(device) -> Parts``, which
+#: imports the library (ImportError: not installed) and raises BackendUnavailable when
+#: the device is absent. Keyed by registry name.
+CONSTRUCTORS: dict[str, Callable[[str], Parts]] = {
     "numpy": _numpy,
     "array_api_strict": _array_api_strict,
-    "torch": functools.partial(_torch_on, "cpu"),
-    "torch_cuda": functools.partial(_torch_on, "cuda"),
+    "torch": _torch,
     "jax": _jax,
     "dask": _dask,
     "cupy": _cupy,
 }
 
-#: The module a backend needs, where its name is not the module's.
-_MODULES = {"torch_cuda": "torch"}
+
+def backend_names(spec: _registry.BackendSpec, /) -> dict[str, str]:
+    """Return ``{backend name: device}`` for a registry entry.
+
+    The first device listed gives the library's own name, each other one
+    ``<library>_<device>``: ``torch`` (cpu) and ``torch_cuda``; ``cupy`` (cuda).
+    """
+    return {
+        spec.name if i == 0 else f"{spec.name}_{device}": device
+        for i, device in enumerate(spec.devices)
+    }
+
+
+def _build(spec: _registry.BackendSpec, name: str, device: str, construct: Callable) -> Backend:
+    parts = construct(device)
+    return Backend(
+        name,
+        parts.xp,
+        library=spec.name,
+        device_name=device,
+        autograd=spec.autograd,
+        readonly=spec.read_only,
+        subnormals=parts.subnormals,
+        _to_numpy=parts.to_numpy,
+        _asarray=parts.asarray,
+    )
+
+
+def backends_from(
+    specs: Iterable[_registry.BackendSpec], constructors: Mapping[str, Callable[[str], Parts]]
+) -> tuple[dict[str, Callable[[], Backend]], dict[str, _registry.BackendSpec]]:
+    """Return ``(factories, entries)``: every backend of ``specs``, by ``--backend`` name.
+
+    Raises
+    ------
+    LookupError
+        If an entry has no construction function in ``constructors``.
+    """
+    factories: dict[str, Callable[[], Backend]] = {}
+    entries: dict[str, _registry.BackendSpec] = {}
+    for spec in specs:
+        if spec.name not in constructors:
+            msg = (
+                f"the backend registry lists {spec.name!r}, but kldiv_spec.conformance.namespaces "
+                f"has no construction function for it: add one to CONSTRUCTORS"
+            )
+            raise LookupError(msg)
+        construct = constructors[spec.name]
+        for name, device in backend_names(spec).items():
+            factories[name] = functools.partial(_build, spec, name, device, construct)
+            entries[name] = spec
+    return factories, entries
+
+
+#: Every backend the suite knows: ``--backend`` name -> factory, in registry order.
+BACKENDS, _ENTRIES = backends_from(_registry.BACKENDS, CONSTRUCTORS)
 
 _CACHE: dict[str, Backend] = {}
 
@@ -195,8 +285,8 @@ def load_backend(name: str, /) -> Backend:
             _CACHE[name] = BACKENDS[name]()
         except ImportError as exc:
             raise BackendUnavailable(f"{name} is not installed ({exc})") from None
-        except BackendUnavailable:
-            raise
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(f"{name}: {exc}") from None
         except Exception as exc:  # a broken CUDA driver, say
             raise BackendUnavailable(f"{name} cannot run here: {exc}") from None
     return _CACHE[name]
@@ -206,11 +296,11 @@ def installed_backends() -> list[str]:
     """Return the names of the backends that can run on this machine."""
     names = []
     for name in BACKENDS:
+        if not _ENTRIES[name].installed():
+            continue
         try:
-            if importlib.util.find_spec(_MODULES.get(name, name)) is None:
-                continue
             load_backend(name)
-        except (ImportError, BackendUnavailable):
+        except BackendUnavailable:
             continue
         names.append(name)
     return names

@@ -4,6 +4,8 @@ It shares no code with ``kldiv_spec``: the suite's tests use it as a second
 correct implementation that must pass every property (a suite that rejects it
 is wrong, not the implementation). Pointwise
 :math:`\ell = t \log t - t x` (:math:`0 \log 0 = 0`) or :math:`e^t (t - x)`.
+It imports nothing from the suite either: :mod:`.implementations` wraps it as
+the ``numpy`` implementation and :mod:`.mutants` breaks it one piece at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .implementations import Implementation
-
-__all__ = ["NUMPY_IMPLEMENTATION", "kl_div", "kl_div_backward"]
+__all__ = ["kl_div", "kl_div_backward"]
 
 _REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
@@ -92,12 +92,3 @@ def kl_div_backward(
         gx = _sum_to(np.broadcast_to(gx, out_shape), x.shape).astype(x.dtype)
         gt = _sum_to(np.broadcast_to(gt, out_shape), t.shape).astype(t.dtype)
     return gx, gt
-
-
-NUMPY_IMPLEMENTATION = Implementation(
-    "numpy",
-    kl_div,
-    kl_div_backward,
-    backends=("numpy",),
-    description="kldiv_spec.conformance.numpy_impl (independent NumPy code)",
-)

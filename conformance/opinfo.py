@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._opinfo_samples import SAMPLES
 from .strategies import Case
 
 __all__ = ["live_samples", "samples", "snapshot"]
@@ -41,8 +42,6 @@ def live_samples() -> list[Case]:
 
 def samples() -> list[Case]:
     """Return the snapshotted OpInfo samples."""
-    from ._opinfo_samples import SAMPLES
-
     return [
         _to_case(
             np.array(x, dtype=dt).reshape(shape_x),

@@ -14,6 +14,11 @@ from typing import Any
 
 import pytest
 
+from .context import Context
+from .namespaces import BackendUnavailable, load_backend
+from .properties import select
+from .runner import resolve, run_property
+
 __all__ = ["pytest_addoption"]
 
 
@@ -32,12 +37,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def run_one(config: Any, name: str) -> None:
     """Run property ``name`` with the options of ``config``; fail or skip the test."""
-    from .context import Context
-    from .implementations import resolve
-    from .namespaces import BackendUnavailable, load_backend
-    from .properties import select
-    from .runner import run_property
-
     spec = config.getoption("--kldiv-impl")
     impl = resolve(spec)
     try:

@@ -2,10 +2,12 @@
 
 Each property ends as ``pass``, ``fail`` (with hypothesis's minimal
 counterexample and a copy-paste reproduction) or ``n/a`` (with the reason).
+:func:`resolve` turns an ``--impl`` name into the :class:`.Implementation` to run.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -15,15 +17,60 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
+from . import adapters, mutants
 from .context import Context
-from .implementations import Implementation, resolve
+from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
 from .properties import NotApplicable, Property, select
 from .strategies import Case
 
-__all__ = ["Outcome", "Report", "reproduction", "run", "run_property"]
+__all__ = ["Outcome", "Report", "reproduction", "resolve", "run", "run_property"]
 
 DEFAULT_MAX_EXAMPLES = 15
+
+
+def resolve(spec: str, /) -> Implementation:
+    """Return the implementation named by ``spec``.
+
+    ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
+    NumPy implementation), an adapter name (see :mod:`.adapters`), ``mutant:NAME``
+    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. The callable may be an
+    :class:`Implementation`, or a function with PyTorch's functional signature
+    (a ``backward`` attribute on it, if any, is used as its backward).
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` names nothing importable.
+    """
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    if spec in adapters.ADAPTERS:
+        return adapters.load(spec)
+    if spec.startswith("mutant:"):
+        name = spec.split(":", 1)[1]
+        if name not in mutants.MUTANTS:
+            msg = f"unknown mutant {name!r}; choose from {', '.join(mutants.MUTANTS)}"
+            raise ValueError(msg)
+        return mutants.MUTANTS[name]
+    if ":" not in spec:
+        known = ", ".join([*BUILTIN, *adapters.ADAPTERS])
+        msg = f"--impl must be one of {known}, mutant:NAME or MODULE:CALLABLE, got {spec!r}"
+        raise ValueError(msg)
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        msg = f"cannot load {spec!r}: {exc}"
+        raise ValueError(msg) from None
+    if isinstance(obj, Implementation):
+        return obj
+    if not callable(obj):
+        msg = f"{spec!r} is not callable"
+        raise ValueError(msg)
+    return Implementation(spec, obj, backward=getattr(obj, "backward", None), description=spec)
 
 
 @dataclass

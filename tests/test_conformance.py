@@ -184,3 +184,159 @@ def test_opinfo_snapshot_matches_torch_shapes_and_options():
     assert len(cases) == 32
     assert {c.reduction for c in cases} == {"none", "sum", "mean", "batchmean"}
     assert {c.input.dtype.name for c in cases} == {"float32", "float64"}
+
+
+def _intra_package_imports(path, package_dir):
+    """Return ``(top_level, in_functions)``: the sibling modules ``path`` imports.
+
+    ``from . import x`` and ``from .x import y`` name sibling ``x`` (the
+    package's ``__init__`` when ``x`` is not a module), as do absolute imports of
+    ``kldiv_spec.conformance.x``. Imports inside functions are listed apart.
+    """
+    import ast
+
+    modules = {p.stem for p in package_dir.glob("*.py")}
+
+    def targets(node):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module is None:
+                    return [a.name if a.name in modules else "__init__" for a in node.names]
+                return [node.module.split(".")[0]]
+            if node.level == 0 and (node.module or "").startswith("kldiv_spec.conformance"):
+                rest = node.module.split(".")[2:]
+                if rest:
+                    return [rest[0]]
+                return [a.name if a.name in modules else "__init__" for a in node.names]
+            return []
+        if isinstance(node, ast.Import):
+            return [
+                (a.name.split(".")[2:] or ["__init__"])[0]
+                for a in node.names
+                if a.name.startswith("kldiv_spec.conformance")
+            ]
+        return []
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nested = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                nested.update(targets(node))
+    every = {t for node in ast.walk(tree) for t in targets(node)}
+    return every, nested
+
+
+def test_conformance_modules_import_each_other_without_cycles():
+    """The intra-package import graph (function-level imports included) is acyclic."""
+    from pathlib import Path
+
+    import kldiv_spec.conformance
+
+    package_dir = Path(kldiv_spec.conformance.__file__).parent
+    graph, nested = {}, {}
+    for path in sorted(package_dir.glob("*.py")):
+        every, in_functions = _intra_package_imports(path, package_dir)
+        graph[path.stem] = every - {path.stem}
+        if in_functions:
+            nested[path.stem] = sorted(in_functions)
+    # A sibling imported inside a function is how a cycle hides: there are none.
+    assert not nested, nested
+    assert {"implementations", "numpy_impl", "properties", "checks_math"} <= set(graph)
+
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for succ in sorted(graph.get(node, ())):
+            if state.get(succ) == "open":
+                cycle = [*stack[stack.index(succ) :], succ]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if succ not in state:
+                visit(succ)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert "properties" not in graph or not graph["properties"]  # the registry is a leaf
+    assert graph["numpy_impl"] == set()
+
+
+def test_the_cycle_finder_sees_function_level_imports(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from . import b\n")
+    (tmp_path / "b.py").write_text("from .a import f\n")
+    every, nested = _intra_package_imports(tmp_path / "a.py", tmp_path)
+    assert every == {"b"} and nested == {"b"}
+    assert _intra_package_imports(tmp_path / "b.py", tmp_path) == ({"a"}, set())
+
+
+def test_import_fills_properties_and_loads_no_optional_library(tmp_path):
+    """In a fresh interpreter: PROPERTIES is complete on import; no array library is loaded."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "heavy = {'torch', 'jax', 'dask', 'cupy', 'array_api_strict', 'mpmath', 'hypothesis'}\n"
+        "def loaded():\n"
+        "    return sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
+        "import kldiv_spec\n"
+        "base = loaded()\n"
+        "import kldiv_spec.conformance as c\n"
+        "print(json.dumps({'base': base, 'suite': loaded(), 'properties': list(c.PROPERTIES)}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["base"] == []  # kldiv_spec alone: neither hypothesis nor mpmath
+    assert got["suite"] == ["hypothesis"]  # the oracle imports mpmath only when it needs it
+    assert got["properties"] == list(PROPERTIES)
+    assert len(got["properties"]) >= 25
+
+
+def test_backends_come_from_the_registry():
+    from kldiv_spec.backends import _registry
+    from kldiv_spec.conformance import namespaces
+
+    want = []
+    for spec in _registry.BACKENDS:
+        want += [spec.name] + [f"{spec.name}_{d}" for d in spec.devices[1:]]
+    assert list(namespaces.BACKENDS) == want
+    assert "torch_cuda" in want
+    assert set(namespaces.CONSTRUCTORS) == {spec.name for spec in _registry.BACKENDS}
+    for name in installed_backends():
+        be = namespaces.load_backend(name)
+        spec = _registry.by_name(be.library)
+        assert (be.autograd, be.readonly) == (spec.autograd, spec.read_only), name
+        assert be.device_name in spec.devices
+
+
+def test_a_registry_entry_without_a_construction_function_fails_loudly():
+    import dataclasses
+
+    from kldiv_spec.backends import _registry
+    from kldiv_spec.conformance import namespaces
+
+    new = dataclasses.replace(_registry.by_name("numpy"), name="newlib", devices=("cpu", "tpu"))
+    with pytest.raises(LookupError, match=r"'newlib'.*no construction function"):
+        namespaces.backends_from([*_registry.BACKENDS, new], namespaces.CONSTRUCTORS)
+    constructors = {**namespaces.CONSTRUCTORS, "newlib": namespaces.CONSTRUCTORS["numpy"]}
+    factories, _ = namespaces.backends_from([*_registry.BACKENDS, new], constructors)
+    assert list(factories)[-2:] == ["newlib", "newlib_tpu"]
+    be = factories["newlib"]()
+    assert (be.name, be.library, be.device_name, be.readonly) == ("newlib", "newlib", "cpu", True)
+
+
+def test_jax_backend_arrays_live_on_its_device():
+    if "jax" not in installed_backends():
+        pytest.skip("jax is not installed")
+    from kldiv_spec.conformance import namespaces
+
+    a = namespaces.load_backend("jax").asarray(np.ones(3))
+    assert {d.platform for d in a.devices()} == {"cpu"}
