@@ -88,6 +88,20 @@ def _crash_empty(x: Any, t: Any) -> None:
         raise ValueError(msg)
 
 
+def _crash_on_mismatch(x: Any, t: Any) -> None:
+    try:
+        np.broadcast_shapes(np.shape(x), np.shape(t))
+    except ValueError:
+        # What a helper that returns None for shapes it cannot broadcast leads to.
+        msg = "'NoneType' object has no attribute 'ndim'"
+        raise AttributeError(msg) from None
+
+
+def _finfo_first(x: Any, t: Any) -> None:
+    for a in (x, t):
+        np.finfo(np.asarray(a).dtype)  # ValueError for integers and booleans, not TypeError
+
+
 def _backward(flip_target: bool = False, no_sum: bool = False) -> Fn:
     def backward(
         g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
@@ -282,6 +296,16 @@ _LIST = [
     _m("crash_0d", _forward(pre=_crash_0d), description="raises on 0-d arrays"),
     _m("crash_empty", _forward(pre=_crash_empty), description="raises on empty arrays"),
     _m("mutates_input", _forward(pre=_mutate), description="modifies its input in place"),
+    _m(
+        "mismatch_attribute_error",
+        _forward(pre=_crash_on_mismatch),
+        description="shapes that do not broadcast crash with AttributeError",
+    ),
+    _m(
+        "integers_value_error",
+        _forward(pre=_finfo_first),
+        description="integer or boolean input raises ValueError (from np.finfo), not TypeError",
+    ),
     _m("no_broadcasting", _forward(pre=_no_broadcast), description="refuses to broadcast"),
     _m("sum_last_axis", _sum_last_axis, description="reduces over the last axis only"),
     _m(

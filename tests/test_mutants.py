@@ -24,6 +24,8 @@ CAUGHT_BY = {
     "crash_0d": "semantics.zero_dim",
     "crash_empty": "semantics.empty",
     "mutates_input": "hygiene.inputs_unmodified",
+    "mismatch_attribute_error": "semantics.incompatible_shapes",
+    "integers_value_error": "semantics.non_float_input",
     "no_broadcasting": "semantics.broadcasting",
     "sum_last_axis": "semantics.result",
     "wrong_target_grad_sign": "gradients.target",
@@ -56,3 +58,18 @@ def test_mutant_is_rejected(name):
 def test_correct_implementations_pass_the_catching_properties(impl):
     report = run(impl, "numpy", names=set(CAUGHT_BY.values()), max_examples=10, shrink=False)
     assert not report.failed, [o for o in report.outcomes if o.status == "fail"]
+
+
+@pytest.mark.parametrize(
+    ("name", "prop", "raised"),
+    [
+        ("mismatch_attribute_error", "semantics.incompatible_shapes", "raised AttributeError"),
+        ("integers_value_error", "semantics.non_float_input", "raised ValueError"),
+    ],
+)
+def test_an_error_of_another_class_is_a_failure_that_names_it(name, prop, raised):
+    """A crash is not a refusal: the property says what was raised instead."""
+    report = run(f"mutant:{name}", "numpy", names=[prop], shrink=False)
+    (outcome,) = report.outcomes
+    assert outcome.status == "fail"
+    assert raised in outcome.reason, outcome.reason
