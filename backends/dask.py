@@ -22,9 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat
+import dask.array as da
 import numpy as np
 
-from kldiv_spec._core import divisor, sum_to_shape
+from kldiv_spec._core import divide_total, sum_to_shape
+from kldiv_spec._functional import forward
+from kldiv_spec._functional import kl_div_backward as _kl_div_backward
 from kldiv_spec._validation import Operands
 
 __all__ = ["kl_div", "kl_div_backward"]
@@ -32,8 +36,6 @@ __all__ = ["kl_div", "kl_div_backward"]
 
 def _chunk_library_kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool) -> Any:
     """Evaluate one chunk with the chunk's own library (fast path or reference)."""
-    from kldiv_spec._functional import forward
-
     return forward(x, t, reduction=reduction, log_target=log_target, stacklevel=2, warn_mean=False)
 
 
@@ -43,7 +45,7 @@ def _chunk_none(x: Any, t: Any, /, *, log_target: bool) -> Any:
 
 def _chunk_sum(x: Any, t: Any, /, *, log_target: bool) -> Any:
     """Return the chunk's loss sum as a float64 array of shape ``(1,) * ndim``."""
-    xp = _namespace(x)
+    xp = array_api_compat.array_namespace(x)
     if x.size == 0:
         return xp.zeros((1,) * x.ndim, dtype=xp.float64)
     total = _chunk_library_kl_div(x, t, reduction="sum", log_target=log_target)
@@ -52,23 +54,13 @@ def _chunk_sum(x: Any, t: Any, /, *, log_target: bool) -> Any:
 
 def _chunk_gradients(g: Any, x: Any, t: Any, /, *, log_target: bool) -> Any:
     """Return both gradients of one chunk stacked along a new leading axis of size 2."""
-    from kldiv_spec._functional import kl_div_backward
-
-    xp = _namespace(x)
-    grad_x, grad_t = kl_div_backward(g, x, t, reduction="none", log_target=log_target)
+    xp = array_api_compat.array_namespace(x)
+    grad_x, grad_t = _kl_div_backward(g, x, t, reduction="none", log_target=log_target)
     return xp.stack([grad_x, grad_t])
-
-
-def _namespace(a: Any, /) -> Any:
-    import array_api_compat
-
-    return array_api_compat.array_namespace(a)
 
 
 def _aligned(ops: Operands, /, *arrays: Any) -> list[Any]:
     """Broadcast ``arrays`` to the output shape, with the chunks of the first one."""
-    import dask.array as da
-
     shape = ops.output_shape
     first = da.broadcast_to(arrays[0], shape)
     out = [first]
@@ -90,15 +82,13 @@ def _meta(a: Any, dtype: Any, /) -> Any:
     return meta.astype(dtype)
 
 
-def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands) -> Any:
+def kl_div(ops: Operands, /) -> Any:
     """Return the loss as a lazy Dask array (0-d for the reductions), or NotImplemented."""
     if not _handles(ops):
         return NotImplemented
-    import dask.array as da
-
-    dt = ops.dtype
-    xb, tb = _aligned(ops, x, t)
-    if reduction == "none":
+    dt, log_target = ops.dtype, ops.log_target
+    xb, tb = _aligned(ops, ops.input, ops.target)
+    if ops.reduction == "none":
         return da.map_blocks(
             _chunk_none, xb, tb, log_target=log_target, dtype=dt, meta=_meta(xb, dt)
         )
@@ -111,36 +101,22 @@ def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
         dtype=np.float64,
         meta=_meta(xb, np.float64),
     )
-    total = da.sum(partials).astype(dt)
-    d = divisor(
-        reduction, output_shape=ops.output_shape, batch_size=x.shape[0] if x.ndim else None
-    )
-    return total if d == 1 else total / d
+    return divide_total(da.sum(partials).astype(dt), ops.divisor, xp=ops.xp)
 
 
-def kl_div_backward(
-    g: Any, x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
-) -> Any:
+def kl_div_backward(g: Any, ops: Operands, /) -> Any:
     """Return lazy ``(grad_input, grad_target)``, each of its argument's shape and dtype."""
     if not _handles(ops):
         return NotImplemented
-    import dask.array as da
-
-    dt = ops.dtype
-    xp = ops.xp
-    g = da.asarray(g).astype(dt)
-    d = divisor(
-        reduction, output_shape=ops.output_shape, batch_size=x.shape[0] if x.ndim else None
-    )
-    if d != 1:
-        g = g / d
+    dt, xp, x, t = ops.dtype, ops.xp, ops.input, ops.target
+    g = divide_total(da.asarray(g).astype(dt), ops.divisor, xp=xp)
     xb, tb, gb = _aligned(ops, x.astype(dt), t.astype(dt), g)
     stacked = da.map_blocks(
         _chunk_gradients,
         gb,
         xb,
         tb,
-        log_target=log_target,
+        log_target=ops.log_target,
         new_axis=0,
         chunks=((2,), *xb.chunks),
         dtype=dt,

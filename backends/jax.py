@@ -29,8 +29,8 @@ __all__ = ["kl_div", "kl_div_backward"]
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
-def _accepts(x: Any, t: Any) -> bool:
-    return x.dtype in _DTYPES and t.dtype == x.dtype and x.shape == t.shape
+def _accepts(ops: Operands) -> bool:
+    return ops.input.dtype in _DTYPES and ops.same_shape_and_dtype
 
 
 def _accumulator(dtype: Any) -> Any:
@@ -38,15 +38,25 @@ def _accumulator(dtype: Any) -> Any:
     return jnp.float64 if jax.config.read("jax_enable_x64") else dtype
 
 
-def _loss(x: Any, t: Any, reduction: str, log_target: bool) -> Any:
-    xp = jnp
-    pointwise = _core.pointwise_loss(x, t, log_target=log_target, xp=xp)
+def _loss(x: Any, t: Any, reduction: str, log_target: bool, divisor: int) -> Any:
+    pointwise = _core.pointwise_loss(x, t, log_target=log_target, xp=jnp)
     if reduction == "none":
         return pointwise
-    total = jnp.sum(pointwise, dtype=_accumulator(x.dtype))
-    batch_size = x.shape[0] if x.ndim > 0 else None
-    d = _core.divisor(reduction, output_shape=x.shape, batch_size=batch_size)
-    return (total / d).astype(x.dtype)
+    total = jnp.sum(pointwise, dtype=_accumulator(x.dtype)).astype(x.dtype)
+    return _divide(total, divisor)
+
+
+def _divide(total: Any, divisor: int) -> Any:
+    """:func:`kldiv_spec._core.divide_total` for float32/float64 inside compiled code.
+
+    XLA compiles a division by a constant as a multiplication by its rounded
+    reciprocal, which can be one ulp away from the correctly rounded quotient
+    that the rounding rule specifies; behind an optimisation barrier the
+    divisor is not a constant, and the division stays a division.
+    """
+    if divisor in (0, 1):
+        return _core.divide_total(total, divisor, xp=jnp)
+    return total / jax.lax.optimization_barrier(jnp.asarray(divisor, dtype=total.dtype))
 
 
 def _pointwise_gradients(g: Any, x: Any, t: Any, log_target: bool) -> tuple[Any, Any]:
@@ -65,49 +75,46 @@ def _pointwise_gradients(g: Any, x: Any, t: Any, log_target: bool) -> tuple[Any,
     return -(t * g), grad_t
 
 
-def _gradients(g: Any, x: Any, t: Any, reduction: str, log_target: bool) -> tuple[Any, Any]:
-    g = g.astype(x.dtype)
-    batch_size = x.shape[0] if x.ndim > 0 else None
-    d = _core.divisor(reduction, output_shape=x.shape, batch_size=batch_size)
-    if d != 1:
-        g = g / d
+def _gradients(g: Any, x: Any, t: Any, log_target: bool, divisor: int) -> tuple[Any, Any]:
+    g = _divide(g.astype(x.dtype), divisor)
     grad_x, grad_t = _pointwise_gradients(g, x, t, log_target)
     return jnp.broadcast_to(grad_x, x.shape), jnp.broadcast_to(grad_t, t.shape)
 
 
-_forward_jit = jax.jit(_loss, static_argnums=(2, 3))
+_forward_jit = jax.jit(_loss, static_argnums=(2, 3, 4))
 _backward_jit = jax.jit(_gradients, static_argnums=(3, 4))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _kl_div(x: Any, t: Any, reduction: str, log_target: bool) -> Any:
-    return _forward_jit(x, t, reduction, log_target)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _kl_div(x: Any, t: Any, reduction: str, log_target: bool, divisor: int) -> Any:
+    return _forward_jit(x, t, reduction, log_target, divisor)
 
 
-def _kl_div_fwd(x: Any, t: Any, reduction: str, log_target: bool) -> tuple[Any, Any]:
-    return _forward_jit(x, t, reduction, log_target), (x, t)
+def _kl_div_fwd(x: Any, t: Any, reduction: str, log_target: bool, divisor: int) -> tuple[Any, Any]:
+    return _forward_jit(x, t, reduction, log_target, divisor), (x, t)
 
 
-def _kl_div_bwd(reduction: str, log_target: bool, saved: Any, g: Any) -> tuple[Any, Any]:
+def _kl_div_bwd(
+    reduction: str, log_target: bool, divisor: int, saved: Any, g: Any
+) -> tuple[Any, Any]:
     x, t = saved
-    return _backward_jit(g, x, t, reduction, log_target)
+    return _backward_jit(g, x, t, log_target, divisor)
 
 
 _kl_div.defvjp(_kl_div_fwd, _kl_div_bwd)
 
 
-def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands) -> Any:
+def kl_div(ops: Operands, /) -> Any:
     """Evaluate the loss with the compiled path, or return ``NotImplemented``."""
-    if not _accepts(x, t):
+    if not _accepts(ops):
         return NotImplemented
-    return _kl_div(x, t, reduction, log_target)
+    return _kl_div(ops.input, ops.target, ops.reduction, ops.log_target, ops.divisor)
 
 
-def kl_div_backward(
-    g: Any, x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
-) -> tuple[Any, Any] | Any:
+def kl_div_backward(g: Any, ops: Operands, /) -> tuple[Any, Any] | Any:
     """Both gradients with the compiled backward, or ``NotImplemented``."""
-    if not _accepts(x, t):
+    if not _accepts(ops):
         return NotImplemented
-    g = jnp.broadcast_to(jnp.asarray(g), x.shape if reduction == "none" else ())
-    return _backward_jit(g, x, t, reduction, log_target)
+    x = ops.input
+    g = jnp.broadcast_to(jnp.asarray(g), x.shape if ops.reduction == "none" else ())
+    return _backward_jit(g, x, ops.target, ops.log_target, ops.divisor)

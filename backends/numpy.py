@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kldiv_spec._core import divisor
+from kldiv_spec._core import divide_total
 from kldiv_spec._validation import Operands
 
 from . import _blocks
@@ -45,54 +45,40 @@ def _handles(ops: Operands, /, *arrays: Any) -> bool:
     return len(shape) > 0 and math.prod(shape) >= max(_blocks.min_elements(), 1)
 
 
-def _batch_size(x: Any, /) -> int | None:
-    return x.shape[0] if x.ndim > 0 else None
-
-
-def kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands) -> Any:
+def kl_div(ops: Operands, /) -> Any:
     """Return the loss for NumPy operands, or NotImplemented to defer to the reference.
 
     The result is a fresh ndarray: of the output shape for ``'none'``, 0-d of the
-    common dtype for the reductions (the float64 total is rounded to that dtype,
-    then divided in it, as the reference divides).
+    common dtype for the reductions (the float64 total rounded to that dtype, then
+    divided by the divisor: :func:`kldiv_spec._core.divide_total`).
     """
+    x, t = ops.input, ops.target
     if not _handles(ops, x, t):
         return NotImplemented
     dt = np.dtype(ops.dtype)
     shape = ops.output_shape
-    if reduction == "none":
-        return _blocks.loss_none(x, t, shape=shape, dtype=dt, log_target=log_target)
-    total = dt.type(_blocks.loss_sum(x, t, shape=shape, dtype=dt, log_target=log_target))
-    d = divisor(reduction, output_shape=shape, batch_size=_batch_size(x))
-    if d != 1:
-        with np.errstate(all="ignore"):
-            total = total / d
-    return np.asarray(total, dtype=dt)
+    if ops.reduction == "none":
+        return _blocks.loss_none(x, t, shape=shape, dtype=dt, log_target=ops.log_target)
+    total = _blocks.loss_sum(x, t, shape=shape, dtype=dt, log_target=ops.log_target)
+    with np.errstate(all="ignore"):
+        return np.asarray(divide_total(np.asarray(total, dtype=dt), ops.divisor, xp=np))
 
 
-def kl_div_backward(
-    g: Any, x: Any, t: Any, /, *, reduction: str, log_target: bool, ops: Operands
-) -> Any:
+def kl_div_backward(g: Any, ops: Operands, /) -> Any:
     """Return ``(grad_input, grad_target)`` in one pass, or NotImplemented.
 
-    Handled when ``x`` and ``t`` share one shape and one dtype (no gradient has
-    to be summed back over broadcast axes) and, for ``'none'``, ``g`` has that
-    dtype too.
+    Handled when ``input`` and ``target`` share the output's shape and dtype (no
+    gradient has to be summed back over broadcast axes) and, for ``'none'``,
+    ``g`` has that dtype too.
     """
-    g = np.asarray(g) if np.isscalar(g) else g
-    if not _handles(ops, x, t, g):
+    x, t = ops.input, ops.target
+    if not _handles(ops, x, t, g) or not ops.same_shape_and_dtype:
         return NotImplemented
     dt = np.dtype(ops.dtype)
-    shape = ops.output_shape
-    if x.shape != shape or t.shape != shape or x.dtype != dt or t.dtype != dt:
-        return NotImplemented
-    if reduction == "none":
+    if ops.reduction == "none":
         if g.dtype != dt:
             return NotImplemented
     else:
-        d = divisor(reduction, output_shape=shape, batch_size=_batch_size(x))
-        g = g.astype(dt, copy=False)
-        if d != 1:
-            with np.errstate(all="ignore"):
-                g = np.asarray(g / d)
-    return _blocks.gradients(g, x, t, shape=shape, dtype=dt, log_target=log_target)
+        with np.errstate(all="ignore"):
+            g = divide_total(np.asarray(g, dtype=dt), ops.divisor, xp=np)
+    return _blocks.gradients(g, x, t, shape=ops.output_shape, dtype=dt, log_target=ops.log_target)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import array_api_compat.torch as _xp
 import torch
 from torch.autograd import forward_ad
 
@@ -60,11 +61,12 @@ _DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _accepts(x: Any, t: Any, ops: Operands) -> bool:
+def _accepts(ops: Operands) -> bool:
     """Return whether the fast path handles these operands (else the reference does)."""
+    x, t = ops.input, ops.target
     if type(x) not in _PLAIN_TYPES or type(t) not in _PLAIN_TYPES:
         return False
-    if x.dtype not in _DTYPES or t.dtype != x.dtype or x.shape != t.shape:
+    if x.dtype not in _DTYPES or not ops.same_shape_and_dtype:
         return False
     if x.layout != torch.strided or not (x.is_contiguous() and t.is_contiguous()):
         return False
@@ -97,16 +99,13 @@ def _triton_available() -> bool:
     return _TRITON[0]
 
 
-def _divisor(x: torch.Tensor, reduction: str) -> int:
-    batch_size = x.shape[0] if x.ndim > 0 else None
-    return _core.divisor(reduction, output_shape=tuple(x.shape), batch_size=batch_size)
-
-
 def _block_elements(dtype: torch.dtype) -> int:
     return max(64, BLOCK_BYTES // torch.finfo(dtype).bits * 8 // 64 * 64)
 
 
-def _cpu_forward(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> Any:
+def _cpu_forward(
+    x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool, divisor: int
+) -> Any:
     xf, tf = x.reshape(-1), t.reshape(-1)
     n = xf.numel()
     step = _block_elements(x.dtype)
@@ -125,7 +124,7 @@ def _cpu_forward(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: b
         block, s = work[: stop - start], scratch[: stop - start]
         _pointwise_block(block, xf[start:stop], tf[start:stop], log_target, s, exact=False)
         total += block.sum().item()
-    return torch.tensor(total / _divisor(x, reduction), dtype=x.dtype)
+    return _core.divide_total(torch.tensor(total, dtype=x.dtype), divisor, xp=_xp)
 
 
 def _pointwise_block(
@@ -209,14 +208,15 @@ def _cpu_backward(
     )
 
 
-def _forward(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> Any:
+def _forward(ops: Operands) -> Any:
+    x, t = ops.input, ops.target
     if x.device.type == "cuda":
         from . import _triton_kernels
 
         return _triton_kernels.forward(
-            x, t, reduction=reduction, log_target=log_target, divisor=_divisor(x, reduction)
+            x, t, reduction=ops.reduction, log_target=ops.log_target, divisor=ops.divisor
         )
-    return _cpu_forward(x, t, reduction, log_target)
+    return _cpu_forward(x, t, ops.reduction, ops.log_target, ops.divisor)
 
 
 def _backward(
@@ -229,16 +229,15 @@ def _backward(
     return _cpu_backward(g, x, t, log_target, need)
 
 
-def _scaled_grad(grad: torch.Tensor, x: torch.Tensor, reduction: str) -> torch.Tensor | None:
+def _scaled_grad(grad: torch.Tensor, ops: Operands) -> torch.Tensor | None:
     """Return ``grad / D`` ready for the kernels, or None when it needs the reference."""
-    d = _divisor(x, reduction)
-    if reduction == "none":
+    x = ops.input
+    if ops.reduction == "none":
         if grad.shape != x.shape or not grad.is_contiguous() or type(grad) not in _PLAIN_TYPES:
             return None
     elif grad.ndim != 0:
         return None
-    g = grad.to(x.dtype)
-    return g / d if d != 1 else g
+    return _core.divide_total(grad.to(x.dtype), ops.divisor, xp=_xp)
 
 
 class _BlockedKLDiv(torch.autograd.Function):
@@ -246,17 +245,18 @@ class _BlockedKLDiv(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: Operands, reduction: str, log_target: bool
+        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: Operands
     ) -> torch.Tensor:
         ctx.save_for_backward(x, t)
-        ctx.ops, ctx.reduction, ctx.log_target = ops, reduction, log_target
-        return _forward(x, t, reduction, log_target)
+        ctx.ops = ops
+        return _forward(ops)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, t = ctx.saved_tensors
+        ops: Operands = ctx.ops
         need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
-        g = None if torch.is_grad_enabled() else _scaled_grad(grad, x, ctx.reduction)
+        g = None if torch.is_grad_enabled() else _scaled_grad(grad, ops)
         if g is None:
             # create_graph=True (or an unusual grad): differentiable ops give exact
             # higher derivatives.
@@ -264,46 +264,37 @@ class _BlockedKLDiv(torch.autograd.Function):
                 grad,
                 x,
                 t,
-                reduction=ctx.reduction,
-                log_target=ctx.log_target,
-                output_shape=ctx.ops.output_shape,
-                xp=ctx.ops.xp,
+                reduction=ops.reduction,
+                log_target=ops.log_target,
+                output_shape=ops.output_shape,
+                xp=ops.xp,
             )
         else:
-            grad_x, grad_t = _backward(g, x, t, ctx.log_target, need)
-        return (grad_x if need[0] else None, grad_t if need[1] else None, None, None, None)
+            grad_x, grad_t = _backward(g, x, t, ops.log_target, need)
+        return (grad_x if need[0] else None, grad_t if need[1] else None, None)
 
 
-def kl_div(
-    x: torch.Tensor, t: torch.Tensor, /, *, reduction: str, log_target: bool, ops: Operands
-) -> torch.Tensor | Any:
+def kl_div(ops: Operands, /) -> torch.Tensor | Any:
     """Evaluate the loss on tensors, or return ``NotImplemented`` to use the reference."""
-    if not _accepts(x, t, ops):
+    if not _accepts(ops):
         return NotImplemented
+    x, t = ops.input, ops.target
     if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
-        return _BlockedKLDiv.apply(x, t, ops, reduction, log_target)
-    return _forward(x, t, reduction, log_target)
+        return _BlockedKLDiv.apply(x, t, ops)
+    return _forward(ops)
 
 
-def kl_div_backward(
-    g: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    /,
-    *,
-    reduction: str,
-    log_target: bool,
-    ops: Operands,
-) -> tuple[torch.Tensor, torch.Tensor] | Any:
+def kl_div_backward(g: torch.Tensor, ops: Operands, /) -> tuple[torch.Tensor, torch.Tensor] | Any:
     """Both gradients in one blocked pass each, or ``NotImplemented`` for the reference."""
-    if not _accepts(x, t, ops) or type(g) not in _PLAIN_TYPES:
+    if not _accepts(ops) or type(g) not in _PLAIN_TYPES:
         return NotImplemented
-    if reduction == "none" and g.shape != x.shape:
+    x, t = ops.input, ops.target
+    if ops.reduction == "none" and g.shape != x.shape:
         g = torch.broadcast_to(g, x.shape).contiguous()
-    scaled = _scaled_grad(g, x, reduction)
+    scaled = _scaled_grad(g, ops)
     if scaled is None or scaled.device != x.device:
         return NotImplemented
     with torch.no_grad():
-        grad_x, grad_t = _backward(scaled, x, t, log_target, (True, True))
+        grad_x, grad_t = _backward(scaled, x, t, ops.log_target, (True, True))
     assert grad_x is not None and grad_t is not None
     return grad_x, grad_t

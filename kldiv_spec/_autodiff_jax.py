@@ -55,6 +55,6 @@ def _backward(static: Any, reduction: str, log_target: bool, saved: Any, g: Any)
 _kl_div.defvjp(_forward, _backward)
 
 
-def kl_div_with_gradient(ops: Operands, /, *, reduction: str, log_target: bool) -> Any:
+def kl_div_with_gradient(ops: Operands, /) -> Any:
     """Evaluate the reference on JAX arrays with the analytic gradient attached."""
-    return _kl_div(ops.input, ops.target, _static(ops), reduction, log_target)
+    return _kl_div(ops.input, ops.target, _static(ops), ops.reduction, ops.log_target)

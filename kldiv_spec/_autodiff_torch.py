@@ -27,18 +27,16 @@ class _ReferenceKLDiv(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        x: torch.Tensor, t: torch.Tensor, ops: Operands, reduction: str, log_target: bool
-    ) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, ops: Operands) -> torch.Tensor:  # type: ignore[override]
         xs, ts = _promoted(ops, x, t)
-        return _core.kl_div(xs, ts, reduction=reduction, log_target=log_target, xp=ops.xp)
+        return _core.kl_div(xs, ts, reduction=ops.reduction, log_target=ops.log_target, xp=ops.xp)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, t, ops, reduction, log_target = inputs
+        x, t, ops = inputs
         ctx.save_for_backward(x, t)
         ctx.save_for_forward(x, t)
-        ctx.ops, ctx.reduction, ctx.log_target = ops, reduction, log_target
+        ctx.ops = ops
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -49,16 +47,14 @@ class _ReferenceKLDiv(torch.autograd.Function):
             grad,
             xs,
             ts,
-            reduction=ctx.reduction,
-            log_target=ctx.log_target,
+            reduction=ops.reduction,
+            log_target=ops.log_target,
             output_shape=ops.output_shape,
             xp=ops.xp,
         )
         return (
             grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None,
             grad_t.to(t.dtype) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
             None,
         )
 
@@ -69,17 +65,18 @@ class _ReferenceKLDiv(torch.autograd.Function):
         xp = ops.xp
         xs, ts = _promoted(ops, x, t)
         ones = torch.ones((), dtype=ops.dtype, device=x.device)
-        d_x, d_t = _core.pointwise_gradients(ones, xs, ts, log_target=ctx.log_target, xp=xp)
+        d_x, d_t = _core.pointwise_gradients(ones, xs, ts, log_target=ops.log_target, xp=xp)
         tangent = torch.zeros((), dtype=ops.dtype, device=x.device)
         if dx is not None:
             tangent = tangent + d_x * dx.to(ops.dtype)
         if dt is not None:
             tangent = tangent + d_t * dt.to(ops.dtype)
         tangent = torch.broadcast_to(tangent, ops.output_shape)
-        batch_size = x.shape[0] if x.ndim > 0 else None
-        return _core.reduce_loss(tangent, reduction=ctx.reduction, batch_size=batch_size, xp=xp)
+        return _core.reduce_loss(
+            tangent, reduction=ops.reduction, batch_size=ops.batch_size, xp=xp
+        )
 
 
-def kl_div_with_gradient(ops: Operands, /, *, reduction: str, log_target: bool) -> Any:
+def kl_div_with_gradient(ops: Operands, /) -> Any:
     """Evaluate the reference on tensors with the analytic derivatives attached."""
-    return _ReferenceKLDiv.apply(ops.input, ops.target, ops, reduction, log_target)
+    return _ReferenceKLDiv.apply(ops.input, ops.target, ops)

@@ -58,33 +58,54 @@ def pointwise_loss(x: Array, t: Array, /, *, log_target: bool, xp: Namespace) ->
 def reduce_loss(loss: Array, /, *, reduction: str, batch_size: int | None, xp: Namespace) -> Array:
     r"""Reduce the elementwise loss.
 
-    ``'none'`` returns it as is; ``'sum'`` returns :math:`\sum \ell`;
-    ``'mean'`` returns :math:`\sum \ell / N` with :math:`N` the number of
-    elements of the (broadcast) loss; ``'batchmean'`` returns
-    :math:`\sum \ell / B` with :math:`B` the *input's* first dimension, or the
-    plain sum when ``batch_size`` is None (0-d input). Empty sums are 0, so an
-    empty ``'mean'`` (and ``'batchmean'`` with ``B = 0``) is ``0 / 0 = NaN``.
+    ``'none'`` returns it as is; ``'sum'`` returns :math:`S = \sum \ell`;
+    ``'mean'`` returns :math:`S / N` with :math:`N` the number of elements of
+    the (broadcast) loss; ``'batchmean'`` returns :math:`S / B` with :math:`B`
+    the *input's* first dimension, or the plain sum when ``batch_size`` is None
+    (0-d input). The quotient follows the one rounding rule of
+    :func:`divide_total`. Empty sums are 0, so an empty ``'mean'`` (and
+    ``'batchmean'`` with ``B = 0``) is ``0 / 0 = NaN``.
     """
     if reduction == "none":
         return loss
     total = xp.sum(loss)
-    if reduction == "sum":
-        return total
-    # An empty sum divided by zero is NaN; it is built directly rather than as
-    # 0 / 0, which NumPy (and Dask, at compute time) would warn about.
-    count = math.prod(loss.shape) if reduction == "mean" else batch_size
-    if count is None:
-        return total
-    return total / count if count else xp.full_like(total, math.nan)
+    d = divisor(reduction, output_shape=tuple(loss.shape), batch_size=batch_size)
+    return divide_total(total, d, xp=xp)
 
 
 def divisor(reduction: str, /, *, output_shape: tuple[int, ...], batch_size: int | None) -> int:
-    """Return the number the summed loss is divided by under ``reduction``."""
+    """Return the number the summed loss is divided by under ``reduction``.
+
+    1 for ``'none'`` and ``'sum'``; the number of elements of the output for
+    ``'mean'``; ``batch_size`` for ``'batchmean'`` (1 when it is None: 0-d input).
+    """
     if reduction == "mean":
         return math.prod(output_shape)
     if reduction == "batchmean" and batch_size is not None:
         return batch_size
     return 1
+
+
+def divide_total(total: Array, d: int, /, *, xp: Namespace) -> Array:
+    r"""Return :math:`\operatorname{fl}(S / D)`: the one rounding rule of every reduction.
+
+    ``total`` is the sum :math:`S` already rounded to the result dtype (an
+    array of that dtype, 0-d for a loss); it is divided by the integer
+    :math:`D` and the quotient rounded once to that dtype. For half-precision
+    dtypes (float16, bfloat16) the division is carried out in float32 and
+    rounded to the dtype, as PyTorch's ``mean`` and ``div`` do (dividing in the
+    dtype itself would first round :math:`D`, and overflow float16 for
+    :math:`D > 65504`). :math:`D = 0` (an empty ``'mean'`` or ``'batchmean'``)
+    gives NaN, built directly rather than as ``0 / 0``, which NumPy would warn
+    about. :math:`D = 1` returns ``total`` unchanged.
+    """
+    if d == 1:
+        return total
+    if d == 0:
+        return xp.full_like(total, math.nan)
+    if xp.finfo(total.dtype).bits < 32:
+        return xp.astype(xp.astype(total, xp.float32) / d, total.dtype)
+    return total / d
 
 
 def kl_div(x: Array, t: Array, /, *, reduction: str, log_target: bool, xp: Namespace) -> Array:
@@ -166,8 +187,7 @@ def kl_div_backward(
     """
     batch_size = x.shape[0] if x.ndim > 0 else None
     d = divisor(reduction, output_shape=output_shape, batch_size=batch_size)
-    if d != 1:
-        g = g / d
+    g = divide_total(g, d, xp=xp)
     grad_x, grad_t = pointwise_gradients(g, x, t, log_target=log_target, xp=xp)
     grad_x = sum_to_shape(xp.broadcast_to(grad_x, output_shape), x.shape, xp=xp)
     grad_t = sum_to_shape(xp.broadcast_to(grad_t, output_shape), t.shape, xp=xp)

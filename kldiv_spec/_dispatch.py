@@ -1,15 +1,18 @@
 """Choosing how a call is evaluated: a backend's fast path, or the reference.
 
-A fast path is a module ``kldiv_spec.backends.<library>`` exposing::
+The array library of the operands is looked up in the one backend registry
+(:mod:`kldiv_spec.backends._registry`); where its entry has a fast path, the
+module ``kldiv_spec.backends.<name>`` is imported on first use and called with
+the protocol of :mod:`kldiv_spec.backends`::
 
-    kl_div(x, t, /, *, reduction, log_target, ops) -> array | NotImplemented
-    kl_div_backward(g, x, t, /, *, reduction, log_target, ops)
-        -> (grad_input, grad_target) | NotImplemented
+    kl_div(ops) -> array | NotImplemented
+    kl_div_backward(grad_output, ops) -> (grad_input, grad_target) | NotImplemented
 
-where ``ops`` is the :class:`~kldiv_spec._validation.Operands` of the call.
+where ``ops`` is the call's :class:`~kldiv_spec._validation.Operands`.
 Returning ``NotImplemented`` declines the call (an unsupported dtype, say) and
-the reference evaluates it instead. Fast paths are looked up by the array
-library of the operands and imported only when first needed.
+the reference evaluates it instead. An ImportError raised while importing a
+fast path is an error of this package and propagates: it is never turned into
+a silent fall-back to the (much slower) reference.
 
 The reference can be forced, for debugging or to check a fast path against it,
 with :func:`use_reference` or the environment variable
@@ -26,14 +29,14 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
+from kldiv_spec.backends._registry import for_namespace
 
 __all__ = ["use_reference"]
 
 _FORCE_REFERENCE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "kldiv_spec_force_reference", default=None
 )
-_LOADED: dict[str, ModuleType | None] = {}
+_LOADED: dict[str, ModuleType] = {}
 
 
 @contextlib.contextmanager
@@ -77,33 +80,14 @@ def reference_forced() -> bool:
     return forced
 
 
-def library_name(xp: Any, /) -> str | None:
-    """Return the key of the fast-path module for namespace ``xp``, if any."""
-    checks = (
-        ("numpy", array_api_compat.is_numpy_namespace),
-        ("torch", array_api_compat.is_torch_namespace),
-        ("jax", array_api_compat.is_jax_namespace),
-        ("cupy", array_api_compat.is_cupy_namespace),
-        ("dask", array_api_compat.is_dask_namespace),
-    )
-    for name, is_namespace in checks:
-        if is_namespace(xp):
-            return name
-    return None
-
-
 def fast_path(xp: Any, /) -> ModuleType | None:
-    """Return the fast-path module for ``xp``, or None to use the reference."""
+    """Return the fast-path module for namespace ``xp``, or None to use the reference."""
     if reference_forced():
         return None
-    name = library_name(xp)
-    if name is None:
+    spec = for_namespace(xp)
+    if spec is None or spec.fast_path_module is None:
         return None
-    if name not in _LOADED:
-        try:
-            _LOADED[name] = importlib.import_module(f"kldiv_spec.backends.{name}")
-        except ModuleNotFoundError as error:
-            if not (error.name or "").startswith("kldiv_spec.backends"):
-                raise
-            _LOADED[name] = None
-    return _LOADED[name]
+    module = _LOADED.get(spec.name)
+    if module is None:
+        module = _LOADED[spec.name] = importlib.import_module(spec.fast_path_module)
+    return module

@@ -10,12 +10,7 @@ import numpy as np
 from . import _reference
 from ._dispatch import fast_path
 from ._floating_point import quiet
-from ._validation import (
-    check_log_target,
-    check_reduction,
-    grad_output_array,
-    operands,
-)
+from ._validation import grad_output_array, operands
 
 __all__ = ["kl_div", "kl_div_backward"]
 
@@ -119,20 +114,16 @@ def forward(
     ``warn_mean=False`` is for the legacy ``size_average``/``reduce`` spelling,
     which PyTorch resolves to ``'mean'`` without the ``'mean'`` warning.
     """
-    check_reduction(reduction)
-    check_log_target(log_target)
-    ops = operands(input, target)
+    ops = operands(input, target, reduction=reduction, log_target=log_target)
     if reduction == "mean" and warn_mean:
         warnings.warn(MEAN_WARNING, UserWarning, stacklevel=stacklevel)
     path = fast_path(ops.xp)
     if path is not None:
         with quiet(ops.xp):
-            result = path.kl_div(
-                input, target, reduction=reduction, log_target=log_target, ops=ops
-            )
+            result = path.kl_div(ops)
         if result is not NotImplemented:
             return _zero_dim_array(result)
-    return _zero_dim_array(_reference.forward(ops, reduction=reduction, log_target=log_target))
+    return _zero_dim_array(_reference.forward(ops))
 
 
 def _zero_dim_array(result: Array) -> Array:
@@ -192,16 +183,12 @@ def kl_div_backward(
     >>> gx
     Array([-0.5, -0.5], dtype=array_api_strict.float64)
     """
-    check_reduction(reduction)
-    check_log_target(log_target)
-    ops = operands(input, target)
-    g = grad_output_array(grad_output, ops, reduction)
+    ops = operands(input, target, reduction=reduction, log_target=log_target)
+    g = grad_output_array(grad_output, ops)
     path = fast_path(ops.xp)
     if path is not None:
         with quiet(ops.xp):
-            result = path.kl_div_backward(
-                g, input, target, reduction=reduction, log_target=log_target, ops=ops
-            )
+            result = path.kl_div_backward(g, ops)
         if result is not NotImplemented:
             return result
-    return _reference.backward(g, ops, reduction=reduction, log_target=log_target)
+    return _reference.backward(g, ops)

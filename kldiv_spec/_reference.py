@@ -28,25 +28,23 @@ def common_dtype(ops: Operands, /) -> tuple[Any, Any]:
     )
 
 
-def forward(ops: Operands, /, *, reduction: str, log_target: bool) -> Any:
+def forward(ops: Operands, /) -> Any:
     """Evaluate the reduced loss with the core."""
     xp = ops.xp
     if array_api_compat.is_torch_namespace(xp):
         from ._autodiff_torch import kl_div_with_gradient
 
-        return kl_div_with_gradient(ops, reduction=reduction, log_target=log_target)
+        return kl_div_with_gradient(ops)
     if array_api_compat.is_jax_namespace(xp):
         from ._autodiff_jax import kl_div_with_gradient
 
-        return kl_div_with_gradient(ops, reduction=reduction, log_target=log_target)
+        return kl_div_with_gradient(ops)
     x, t = common_dtype(ops)
     with quiet(xp):
-        return _core.kl_div(x, t, reduction=reduction, log_target=log_target, xp=xp)
+        return _core.kl_div(x, t, reduction=ops.reduction, log_target=ops.log_target, xp=xp)
 
 
-def backward(
-    grad_output: Any, ops: Operands, /, *, reduction: str, log_target: bool
-) -> tuple[Any, Any]:
+def backward(grad_output: Any, ops: Operands, /) -> tuple[Any, Any]:
     """Evaluate both gradients with the core, each in its own argument's dtype."""
     xp = ops.xp
     x, t = common_dtype(ops)
@@ -56,8 +54,8 @@ def backward(
             g,
             x,
             t,
-            reduction=reduction,
-            log_target=log_target,
+            reduction=ops.reduction,
+            log_target=ops.log_target,
             output_shape=ops.output_shape,
             xp=xp,
         )

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
+import numpy as np
+
+from ._core import divisor
 
 Array = Any
 Namespace = Any
@@ -54,6 +57,15 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, /) -> str:
 
 
 def _check_array(a: object, name: str, /) -> None:
+    if isinstance(a, (np.ma.MaskedArray, np.matrix)):
+        # Their operations do not follow the array API (masked elements are skipped by
+        # some reductions and not others; matrix products and shapes differ).
+        msg = (
+            f"{name} must be an array API array, got {type(a).__module__}.{type(a).__name__}: "
+            "fill or drop masked elements (np.ma.filled, np.ma.compressed) or use "
+            "np.asarray for a matrix"
+        )
+        raise TypeError(msg)
     if not array_api_compat.is_array_api_obj(a):
         msg = (
             f"{name} must be an array (NumPy, CuPy, PyTorch, JAX, Dask or any array "
@@ -104,21 +116,70 @@ def _unknown(n: int | float | None) -> bool:
 
 @dataclass(frozen=True)
 class Operands:
-    """The validated operands of one call: namespace, common dtype and output shape."""
+    """One validated call: the operands and everything derived from them, computed once.
+
+    This is what the reference and every fast path receive (see
+    :mod:`kldiv_spec.backends`); nothing here is re-derived elsewhere.
+
+    Attributes
+    ----------
+    xp : namespace
+        The array API namespace of ``input`` and ``target``.
+    input, target : array
+        The arrays as passed (not cast, not broadcast).
+    dtype : dtype
+        Their common dtype under the array API's promotion rules: the result's.
+    output_shape : tuple of int
+        The broadcast shape: the shape of the pointwise loss.
+    reduction : str
+        One of :data:`REDUCTIONS`.
+    log_target : bool
+        Whether ``target`` holds log-probabilities.
+    batch_size : int or None
+        ``input.shape[0]``, or None for a 0-d input.
+    divisor : int
+        What the summed loss is divided by: 1 for ``'none'`` and ``'sum'``, the
+        number of elements of the output for ``'mean'``, ``batch_size`` for
+        ``'batchmean'`` (1 for a 0-d input). 0 for an empty ``'mean'`` or
+        ``'batchmean'`` (whose result is NaN).
+    """
 
     xp: Namespace
     input: Array
     target: Array
     dtype: Any
     output_shape: tuple[int, ...]
+    reduction: str
+    log_target: bool
+    batch_size: int | None
+    divisor: int
+
+    @property
+    def same_shape_and_dtype(self) -> bool:
+        """Whether ``input`` and ``target`` both have the output's shape and dtype.
+
+        Fast paths that take no broadcasting and no promotion check this.
+        """
+        return (
+            tuple(self.input.shape) == self.output_shape
+            and tuple(self.target.shape) == self.output_shape
+            and self.input.dtype == self.dtype
+            and self.target.dtype == self.dtype
+        )
 
 
-def operands(input: object, target: object, /) -> Operands:
-    """Check ``input`` and ``target`` and return what every implementation needs.
+def operands(
+    input: object, target: object, /, *, reduction: object, log_target: object
+) -> Operands:
+    """Check one call's arguments and return its :class:`Operands`.
 
-    Raises TypeError for non-arrays, arrays of two libraries and non-floating
-    dtypes, ValueError for arrays on two devices and shapes that do not broadcast.
+    Raises ValueError for an unknown ``reduction``, TypeError for a non-bool
+    ``log_target``, non-arrays, arrays of two libraries, masked arrays and
+    non-floating dtypes, and ValueError for arrays on two devices and shapes
+    that do not broadcast.
     """
+    reduction = check_reduction(reduction)
+    log_target = check_log_target(log_target)
     _check_array(input, "input")
     _check_array(target, "target")
     try:
@@ -146,16 +207,27 @@ def operands(input: object, target: object, /) -> Operands:
             "compute_chunk_sizes())"
         )
         raise ValueError(msg)
-    dtype = xp.result_type(input.dtype, target.dtype)
-    return Operands(xp, input, target, dtype, tuple(int(n) for n in shape))
+    output_shape = tuple(int(n) for n in shape)
+    batch_size = int(input.shape[0]) if input.ndim > 0 else None
+    return Operands(
+        xp=xp,
+        input=input,
+        target=target,
+        dtype=xp.result_type(input.dtype, target.dtype),
+        output_shape=output_shape,
+        reduction=reduction,
+        log_target=log_target,
+        batch_size=batch_size,
+        divisor=divisor(reduction, output_shape=output_shape, batch_size=batch_size),
+    )
 
 
-def grad_output_array(grad_output: object, ops: Operands, reduction: str, /) -> Array:
+def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
     """Check ``grad_output`` against the output of the forward and return it as an array.
 
     A Python real number is accepted and placed on the operands' device.
     """
-    out_shape = ops.output_shape if reduction == "none" else ()
+    out_shape = ops.output_shape if ops.reduction == "none" else ()
     xp = ops.xp
     if isinstance(grad_output, (int, float)) and not isinstance(grad_output, bool):
         return xp.asarray(grad_output, dtype=ops.dtype, device=array_api_compat.device(ops.input))

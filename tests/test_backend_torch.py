@@ -13,6 +13,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kldiv_spec  # noqa: E402
+from kldiv_spec._validation import operands  # noqa: E402
 from kldiv_spec.backends import torch as fast  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -156,7 +157,7 @@ def test_large_sum_spans_blocks_and_is_accurate(
     if log_target:
         t = t.log()
     assert x.numel() > 2 * fast._block_elements(x.dtype)
-    got = fast.kl_div(x.to(device), t.to(device), reduction="sum", log_target=log_target, ops=None)
+    got = fast.kl_div(operands(x.to(device), t.to(device), reduction="sum", log_target=log_target))
     assert got is not NotImplemented and got.device.type == device
     exact = torch.nn.functional.kl_div(
         x.double(), t.double(), reduction="sum", log_target=log_target
@@ -242,7 +243,7 @@ def test_forward_mode_ad_and_torch_func_fall_back_to_the_reference() -> None:
 )
 def test_declines_what_it_does_not_handle(make: object) -> None:
     x, t = make()  # type: ignore[operator]
-    got = fast.kl_div(x, t, reduction="sum", log_target=False, ops=None)
+    got = fast.kl_div(operands(x, t, reduction="sum", log_target=False))
     taken = x.shape == t.shape and x.dtype == t.dtype == torch.float32 and x.is_contiguous()
     taken = taken and x.numel() >= fast.MIN_ELEMENTS and x.device.type == "cpu"
     assert (got is NotImplemented) != taken
@@ -254,7 +255,7 @@ def test_declines_what_it_does_not_handle(make: object) -> None:
 def test_declines_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
     x, t = torch.zeros(100_000), torch.ones(100_000)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fast.kl_div(x, t, reduction="sum", log_target=False, ops=None) is NotImplemented
+    assert fast.kl_div(operands(x, t, reduction="sum", log_target=False)) is NotImplemented
 
 
 def test_no_graph_without_requires_grad() -> None:

@@ -8,6 +8,7 @@ warning is emitted.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -263,3 +264,38 @@ def _torch_operands() -> tuple[Any, Any]:
     import torch
 
     return torch.zeros(2), torch.full((2,), 0.5)
+
+
+# --------------------------------------------------------------------------- masked arrays
+
+
+@pytest.mark.parametrize("which", ["input", "target", "grad_output"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: np.ma.masked_array(a, mask=np.zeros(a.shape, bool)),
+        lambda a: np.ma.masked_array(a, mask=np.eye(*a.shape, dtype=bool)),
+        lambda a: _matrix(a),
+    ],
+    ids=["masked_nothing", "masked_diagonal", "matrix"],
+)
+def test_masked_arrays_and_matrices_are_refused_by_name(which, make):
+    """``np.ma`` and ``np.matrix`` are not array API arrays: some NumPy reductions skip
+    masked elements and others do not, so no answer would be the specified one."""
+    x = np.log(np.asarray([[0.25, 0.75], [0.5, 0.5]]))
+    t = np.asarray([[0.5, 0.5], [0.1, 0.9]])
+    args = {"input": x, "target": t, "grad_output": np.ones((2, 2))}
+    args[which] = make(args[which])
+    pattern = f"^{which} must be an array API array, got numpy"
+    if which != "grad_output":
+        for reduction in ("none", "sum", "mean", "batchmean"):
+            with pytest.raises(TypeError, match=pattern):
+                kl_div(args["input"], args["target"], reduction=reduction)
+    with pytest.raises(TypeError, match=pattern):
+        kl_div_backward(args["grad_output"], args["input"], args["target"], reduction="none")
+
+
+def _matrix(a: np.ndarray) -> Any:
+    with warnings.catch_warnings():  # NumPy's own advice against np.matrix
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(a)

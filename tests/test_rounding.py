@@ -1,0 +1,106 @@
+"""The one rounding rule of the reductions, on every backend and route.
+
+``'mean'`` and ``'batchmean'`` are the sum :math:`S`, rounded to the result
+dtype, divided by the integer :math:`D` and rounded once more
+(:func:`kldiv_spec._core.divide_total`; docs/spec.md, "Reductions"). So the
+reduced value must equal, bit for bit, the ``'sum'`` the same route returns,
+divided by :math:`D` with one rounding; half precision divides in float32, as
+PyTorch does, so :math:`D > 65504` does not overflow float16.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import pytest
+
+import kldiv_spec
+
+# (rows, columns): a batch of odd size, large enough for every fast path's threshold.
+SHAPES = [(7, 10_007), (1_001, 71)]
+
+
+def _call(x: Any, t: Any, reduction: str) -> np.ndarray:
+    """Return ``kl_div``'s result (see :func:`_values`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="reduction: 'mean'", category=UserWarning)
+        return _values(kldiv_spec.kl_div(x, t, reduction=reduction))
+
+
+def _values(out: Any) -> np.ndarray:
+    """Return a result as a NumPy array of its own dtype (computed, on the host)."""
+    if array_api_compat.is_dask_array(out):
+        out = np.asarray(out.compute(scheduler="synchronous"))
+    if array_api_compat.is_torch_array(out):
+        out = out.cpu()
+    if array_api_compat.is_cupy_array(out):
+        out = out.get()
+    return np.from_dlpack(out)
+
+
+def _divided_once(total: np.ndarray, d: int) -> np.ndarray:
+    """``fl(total / d)``: exact in float64 for these operands, then one rounding."""
+    dtype = total.dtype
+    return np.asarray(np.float64(total) / d).astype(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mean_and_batchmean_are_the_rounded_sum_divided_once(xp, evaluation, shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    x = np.log(rng.dirichlet(np.ones(shape[1]), size=shape[0])).astype(dtype)
+    t = rng.dirichlet(np.ones(shape[1]) * 0.5, size=shape[0]).astype(dtype)
+    xs, ts = xp.asarray(x), xp.asarray(t)
+    total = _call(xs, ts, "sum")
+    assert total.dtype == np.dtype(dtype)
+    for reduction, d in (("batchmean", shape[0]), ("mean", shape[0] * shape[1])):
+        got = _call(xs, ts, reduction)
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, _divided_once(total, d), strict=True)
+
+
+def test_float16_mean_over_more_elements_than_float16_can_count(xp, evaluation):
+    """``D = 70000`` overflows float16: dividing in float16 would give 0 (or NaN)."""
+    if not hasattr(xp, "float16"):
+        pytest.skip("this library has no float16")
+    x = xp.asarray(np.full(70_000, -1.0, np.float16))
+    t = xp.asarray(np.full(70_000, 0.5, np.float16))
+    total = _call(x, t, "sum")
+    got = _call(x, t, "mean")
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, np.float16(np.float32(total) / np.float32(70_000)))
+    assert 0.15 < float(got) < 0.16
+
+
+def test_a_total_that_rounds_differently_from_its_quotient(xp, evaluation):
+    """A float64-accumulated total whose quotient rounds apart from the rounded total's.
+
+    With ``log_target=True`` and ``t = 0`` the pointwise loss is ``-x``: the loss is
+    ``a`` at the start and ``delta`` (3/8 of an ulp of ``a``) a million elements later,
+    in another block of every blocked path. ``fl(a + delta) = a``, but ``a + delta``
+    divided by 3 (or by the 2,100,003 elements) rounds to another float32 than ``a``
+    divided by it: a path that divides its float64 total before rounding it fails.
+    """
+    rows, cols = 3, 700_001
+    a = np.nextafter(np.nextafter(np.float32(1), np.float32(2)), np.float32(2))
+    delta = np.float32(float(np.spacing(a)) * 3 / 8)
+    x = np.zeros((rows, cols), np.float32)
+    x[0, 0], x[2, 0] = -a, -delta
+    for d in (rows, rows * cols):  # the case tells the two orders apart
+        assert np.float32((float(a) + float(delta)) / d) != np.float32(float(a) / d)
+    xs, ts = xp.asarray(x), xp.asarray(np.zeros_like(x))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="reduction: 'mean'", category=UserWarning)
+        results = {
+            r: kldiv_spec.kl_div(xs, ts, reduction=r, log_target=True)
+            for r in ("sum", "batchmean", "mean")
+        }
+    total = _values(results["sum"])
+    assert total == a  # a + delta, rounded to float32
+    for reduction, d in (("batchmean", rows), ("mean", rows * cols)):
+        np.testing.assert_array_equal(
+            _values(results[reduction]), _divided_once(total, d), strict=True
+        )
