@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,8 +70,11 @@ _MAX_DEFAULT_THREADS = 8
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 _pool_lock = threading.Lock()
+#: The process's worker pool, its number of workers, and the pid it was made in (a
+#: forked child makes its own).
 _pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] | None = None
+_pool_size = 0
+_pool_pid: int | None = None
 
 Block = tuple[Any, ...]
 
@@ -117,15 +120,21 @@ def num_threads() -> int:
 
 
 def _executor(n: int, /) -> ThreadPoolExecutor:
-    """Return a shared pool of ``n`` threads (a new one after ``fork`` or a change of ``n``)."""
-    global _pool, _pool_key
-    key = (os.getpid(), n)
+    """Return the process's shared pool, with room for ``n`` workers.
+
+    One pool serves every call and every calling thread; a call that uses fewer
+    workers than the pool has leaves the others idle. The pool is replaced only
+    after a ``fork`` (the child cannot use its parent's threads) or to grow it
+    for a larger ``n`` (``$KLDIV_SPEC_NUM_THREADS`` raised at run time). A
+    replaced pool is never shut down: calls that already hold it finish on it,
+    and its idle threads exit once it is garbage-collected.
+    """
+    global _pool, _pool_size, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
+        pid = os.getpid()
+        if _pool is None or _pool_pid != pid or _pool_size < n:
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="kldiv_spec")
-            _pool_key = key
+            _pool_size, _pool_pid = n, pid
         return _pool
 
 
@@ -140,14 +149,12 @@ def blocks(shape: tuple[int, ...], /, block_elements: int | None = None) -> list
     """
     if block_elements is None:
         block_elements = BLOCK_ELEMENTS
-    ndim = len(shape)
-    k = ndim - 1
+    k = len(shape) - 1
     inner = 1
     while k > 0 and inner * shape[k] <= block_elements:
         inner *= shape[k]
         k -= 1
     # now shape[k+1:] holds `inner` <= block_elements elements (or k == 0)
-    inner = math.prod(shape[k + 1 :])
     step = max(1, block_elements // max(inner, 1))
     out: list[Block] = []
     for outer in np.ndindex(*shape[:k]):
@@ -160,16 +167,35 @@ def _run(
     work: Callable[[Sequence[Block]], list[Any]], all_blocks: list[Block], threads: int, /
 ) -> list[Any]:
     """Run ``work`` over contiguous stripes of ``all_blocks``; return results in block order."""
-    threads = max(1, min(threads, len(all_blocks)))
-    if threads == 1:
+    stripes_wanted = max(1, min(threads, len(all_blocks)))
+    if stripes_wanted == 1:
         return work(all_blocks)
-    bounds = [len(all_blocks) * i // threads for i in range(threads + 1)]
-    stripes = [all_blocks[bounds[i] : bounds[i + 1]] for i in range(threads)]
-    futures = [_executor(threads).submit(work, stripe) for stripe in stripes[1:]]
+    bounds = [len(all_blocks) * i // stripes_wanted for i in range(stripes_wanted + 1)]
+    stripes = [all_blocks[bounds[i] : bounds[i + 1]] for i in range(stripes_wanted)]
+    pool = _executor(threads)
+    futures = []
+    for stripe in stripes[1:]:
+        try:
+            futures.append(pool.submit(work, stripe))
+        except RuntimeError:
+            # The interpreter is shutting down (a call from an atexit handler, or from a
+            # thread still running then): no new work may be scheduled, so this thread
+            # does the rest itself.
+            futures.append(_Done(work(stripe)))
     results = work(stripes[0])  # the calling thread takes the first stripe
     for future in futures:
         results.extend(future.result())
     return results
+
+
+class _Done:
+    """A finished result with the one method of a future that :func:`_run` uses."""
+
+    def __init__(self, value: list[Any]) -> None:
+        self._value = value
+
+    def result(self) -> list[Any]:
+        return self._value
 
 
 class _Scratch:
@@ -221,10 +247,6 @@ def _flat_or_strided(arrays: Sequence[Any], shape: tuple[int, ...], /) -> tuple[
     return views, shape
 
 
-def _chunk_iter(blocks_: Sequence[Block]) -> Iterator[Block]:
-    return iter(blocks_)
-
-
 def _cast(dt: np.dtype[Any], /, *arrays: Any) -> dict[str, Any]:
     """Return the ufunc keywords that compute in ``dt``: none when all arrays have it."""
     return {} if all(a.dtype == dt for a in arrays) else {"dtype": dt}
@@ -243,7 +265,7 @@ def loss_none(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targ
     def work(stripe: Sequence[Block]) -> list[Any]:
         scratch = _Scratch(size, dt)
         with np.errstate(all="ignore"):
-            for index in _chunk_iter(stripe):
+            for index in stripe:
                 o = out[index]
                 _, b, mask = scratch.views(o.shape)
                 _loss_into(xv[index], tv[index], o, b, mask, log_target, cast)
@@ -295,7 +317,7 @@ def loss_sum(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targe
         scratch = _Scratch(size, dt)
         partials = []
         with np.errstate(all="ignore"):
-            for index in _chunk_iter(stripe):
+            for index in stripe:
                 xb = xv[index]
                 a, b, mask = scratch.views(xb.shape)
                 _loss_into(xb, tv[index], a, b, mask, log_target, cast)
@@ -331,7 +353,7 @@ def gradients(
     def work(stripe: Sequence[Block]) -> list[Any]:
         mask_buffer = np.empty(size, np.bool_)
         with np.errstate(all="ignore"):
-            for index in _chunk_iter(stripe):
+            for index in stripe:
                 gx, gt = gx_all[index], gt_all[index]
                 xb, tb, gb = xv[index], tv[index], gv[index]
                 if log_target:
