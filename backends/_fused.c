@@ -24,6 +24,12 @@
  * The loss's own product and difference are separate roundings: the build
  * passes -ffp-contract=off, so only the explicit FMAs of the log are fused.
  *
+ * The buffers may start at any byte: NumPy exports an unaligned float32 array (as
+ * dask.distributed's deserialised chunks are) with the format "=f", which is
+ * accepted like "f", and the kernels read and write them as bytes (memcpy to and
+ * from vector registers: unaligned loads and stores), never through a float
+ * pointer. A float32 buffer of the other byte order is refused (TypeError).
+ *
  * Without AVX2 and FMA at run time (or on another architecture) loss_sum_f32 returns
  * NotImplemented and the caller uses NumPy's ufuncs. log_f32(src, dst) exposes
  * the vector log for the tests. The GIL is released while summing.
@@ -114,14 +120,25 @@ __attribute__((target("avx2,fma"))) static inline __m256 kl_loss8(__m256 x, __m2
     return _mm256_sub_ps(xlogy, _mm256_mul_ps(t, x));
 }
 
-__attribute__((target("avx2,fma"))) static double kl_sum_avx2(const float *x, const float *t, Py_ssize_t n)
+/* Eight floats from ``p``, which may start at any byte (an unaligned load). */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_load8(const unsigned char *p)
+{
+    __m256 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The sum of the loss over ``n`` lanes of the byte buffers ``x`` and ``t`` (any alignment). */
+__attribute__((target("avx2,fma"))) static double kl_sum_avx2(const unsigned char *x,
+                                                              const unsigned char *t, Py_ssize_t n)
 {
     __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
                       _mm256_setzero_pd()};
+    const size_t lane = sizeof(float);
     Py_ssize_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m256 a = kl_loss8(_mm256_loadu_ps(x + i), _mm256_loadu_ps(t + i));
-        __m256 b = kl_loss8(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(t + i + 8));
+        __m256 a = kl_loss8(kl_load8(x + i * lane), kl_load8(t + i * lane));
+        __m256 b = kl_loss8(kl_load8(x + (i + 8) * lane), kl_load8(t + (i + 8) * lane));
         acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
         acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
         acc[2] = _mm256_add_pd(acc[2], _mm256_cvtps_pd(_mm256_castps256_ps128(b)));
@@ -131,8 +148,8 @@ __attribute__((target("avx2,fma"))) static double kl_sum_avx2(const float *x, co
     for (; i < n; i += 8) {
         float xs[8] = {0}, ts[8] = {0};
         Py_ssize_t rest = n - i < 8 ? n - i : 8;
-        memcpy(xs, x + i, (size_t)rest * sizeof(float));
-        memcpy(ts, t + i, (size_t)rest * sizeof(float));
+        memcpy(xs, x + i * lane, (size_t)rest * lane);
+        memcpy(ts, t + i * lane, (size_t)rest * lane);
         __m256 a = kl_loss8(_mm256_loadu_ps(xs), _mm256_loadu_ps(ts));
         acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
         acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
@@ -143,18 +160,22 @@ __attribute__((target("avx2,fma"))) static double kl_sum_avx2(const float *x, co
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + 0.0; /* + 0.0: an all-zero sum is +0 */
 }
 
-__attribute__((target("avx2,fma"))) static void kl_log_avx2(const float *src, float *dst, Py_ssize_t n)
+/* log of ``n`` lanes of the byte buffer ``src`` into ``dst`` (any alignment). */
+__attribute__((target("avx2,fma"))) static void kl_log_avx2(const unsigned char *src,
+                                                            unsigned char *dst, Py_ssize_t n)
 {
+    const size_t lane = sizeof(float);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(dst + i, kl_log8(_mm256_loadu_ps(src + i)));
+        __m256 y = kl_log8(kl_load8(src + i * lane));
+        memcpy(dst + i * lane, &y, sizeof y); /* an unaligned store */
     }
     if (i < n) {
         float buffer[8] = {1, 1, 1, 1, 1, 1, 1, 1};
         Py_ssize_t rest = n - i;
-        memcpy(buffer, src + i, (size_t)rest * sizeof(float));
+        memcpy(buffer, src + i * lane, (size_t)rest * lane);
         _mm256_storeu_ps(buffer, kl_log8(_mm256_loadu_ps(buffer)));
-        memcpy(dst + i, buffer, (size_t)rest * sizeof(float));
+        memcpy(dst + i * lane, buffer, (size_t)rest * lane);
     }
 }
 
@@ -170,7 +191,27 @@ static int kl_have_avx2(void) { return 0; }
 
 #endif
 
-/* A C-contiguous float32 buffer of ``obj``, or -1 with a TypeError naming ``name``. */
+/* Whether the buffer format ``format`` is one IEEE binary32 in this machine's byte order:
+ * "f", "@f" (native), "=f" (native order, standard size: NumPy's format for an unaligned
+ * float32 array), or the explicit order of this build ("<f" little-endian; ">f" or "!f"
+ * big-endian). Any other byte order, or any other type, is not. */
+static int kl_native_float32_format(const char *format)
+{
+    if (format == NULL) { /* NULL means unsigned bytes */
+        return 0;
+    }
+#if PY_BIG_ENDIAN
+    if (*format == '@' || *format == '=' || *format == '>' || *format == '!') {
+#else
+    if (*format == '@' || *format == '=' || *format == '<') {
+#endif
+        format++;
+    }
+    return strcmp(format, "f") == 0;
+}
+
+/* A C-contiguous float32 buffer of ``obj`` (any alignment, this machine's byte order),
+ * or -1 with a TypeError naming ``name``. */
 static int kl_float32_buffer(PyObject *obj, Py_buffer *view, int flags, const char *name)
 {
     if (PyObject_GetBuffer(obj, view, flags | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
@@ -179,7 +220,7 @@ static int kl_float32_buffer(PyObject *obj, Py_buffer *view, int flags, const ch
                      (flags & PyBUF_WRITABLE) ? " (writable)" : "");
         return -1;
     }
-    if (view->itemsize != 4 || view->format == NULL || strcmp(view->format, "f") != 0) {
+    if (view->itemsize != 4 || !kl_native_float32_format(view->format)) {
         PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float32 buffer", name);
         PyBuffer_Release(view);
         return -1;
@@ -226,7 +267,7 @@ static PyObject *kl_loss_sum_f32(PyObject *module, PyObject *const *args, Py_ssi
 #if KL_X86
     Py_ssize_t n = x.len / 4;
     Py_BEGIN_ALLOW_THREADS
-    total = kl_sum_avx2((const float *)x.buf, (const float *)t.buf, n);
+    total = kl_sum_avx2((const unsigned char *)x.buf, (const unsigned char *)t.buf, n);
     Py_END_ALLOW_THREADS
 #endif
     PyBuffer_Release(&x);
@@ -250,7 +291,7 @@ static PyObject *kl_log_f32(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
 #if KL_X86
     Py_BEGIN_ALLOW_THREADS
-    kl_log_avx2((const float *)src.buf, (float *)dst.buf, src.len / 4);
+    kl_log_avx2((const unsigned char *)src.buf, (unsigned char *)dst.buf, src.len / 4);
     Py_END_ALLOW_THREADS
 #endif
     PyBuffer_Release(&src);

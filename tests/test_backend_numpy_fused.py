@@ -8,7 +8,10 @@ and zeros exactly where the reference has them.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -35,6 +38,21 @@ def exact_sum(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
 
 def fused_sum(x: np.ndarray, t: np.ndarray) -> float:
     return float(kldiv_spec.kl_div(x, t, reduction="sum"))
+
+
+def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
+    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary."""
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 32 + offset
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 32 == offset
+    return out
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """The bit patterns of float32 ``a`` (so that NaN compares by payload too)."""
+    return np.ascontiguousarray(a).view(np.uint32)
 
 
 @pytest.fixture
@@ -224,3 +242,120 @@ def test_bad_buffers_are_refused_by_name() -> None:
         _fused.log_f32(f32, read_only)
     with pytest.raises(TypeError, match="two buffers"):
         _fused.loss_sum_f32(f32)
+
+
+# Lengths: within one vector, the tail alone, full vectors plus a tail, and blocks' sizes.
+UNALIGNED_LENGTHS = [1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 1001, (1 << 16) + 5, (1 << 17) + 3]
+
+
+def regular_and_special_values(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 ``x`` (log-probabilities) and ``t`` of length ``n``, ``t`` with some zeros and
+    subnormals (the lanes' slow path), every value finite so that the sum is too."""
+    rng = np.random.default_rng(seed)
+    t = rng.random(n, dtype=np.float32)
+    x = np.log(rng.random(n, dtype=np.float32) + np.float32(1e-3))
+    t[::5] = 0
+    t[1::7] = np.float32(3e-39)  # subnormal
+    return x, t
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("n", UNALIGNED_LENGTHS)
+def test_unaligned_buffers_give_the_aligned_results(n: int, offset: int) -> None:
+    """Regression: an unaligned float32 array exports the buffer format '=f', once refused
+    with "t must be a C-contiguous float32 buffer". Every start, tail included, is read."""
+    x, t = regular_and_special_values(n, n + offset)
+    want = _fused.loss_sum_f32(x, t)
+    xu, tu = misaligned(x, offset), misaligned(t, (offset + 1) % 4)
+    assert memoryview(xu).format == "=f" and not xu.flags.aligned
+    assert _fused.loss_sum_f32(xu, tu) == want  # the same arithmetic, bit for bit
+    assert _fused.loss_sum_f32(xu, t) == want
+    assert _fused.loss_sum_f32(x, tu) == want
+    # the log, unaligned source and destination, with every special value among regular ones
+    special = np.array(
+        [0.0, -0.0, 1e-45, 3e-39, -1.0, -1e-45, np.inf, -np.inf, np.nan, 1.0], np.float32
+    )
+    v = t.copy()
+    v[::3] = np.resize(special, v[::3].size)
+    want_log = np.empty_like(v)
+    _fused.log_f32(v, want_log)
+    got_log = misaligned(np.full(n, 7, np.float32), offset)
+    _fused.log_f32(misaligned(v, 3 - offset + 1), got_log)
+    np.testing.assert_array_equal(bits(got_log), bits(want_log))
+
+
+def reduced(x: np.ndarray, t: np.ndarray, reduction: str) -> np.ndarray:
+    """``kl_div(x, t, reduction=reduction)``, without PyTorch's warning about 'mean'."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "reduction: 'mean'", UserWarning)
+        return kldiv_spec.kl_div(x, t, reduction=reduction)
+
+
+def reference_and_bound(x: np.ndarray, t: np.ndarray, reduction: str) -> tuple[float, float]:
+    """The reference's loss and how far a correct fused result may lie from it.
+
+    Against the exact loss: the reference's np.sum is within ceil(log2 n) u M, its terms
+    within 3 u plus NumPy's float32 log (3.6 ulp, at most 7.2 u); the fused pass's terms
+    within 5 u (tests above); each result is then rounded to float32 and divided.
+    """
+    with kldiv_spec.use_reference():
+        want = float(reduced(x, t, reduction))
+    _, scale = exact_sum(x.ravel(), t.ravel())
+    divisor = {"sum": 1, "mean": x.size, "batchmean": x.shape[0]}[reduction]
+    u = float(np.finfo(np.float32).eps) / 2
+    bound = (math.ceil(math.log2(x.size)) + 3 + 8 + 5) * u * scale / divisor
+    return want, bound + 2 * float(np.spacing(np.float32(want)))
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("shape", [((1 << 17) + 3,), (257, 513)])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_unaligned_arrays_take_the_fused_pass(
+    reduction: str, shape: tuple[int, ...], offset: int
+) -> None:
+    """Regression: kl_div of unaligned float32 arrays of >= 65,536 elements raised TypeError."""
+    x, t = regular_and_special_values(math.prod(shape), offset)
+    x, t = x.reshape(shape), t.reshape(shape)
+    xu, tu = misaligned(x, offset), misaligned(t, offset)
+    got = reduced(xu, tu, reduction)
+    assert got.dtype == np.float32
+    assert got == reduced(x, t, reduction)  # alignment changes nothing
+    want, bound = reference_and_bound(x, t, reduction)
+    assert abs(float(got) - want) <= bound
+
+
+def test_native_byte_order_formats_are_accepted_and_others_refused() -> None:
+    values = [0.25, 1.0, 2.0, 0.0, 3.0, 0.5, 1e-3, 4.0, 0.75]
+    t = np.array(values, np.float32)
+    x = np.full(t.size, -1.5, np.float32)
+    want = _fused.loss_sum_f32(x, t)
+    if sys.byteorder == "little":
+        ours, theirs, c_float = "<", ">", ctypes.c_float.__ctype_le__
+    else:
+        ours, theirs, c_float = ">", "<", ctypes.c_float.__ctype_be__
+    c_ours = (c_float * t.size)(*values)  # a buffer of format "<f" (or ">f")
+    assert memoryview(c_ours).format == f"{ours}f"
+    assert _fused.loss_sum_f32(x, c_ours) == want
+    swapped = t.astype(t.dtype.newbyteorder(theirs))
+    assert memoryview(swapped).format == f"{theirs}f"
+    with pytest.raises(TypeError, match="t must be a C-contiguous float32 buffer"):
+        _fused.loss_sum_f32(x, swapped)
+    with pytest.raises(TypeError, match="x must be a C-contiguous float32 buffer"):
+        _fused.loss_sum_f32(swapped, t)
+    with pytest.raises(TypeError, match="dst must be a C-contiguous float32 buffer"):
+        _fused.log_f32(t, swapped)
+
+
+@pytest.mark.parametrize("which", ["x", "t", "both"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_byte_swapped_arrays_give_the_right_loss(reduction: str, which: str) -> None:
+    """A float32 array of the other byte order never reaches the fused pass as native data:
+    the public function still gives the native arrays' loss."""
+    x, t = regular_and_special_values(3 * (1 << 16) + 7, 11)
+    x, t = x.reshape(-1, 5), t.reshape(-1, 5)
+    other = np.dtype(np.float32).newbyteorder("S")
+    xs = x.astype(other) if which in ("x", "both") else x
+    ts = t.astype(other) if which in ("t", "both") else t
+    got = reduced(xs, ts, reduction)
+    want, bound = reference_and_bound(x, t, reduction)
+    assert abs(float(got) - want) <= bound
