@@ -48,6 +48,7 @@ __all__ = [
     "POINTWISE_ULPS",
     "Exact",
     "divisor",
+    "exact_sum",
     "gradients",
     "pointwise",
     "reduce",
@@ -245,6 +246,23 @@ def reduce(exact: Exact, /, reduction: str, input_shape: tuple[int, ...]) -> tup
     tol = (POINTWISE_ULPS + n) * eps * float(np.sum(exact.scale)) / d
     tol += POINTWISE_ULPS * exact.floor * float(np.sum(exact.spread)) / d
     return float(total / d), tol
+
+
+def exact_sum(exact: Exact, /) -> Any:
+    r"""Return :math:`\sum_i \ell_i` of the exact pointwise values, summed exactly, as mpmath.
+
+    Each ``numpy.longdouble`` value is split exactly into two float64 parts
+    (:math:`v = h + l`, :math:`h` = ``float(v)``), and the parts are summed with
+    ``mpmath.fsum`` in the oracle's 128-bit context: no rounding but the final
+    one, unlike :func:`reduce`'s extended-precision ``numpy.sum``. NaN and
+    infinities propagate as in IEEE summation.
+    """
+    ctx = _ctx()
+    values = exact.value.ravel()
+    with np.errstate(all="ignore"):
+        high = values.astype(np.float64)
+        low = np.where(np.isfinite(high), values - high, 0.0).astype(np.float64)
+    return ctx.fsum(ctx.mpf(float(v)) for v in np.concatenate([high, low]))
 
 
 def pointwise_tolerance(exact: Exact, /) -> np.ndarray:
