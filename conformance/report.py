@@ -23,7 +23,9 @@ def table(report: Report, /) -> str:
         for o in report.outcomes
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{head}: {report.status.upper()}"]
+    lines = [
+        f"{head}: {report.status.upper()} (up to {report.max_examples} examples per property)"
+    ]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:

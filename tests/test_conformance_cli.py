@@ -144,3 +144,20 @@ def test_all_mutants_are_listed_and_one_property_rejects_one_of_them(tmp_path):
     failed = {r["impl"] for r in reports if r["status"] == "fail"}
     assert "mutant:crash_empty" in failed
     assert "mutant:no_mean_warning" not in failed
+
+
+@pytest.mark.parametrize("backend", ["jax", "dask"])
+def test_max_examples_means_the_same_on_every_backend(backend, tmp_path, capsys):
+    """The default of --help is what runs: no backend is silently given fewer examples."""
+    pytest.importorskip("dask.array" if backend == "dask" else backend)
+    from kldiv_spec.conformance.runner import DEFAULT_MAX_EXAMPLES
+
+    path = tmp_path / "report.json"
+    argv = ["--backend", backend, "--property", "semantics.empty", "--quiet", "--json", str(path)]
+    assert main(argv) == 0
+    (report,) = json.loads(path.read_text())["reports"]
+    assert report["max_examples"] == DEFAULT_MAX_EXAMPLES
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"up to {DEFAULT_MAX_EXAMPLES} examples per property" in header
+    assert main([*argv, "--max-examples", "7"]) == 0
+    assert json.loads(path.read_text())["reports"][0]["max_examples"] == 7
