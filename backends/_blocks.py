@@ -33,6 +33,8 @@ exact value; NumPy's float32 ``log`` is within 3.6), and accumulated in float64.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import os
 import threading
@@ -42,10 +44,14 @@ from typing import Any
 
 import numpy as np
 
-try:  # the compiled fused float32 sum (backends/_fused.c), when it was built
-    from . import _fused
-except ImportError:  # pragma: no cover - installed without a C compiler
-    _fused = None
+# The compiled fused float32 sum (backends/_fused.c), where it was built: an install
+# without a C compiler, or a source checkout not built in place, has none. A build that
+# exists but fails to load raises.
+_fused: Any = (
+    importlib.import_module(f"{__package__}._fused")
+    if importlib.util.find_spec(f"{__package__}._fused") is not None
+    else None
+)
 
 __all__: list[str] = []
 

@@ -37,6 +37,8 @@ handles them all.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Any
 
 import array_api_compat.torch as _xp
@@ -85,18 +87,14 @@ def _accepts(ops: Operands) -> bool:
     return not (is_wrapped(x) or is_wrapped(t))
 
 
-_TRITON: list[bool] = []
-
-
+@functools.cache
 def _triton_available() -> bool:
-    if not _TRITON:
-        try:
-            from . import _triton_kernels  # noqa: F401
-        except ImportError:
-            _TRITON.append(False)
-        else:
-            _TRITON.append(True)
-    return _TRITON[0]
+    """Return whether Triton is installed (then the CUDA kernels must import: no fall-back)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from . import _triton_kernels  # noqa: F401  (an error here is ours, and propagates)
+
+    return True
 
 
 def _block_elements(dtype: torch.dtype) -> int:

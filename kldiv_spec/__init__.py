@@ -7,10 +7,16 @@ the Python array API standard; ``kl_div_backward`` gives the analytic gradients.
 checks any implementation against the specification.
 """
 
-from ._dispatch import use_reference
-from ._functional import kl_div, kl_div_backward
-from ._loss import KLDivLoss
-from ._validation import REDUCTIONS
+from pathlib import Path as _Path
+
+from . import _source_tree
+
+_source_tree.install(_Path(__file__).resolve().parent)
+
+from ._dispatch import use_reference  # noqa: E402
+from ._functional import kl_div, kl_div_backward  # noqa: E402
+from ._loss import KLDivLoss  # noqa: E402
+from ._validation import REDUCTIONS  # noqa: E402
 
 __all__ = ["REDUCTIONS", "KLDivLoss", "kl_div", "kl_div_backward", "use_reference"]
 __version__ = "0.1.0"

@@ -400,3 +400,20 @@ def test_results_are_arrays_of_the_inputs_library(xp, evaluation):
     for reduction in REDUCTIONS:
         out = quietly(kldiv_spec.kl_div, x, t, reduction=reduction)
         assert array_api_compat.array_namespace(out, x) is expected
+
+
+def test_importing_the_package_imports_no_optional_or_test_library():
+    """``import kldiv_spec`` stays light: hypothesis and mpmath are for the conformance
+    suite only, and array libraries are imported when their arrays are first seen."""
+    import subprocess
+    import sys
+
+    heavy = ("hypothesis", "mpmath", "torch", "jax", "dask", "cupy", "array_api_strict", "triton")
+    code = (
+        "import sys, kldiv_spec, kldiv_spec.backends._registry; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
