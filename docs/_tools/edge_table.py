@@ -19,7 +19,9 @@ sign of zero reported, through every route available here:
   :data:`LARGE` copies,
 * JAX with ``jax.grad`` (when JAX is installed).
 
-The routes checked and any disagreement go to stderr; the exit status is 1 if
+PyTorch's values are also checked against the exact oracle of the tests and the
+conformance suite (:mod:`kldiv_spec.conformance.oracle`). The routes checked and
+any disagreement go to stderr; the exit status is 1 if
 any route disagrees, else 0. ``tests/test_docs.py`` checks that the table in
 ``docs/spec.md`` is exactly what this prints.
 """
@@ -36,6 +38,8 @@ import torch
 
 import kldiv_spec
 import kldiv_spec.torch as kt
+from kldiv_spec.conformance import oracle
+from kldiv_spec.conformance.assertions import assert_gradients, assert_loss
 
 INF = math.inf
 NAN = math.nan
@@ -195,6 +199,36 @@ def table() -> list[str]:
     return lines
 
 
+def check_oracle() -> int:
+    """Compare PyTorch with the exact oracle on every case; return the number of mismatches.
+
+    The oracle (:mod:`kldiv_spec.conformance.oracle`, the one the tests and the
+    conformance suite use) must give PyTorch's value, with the sign of a zero,
+    and its two derivatives, within its bounds and NaN for NaN.
+    """
+    bad = 0
+    for x_label, x, t_label, t, log_target in CASES:
+        xa, ta = np.asarray([x]), np.asarray([t])
+        value, dx, dt = torch_oracle(x, t, log_target)
+        try:
+            exact = oracle.pointwise(xa, ta, log_target=log_target)
+            assert_loss(np.asarray([value]), exact, "none", signed_zeros=True)
+            want = oracle.gradients(1.0, xa, ta, reduction="none", log_target=log_target)
+            assert_gradients((np.asarray([dx]), np.asarray([dt])), want)
+        except AssertionError as error:
+            bad += 1
+            print(
+                f"MISMATCH exact oracle: x={x_label} t={t_label} log_target={log_target}: {error}",
+                file=sys.stderr,
+            )
+    status = "agrees" if bad == 0 else f"{bad} mismatches"
+    print(
+        f"exact oracle (kldiv_spec.conformance.oracle): {len(CASES)} cases, {status}",
+        file=sys.stderr,
+    )
+    return bad
+
+
 def check() -> int:
     """Compare every route with PyTorch on every case; return the number of mismatches.
 
@@ -232,7 +266,7 @@ def main() -> int:
     """Print the table and check every route; return the exit status."""
     print(f"# torch {torch.__version__}, kldiv_spec {kldiv_spec.__version__}", file=sys.stderr)
     print("\n".join(table()))
-    return 1 if check() else 0
+    return 1 if check_oracle() + check() else 0
 
 
 if __name__ == "__main__":
