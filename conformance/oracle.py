@@ -249,20 +249,26 @@ def reduce(exact: Exact, /, reduction: str, input_shape: tuple[int, ...]) -> tup
 
 
 def exact_sum(exact: Exact, /) -> Any:
-    r"""Return :math:`\sum_i \ell_i` of the exact pointwise values, summed exactly, as mpmath.
+    r"""Return :math:`\sum_i \ell_i` of the exact pointwise values as a 128-bit mpmath number.
 
     Each ``numpy.longdouble`` value is split exactly into two float64 parts
-    (:math:`v = h + l`, :math:`h` = ``float(v)``), and the parts are summed with
-    ``mpmath.fsum`` in the oracle's 128-bit context: no rounding but the final
-    one, unlike :func:`reduce`'s extended-precision ``numpy.sum``. NaN and
-    infinities propagate as in IEEE summation.
+    (:math:`v = h + l`, :math:`h` = ``float(v)``); ``math.fsum`` of all parts is
+    the correctly rounded sum :math:`s`, and ``math.fsum`` of the parts and
+    :math:`-s` its residual, so :math:`s + r` carries about 106 correct bits:
+    no rounding error of the summation order, unlike :func:`reduce`'s
+    ``numpy.sum``. NaN and infinities propagate as in IEEE summation.
     """
-    ctx = _ctx()
     values = exact.value.ravel()
     with np.errstate(all="ignore"):
         high = values.astype(np.float64)
         low = np.where(np.isfinite(high), values - high, 0.0).astype(np.float64)
-    return ctx.fsum(ctx.mpf(float(v)) for v in np.concatenate([high, low]))
+    if not np.isfinite(high).all():
+        with np.errstate(invalid="ignore"):
+            return _ctx().mpf(float(np.sum(high)))  # NaN or an infinity, as in IEEE
+    parts = np.concatenate([high, low])
+    total = math.fsum(parts)
+    residual = math.fsum(np.append(parts, -total))
+    return _ctx().mpf(total) + _ctx().mpf(residual)
 
 
 def pointwise_tolerance(exact: Exact, /) -> np.ndarray:
