@@ -125,7 +125,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec(
         name="jax",
         title="JAX",
-        module="jax",
+        module="jax.numpy",
         is_namespace=array_api_compat.is_jax_namespace,
         fast_path=True,
         dtypes=("float16", "bfloat16", "float32", "float64"),

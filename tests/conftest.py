@@ -6,17 +6,19 @@ CuPy and torch-on-CUDA are skipped with "no GPU" where no GPU is visible.
 
 from __future__ import annotations
 
-import enum
 import importlib
 import os
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 from _support import cupy_skip_reason
 from hypothesis import HealthCheck, settings
+
+from kldiv_spec.backends._registry import BACKENDS, BackendSpec
 
 settings.register_profile(
     "ci",
@@ -30,38 +32,44 @@ settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-class Backend(enum.Enum):
-    """An array library (and flavour) the tests run on."""
+@dataclass(frozen=True)
+class Backend:
+    """An array library (and flavour) the tests run on, derived from the backend registry.
 
-    NUMPY = "numpy"
-    NUMPY_READONLY = "numpy_readonly"
-    ARRAY_API_STRICT = "array_api_strict"
-    ARRAY_API_STRICTEST = "array_api_strictest"
-    TORCH = "torch"
-    TORCH_GPU = "torch_gpu"
-    JAX = "jax"
-    DASK = "dask"
-    CUPY = "cupy"
+    Each registry entry gives its own backend, plus flavours where it declares them:
+    read-only arrays (``<name>_readonly``), a CUDA device for a library that also runs
+    on the CPU (``<name>_gpu``), and array-api-strict's strictest flags.
+    """
+
+    value: str
+    spec: BackendSpec
+    flavour: str = ""
 
     @property
     def module_name(self) -> str:
-        return {
-            Backend.NUMPY: "numpy",
-            Backend.NUMPY_READONLY: "numpy",
-            Backend.ARRAY_API_STRICT: "array_api_strict",
-            Backend.ARRAY_API_STRICTEST: "array_api_strict",
-            Backend.TORCH: "torch",
-            Backend.TORCH_GPU: "torch",
-            Backend.JAX: "jax.numpy",
-            Backend.DASK: "dask.array",
-            Backend.CUPY: "cupy",
-        }[self]
+        return self.spec.module
+
+
+def _all_backends() -> list[Backend]:
+    out = []
+    for spec in BACKENDS:
+        out.append(Backend(spec.name, spec))
+        if spec.read_only:
+            out.append(Backend(f"{spec.name}_readonly", spec, "readonly"))
+        if spec.name == "array_api_strict":
+            out.append(Backend("array_api_strictest", spec, "strictest"))
+        if "cuda" in spec.devices and "cpu" in spec.devices:
+            out.append(Backend(f"{spec.name}_gpu", spec, "gpu"))
+    return out
+
+
+ALL_BACKENDS = _all_backends()
 
 
 def _gpu_skip_reason(backend: Backend) -> str | None:
-    if backend is Backend.CUPY:
+    if backend.value == "cupy":
         return cupy_skip_reason()
-    if backend is Backend.TORCH_GPU:
+    if backend.flavour == "gpu":
         try:
             import torch
         except ImportError:
@@ -95,7 +103,7 @@ class _ReadOnlyNumPy(types.ModuleType):
 def namespace(backend: Backend) -> Any:
     """Return the array API namespace for ``backend`` (skipping when unavailable)."""
     reason = None
-    if backend in (Backend.CUPY, Backend.TORCH_GPU):
+    if backend.value == "cupy" or backend.flavour == "gpu":
         reason = _gpu_skip_reason(backend)
     else:
         try:
@@ -104,20 +112,20 @@ def namespace(backend: Backend) -> Any:
             reason = f"{backend.module_name} is not installed"
     if reason is not None:
         pytest.skip(reason)
-    if backend is Backend.NUMPY_READONLY:
+    if backend.flavour == "readonly":
         return _ReadOnlyNumPy()
-    if backend in (Backend.ARRAY_API_STRICT, Backend.ARRAY_API_STRICTEST):
+    if backend.spec.name == "array_api_strict":
         import array_api_strict
 
         return array_api_strict
-    if backend is Backend.JAX:
+    if backend.spec.name == "jax":
         import jax
 
         jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
 
         return jnp
-    if backend is Backend.CUPY:
+    if backend.spec.name == "cupy":
         import array_api_compat.cupy
 
         return array_api_compat.cupy
@@ -135,26 +143,20 @@ def selected_backends() -> list[Backend]:
     """
     names = os.environ.get("KLDIV_SPEC_BACKENDS", "").strip()
     if not names:
-        return list(Backend)
+        return list(ALL_BACKENDS)
     wanted = {n.strip() for n in names.split(",") if n.strip()}
-    unknown = wanted - {b.value for b in Backend}
+    unknown = wanted - {b.value for b in ALL_BACKENDS}
     if unknown:
         msg = f"KLDIV_SPEC_BACKENDS names unknown backends: {sorted(unknown)}"
         raise pytest.UsageError(msg)
-    return [
-        b
-        for b in Backend
-        if b.value in wanted
-        or b.value.split("_")[0] in wanted
-        or (b is Backend.ARRAY_API_STRICTEST and "array_api_strict" in wanted)
-    ]
+    return [b for b in ALL_BACKENDS if b.value in wanted or b.spec.name in wanted]
 
 
 @pytest.fixture(params=selected_backends(), ids=lambda b: b.value)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The backend under test; strictest flags are applied for its duration."""
     b: Backend = request.param
-    if b is Backend.ARRAY_API_STRICTEST:
+    if b.flavour == "strictest":
         try:
             import array_api_strict
         except ImportError:
@@ -174,7 +176,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 def xp(backend: Backend) -> Any:
     """The array API namespace of the backend under test."""
     xp = namespace(backend)
-    if backend is Backend.TORCH_GPU:
+    if backend.flavour == "gpu":
         import functools
 
         import array_api_compat.torch as ctorch
