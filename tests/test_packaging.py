@@ -29,7 +29,7 @@ def _copy_sources(destination: Path) -> None:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, destination / name, ignore=ignore)
-        elif source.exists():
+        else:  # every listed source must exist: a missing one is an error, not a skip
             shutil.copy2(source, destination / name)
 
 
@@ -91,6 +91,12 @@ def test_wheel_installs_no_generic_top_level_package(wheel_files):
     assert top - metadata == {"kldiv_spec"}
     for forbidden in ("backends/", "conformance/", "tests/"):
         assert not any(name.startswith(forbidden) for name in wheel_files), forbidden
+
+
+def test_wheel_carries_the_license(wheel_files):
+    """pyproject declares BSD-3-Clause; the LICENSE text ships in the wheel's metadata."""
+    assert (ROOT / "LICENSE").read_text().startswith("BSD 3-Clause License")
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_files), wheel_files
 
 
 def test_wheel_declares_the_console_script(wheel_files):
