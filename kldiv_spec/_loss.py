@@ -93,15 +93,8 @@ class KLDivLoss:
             stacklevel=3,
         )
 
-    def __call__(self, input: Array, target: Array, /) -> Array:
-        """Return the loss; the same as :meth:`forward`."""
-        return _functional.forward(
-            input,
-            target,
-            reduction=self._reduction,
-            log_target=self._log_target,
-            stacklevel=3,
-        )
+    #: Calling the loss is :meth:`forward`, as with a ``torch.nn.Module``.
+    __call__ = forward
 
     def backward(
         self, input: Array, target: Array, /, grad_output: Array | float | None = None

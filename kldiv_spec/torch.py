@@ -28,7 +28,7 @@ import torch
 
 from . import _functional
 from ._loss import LEGACY_WARNING
-from ._validation import legacy_reduction
+from ._validation import check_log_target, check_reduction, legacy_reduction
 
 __all__ = ["KLDivLoss", "kl_div"]
 
@@ -80,8 +80,6 @@ class KLDivLoss(torch.nn.Module):
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
             warnings.warn(LEGACY_WARNING.format(reduction), DeprecationWarning, stacklevel=2)
-        from ._validation import check_log_target, check_reduction
-
         self.reduction = check_reduction(reduction)
         self.log_target = check_log_target(log_target)
 
