@@ -94,6 +94,7 @@ def _device(ctx: Context, case: Case) -> None:
         log_targets=ctx.log_targets,
         reductions=tuple(r for r in ctx.reductions if r != "mean") or ctx.reductions,
     ),
+    level="SHOULD",
 )
 def _silent(ctx: Context, case: Case) -> None:
     call = ctx.call(case)

@@ -286,6 +286,7 @@ def _warning_cases(ctx: Context) -> list[Case]:
     "semantics.mean_warning",
     "reduction='mean' warns (UserWarning naming 'batchmean'); no other reduction warns",
     cases=_warning_cases,
+    level="SHOULD",
 )
 def _mean_warning(ctx: Context, case: Case) -> None:
     if "mean" not in ctx.reductions:

@@ -18,10 +18,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GROUPS", "PROPERTIES", "NotApplicable", "Property", "register", "select"]
+__all__ = [
+    "GROUPS",
+    "LEVELS",
+    "PROPERTIES",
+    "NotApplicable",
+    "Property",
+    "register",
+    "select",
+]
 
 #: The property groups, in report order.
 GROUPS: tuple[str, ...] = ("math", "accuracy", "semantics", "gradients", "hygiene")
+
+#: Requirement levels, as standards use them (RFC 2119). A ``MUST`` property is
+#: the specification: values, NaN/inf patterns, dtypes, shapes, refusing invalid
+#: arguments, gradients. A ``SHOULD`` property is PyTorch's behaviour that a
+#: conforming implementation may have a reason to differ from: the exact warning
+#: text, silence about floating-point warnings, the exact exception class. A MUST
+#: failure fails ``kldiv-spec check``; a SHOULD failure is reported, and fails it
+#: only under ``--strict``.
+LEVELS: tuple[str, ...] = ("MUST", "SHOULD")
 
 
 class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)
@@ -50,6 +67,8 @@ class Property:
         ``applies(ctx)`` -> None, or the reason it is n/a.
     examples_scale : float
         Multiplier of ``--max-examples`` (for expensive properties).
+    level : {'MUST', 'SHOULD'}
+        Its requirement level (see :data:`LEVELS`).
     """
 
     name: str
@@ -60,6 +79,7 @@ class Property:
     cases: Callable[[Any], Iterable[Any]] | None = None
     applies: Callable[[Any], str | None] | None = None
     examples_scale: float = 1.0
+    level: str = "MUST"
 
 
 #: Every property, by name, in registration (report) order.
@@ -74,8 +94,12 @@ def register(
     cases: Callable[[Any], Iterable[Any]] | None = None,
     applies: Callable[[Any], str | None] | None = None,
     examples_scale: float = 1.0,
+    level: str = "MUST",
 ) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], None]]:
-    """Register the decorated ``check(ctx, case)`` as property ``name`` (``group.short``)."""
+    """Register the decorated ``check(ctx, case)`` as property ``name`` (``group.short``).
+
+    ``level`` is ``'MUST'`` (the default) or ``'SHOULD'``; see :data:`LEVELS`.
+    """
     group = name.split(".", 1)[0]
     if group not in GROUPS:
         msg = f"unknown group in {name!r}"
@@ -83,10 +107,13 @@ def register(
     if (strategy is None) == (cases is None):
         msg = "give exactly one of strategy and cases"
         raise ValueError(msg)
+    if level not in LEVELS:
+        msg = f"level must be one of {', '.join(LEVELS)}, got {level!r}"
+        raise ValueError(msg)
 
     def decorate(check: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         PROPERTIES[name] = Property(
-            name, group, description, check, strategy, cases, applies, examples_scale
+            name, group, description, check, strategy, cases, applies, examples_scale, level
         )
         return check
 

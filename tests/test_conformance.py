@@ -33,6 +33,15 @@ def test_every_property_has_a_group_and_a_description():
     assert set(PROPERTIES) == {p.name for p in props}
 
 
+def test_every_property_has_a_requirement_level():
+    """MUST is the specification; SHOULD is PyTorch's warnings and exact exception classes."""
+    from kldiv_spec.conformance.properties import LEVELS
+
+    assert {p.level for p in PROPERTIES.values()} == set(LEVELS)
+    should = {n for n, p in PROPERTIES.items() if p.level == "SHOULD"}
+    assert should == {"semantics.mean_warning", "hygiene.silent"}
+
+
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax", "dask"])
 def test_reference_passes_everything(backend):
     if not _selected(backend):
