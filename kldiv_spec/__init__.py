@@ -15,8 +15,26 @@ _source_tree.install(_Path(__file__).resolve().parent)
 
 from ._dispatch import use_reference  # noqa: E402
 from ._functional import kl_div, kl_div_backward  # noqa: E402
+from ._logits import (  # noqa: E402
+    LOGITS_REDUCTIONS,
+    gaussian_kl,
+    gaussian_kl_backward,
+    kl_div_from_logits,
+    kl_div_from_logits_backward,
+)
 from ._loss import KLDivLoss  # noqa: E402
 from ._validation import REDUCTIONS  # noqa: E402
 
-__all__ = ["REDUCTIONS", "KLDivLoss", "kl_div", "kl_div_backward", "use_reference"]
+__all__ = [
+    "LOGITS_REDUCTIONS",
+    "REDUCTIONS",
+    "KLDivLoss",
+    "gaussian_kl",
+    "gaussian_kl_backward",
+    "kl_div",
+    "kl_div_backward",
+    "kl_div_from_logits",
+    "kl_div_from_logits_backward",
+    "use_reference",
+]
 __version__ = "0.1.0"

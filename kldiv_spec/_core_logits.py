@@ -1,0 +1,373 @@
+r"""The executable specification of the KL divergence from logits, and of the Gaussian KL.
+
+Like :mod:`kldiv_spec._core`, everything here uses only functions of the Python
+array API standard, reached through the namespace ``xp`` the caller passes in,
+holds no argument checking (see :mod:`kldiv_spec._logits`) and no backend
+branches. Reductions end with the one rounding rule of
+:func:`kldiv_spec._core.divide_total`.
+
+Notation (per row, the row being the slice along ``axis``): ``s = input / T``
+and ``t = target / T`` the student's and teacher's scaled logits,
+
+.. math::
+
+    \log q = \operatorname{log\_softmax}(s), \qquad
+    \log p = \operatorname{log\_softmax}(t), \qquad
+    r = \log p - \log q,
+
+and the elementwise term of the forward divergence
+:math:`\mathrm{KL}(p \,\|\, q) = \sum_i e_i` is
+
+.. math::
+
+    e_i = \begin{cases} 0 & p_i = 0 \\ p_i\, r_i & \text{otherwise,} \end{cases}
+
+(the reverse divergence :math:`\mathrm{KL}(q \,\|\, p)` swaps the roles of
+:math:`p` and :math:`q`), multiplied by :math:`k = T^2` (Hinton's scaling) or
+:math:`k = 1`. A class with :math:`p_i = 0` (a teacher logit of ``-inf``, or
+one whose probability underflows) contributes exactly 0, also where the
+student's :math:`\log q_i` is ``-inf``: the mathematical convention
+:math:`0 \log(0/q) = 0`, where ``kl_div``'s composite gives ``0 * inf = NaN``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._core import divide_total, divisor, reduce_loss, sum_to_shape
+
+Array = Any
+Namespace = Any
+
+__all__: list[str] = []
+
+
+# --------------------------------------------------------------------------- log-sum-exp
+
+
+def _shift(a: Array, /, *, axis: int, xp: Namespace) -> Array:
+    """Return the row maxima (keepdims), replaced by 0 where they are not finite.
+
+    A row of ``-inf`` (every class excluded), a row holding ``+inf`` or NaN is
+    therefore not shifted, and ``exp`` gives 0, ``inf`` or NaN for it: the
+    log-sum-exp is then ``-inf``, ``+inf`` or NaN, as the mathematics says.
+    """
+    m = xp.max(a, axis=axis, keepdims=True)
+    return xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+
+
+def logsumexp(a: Array, /, *, axis: int, xp: Namespace) -> Array:
+    r"""Return :math:`\log \sum_i e^{a_i}` along ``axis`` (kept, of size 1), without overflow.
+
+    .. math::
+
+        \operatorname{lse}(a) = m + \log \sum_i e^{a_i - m}, \qquad m = \max_i a_i
+
+    (:math:`m = 0` where the maximum is not finite). A row of ``-inf`` gives
+    ``-inf``, a row with ``+inf`` gives ``+inf``, a row with NaN gives NaN; an
+    empty axis gives ``-inf`` (the empty sum is 0).
+    """
+    if a.shape[axis] == 0:  # no maximum to shift by; log of the empty sum is -inf
+        return xp.log(xp.sum(xp.exp(a), axis=axis, keepdims=True))
+    m = _shift(a, axis=axis, xp=xp)
+    return m + xp.log(xp.sum(xp.exp(a - m), axis=axis, keepdims=True))
+
+
+def log_softmax(a: Array, /, *, axis: int, xp: Namespace) -> Array:
+    r"""Return :math:`a - \operatorname{lse}(a)` along ``axis``, as ``(a - m) - log Σ e^(a - m)``.
+
+    Subtracting the maximum first makes the largest entry exactly
+    :math:`-\log \sum_i e^{a_i - m}`. An excluded class (``-inf``) gives
+    ``-inf``; a row of ``-inf`` only, or one holding ``+inf`` or NaN, gives NaN
+    where it is not ``-inf`` (its softmax is undefined).
+    """
+    if a.shape[axis] == 0:
+        return a
+    m = _shift(a, axis=axis, xp=xp)
+    shifted = a - m
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------- from logits
+
+
+def scaled(a: Array, temperature: float, /) -> Array:
+    """Return ``a / temperature`` (``a`` itself for a temperature of 1: the quotient is exact)."""
+    return a if temperature == 1.0 else a / temperature
+
+
+def log_probabilities(
+    s: Array, t: Array, /, *, temperature: float, axis: int, xp: Namespace
+) -> tuple[Array, Array]:
+    r"""Return :math:`(\log q, \log p)`, the log-softmax of ``s / T`` and ``t / T``."""
+    lq = log_softmax(scaled(s, temperature), axis=axis, xp=xp)
+    lp = log_softmax(scaled(t, temperature), axis=axis, xp=xp)
+    return lq, lp
+
+
+def _weighted(w: Array, d: Array, /, *, xp: Namespace) -> Array:
+    """Return ``w * d``, and 0 wherever ``w == 0`` (``d`` may be infinite or NaN there)."""
+    return xp.where(w == 0, xp.zeros_like(w), w * d)
+
+
+def terms(lq: Array, lp: Array, /, *, direction: str, xp: Namespace) -> Array:
+    r"""Return the elementwise terms :math:`e_i` (without the factor :math:`k`).
+
+    ``direction='forward'``: :math:`p_i (\log p_i - \log q_i)`;
+    ``'reverse'``: :math:`q_i (\log q_i - \log p_i)`; 0 where the weight
+    (:math:`p_i`, resp. :math:`q_i`) is 0.
+    """
+    if direction == "forward":
+        return _weighted(xp.exp(lp), lp - lq, xp=xp)
+    return _weighted(xp.exp(lq), lq - lp, xp=xp)
+
+
+def _masked(a: Array, mask: Array | None, /, *, xp: Namespace) -> Array:
+    """Return ``a`` with the masked-out rows (``mask`` False, kept axis) set to 0."""
+    if mask is None:
+        return a
+    return xp.where(mask, a, xp.zeros_like(a))
+
+
+def count(mask: Array, /, *, dtype: Any, xp: Namespace) -> Array:
+    """Return the number of True entries of ``mask`` as a 0-d array of ``dtype``."""
+    return xp.astype(xp.sum(xp.astype(mask, xp.int64)), dtype)
+
+
+def masked_divisor(
+    reduction: str, mask: Array, /, *, vocab: int, dtype: Any, xp: Namespace
+) -> Array:
+    """Return the divisor of a masked reduction as a 0-d array (0 for no unmasked row).
+
+    ``'sum'``: 1; ``'batchmean'`` and ``'rowmean'``: the number of unmasked rows;
+    ``'mean'``: that number times the number of classes.
+    """
+    n = count(mask, dtype=dtype, xp=xp)
+    if reduction == "sum":
+        return xp.ones_like(n)
+    if reduction == "mean":
+        return n * vocab
+    return n
+
+
+def divide_masked(total: Array, d: Array, /, *, xp: Namespace) -> Array:
+    r"""Return :math:`\operatorname{fl}(S / D)`, and 0 where :math:`D = 0` (every row masked).
+
+    The masked counterpart of :func:`kldiv_spec._core.divide_total`: the
+    divisor is data (the number of unmasked rows), so it is an array; a batch
+    whose rows are all masked has nothing to average and gives 0, not NaN.
+    """
+    safe = xp.where(d == 0, xp.ones_like(d), d)
+    return xp.where(d == 0, xp.zeros_like(total), total / safe)
+
+
+def row_divisor(reduction: str, /, *, shape: tuple[int, ...], axis: int) -> int:
+    """Return the unmasked divisor: kl_div's for sum, mean, batchmean; the rows for rowmean.
+
+    ``'batchmean'`` divides by ``input.shape[0]``, exactly as the composition
+    ``kl_div(log_softmax(s), softmax(t), reduction='batchmean')``; ``'rowmean'``
+    by the number of rows (the product of the axes other than ``axis``).
+    """
+    if reduction == "rowmean":
+        return math.prod(n for i, n in enumerate(shape) if i != axis)
+    return divisor(reduction, output_shape=shape, batch_size=shape[0] if shape else None)
+
+
+def from_logits(
+    s: Array,
+    t: Array,
+    /,
+    *,
+    temperature: float,
+    factor: float,
+    reduction: str,
+    axis: int,
+    direction: str,
+    mask: Array | None,
+    xp: Namespace,
+) -> Array:
+    r"""Return the divergence from logits, reduced; ``mask``: ``s``'s shape, ``axis`` of size 1.
+
+    ``factor`` is :math:`k` (:math:`T^2` or 1). With :math:`S` the sum of the
+    terms of the unmasked rows and :math:`D` the divisor: ``'none'`` returns
+    :math:`k\,e` (0 in masked rows); the reductions return
+    :math:`\operatorname{fl}(\operatorname{fl}(S / D)\cdot k)`, the rounding of
+    ``kl_div(...) * T**2``. Without a mask :math:`D` is
+    :func:`row_divisor`'s; with one, :func:`masked_divisor`'s (and the result
+    is 0 when every row is masked).
+    """
+    lq, lp = log_probabilities(s, t, temperature=temperature, axis=axis, xp=xp)
+    e = _masked(terms(lq, lp, direction=direction, xp=xp), mask, xp=xp)
+    if reduction == "none":
+        return e if factor == 1.0 else e * factor
+    total = xp.sum(e)
+    if mask is None:
+        d = row_divisor(reduction, shape=tuple(s.shape), axis=axis)
+        result = divide_total(total, d, xp=xp)
+    else:
+        d_arr = masked_divisor(reduction, mask, vocab=s.shape[axis], dtype=total.dtype, xp=xp)
+        result = divide_masked(total, d_arr, xp=xp)
+    return result if factor == 1.0 else result * factor
+
+
+def row_gradient_weight(
+    g: Array,
+    /,
+    *,
+    reduction: str,
+    shape: tuple[int, ...],
+    axis: int,
+    mask: Array | None,
+    xp: Namespace,
+) -> Array:
+    """Return the upstream gradient of each term: ``g / D`` for the reductions, ``g`` for 'none'.
+
+    Masked rows get 0.
+    """
+    if reduction != "none":
+        if mask is None:
+            g = divide_total(g, row_divisor(reduction, shape=shape, axis=axis), xp=xp)
+        else:
+            d_arr = masked_divisor(reduction, mask, vocab=shape[axis], dtype=g.dtype, xp=xp)
+            g = divide_masked(g, d_arr, xp=xp)
+    g = xp.broadcast_to(g, shape)
+    return _masked(g, mask, xp=xp)
+
+
+def from_logits_backward(
+    g: Array,
+    s: Array,
+    t: Array,
+    /,
+    *,
+    temperature: float,
+    factor: float,
+    reduction: str,
+    axis: int,
+    direction: str,
+    mask: Array | None,
+    target_grad: bool,
+    xp: Namespace,
+) -> tuple[Array, Array | None]:
+    r"""Return the gradients w.r.t. the student and (if ``target_grad``) the teacher logits.
+
+    With :math:`G_i` the upstream gradient of term :math:`i` (``g / D`` for the
+    reductions, 0 in masked rows) and :math:`c = k / T`, the forward divergence
+    gives, per row,
+
+    .. math::
+
+        \nabla_s = c\,\bigl(q\,\textstyle\sum_j G_j p_j - G \odot p\bigr), \qquad
+        \nabla_t = c\,\bigl(G \odot w - p \textstyle\sum_j G_j w_j\bigr), \quad
+        w_j = p_j (r_j + 1),
+
+    which for a constant :math:`G` along the row (every reduction) is
+    :math:`c\,G\,(q - p)` and :math:`c\,G\,p \odot (r - \mathrm{KL})`, the
+    forms evaluated then. The reverse divergence swaps :math:`p \leftrightarrow q`
+    and :math:`s \leftrightarrow t`. Terms with weight :math:`p_j = 0` (resp.
+    :math:`q_j = 0`) are 0, as in the forward.
+    """
+    shape = tuple(s.shape)
+    lq, lp = log_probabilities(s, t, temperature=temperature, axis=axis, xp=xp)
+    gw = row_gradient_weight(g, reduction=reduction, shape=shape, axis=axis, mask=mask, xp=xp)
+    c = factor / temperature
+    if direction == "forward":
+        lw, lo = lp, lq  # the weighting distribution (p) and the other one (q)
+    else:
+        lw, lo = lq, lp
+    w, o = xp.exp(lw), xp.exp(lo)
+    r = lw - lo
+    if reduction == "none":
+        # the general chain rule, G varying along the row
+        weight_grad = _weighted(w, r + 1, xp=xp)
+        grad_w = gw * weight_grad - w * xp.sum(gw * weight_grad, axis=axis, keepdims=True)
+        grad_o = o * xp.sum(gw * w, axis=axis, keepdims=True) - gw * w
+    else:
+        kl = xp.sum(_weighted(w, r, xp=xp), axis=axis, keepdims=True)
+        grad_w = gw * _weighted(w, r - kl, xp=xp)
+        grad_o = gw * (o - w)
+    grad_w, grad_o = (_masked(a, mask, xp=xp) for a in (grad_w, grad_o))
+    if c != 1.0:
+        grad_w, grad_o = grad_w * c, grad_o * c
+    grad_s, grad_t = (grad_o, grad_w) if direction == "forward" else (grad_w, grad_o)
+    return grad_s, (grad_t if target_grad else None)
+
+
+# --------------------------------------------------------------------------- Gaussian KL
+
+
+def gaussian_terms(
+    mu: Array, logvar: Array, mu_p: Array, logvar_p: Array, /, *, xp: Namespace
+) -> Array:
+    r"""Return the elementwise KL between diagonal Gaussians, broadcast.
+
+    .. math::
+
+        \mathrm{KL}\bigl(\mathcal N(\mu, \sigma^2) \,\|\, \mathcal N(\mu_0, \sigma_0^2)\bigr)
+        = \tfrac12 \Bigl( \bigl(e^{d} - 1 - d\bigr) + \frac{(\mu - \mu_0)^2}{e^{\lambda_0}} \Bigr),
+        \qquad d = \lambda - \lambda_0,
+
+    with :math:`\lambda = \log \sigma^2`. :math:`e^d - 1` is ``expm1(d)``, so
+    the term is accurate for small :math:`d` and exactly 0 at the identity
+    (``expm1(0) - 0 = 0``, ``0 * 0 / e^{λ0} = 0``).
+    """
+    d = logvar - logvar_p
+    diff = mu - mu_p
+    return 0.5 * ((xp.expm1(d) - d) + diff * diff / xp.exp(logvar_p))
+
+
+def gaussian_kl(
+    mu: Array,
+    logvar: Array,
+    mu_p: Array,
+    logvar_p: Array,
+    /,
+    *,
+    reduction: str,
+    batch_size: int | None,
+    xp: Namespace,
+) -> Array:
+    """Return the Gaussian KL reduced like ``kl_div`` (divisor: 1, numel or ``batch_size``)."""
+    loss = gaussian_terms(mu, logvar, mu_p, logvar_p, xp=xp)
+    return reduce_loss(loss, reduction=reduction, batch_size=batch_size, xp=xp)
+
+
+def gaussian_kl_backward(
+    g: Array,
+    mu: Array,
+    logvar: Array,
+    mu_p: Array,
+    logvar_p: Array,
+    /,
+    *,
+    reduction: str,
+    batch_size: int | None,
+    output_shape: tuple[int, ...],
+    xp: Namespace,
+) -> tuple[Array, Array, Array, Array]:
+    r"""Return the gradients w.r.t. ``mu``, ``logvar``, ``mu_p``, ``logvar_p``, each to its shape.
+
+    .. math::
+
+        \partial_\mu = \frac{\mu - \mu_0}{e^{\lambda_0}}, \quad
+        \partial_\lambda = \tfrac12 (e^{d} - 1), \quad
+        \partial_{\mu_0} = -\partial_\mu, \quad
+        \partial_{\lambda_0}
+            = -\tfrac12 \Bigl((e^{d} - 1) + \frac{(\mu - \mu_0)^2}{e^{\lambda_0}}\Bigr),
+
+    times :math:`g / D`.
+    """
+    d = divisor(reduction, output_shape=output_shape, batch_size=batch_size)
+    g = divide_total(g, d, xp=xp)
+    diff = mu - mu_p
+    var_p = xp.exp(logvar_p)
+    em1 = xp.expm1(logvar - logvar_p)
+    g_mu = g * (diff / var_p)
+    g_lv = g * (0.5 * em1)
+    g_lvp = -(g * (0.5 * (em1 + diff * diff / var_p)))
+    out = []
+    for grad, like in ((g_mu, mu), (g_lv, logvar), (-g_mu, mu_p), (g_lvp, logvar_p)):
+        full = xp.broadcast_to(grad, output_shape)
+        out.append(sum_to_shape(full, tuple(like.shape), xp=xp))
+    return out[0], out[1], out[2], out[3]
