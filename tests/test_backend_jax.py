@@ -163,3 +163,140 @@ def test_declines_broadcasting_and_mixed_dtypes() -> None:
     assert fast.kl_div(operands(x, t32, reduction="sum", log_target=False)) is NotImplemented
     same = jnp.ones((2, 3))
     assert fast.kl_div(operands(x, same, reduction="sum", log_target=False)) is not NotImplemented
+
+
+def problems(dtype: object, batch: int = 3, rows: int = 4, cols: int = 5) -> tuple:
+    """A batch of independent problems: log-probability rows and probability rows with zeros."""
+    rng = np.random.default_rng(11)
+    x = np.log(rng.dirichlet(np.ones(cols), size=(batch, rows))).astype(dtype)
+    t = rng.dirichlet(np.ones(cols), size=(batch, rows)).astype(dtype)
+    t[:, ::2, 0] = 0  # 0 log 0 = 0; the target gradient is NaN there
+    return x, t
+
+
+def numpy_reference(f: object, *args: object, **kwargs: object) -> object:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reduction="mean"
+        with kldiv_spec.use_reference():
+            return f(*args, **kwargs)
+
+
+def path_in_jaxpr(f: object, *args: object) -> str:
+    """Which implementation a trace of ``f`` holds: the fast path's compiled loss, or not."""
+    text = str(jax.make_jaxpr(f)(*args))
+    return "fast" if f"name={fast._loss.__name__}" in text else "reference"
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_vmap_over_a_batch_of_problems(reference: bool, reduction: str, dtype: object) -> None:
+    """``jax.vmap`` maps the loss, ``jax.grad`` and ``kl_div_backward`` over a leading axis:
+    each example is its own call, so ``'batchmean'`` divides by the example's ``shape[0]``
+    (rows), not by the whole batch."""
+    x, t = problems(dtype)
+    batch, rows = x.shape[:2]
+    g = np.full(x.shape, 0.75, dtype) if reduction == "none" else np.full(batch, 0.75, dtype)
+
+    def loss(a: object, b: object) -> object:
+        return kldiv_spec.kl_div(a, b, reduction=reduction)
+
+    def scalar(a: object, b: object) -> object:
+        return 0.75 * jnp.sum(loss(a, b))
+
+    def backward(ga: object, a: object, b: object) -> object:
+        return kldiv_spec.kl_div_backward(ga, a, b, reduction=reduction)
+
+    with kldiv_spec.use_reference(reference), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reduction="mean"
+        assert path_in_jaxpr(jax.vmap(loss), x, t) == ("reference" if reference else "fast")
+        values = jax.vmap(loss)(jnp.asarray(x), jnp.asarray(t))
+        grads = jax.vmap(jax.grad(scalar, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(t))
+        backs = jax.vmap(backward)(jnp.asarray(g), jnp.asarray(x), jnp.asarray(t))
+    want = np.stack(
+        [numpy_reference(kldiv_spec.kl_div, x[i], t[i], reduction=reduction) for i in range(batch)]
+    )
+    want_g = [
+        np.stack(w)
+        for w in zip(
+            *(
+                numpy_reference(kldiv_spec.kl_div_backward, g[i], x[i], t[i], reduction=reduction)
+                for i in range(batch)
+            ),
+            strict=True,
+        )
+    ]
+    assert values.shape == ((batch, rows, x.shape[2]) if reduction == "none" else (batch,))
+    assert_same(values, want, atol=4 * float(np.finfo(dtype).eps) * terms_scale(x, t, False))
+    if reduction == "batchmean":
+        per_example = numpy_reference(kldiv_spec.kl_div, x, t, reduction="none").sum(axis=(1, 2))
+        np.testing.assert_allclose(np.asarray(values), per_example / rows, rtol=1e-5)
+    for got in (grads, backs):
+        for a, b in zip(got, want_g, strict=True):
+            assert_same(a, b, atol=gradient_atol(x, t, False, dtype))
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_under_jit_in_a_training_step(
+    reference: bool, reduction: str, log_target: bool
+) -> None:
+    """A jitted step (``jax.value_and_grad`` of the loss of ``log_softmax`` logits) with the
+    fast path or the reference: the traced program holds the chosen path, and the loss and
+    the gradient with respect to the logits equal the reference's, by the chain rule through
+    ``kl_div_backward``."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.standard_normal((6, 7)))
+    target = rng.dirichlet(np.ones(7), size=6)
+    target[1, 3] = 0
+    if log_target:
+        with np.errstate(divide="ignore"):
+            target = np.log(target)  # log 0 = -inf: a zero probability in log space
+
+    def loss(z: object, b: object) -> object:
+        out = kldiv_spec.kl_div(
+            jax.nn.log_softmax(z, axis=-1), b, reduction=reduction, log_target=log_target
+        )
+        return jnp.sum(out)
+
+    # a new function per test: jax.jit keeps one trace per function and argument types, and
+    # use_reference() is read when the function is traced
+    def step(z: object, b: object) -> object:
+        return jax.value_and_grad(loss)(z, b)
+
+    with kldiv_spec.use_reference(reference), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # reduction="mean"
+        assert path_in_jaxpr(step, logits, target) == ("reference" if reference else "fast")
+        value, grad_z = jax.jit(step)(logits, jnp.asarray(target))
+
+    log_q = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    want = numpy_reference(
+        kldiv_spec.kl_div, log_q, target, reduction=reduction, log_target=log_target
+    )
+    g = np.ones(log_q.shape) if reduction == "none" else 1.0
+    grad_log_q, _ = numpy_reference(
+        kldiv_spec.kl_div_backward, g, log_q, target, reduction=reduction, log_target=log_target
+    )
+    # through log_softmax: dz = dlog_q - softmax(z) * sum(dlog_q)
+    want_z = grad_log_q - np.exp(log_q) * grad_log_q.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(float(value), float(np.sum(want)), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(grad_z), want_z, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.xfail(
+    reason="use_reference() is read when a function is traced, and jax.jit's cache does not "
+    "key on it: a function jitted (traced) before keeps the fast path inside the context",
+    strict=True,
+)
+def test_use_reference_reaches_a_function_jitted_before() -> None:
+    x, t = jnp.zeros((2, 3)), jnp.full((2, 3), 1 / 3)
+
+    def loss(a: object, b: object) -> object:
+        return kldiv_spec.kl_div(a, b, reduction="sum")
+
+    jitted = jax.jit(loss)
+    jitted(x, t)
+    with kldiv_spec.use_reference():
+        traced = str(jitted.trace(x, t).jaxpr)
+    assert f"name={fast._loss.__name__}" not in traced
