@@ -68,7 +68,7 @@ def logsumexp(a: Array, /, *, axis: int, xp: Namespace) -> Array:
     ``-inf``, a row with ``+inf`` gives ``+inf``, a row with NaN gives NaN; an
     empty axis gives ``-inf`` (the empty sum is 0).
     """
-    if a.shape[axis] == 0:  # no maximum to shift by; log of the empty sum is -inf
+    if math.prod(a.shape) == 0:  # no maximum to shift by; log of the empty sum is -inf
         return xp.log(xp.sum(xp.exp(a), axis=axis, keepdims=True))
     m = _shift(a, axis=axis, xp=xp)
     return m + xp.log(xp.sum(xp.exp(a - m), axis=axis, keepdims=True))
@@ -79,12 +79,16 @@ def log_softmax(a: Array, /, *, axis: int, xp: Namespace) -> Array:
 
     Subtracting the maximum first makes the largest entry exactly
     :math:`-\log \sum_i e^{a_i - m}`. An excluded class (``-inf``) gives
-    ``-inf``; a row of ``-inf`` only, or one holding ``+inf`` or NaN, gives NaN
-    where it is not ``-inf`` (its softmax is undefined).
+    ``-inf``; a row of ``-inf`` only, or one holding ``+inf`` or NaN, gives
+    NaN everywhere (its softmax is undefined).
     """
-    if a.shape[axis] == 0:
+    if math.prod(a.shape) == 0:  # nothing to normalise (and no maximum of an empty row)
         return a
-    m = _shift(a, axis=axis, xp=xp)
+    m = xp.max(a, axis=axis, keepdims=True)
+    # Only a row of -inf is not shifted (it has nothing to shift by); a row with +inf is
+    # shifted by +inf, so that every entry is -inf or NaN and the normaliser NaN: the
+    # whole row is NaN, its softmax undefined.
+    m = xp.where(m == -math.inf, xp.zeros_like(m), m)
     shifted = a - m
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=axis, keepdims=True))
 
