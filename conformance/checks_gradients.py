@@ -18,10 +18,19 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from .assertions import assert_gradients
 from .context import Context, fmt
 from .oracle import gradients as exact_gradients
 from .properties import NotApplicable, register
-from .strategies import Case, broadcast_cases, distributions, edge_cases
+from .strategies import (
+    FLOATS,
+    Case,
+    broadcast_cases,
+    distributions,
+    divisor_cases,
+    edge_cases,
+    edge_pairs,
+)
 
 __all__ = ["take_gradients"]
 
@@ -157,6 +166,68 @@ def _grad_input(ctx: Context, case: Case) -> None:
 )
 def _grad_target(ctx: Context, case: Case) -> None:
     _compare(ctx, case, 1)
+
+
+def _compare_both(ctx: Context, case: Case) -> None:
+    """Compare both gradients of ``case`` with the oracle: dtype, shape, NaN/inf, bound."""
+    g = _grad_output(case)
+    got = take_gradients(ctx, case, g)
+    want = exact_gradients(
+        g,
+        case.input,
+        case.target,
+        reduction=case.reduction,
+        log_target=case.log_target,
+        flush=not ctx.backend.subnormals,
+    )
+    what = f"reduction={case.reduction!r}, log_target={case.log_target}"
+    assert_gradients(got, want, dtypes=(case.input.dtype, case.target.dtype), what=what)
+
+
+def _edge_grid(ctx: Context) -> list[Case]:
+    """Return the edge-value grid in both dtypes: one 'none' call, then each reduction.
+
+    For the reductions the grid is laid out as 2 rows, so that 'sum' (1),
+    'batchmean' (2) and 'mean' (numel) have different divisors; a gradient's
+    NaN stays in its own element, so one call checks every row.
+    """
+    cases = []
+    for log_target in ctx.log_targets:
+        pairs = edge_pairs(log_target)
+        pairs += pairs[: len(pairs) % 2]
+        for dtype in FLOATS:
+            x = np.array([p[0] for p in pairs], dtype=dtype)
+            t = np.array([p[1] for p in pairs], dtype=dtype)
+            for reduction in ctx.reductions:
+                if reduction == "none":
+                    cases.append(Case(x, t, "none", log_target))
+                else:
+                    cases.append(Case(x.reshape(2, -1), t.reshape(2, -1), reduction, log_target))
+    return cases
+
+
+@register(
+    "gradients.edge_values",
+    "both gradients on every row of the edge-value table (docs/gradients.md), every "
+    "reduction, both log_target, float32 and float64",
+    cases=_edge_grid,
+    applies=_applies,
+)
+def _grad_edge_values(ctx: Context, case: Case) -> None:
+    _compare_both(ctx, case)
+
+
+@register(
+    "gradients.broadcast_divisors",
+    "both gradients on the fixed broadcasts of semantics.broadcast_divisors: divided by "
+    "input.shape[0] for batchmean, summed back over broadcast axes",
+    cases=lambda ctx: divisor_cases(
+        log_targets=ctx.log_targets, reductions=ctx.some("sum", "batchmean", "mean")
+    ),
+    applies=_applies,
+)
+def _grad_broadcast_divisors(ctx: Context, case: Case) -> None:
+    _compare_both(ctx, case)
 
 
 @st.composite

@@ -19,12 +19,11 @@ from .context import Context, assert_pointwise, assert_reduced, check_against_or
 from .opinfo import samples
 from .properties import NotApplicable, register
 from .strategies import (
-    EDGE_INPUTS,
-    EDGE_LOG_TARGETS,
-    EDGE_TARGETS,
     Case,
     broadcast_cases,
+    divisor_cases,
     edge_cases,
+    edge_pairs,
     regular_cases,
 )
 
@@ -35,8 +34,7 @@ def _edge_grid(ctx: Context) -> list[Case]:
     """Every (input, target) pair of the table as one 'none' call, then each pair reduced."""
     cases = []
     for log_target in ctx.log_targets:
-        targets = EDGE_LOG_TARGETS if log_target else EDGE_TARGETS
-        pairs = list(itertools.product(EDGE_INPUTS, targets))
+        pairs = edge_pairs(log_target)
         for dtype in (np.float64, np.float32):
             x = np.array([p[0] for p in pairs], dtype=dtype)
             t = np.array([p[1] for p in pairs], dtype=dtype)
@@ -53,7 +51,8 @@ def _edge_grid(ctx: Context) -> list[Case]:
 
 @register(
     "semantics.edge_values",
-    "every row of PyTorch's edge-value table (0, <0, >1, +-inf, NaN targets and inputs)",
+    "every row of PyTorch's edge-value table (0, <0, >1, +-inf, NaN targets and inputs), "
+    "each reduction",
     cases=_edge_grid,
 )
 def _edge_values(ctx: Context, case: Case) -> None:
@@ -123,6 +122,18 @@ def _zero_dim_check(ctx: Context, case: Case) -> None:
 def _broadcasting(ctx: Context, case: Case) -> None:
     for reduction in ctx.reductions:
         check_against_oracle(ctx, case, reduction)
+
+
+@register(
+    "semantics.broadcast_divisors",
+    "fixed broadcasts ((1,K)/(B,K), (K,)/(B,K), (B,1)/(1,K), 0-d/(B,K), both ways): "
+    "batchmean divides by input.shape[0], mean by the result's numel",
+    cases=lambda ctx: divisor_cases(
+        log_targets=ctx.log_targets, reductions=ctx.some("sum", "batchmean", "mean")
+    ),
+)
+def _broadcast_divisors(ctx: Context, case: Case) -> None:
+    check_against_oracle(ctx, case)
 
 
 #: The errors an invalid call may raise: the class docs/spec.md specifies for

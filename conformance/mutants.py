@@ -118,6 +118,27 @@ def _backward(flip_target: bool = False, no_sum: bool = False) -> Fn:
     return backward
 
 
+def _rows_backward(
+    g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    """Divide by the broadcast result's rows, not input.shape[0], for 'batchmean'."""
+    x = np.asarray(input)
+    if reduction == "batchmean" and x.ndim:
+        rows = np.broadcast_shapes(x.shape, np.shape(target))[0]
+        g = np.asarray(g, dtype=np.float64) * (x.shape[0] / rows) if rows else g
+    return numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+
+
+def _zero_grad_at_neg_inf(
+    g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    gx, gt = numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+    if log_target:
+        at = np.broadcast_to(np.asarray(target), gt.shape) == -np.inf
+        gt = np.where(at, 0, gt).astype(gt.dtype)
+    return gx, gt
+
+
 def _ignore_strides(x: Any, t: Any) -> tuple[Any, Any]:
     return tuple(a.ravel(order="K").reshape(a.shape) for a in (np.asarray(x), np.asarray(t)))
 
@@ -264,6 +285,21 @@ _LIST = [
         ),
         description="batchmean divides by the broadcast shape's first dimension",
     ),
+    _m(
+        "batchmean_broadcast_rows",
+        _forward(
+            divisor=lambda r, x, t, s: (
+                s[0] if r == "batchmean" and x.ndim else numpy_impl._divisor(r, x, s)
+            )
+        ),
+        description="batchmean divides by the broadcast result's rows (0-d input: by 1)",
+    ),
+    _m(
+        "batchmean_broadcast_rows_backward",
+        numpy_impl.kl_div,
+        _rows_backward,
+        description="backward's batchmean divides by the broadcast result's rows",
+    ),
     _m("no_xlogy_mask", _forward(pointwise=_no_xlogy_mask), description="t = 0 gives NaN"),
     _m("mask_nonpositive", _forward(pointwise=_zero_mask), description="t <= 0 gives 0 (paddle)"),
     _m("eps_clamp", _forward(pointwise=_clamped), description="max(t, 1e-10) (Keras/Liger)"),
@@ -331,6 +367,12 @@ _LIST = [
         numpy_impl.kl_div,
         _zero_grad_at_zero,
         description="target gradient 0 instead of NaN at t = 0",
+    ),
+    _m(
+        "log_target_grad_zero_at_neg_inf",
+        numpy_impl.kl_div,
+        _zero_grad_at_neg_inf,
+        description="log_target: target gradient 0 instead of NaN at t = -inf",
     ),
     _m(
         "float64_result",

@@ -19,13 +19,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
+    "DIVISOR_SHAPES",
     "EDGE_INPUTS",
     "EDGE_LOG_TARGETS",
     "EDGE_TARGETS",
+    "SPEC_EDGE_ROWS",
     "Case",
     "broadcast_cases",
     "distributions",
+    "divisor_cases",
     "edge_cases",
+    "edge_pairs",
     "regular_cases",
     "subnormal_cases",
 ]
@@ -59,6 +63,88 @@ EDGE_LOG_TARGETS: tuple[float, ...] = (
 )
 
 FLOATS = (np.float32, np.float64)
+
+#: The rows of the edge-value table of docs/spec.md (and docs/gradients.md) as
+#: ``(input, target, log_target)``; ``tests/test_conformance_v2.py`` checks that
+#: every row printed there is here.
+SPEC_EDGE_ROWS: tuple[tuple[float, float, bool], ...] = (
+    (math.log(0.25), 0.5, False),
+    (0.0, 1.0, False),
+    (0.0, 0.5, False),
+    (-1.0, 0.0, False),
+    (-math.inf, 0.0, False),
+    (math.inf, 0.0, False),
+    (math.nan, 0.0, False),
+    (-math.inf, 0.5, False),
+    (math.inf, 0.5, False),
+    (math.nan, 0.5, False),
+    (-1.0, -0.5, False),
+    (-1.0, 2.0, False),
+    (-1.0, math.inf, False),
+    (-1.0, math.nan, False),
+    (-1.0, 1e-300, False),
+    (math.log(0.25), math.log(0.5), True),
+    (-1.0, -math.inf, True),
+    (-math.inf, -math.inf, True),
+    (-math.inf, 0.0, True),
+    (-1.0, math.inf, True),
+    (-1.0, -1000.0, True),
+    (-1.0, math.nan, True),
+    (math.nan, math.log(0.5), True),
+    (0.0, 1.0, True),
+)
+
+
+def edge_pairs(log_target: bool, /) -> list[tuple[float, float]]:
+    """Return every ``(input, target)`` pair of the edge-value grid, in a fixed order.
+
+    The grid is every :data:`EDGE_INPUTS` value against every target value
+    (:data:`EDGE_TARGETS`, or :data:`EDGE_LOG_TARGETS` with ``log_target``), then
+    the rows of docs/spec.md's table (:data:`SPEC_EDGE_ROWS`).
+    """
+    targets = EDGE_LOG_TARGETS if log_target else EDGE_TARGETS
+    pairs = [(x, t) for x in EDGE_INPUTS for t in targets]
+    pairs += [(x, t) for x, t, lt in SPEC_EDGE_ROWS if lt == log_target]
+    return pairs
+
+
+#: ``(input shape, target shape)`` pairs that separate the divisors: with B = 3
+#: rows and K = 4 columns, ``'batchmean'`` divides by ``input.shape[0]`` (1, 3, 4,
+#: 3, 3, 1 or, for a 0-d input, 1), which differs from the broadcast result's
+#: rows (always 3) in half of them; ``'mean'`` divides by the broadcast result's
+#: numel (12), which differs from the input's numel in all but two.
+DIVISOR_SHAPES: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (
+    ((1, 4), (3, 4)),
+    ((3, 4), (1, 4)),
+    ((4,), (3, 4)),
+    ((3, 4), (4,)),
+    ((3, 1), (1, 4)),
+    ((1, 4), (3, 1)),
+    ((), (3, 4)),
+    ((3, 4), ()),
+)
+
+
+def divisor_cases(
+    *, log_targets: Sequence[bool] = (False, True), reductions: Sequence[str] = ("batchmean",)
+) -> list[Case]:
+    """Return fixed broadcasting cases: every :data:`DIVISOR_SHAPES` pair, option and reduction.
+
+    Inputs are logarithms of values in (0, 1), targets values in (0, 1) (or
+    their logarithms), all distinct, so every divisor gives a distinct result.
+    The dtype alternates between float32 and float64 from one case to the next
+    (dtypes are checked elsewhere; a divisor does not depend on them).
+    """
+    cases = []
+    for i, (xs, ts) in enumerate(DIVISOR_SHAPES):
+        x = np.log(np.linspace(0.15, 0.85, math.prod(xs))).reshape(xs)
+        p = np.linspace(0.9, 0.05, math.prod(ts)).reshape(ts)
+        for j, log_target in enumerate(log_targets):
+            dtype = FLOATS[(i + j) % 2]
+            t = np.log(p) if log_target else p
+            for reduction in reductions:
+                cases.append(Case(x.astype(dtype), t.astype(dtype), reduction, log_target))
+    return cases
 
 
 @dataclass

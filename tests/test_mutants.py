@@ -11,7 +11,10 @@ from kldiv_spec.conformance.mutants import MUTANTS
 CAUGHT_BY = {
     "batchmean_by_numel": "accuracy.reductions",
     "mean_by_batch": "math.reductions_agree",
-    "batchmean_broadcast_dim": "semantics.broadcasting",
+    "batchmean_broadcast_dim": "semantics.broadcast_divisors",
+    "batchmean_broadcast_rows": "semantics.broadcast_divisors",
+    "batchmean_broadcast_rows_backward": "gradients.broadcast_divisors",
+    "log_target_grad_zero_at_neg_inf": "gradients.edge_values",
     "no_xlogy_mask": "semantics.edge_values",
     "mask_nonpositive": "semantics.edge_values",
     "eps_clamp": "semantics.edge_values",
@@ -38,7 +41,7 @@ CAUGHT_BY = {
     "strides_ignored": "semantics.layouts",
     "target_grad_zero_at_zero": "gradients.target",
     "float64_result": "semantics.dtypes",
-    "mean_by_input_numel": "semantics.broadcasting",
+    "mean_by_input_numel": "semantics.broadcast_divisors",
 }
 
 
