@@ -1,4 +1,4 @@
-"""The ``kldiv-spec`` command: ``check``, the conformance suite."""
+"""The ``kldiv-spec`` command: ``check`` (the conformance suite) and ``vectors``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 _USAGE = """usage: kldiv-spec check [options]
+       kldiv-spec vectors {export,verify} ...
 
   check   run the conformance suite against an implementation (default: the
           reference, on every installed backend); 'kldiv-spec check --help'
+  vectors export the golden vectors (JSON, for implementations in any
+          language) and verify a results file against them;
+          'kldiv-spec vectors export --help', 'kldiv-spec vectors verify --help'
 """
 
 
@@ -25,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kldiv_spec.conformance.cli import main as check_main
 
         return check_main(rest)
+    if command == "vectors":
+        from kldiv_spec.conformance.vectors_cli import main as vectors_main
+
+        return vectors_main(rest)
     print(f"kldiv-spec: unknown command {command!r}\n{_USAGE}", end="", file=sys.stderr)
     return 2
 
