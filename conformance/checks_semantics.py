@@ -27,7 +27,7 @@ from .strategies import (
     regular_cases,
 )
 
-__all__ = ["DTYPE_ERRORS", "SHAPE_ERRORS"]
+__all__ = ["ARGUMENT_ERRORS", "DTYPE_ERRORS", "REDUCTION_ERRORS", "SHAPE_ERRORS"]
 
 
 def _edge_grid(ctx: Context) -> list[Case]:
@@ -136,28 +136,52 @@ def _broadcast_divisors(ctx: Context, case: Case) -> None:
     check_against_oracle(ctx, case)
 
 
-#: The errors an invalid call may raise: the class docs/spec.md specifies for
-#: kldiv-spec, or the one PyTorch raises. Anything else (an AttributeError, an
-#: IndexError) is a crash, not a refusal, and fails the property.
+#: The exception classes that signal an invalid argument, which a caller can
+#: catch as a refusal. Any other exception (AttributeError, IndexError, KeyError,
+#: ZeroDivisionError, ...) is a crash, not a refusal: a MUST failure.
+ARGUMENT_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, RuntimeError)
+#: The class each kind of invalid call should raise: docs/spec.md's, or PyTorch's.
+#: Raising another of :data:`ARGUMENT_ERRORS` is a SHOULD failure (``semantics.error_class``).
 SHAPE_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError)
 DTYPE_ERRORS: tuple[type[Exception], ...] = (TypeError, RuntimeError)
+REDUCTION_ERRORS: tuple[type[Exception], ...] = (ValueError,)
 
 
-def _expect_error(
-    ctx: Context, case: Case, expected: tuple[type[Exception], ...], what: str
-) -> None:
-    """Assert that calling ``case`` raises one of ``expected``, naming what it did otherwise."""
-    names = " or ".join(e.__name__ for e in expected)
+def _names(classes: tuple[type[Exception], ...]) -> str:
+    return " or ".join(e.__name__ for e in classes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _expect_refusal(ctx: Context, case: Case, what: str) -> None:
+    """Assert that calling ``case`` raises an argument error; name what it did otherwise."""
     try:
         ctx.call(case)
-    except expected:
+    except ARGUMENT_ERRORS:
         return
     except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        msg = f"{what} raised {type(exc).__name__}: {text}, not {names}".replace(": , ", ", ")
+        msg = (
+            f"{what} raised {_first_line(exc)}: a crash, not an error for invalid "
+            f"arguments ({_names(ARGUMENT_ERRORS)})"
+        )
         raise AssertionError(msg) from exc
-    msg = f"{what} did not raise (expected {names})"
+    msg = f"{what} did not raise (expected {_names(ARGUMENT_ERRORS)})"
     raise AssertionError(msg)
+
+
+def _shape_what(case: Case) -> str:
+    return f"shapes {case.input.shape} and {case.target.shape}"
+
+
+def _dtype_what(case: Case) -> str:
+    return f"input {case.input.dtype} and target {case.target.dtype}"
+
+
+def _reduction_what(case: Case) -> str:
+    return f"reduction={case.reduction!r}"
 
 
 def _incompatible(ctx: Context) -> list[Case]:
@@ -167,11 +191,11 @@ def _incompatible(ctx: Context) -> list[Case]:
 
 @register(
     "semantics.incompatible_shapes",
-    "shapes that do not broadcast raise ValueError (PyTorch: RuntimeError)",
+    "shapes that do not broadcast raise an error for invalid arguments, not a crash",
     cases=_incompatible,
 )
 def _incompatible_check(ctx: Context, case: Case) -> None:
-    _expect_error(ctx, case, SHAPE_ERRORS, f"shapes {case.input.shape} and {case.target.shape}")
+    _expect_refusal(ctx, case, _shape_what(case))
 
 
 def _dtype_cases(ctx: Context) -> list[Case]:
@@ -249,19 +273,11 @@ def _bad_reductions(ctx: Context) -> list[Case]:
 
 @register(
     "semantics.bad_reduction",
-    "an unknown reduction raises ValueError",
+    "an unknown reduction raises an error for invalid arguments, not a crash",
     cases=_bad_reductions,
 )
 def _bad_reduction(ctx: Context, case: Case) -> None:
-    try:
-        ctx.call(case)
-    except ValueError:
-        return
-    except Exception as exc:
-        msg = f"reduction={case.reduction!r} raised {type(exc).__name__}, not ValueError"
-        raise AssertionError(msg) from exc
-    msg = f"reduction={case.reduction!r} did not raise"
-    raise AssertionError(msg)
+    _expect_refusal(ctx, case, _reduction_what(case))
 
 
 def _integer_cases(ctx: Context) -> list[Case]:
@@ -279,13 +295,45 @@ def _integer_cases(ctx: Context) -> list[Case]:
 
 @register(
     "semantics.non_float_input",
-    "integer, boolean or complex input or target raises TypeError (PyTorch: RuntimeError)",
+    "integer, boolean or complex input or target raises an error for invalid arguments",
     cases=_integer_cases,
 )
 def _integer_input(ctx: Context, case: Case) -> None:
-    _expect_error(
-        ctx, case, DTYPE_ERRORS, f"input {case.input.dtype} and target {case.target.dtype}"
-    )
+    _expect_refusal(ctx, case, _dtype_what(case))
+
+
+def _error_cases(ctx: Context) -> list[Case]:
+    kinds = [
+        (_incompatible(ctx), SHAPE_ERRORS, _shape_what),
+        (_integer_cases(ctx), DTYPE_ERRORS, _dtype_what),
+        (_bad_reductions(ctx), REDUCTION_ERRORS, _reduction_what),
+    ]
+    return [
+        Case(c.input, c.target, c.reduction, c.log_target, extra={"want": want, "what": what})
+        for cases, want, what in kinds
+        for c in cases
+    ]
+
+
+@register(
+    "semantics.error_class",
+    "invalid calls raise the specified class: ValueError for shapes and reduction, TypeError "
+    "for dtypes (PyTorch's RuntimeError accepted for shapes and dtypes)",
+    cases=_error_cases,
+    level="SHOULD",
+)
+def _error_class(ctx: Context, case: Case) -> None:
+    """Judge the class of an argument error; no error, or a crash, is the MUST properties' case."""
+    want: tuple[type[Exception], ...] = case.extra["want"]
+    try:
+        ctx.call(case)
+    except want:
+        return
+    except ARGUMENT_ERRORS as exc:
+        msg = f"{case.extra['what'](case)} raised {_first_line(exc)}, not {_names(want)}"
+        raise AssertionError(msg) from exc
+    except Exception:  # a crash: semantics.incompatible_shapes and the others report it
+        return
 
 
 def _warning_cases(ctx: Context) -> list[Case]:

@@ -1,7 +1,8 @@
 """``kldiv-spec check``: run the conformance suite from the command line.
 
-Exit status: 0 when every property holds, 1 when any fails, 2 on a usage error.
-With no arguments it checks the reference on every installed backend.
+Exit status: 0 when every MUST property holds, 1 when one fails (or, with
+``--strict``, when a SHOULD property fails), 2 on a usage error. With no
+arguments it checks the reference on every installed backend.
 """
 
 from __future__ import annotations
@@ -21,6 +22,23 @@ from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, resolve, run
 __all__ = ["main"]
 
 
+_LEVELS_HELP = """\
+requirement levels:
+  MUST    values, NaN/inf patterns, dtypes, shapes, gradients, and refusing
+          invalid arguments with an error for invalid arguments (TypeError,
+          ValueError or RuntimeError). A MUST failure exits 1. Raising any other
+          exception (AttributeError, IndexError, KeyError, ...) for an invalid
+          call is a crash, not a refusal: a MUST failure.
+  SHOULD  PyTorch's 'mean' UserWarning (and no other warning), silence about
+          floating-point warnings, and the exact exception class (ValueError for
+          shapes and reduction, TypeError for dtypes; PyTorch's RuntimeError is
+          accepted for shapes and dtypes). Raising another of TypeError,
+          ValueError, RuntimeError is a SHOULD failure. SHOULD failures are
+          reported (level column, SHOULD column of --markdown) and exit 1 only
+          with --strict.
+"""
+
+
 def _can_run(backend: str) -> bool:
     try:
         load_backend(backend)
@@ -33,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kldiv-spec check",
         description="Check a KL-divergence implementation against PyTorch's kl_div semantics.",
+        epilog=_LEVELS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--impl",
@@ -65,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
     p.add_argument("--no-shrink", action="store_true", help="report failures unshrunk (faster)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 on SHOULD failures too (PyTorch's exact warnings and exception classes)",
+    )
     p.add_argument("--json", metavar="PATH", help="write a machine-readable report")
     p.add_argument("--markdown", metavar="PATH", help="write the conformance matrix as Markdown")
     p.add_argument("--list", action="store_true", help="list the properties and exit")
@@ -95,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     props = select(args.group, args.property)
     if args.list:
         for p in select():
-            print(f"{p.name:34s} {p.description}")
+            print(f"{p.name:34s} {p.level:6s} {p.description}")
         return 0
     if args.property and not props:
         parser.print_usage(sys.stderr)
@@ -156,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not a.startswith("--markdown") and a != args.markdown
         )
         Path(args.markdown).write_text(matrix_markdown(reports, command=command.strip()))
-    return 1 if any(r.failed for r in reports) else 0
+    return 1 if any(r.rejected(strict=args.strict) for r in reports) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

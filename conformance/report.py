@@ -1,4 +1,9 @@
-"""Render reports: a readable table, JSON, and the Markdown conformance matrix."""
+"""Render reports: a readable table, JSON, and the Markdown conformance matrix.
+
+MUST and SHOULD are kept apart everywhere: the table has a ``level`` column and
+its header counts SHOULD failures separately; the matrix's group columns show
+the MUST properties and one ``SHOULD`` column the SHOULD ones.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .properties import GROUPS
-from .runner import Report
+from .runner import Outcome, Report
 
-__all__ = ["group_summary", "matrix_markdown", "table", "write_json"]
+__all__ = ["group_summary", "matrix_markdown", "should_summary", "table", "write_json"]
 
 
 def table(report: Report, /) -> str:
@@ -17,15 +22,23 @@ def table(report: Report, /) -> str:
     head = f"{report.impl} on {report.backend}"
     if report.status == "n/a":
         return f"{head}: n/a ({report.reason})\n"
-    rows = [("property", "group", "status", "examples")]
+    rows = [("property", "group", "level", "status", "examples")]
     rows += [
-        (o.name, o.group, o.status.upper() if o.status == "fail" else o.status, str(o.examples))
+        (
+            o.name,
+            o.group,
+            o.level,
+            o.status.upper() if o.status == "fail" else o.status,
+            str(o.examples),
+        )
         for o in report.outcomes
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        f"{head}: {report.status.upper()} (up to {report.max_examples} examples per property)"
-    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    verdict = report.status.upper()
+    n_should = sum(o.status == "fail" and o.level == "SHOULD" for o in report.outcomes)
+    if n_should:
+        verdict += f", {n_should} SHOULD failure{'s' if n_should > 1 else ''}"
+    lines = [f"{head}: {verdict} (up to {report.max_examples} examples per property)"]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
@@ -35,7 +48,7 @@ def table(report: Report, /) -> str:
             lines.append(f"  n/a {o.name}: {o.reason}")
     for o in report.outcomes:
         if o.status == "fail":
-            lines += ["", f"FAIL {o.name} ({o.description})", f"  {o.reason}"]
+            lines += ["", f"FAIL {o.name} [{o.level}] ({o.description})", f"  {o.reason}"]
             if o.counterexample:
                 lines += ["  minimal counterexample: " + o.counterexample]
             if o.reproduction:
@@ -43,14 +56,25 @@ def table(report: Report, /) -> str:
     return "\n".join(lines) + "\n"
 
 
-def group_summary(report: Report, group: str, /) -> str:
-    """Return one matrix cell: pass, n/a, or the failing properties of ``group``."""
+def group_summary(report: Report, group: str, /, *, level: str = "MUST") -> str:
+    """Return one matrix cell: pass, n/a, or the failing ``level`` properties of ``group``."""
     if report.status == "n/a":
         return "n/a"
-    outs = [o for o in report.outcomes if o.group == group]
+    outs = [o for o in report.outcomes if o.group == group and o.level == level]
+    return _cell(outs, short=True)
+
+
+def should_summary(report: Report, /) -> str:
+    """Return the matrix's SHOULD cell: pass, n/a, or the failing SHOULD properties."""
+    if report.status == "n/a":
+        return "n/a"
+    return _cell([o for o in report.outcomes if o.level == "SHOULD"], short=False)
+
+
+def _cell(outs: Sequence[Outcome], *, short: bool) -> str:
     if not outs:
         return ""
-    fails = [o.name.split(".", 1)[1] for o in outs if o.status == "fail"]
+    fails = [o.name.split(".", 1)[1] if short else o.name for o in outs if o.status == "fail"]
     passed = sum(o.status == "pass" for o in outs)
     if fails:
         return "FAIL: " + ", ".join(fails)
@@ -69,16 +93,20 @@ def matrix_markdown(reports: Sequence[Report], /, *, command: str) -> str:
         "",
         f"    {command}",
         "",
-        "Each cell: `pass`, `pass (k/n)` when n - k properties of the group are n/a for",
-        "that implementation (it cannot express them), `n/a`, or the failing properties.",
+        "The group columns hold the MUST properties (a failure there is non-conformance:",
+        "`kldiv-spec check` exits 1); the SHOULD column holds the SHOULD properties",
+        "(PyTorch's exact warnings and exception classes: reported, failing the check",
+        "only under `--strict`). Each cell: `pass`, `pass (k/n)` when n - k of its",
+        "properties are n/a for that implementation (it cannot express them), `n/a`,",
+        "or the failing properties.",
         "",
-        "| implementation | backend | " + " | ".join(GROUPS) + " |",
-        "|---|---|" + "---|" * len(GROUPS),
+        "| implementation | backend | " + " | ".join(GROUPS) + " | SHOULD |",
+        "|---|---|" + "---|" * (len(GROUPS) + 1),
     ]
     for r in reports:
-        cells = [group_summary(r, g) for g in GROUPS]
+        cells = [group_summary(r, g) for g in GROUPS] + [should_summary(r)]
         if r.status == "n/a":
-            cells = [f"n/a: {r.reason}"] + [""] * (len(GROUPS) - 1)
+            cells = [f"n/a: {r.reason}"] + [""] * len(GROUPS)
         lines.append(f"| {r.impl} | {r.backend} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -88,5 +116,6 @@ def write_json(reports: Sequence[Report], path: str | Path, /) -> None:
     data = {
         "reports": [r.as_dict() for r in reports],
         "status": "fail" if any(r.failed for r in reports) else "pass",
+        "should_status": "fail" if any(r.should_failed for r in reports) else "pass",
     }
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

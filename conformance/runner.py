@@ -86,6 +86,7 @@ class Outcome:
     counterexample: str = ""
     reproduction: str = ""
     seconds: float = 0.0
+    level: str = "MUST"  # the property's requirement level: "MUST" or "SHOULD"
 
 
 @dataclass
@@ -97,13 +98,23 @@ class Report:
     max_examples: int
     seed: int | None
     outcomes: list[Outcome] = field(default_factory=list)
-    status: str = "pass"  # "pass", "fail", or "n/a" when the backend cannot run
+    status: str = "pass"  # "pass", "fail" (a MUST failure), or "n/a" when it cannot run
     reason: str = ""
+    should_status: str = "pass"  # "fail" when a SHOULD property failed
 
     @property
     def failed(self) -> bool:
-        """Whether any property failed."""
-        return any(o.status == "fail" for o in self.outcomes)
+        """Whether a MUST property failed: the implementation does not conform."""
+        return any(o.status == "fail" and o.level == "MUST" for o in self.outcomes)
+
+    @property
+    def should_failed(self) -> bool:
+        """Whether a SHOULD property failed (PyTorch's warnings, exact exception classes)."""
+        return any(o.status == "fail" and o.level == "SHOULD" for o in self.outcomes)
+
+    def rejected(self, *, strict: bool = False) -> bool:
+        """Whether the report fails: a MUST failure, or with ``strict`` any failure."""
+        return self.failed or (strict and self.should_failed)
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dictionary."""
@@ -176,7 +187,7 @@ def run_property(
 ) -> Outcome:
     """Run one property and return its outcome."""
     start = time.perf_counter()
-    outcome = Outcome(prop.name, prop.group, prop.description, "pass")
+    outcome = Outcome(prop.name, prop.group, prop.description, "pass", level=prop.level)
     reason = prop.applies(ctx) if prop.applies is not None else None
     if ctx.impl.backends is not None and ctx.backend.name not in ctx.impl.backends:
         reason = f"{ctx.impl.name} runs on {', '.join(ctx.impl.backends)} only"
@@ -268,4 +279,5 @@ def run(
         if progress is not None:
             progress(prop.name, outcome)
     report.status = "fail" if report.failed else "pass"
+    report.should_status = "fail" if report.should_failed else "pass"
     return report

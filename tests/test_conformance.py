@@ -39,7 +39,7 @@ def test_every_property_has_a_requirement_level():
 
     assert {p.level for p in PROPERTIES.values()} == set(LEVELS)
     should = {n for n, p in PROPERTIES.items() if p.level == "SHOULD"}
-    assert should == {"semantics.mean_warning", "hygiene.silent"}
+    assert should == {"semantics.mean_warning", "semantics.error_class", "hygiene.silent"}
 
 
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax", "dask"])

@@ -161,3 +161,32 @@ def test_max_examples_means_the_same_on_every_backend(backend, tmp_path, capsys)
     assert f"up to {DEFAULT_MAX_EXAMPLES} examples per property" in header
     assert main([*argv, "--max-examples", "7"]) == 0
     assert json.loads(path.read_text())["reports"][0]["max_examples"] == 7
+
+
+def test_should_failures_are_reported_and_fail_only_under_strict(tmp_path, capsys):
+    """A SHOULD failure (no 'mean' warning) exits 0, but 1 with --strict; MUST exits 1."""
+    path, md = tmp_path / "report.json", tmp_path / "matrix.md"
+    argv = ["--impl", "mutant:no_mean_warning", "--group", "semantics", "--max-examples", "2"]
+    argv += ["--no-shrink", "--quiet", "--json", str(path), "--markdown", str(md)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PASS, 1 SHOULD failure" in out.splitlines()[0]
+    assert "FAIL semantics.mean_warning [SHOULD]" in out
+    data = json.loads(path.read_text())
+    assert (data["status"], data["should_status"]) == ("pass", "fail")
+    (report,) = data["reports"]
+    levels = {o["name"]: o["level"] for o in report["outcomes"]}
+    assert levels["semantics.mean_warning"] == "SHOULD" and levels["semantics.empty"] == "MUST"
+    row = next(r for r in md.read_text().splitlines() if r.startswith("| mutant:no_mean"))
+    assert row.endswith("| FAIL: semantics.mean_warning |")
+    assert "| pass |" in row  # the semantics column holds the MUST properties only
+    assert main([*argv, "--strict"]) == 1
+    must = ["--impl", "mutant:any_reduction", "--property", "semantics.bad_reduction", "--quiet"]
+    assert main(must) == 1
+
+
+def test_help_documents_the_levels_and_the_error_class_rule(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--strict" in out and "SHOULD" in out and "MUST" in out
+    assert "AttributeError" in out  # a crash is a MUST failure

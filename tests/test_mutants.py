@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kldiv_spec.conformance import run
+from kldiv_spec.conformance import PROPERTIES, run
 from kldiv_spec.conformance.mutants import MUTANTS
 
 #: The property expected to catch each mutant (others may catch it too).
@@ -28,7 +28,7 @@ CAUGHT_BY = {
     "crash_empty": "semantics.empty",
     "mutates_input": "hygiene.inputs_unmodified",
     "mismatch_attribute_error": "semantics.incompatible_shapes",
-    "integers_value_error": "semantics.non_float_input",
+    "integers_value_error": "semantics.error_class",
     "no_broadcasting": "semantics.broadcasting",
     "sum_last_axis": "semantics.result",
     "wrong_target_grad_sign": "gradients.target",
@@ -51,10 +51,14 @@ def test_every_mutant_has_an_expected_catcher():
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_mutant_is_rejected(name):
+    """Each mutant fails its property; a MUST one fails the check, a SHOULD one is reported."""
     report = run(f"mutant:{name}", "numpy", names=[CAUGHT_BY[name]], max_examples=10, shrink=False)
     (outcome,) = report.outcomes
     assert outcome.status == "fail", outcome
-    assert report.failed
+    assert outcome.level == PROPERTIES[outcome.name].level
+    assert report.failed == (outcome.level == "MUST")
+    assert report.should_failed == (outcome.level == "SHOULD")
+    assert report.rejected(strict=True)
 
 
 @pytest.mark.parametrize("impl", ["numpy", "reference"])
@@ -64,15 +68,26 @@ def test_correct_implementations_pass_the_catching_properties(impl):
 
 
 @pytest.mark.parametrize(
-    ("name", "prop", "raised"),
+    ("name", "prop", "raised", "level"),
     [
-        ("mismatch_attribute_error", "semantics.incompatible_shapes", "raised AttributeError"),
-        ("integers_value_error", "semantics.non_float_input", "raised ValueError"),
+        (
+            "mismatch_attribute_error",
+            "semantics.incompatible_shapes",
+            "raised AttributeError",
+            "MUST",
+        ),
+        ("integers_value_error", "semantics.error_class", "raised ValueError", "SHOULD"),
     ],
 )
-def test_an_error_of_another_class_is_a_failure_that_names_it(name, prop, raised):
-    """A crash is not a refusal: the property says what was raised instead."""
-    report = run(f"mutant:{name}", "numpy", names=[prop], shrink=False)
-    (outcome,) = report.outcomes
-    assert outcome.status == "fail"
-    assert raised in outcome.reason, outcome.reason
+def test_an_error_of_another_class_is_a_failure_that_names_it(name, prop, raised, level):
+    """A crash is a MUST failure; another error for invalid arguments a SHOULD failure."""
+    error_props = [
+        "semantics.incompatible_shapes",
+        "semantics.non_float_input",
+        "semantics.bad_reduction",
+        "semantics.error_class",
+    ]
+    report = run(f"mutant:{name}", "numpy", names=error_props, shrink=False)
+    fails = [o for o in report.outcomes if o.status == "fail"]
+    assert [o.name for o in fails] == [prop]
+    assert fails[0].level == level and raised in fails[0].reason, fails[0].reason
