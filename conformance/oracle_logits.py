@@ -106,16 +106,32 @@ class ExactLogits:
     masked: bool = False
 
 
-def _log_softmax_row(z: list[float], temperature: Any) -> tuple[list[Any], Any]:
-    """Return exact (log-probabilities, log-sum-exp) of one row; NaN for no softmax."""
+def _scaled(v: float, temperature: Any, work: np.dtype) -> Any:
+    """Return ``v / T`` exactly, or the infinity it rounds to in the working dtype."""
+    mp = _mp()
+    if not math.isfinite(v):
+        return mp.mpf(v)
+    q = mp.mpf(v) / temperature
+    with np.errstate(over="ignore"):
+        rounded = float(np.asarray(float(q), np.float64).astype(work))
+    return mp.mpf(rounded) if math.isinf(rounded) else q
+
+
+def _log_softmax_row(z: list[float], temperature: Any, work: np.dtype) -> tuple[list[Any], Any]:
+    """Return exact (log-probabilities, log-sum-exp) of one row; NaN for no softmax.
+
+    A logit whose quotient by ``T`` overflows the working dtype is that infinity,
+    as in the dtype's evaluation.
+    """
     mp = _mp()
     nan = mp.mpf("nan")
-    if any(math.isnan(v) or v == math.inf for v in z) or all(v == -math.inf for v in z):
+    a = [_scaled(v, temperature, work) for v in z]
+    if any(mp.isnan(v) or v == mp.inf for v in a) or all(v == -mp.inf for v in a):
         return [nan] * len(z), nan
-    a = [mp.mpf(v) / temperature if v != -math.inf else None for v in z]
-    m = max(v for v in a if v is not None)
-    lse = m + mp.log(mp.fsum(mp.exp(v - m) for v in a if v is not None))
-    return [mp.mpf("-inf") if v is None else v - lse for v in a], lse
+    finite = [v for v in a if v != -mp.inf]
+    m = max(finite)
+    lse = m + mp.log(mp.fsum(mp.exp(v - m) for v in finite))
+    return [v if v == -mp.inf else v - lse for v in a], lse
 
 
 def from_logits(
@@ -173,8 +189,8 @@ def from_logits(
     for i in range(rows):
         if not kept[i]:
             continue
-        lq, lse_s = _log_softmax_row(list(s2[i]), temp)
-        lp, lse_t = _log_softmax_row(list(t2[i]), temp)
+        lq, lse_s = _log_softmax_row(list(s2[i]), temp, work)
+        lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
         if direction == "forward":
             lw, lo = lp, lq
         else:

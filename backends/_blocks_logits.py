@@ -1,0 +1,196 @@
+r"""Blocked, multithreaded KL divergence from logits on NumPy: forward and gradient in one pass.
+
+The logits are walked in blocks of whole rows (:func:`rows_per_block` rows,
+about :data:`BLOCK_ELEMENTS` elements), on the worker threads of
+:mod:`kldiv_spec.backends._blocks`. Each worker owns five scratch buffers of
+one block, and every operation writes into them with ``out=``: nothing of the
+logits' size is allocated except the outputs asked for (the gradient, or the
+``'none'`` terms), so the extra memory is :math:`O(\text{rows per block}
+\times \text{classes})` per thread. Per block of rows, with :math:`\bar s =
+s / T` and :math:`\bar t = t / T`:
+
+.. math::
+
+    \log q = (\bar s - m_s) - \log \textstyle\sum e^{\bar s - m_s}, \quad
+    q = e^{\bar s - m_s} / \textstyle\sum e^{\bar s - m_s}
+
+(the same for :math:`p`), then the terms :math:`w \odot (\log w - \log o)`
+(:math:`w = p, o = q` forward, swapped in reverse), their row sums (NumPy's
+pairwise sum in the dtype, rows added in float64), and, when asked, the
+student gradient :math:`c\,G\,(q - p)` (forward) or
+:math:`c\,G\,q \odot (r - \mathrm{KL})` (reverse), written straight into the
+output. Two ``exp`` per element instead of the reference's four; the values
+agree with the reference's within the bound of ``docs/logits.md``.
+
+Rows this plain evaluation gets wrong are exactly those where a zero weight
+meets an infinite log-ratio (a class excluded by the weighting distribution,
+``0 * inf``), and they come out NaN; every row whose sum is NaN (those, and
+rows holding NaN, ``+inf`` or only ``-inf``) is evaluated again by the
+reference core (:mod:`kldiv_spec._core_logits`), so edge values are the
+specification's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kldiv_spec import _core_logits
+
+from . import _blocks
+
+__all__: list[str] = []
+
+#: Elements per block (whole rows; at least one row): 512 Ki elements, 2 MiB in float32.
+BLOCK_ELEMENTS = 1 << 19
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def supported(*arrays: Any) -> bool:
+    """Return whether the kernels take these 2-d arrays (C-contiguous float32 or float64)."""
+    first = arrays[0]
+    return all(
+        type(a) is np.ndarray
+        and a.ndim == 2
+        and a.dtype == first.dtype
+        and a.dtype in _DTYPES
+        and a.flags.c_contiguous
+        for a in arrays
+    )
+
+
+def rows_per_block(vocab: int, /) -> int:
+    """Return the number of rows of one block: :data:`BLOCK_ELEMENTS` elements, at least 1."""
+    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _log_softmax_into(z: Any, temperature: float, lz: Any, prob: Any) -> None:
+    """Write ``log_softmax(z / T)`` into ``lz`` and ``softmax(z / T)`` into ``prob``."""
+    if temperature == 1.0:
+        np.copyto(lz, z)
+    else:
+        np.divide(z, temperature, out=lz)
+    m = np.max(lz, axis=1, keepdims=True)
+    m[m == -math.inf] = 0.0  # a row of -inf only: not shifted (it comes out NaN)
+    np.subtract(lz, m, out=lz)
+    np.exp(lz, out=prob)
+    total = np.add.reduce(prob, axis=1, keepdims=True)
+    np.divide(prob, total, out=prob)
+    np.log(total, out=total)
+    np.subtract(lz, total, out=lz)
+
+
+def from_logits(
+    s: np.ndarray,
+    t: np.ndarray,
+    /,
+    *,
+    temperature: float,
+    direction: str,
+    kept: np.ndarray | None,
+    grad_scale: float | None,
+    terms_out: np.ndarray | None = None,
+    factor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Return the rows' divergences (float64, unscaled) and, if asked, the student gradient.
+
+    ``s`` and ``t`` are 2-d (rows, classes) and :func:`supported`. ``kept`` is
+    None or a boolean vector over the rows (masked rows get a 0 divergence, 0
+    terms and a 0 gradient). ``grad_scale`` is :math:`c\,G` (the same for every
+    row: a reduced loss), or None for no gradient. ``terms_out``, when given,
+    receives ``factor`` times the elementwise terms (``reduction='none'``).
+    """
+    rows, vocab = s.shape
+    dt = s.dtype
+    kl = np.zeros(rows, np.float64)
+    grad = np.empty_like(s) if grad_scale is not None else None
+    step = rows_per_block(vocab)
+    starts = list(range(0, rows, step))
+    forward = direction == "forward"
+
+    def work(stripe: Sequence[int]) -> list[Any]:
+        a, b, c, d, e = (np.empty((step, vocab), dt) for _ in range(5))
+        with np.errstate(all="ignore"):
+            for i in stripe:
+                j = min(i + step, rows)
+                n = j - i
+                lq, lp, q, p, tmp = a[:n], b[:n], c[:n], d[:n], e[:n]
+                _log_softmax_into(s[i:j], temperature, lq, q)
+                _log_softmax_into(t[i:j], temperature, lp, p)
+                lw, w, lo = (lp, p, lq) if forward else (lq, q, lp)
+                np.subtract(lw, lo, out=lw)  # r = log w - log o
+                np.multiply(w, lw, out=tmp)  # the terms
+                row_kl = np.add.reduce(tmp, axis=1)
+                kl[i:j] = row_kl
+                if terms_out is not None:
+                    np.multiply(tmp, factor, out=terms_out[i:j]) if factor != 1.0 else np.copyto(
+                        terms_out[i:j], tmp
+                    )
+                if grad is not None:
+                    g = grad[i:j]
+                    if forward:
+                        np.subtract(q, p, out=g)
+                    else:
+                        np.subtract(lw, row_kl[:, None], out=lw)
+                        np.multiply(q, lw, out=g)
+                    np.multiply(g, grad_scale, out=g)
+        return []
+
+    _blocks._run(work, starts, _blocks.num_threads())
+    _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept)
+    return kl, grad
+
+
+def _fix_rows(
+    s: np.ndarray,
+    t: np.ndarray,
+    kl: np.ndarray,
+    grad: np.ndarray | None,
+    terms_out: np.ndarray | None,
+    temperature: float,
+    direction: str,
+    grad_scale: float | None,
+    factor: float,
+    kept: np.ndarray | None,
+) -> None:
+    """Evaluate the rows whose sum is NaN with the reference core; zero the masked rows."""
+    redo = np.isnan(kl)
+    if kept is not None:
+        redo &= kept
+    rows = np.flatnonzero(redo)
+    if rows.size:
+        sr, tr = s[rows], t[rows]
+        with np.errstate(all="ignore"):
+            lq, lp = _core_logits.log_probabilities(sr, tr, temperature=temperature, axis=1, xp=np)
+            e = _core_logits.terms(lq, lp, direction=direction, xp=np)
+            kl[rows] = np.add.reduce(e, axis=1)
+            if terms_out is not None:
+                terms_out[rows] = e * factor if factor != 1.0 else e
+            if grad is not None:
+                g = np.asarray(grad_scale, dtype=s.dtype)
+                gs, _ = _core_logits.from_logits_backward(
+                    g,
+                    sr,
+                    tr,
+                    temperature=temperature,
+                    factor=1.0,
+                    reduction="sum",
+                    axis=1,
+                    direction=direction,
+                    mask=None,
+                    target_grad=False,
+                    xp=np,
+                )
+                # from_logits_backward scales by 1 / T; grad_scale already holds c = k / T
+                grad[rows] = gs * temperature
+    if kept is not None:
+        dropped = ~kept
+        kl[dropped] = 0.0
+        if grad is not None:
+            grad[dropped] = 0.0
+        if terms_out is not None:
+            terms_out[dropped] = 0.0

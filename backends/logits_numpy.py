@@ -1,0 +1,140 @@
+"""The NumPy fast path of ``kl_div_from_logits``: blocked rows, forward and gradient in one pass.
+
+Calls whose logits are C-contiguous float32 or float64 arrays of one dtype with
+the classes on the last axis, and at least
+:data:`~kldiv_spec.backends._blocks.MIN_ELEMENTS` elements (or
+``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS``), are evaluated by
+:mod:`kldiv_spec.backends._blocks_logits`; the rest (other axes, strided or
+mixed-dtype operands, half precision, small arrays), the ``'none'`` backward
+and the teacher's gradient are left to the reference (``NotImplemented``).
+
+The reductions add the rows' float64 sums, round the total to the dtype, and
+divide by the divisor (:func:`kldiv_spec._core.divide_total`; with a mask,
+by the number of kept rows, 0 when there is none), then multiply by
+:math:`k`, in the composition's order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from kldiv_spec import _core_logits
+from kldiv_spec._core import divide_total
+from kldiv_spec._logits import LogitsOperands
+
+from . import _blocks, _blocks_logits
+
+__all__ = ["evaluate", "kl_div_from_logits", "kl_div_from_logits_backward"]
+
+
+def _rows(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | None:
+    """Return ``(s2, t2, kept)``: 2-d (rows, classes) views and the row mask, or None."""
+    shape = ops.shape
+    if ops.axis != len(shape) - 1 or math.prod(shape) < max(_blocks.min_elements(), 1):
+        return None
+    vocab = shape[-1]
+    rows = math.prod(shape[:-1])
+    if not (s.flags.c_contiguous and t.flags.c_contiguous):
+        return None
+    s2, t2 = s.reshape(rows, vocab), t.reshape(rows, vocab)
+    if not _blocks_logits.supported(s2, t2):
+        return None
+    kept = None
+    if ops.mask is not None:
+        kept = np.ascontiguousarray(np.broadcast_to(np.asarray(ops.mask), ops.row_shape)).reshape(
+            rows
+        )
+    return s2, t2, kept
+
+
+def _divisor(ops: LogitsOperands, kept: Any) -> int:
+    if kept is None:
+        return _core_logits.row_divisor(ops.reduction, shape=ops.shape, axis=ops.axis)
+    n = int(np.count_nonzero(kept))
+    return n * ops.vocab if ops.reduction == "mean" else (1 if ops.reduction == "sum" else n)
+
+
+def _finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) -> Any:
+    """Round the total to ``dt``, divide by ``d`` (0 for none kept: 0 with a mask), times k."""
+    with np.errstate(all="ignore"):
+        result = np.asarray(total, dtype=dt)
+        if masked and d == 0:
+            result = np.zeros((), dt)
+        else:
+            result = np.asarray(divide_total(result, d, xp=np))
+        return result if ops.factor == 1.0 else np.asarray(result * ops.factor, dtype=dt)
+
+
+def evaluate(ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool) -> tuple[Any, Any] | None:
+    """Return ``(loss, student gradient for a unit upstream gradient or None)``, or None.
+
+    ``s`` and ``t`` are NumPy arrays (or zero-copy NumPy views of tensors) of
+    the logits' shape. None means the kernels do not take the call.
+    """
+    arranged = _rows(ops, s, t)
+    if arranged is None:
+        return None
+    s2, t2, kept = arranged
+    dt = s2.dtype
+    if ops.reduction == "none":
+        if with_grad:
+            return None
+        out = np.empty(ops.shape, dt)
+        _blocks_logits.from_logits(
+            s2,
+            t2,
+            temperature=ops.temperature,
+            direction=ops.direction,
+            kept=kept,
+            grad_scale=None,
+            terms_out=out.reshape(s2.shape),
+            factor=ops.factor,
+        )
+        return out, None
+    d = _divisor(ops, kept)
+    scale = None
+    if with_grad:
+        scale = 0.0 if d == 0 else ops.factor / ops.temperature / d
+    kl, grad = _blocks_logits.from_logits(
+        s2,
+        t2,
+        temperature=ops.temperature,
+        direction=ops.direction,
+        kept=kept,
+        grad_scale=scale,
+    )
+    with np.errstate(all="ignore"):
+        total = float(np.add.reduce(kl) + 0.0)
+    loss = _finish(total, d, ops, dt, kept is not None)
+    return loss, (None if grad is None else grad.reshape(ops.shape))
+
+
+def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
+    """Return the loss, or NotImplemented to defer to the reference."""
+    s, t = ops.input, ops.target
+    if type(s) is not np.ndarray or type(t) is not np.ndarray:
+        return NotImplemented
+    done = evaluate(ops, s, t, with_grad=False)
+    return NotImplemented if done is None else done[0]
+
+
+def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
+    """Return ``(grad_input, None)`` from one blocked pass, or NotImplemented.
+
+    Taken for the reductions (a 0-d ``g``) without ``target_grad``.
+    """
+    s, t = ops.input, ops.target
+    if target_grad or ops.reduction == "none":
+        return NotImplemented
+    if type(s) is not np.ndarray or type(t) is not np.ndarray:
+        return NotImplemented
+    done = evaluate(ops, s, t, with_grad=True)
+    if done is None:
+        return NotImplemented
+    grad = done[1]
+    with np.errstate(all="ignore"):
+        np.multiply(grad, np.asarray(g, dtype=grad.dtype), out=grad)
+    return grad, None
