@@ -92,3 +92,9 @@ class KLDivLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         """Return the options shown in the module's repr."""
         return f"reduction={self.reduction!r}, log_target={self.log_target}"
+
+
+# The distillation loss from logits (kldiv_spec._torch_logits).
+from ._torch_logits import KLDivFromLogitsLoss, kl_div_from_logits  # noqa: E402
+
+__all__ += ["KLDivFromLogitsLoss", "kl_div_from_logits"]

@@ -478,3 +478,36 @@ def test_fast_paths_take_small_calls_when_told_and_match_the_oracle(library, mon
             check_value(xp, s, t, direction=direction, **dict(options))
             if options["reduction"] != "none":
                 check_gradients(xp, s, t, 0.5, direction=direction, **dict(options))
+
+
+# --------------------------------------------------------------------------- torch front end
+
+
+def test_torch_front_end_with_dim_and_module():
+    torch = pytest.importorskip("torch")
+    import kldiv_spec.torch as kt
+
+    s, t = logits((2, 5, 3), 19)
+    sa, ta = torch.tensor(s, requires_grad=True), torch.tensor(t)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    criterion = kt.KLDivFromLogitsLoss(temperature=2.0, reduction="rowmean", dim=1)
+    assert isinstance(criterion, torch.nn.Module)
+    assert "temperature=2.0, reduction='rowmean', dim=1" in repr(criterion)
+    loss = criterion(sa, ta, mask=mask)
+    want = kl_div_from_logits(
+        s, t, temperature=2.0, reduction="rowmean", axis=1, mask=mask.numpy()
+    )
+    np.testing.assert_allclose(loss.item(), want, rtol=1e-14)
+    functional = kt.kl_div_from_logits(sa, ta, 2.0, "rowmean", 1, mask=mask)
+    assert functional.item() == loss.item()
+    loss.backward()
+    assert sa.grad.shape == sa.shape
+    for bad, error in (
+        ({"temperature": 0}, ValueError),
+        ({"reduction": "token"}, ValueError),
+        ({"dim": 1.5}, TypeError),
+        ({"direction": "sideways"}, ValueError),
+        ({"scale_by_temperature_squared": None}, TypeError),
+    ):
+        with pytest.raises(error, match=next(iter(bad))):
+            kt.KLDivFromLogitsLoss(**bad)
