@@ -53,6 +53,7 @@ def _grad_output(case: Case) -> Any:
 
 def take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
     """Return the implementation's ``(grad_input, grad_target)`` for upstream gradient ``g``."""
+    ctx.record(case, "gradient", grad=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
         return _take_gradients(ctx, case, g)
@@ -268,6 +269,7 @@ def _finite_differences(ctx: Context, case: Case) -> None:
             args_p[which], args_m[which] = plus, minus
             fd[idx] = (loss(*args_p) - loss(*args_m)) / (2 * h)
         if not np.allclose(got[which], fd, rtol=1e-5, atol=1e-6):
+            ctx.record(case, "gradient", grad=g)
             msg = (
                 f"gradient w.r.t. {name} {fmt(got[which])} disagrees with finite "
                 f"differences {fmt(fd)}"

@@ -60,8 +60,8 @@ def _readonly(ctx: Context, case: Case) -> None:
     x, t = case.input.copy(), case.target.copy()
     x.flags.writeable = False
     t.flags.writeable = False
-    got = ctx.call(case, input=x, target=t).value
     want = ctx.value(case)
+    got = ctx.call(case, input=x, target=t, kind="readonly").value
     if not np.array_equal(got, want, equal_nan=True):
         msg = "read-only inputs gave a different result"
         raise AssertionError(msg)
@@ -97,7 +97,7 @@ def _device(ctx: Context, case: Case) -> None:
     level="SHOULD",
 )
 def _silent(ctx: Context, case: Case) -> None:
-    call = ctx.call(case)
+    call = ctx.call(case, kind="warning")
     noisy = [w for w in call.warnings if not issubclass(w.category, UserWarning)]
     if noisy:
         msg = f"the call warned: {noisy[0].category.__name__}: {noisy[0].message}"

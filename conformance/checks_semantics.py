@@ -159,7 +159,7 @@ def _first_line(exc: BaseException) -> str:
 def _expect_refusal(ctx: Context, case: Case, what: str) -> None:
     """Assert that calling ``case`` raises an argument error; name what it did otherwise."""
     try:
-        ctx.call(case)
+        ctx.call(case, kind="error", errors=ARGUMENT_ERRORS)
     except ARGUMENT_ERRORS:
         return
     except Exception as exc:
@@ -326,7 +326,7 @@ def _error_class(ctx: Context, case: Case) -> None:
     """Judge the class of an argument error; no error, or a crash, is the MUST properties' case."""
     want: tuple[type[Exception], ...] = case.extra["want"]
     try:
-        ctx.call(case)
+        ctx.call(case, kind="error", errors=want)
     except want:
         return
     except ARGUMENT_ERRORS as exc:
@@ -350,7 +350,7 @@ def _warning_cases(ctx: Context) -> list[Case]:
 def _mean_warning(ctx: Context, case: Case) -> None:
     if "mean" not in ctx.reductions:
         raise NotApplicable(f"{ctx.impl.name} cannot express reduction 'mean'")
-    caught = ctx.call(case).warnings
+    caught = ctx.call(case, kind="warning").warnings
     users = [w for w in caught if issubclass(w.category, UserWarning)]
     if case.reduction == "mean":
         if not any("batchmean" in str(w.message) for w in users):
@@ -408,7 +408,7 @@ def _strided_view(be: Any, a: np.ndarray) -> Any:
 def _layouts(ctx: Context, case: Case) -> None:
     be = ctx.backend
     x, t = _strided_view(be, case.input), _strided_view(be, case.target)
-    got = ctx.call(case, input=x, target=t).value
+    got = ctx.call(case, input=x, target=t, kind="layout").value
     exact = ctx.exact(case)
     try:
         if case.reduction == "none":

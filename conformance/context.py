@@ -15,7 +15,31 @@ from .oracle import Exact, pointwise
 from .properties import NotApplicable
 from .strategies import Case
 
-__all__ = ["Call", "Context", "assert_pointwise", "assert_reduced", "check_against_oracle", "fmt"]
+__all__ = [
+    "Call",
+    "Context",
+    "Record",
+    "assert_pointwise",
+    "assert_reduced",
+    "check_against_oracle",
+    "fmt",
+]
+
+
+@dataclass
+class Record:
+    """The last call a property made: what a reproduction replays.
+
+    ``kind`` says what was checked of it: ``'forward'`` (values, dtype, shape),
+    ``'gradient'``, ``'error'`` (an invalid call; ``errors`` the classes
+    accepted), ``'warning'``, ``'layout'`` (non-contiguous views) or
+    ``'readonly'`` (read-only NumPy operands).
+    """
+
+    case: Case
+    kind: str = "forward"
+    errors: tuple[type[Exception], ...] = ()
+    grad: Any = None
 
 
 @dataclass
@@ -35,6 +59,7 @@ class Context:
     def __init__(self, impl: Implementation, backend: Backend) -> None:
         self.impl = impl
         self.backend = backend
+        self.last: Record | None = None
 
     @property
     def reductions(self) -> tuple[str, ...]:
@@ -71,16 +96,34 @@ class Context:
         *,
         input: Any = None,
         target: Any = None,
+        kind: str = "forward",
+        errors: tuple[type[Exception], ...] = (),
     ) -> Call:
-        """Call the implementation on ``case`` (on backend copies of its arrays)."""
+        """Call the implementation on ``case`` (on backend copies of its arrays).
+
+        The call is recorded as :attr:`last` (see :class:`Record`: ``kind`` and
+        ``errors``) for the reproduction of a failure.
+        """
         x = self.asarray(case.input) if input is None else input
         t = self.asarray(case.target) if target is None else target
         reduction = case.reduction if reduction is None else reduction
+        self.record(Case(case.input, case.target, reduction, case.log_target), kind, errors)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = self.impl.fn(x, t, reduction=reduction, log_target=case.log_target)
             value = self.backend.to_numpy(out)
         return Call(out, value, list(caught), x, t)
+
+    def record(
+        self,
+        case: Case,
+        /,
+        kind: str = "forward",
+        errors: tuple[type[Exception], ...] = (),
+        grad: Any = None,
+    ) -> None:
+        """Record ``case`` as the last call (what a failure's reproduction replays)."""
+        self.last = Record(case, kind, errors, grad)
 
     def exact(self, case: Case, /) -> Exact:
         """Return the oracle's pointwise values for ``case``, with this backend's error floor.

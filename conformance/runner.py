@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from . import adapters, mutants
-from .context import Context
+from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
 from .properties import NotApplicable, Property, select
@@ -121,34 +121,201 @@ class Report:
         return asdict(self)
 
 
-def _literal(a: np.ndarray) -> str:
-    values = ", ".join(
-        f"float({repr(float(v))!r})" if not np.isfinite(v) else repr(float(v))
-        for v in a.ravel().astype(np.float64)
-    )
+def _literal(a: Any) -> str:
+    """Return NumPy code that rebuilds ``a`` exactly: values, dtype and shape."""
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        values = ", ".join(repr(complex(v)) for v in a.ravel())
+    elif a.dtype.kind in "biu":
+        values = ", ".join(repr(int(v)) for v in a.ravel())
+    else:
+        values = ", ".join(
+            f"float({repr(float(v))!r})" if not np.isfinite(v) else repr(float(v))
+            for v in a.ravel().astype(np.float64)
+        )
     return f"np.array([{values}], dtype=np.{a.dtype.name}).reshape({tuple(a.shape)!r})"
 
 
-def reproduction(impl_spec: str, backend: str, case: Case) -> str:
-    """Return a Python snippet that replays ``case`` and prints PyTorch's answer beside it."""
-    return "\n".join(
-        [
-            "import numpy as np",
-            "from kldiv_spec.conformance import load_backend, resolve",
-            f"backend = load_backend({backend!r})",
-            f"impl = resolve({impl_spec!r})",
-            f"x = {_literal(case.input)}",
-            f"t = {_literal(case.target)}",
-            f"kw = dict(reduction={case.reduction!r}, log_target={case.log_target!r})",
-            "try:  # PyTorch's answer, for comparison",
-            "    import torch",
-            "    print('PyTorch: ', torch.nn.functional.kl_div("
-            "torch.from_numpy(x), torch.from_numpy(t), **kw))",
-            "except ImportError:",
-            "    pass",
-            "print('got:     ', impl(backend.asarray(x), backend.asarray(t), **kw))",
+_SHOW = """\
+def show(a):  # one line, 17 significant digits
+    return np.array2string(np.asarray(a), max_line_width=10**6, threshold=64, precision=17)
+"""
+
+_CALL_OR_ERROR = """\
+def call(*args):
+    try:
+        return impl(*args, **kw)
+    except Exception as exc:  # a crash is a result too
+        return exc
+"""
+
+_FORWARD_VERDICT = """\
+exact = oracle.pointwise(x, t, log_target=kw['log_target'])
+exact.dtype = min((x.dtype, t.dtype), key=lambda d: d.itemsize)  # as semantics.dtypes
+r = kw['reduction']
+expected = exact.value if r == 'none' else oracle.reduce(exact, r, x.shape)[0]
+shape = np.broadcast_shapes(x.shape, t.shape) if r == 'none' else ()
+print('expected:', show(expected), np.result_type(x, t), shape)
+if isinstance(got, Exception):
+    print('got:      raised', repr(got))
+    print('verdict:  differs')
+else:
+    print('got:     ', show(got), getattr(got, 'dtype', type(got)), getattr(got, 'shape', None))
+    try:
+        assert backend.is_array(got), f'the result is a {type(got).__name__}, not an array'
+        assert_loss(got, exact, r, x.shape, dtype=np.result_type(x, t))
+        print('verdict:  agrees')
+    except AssertionError as exc:
+        print('verdict:  differs:', exc)
+"""
+
+
+def _torch_line() -> list[str]:
+    return [
+        "try:  # PyTorch's answer, for comparison",
+        "    import torch",
+        "    print('PyTorch: ', torch.nn.functional.kl_div("
+        "torch.from_numpy(x), torch.from_numpy(t), **kw))",
+        "except Exception:",
+        "    pass",
+    ]
+
+
+def _gradient_lines(record: Record, autograd: str | None) -> list[str]:
+    g = record.grad if record.grad is not None else 1.0
+    g_code = repr(float(g)) if np.ndim(g) == 0 else _literal(np.asarray(g))
+    lines = [f"g = {g_code}  # the upstream gradient"]
+    if autograd == "torch":
+        lines += [
+            "import torch",
+            "xb = backend.asarray(x).requires_grad_(True)",
+            "tb = backend.asarray(t).requires_grad_(True)",
+            "out = impl(xb, tb, **kw)",
+            "gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)",
+            "gx, gt = torch.autograd.grad(out, (xb, tb), gout.expand(out.shape))",
+            "gx, gt = gx.detach().cpu().numpy(), gt.detach().cpu().numpy()",
         ]
-    )
+    elif autograd == "jax":
+        lines += [
+            "import jax, jax.numpy as jnp",
+            "out, vjp = jax.vjp(lambda a, b: impl(a, b, **kw), "
+            "backend.asarray(x), backend.asarray(t))",
+            "gx, gt = (np.asarray(a) for a in "
+            "vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape)))",
+        ]
+    else:
+        lines += [
+            "gb = g if np.ndim(g) == 0 else backend.asarray(g)",
+            "gx, gt = impl.backward(gb, backend.asarray(x), backend.asarray(t), **kw)",
+            "gx, gt = backend.to_numpy(gx), backend.to_numpy(gt)",
+        ]
+    lines += [
+        "want = oracle.gradients(g, x, t, flush=not backend.subnormals, **kw)",
+        "print('got:      grad_input', show(gx), 'grad_target', show(gt))",
+        "print('expected: grad_input', show(want[0][0]), 'grad_target', show(want[1][0]))",
+        "try:",
+        "    assert_gradients((gx, gt), want, dtypes=(x.dtype, t.dtype))",
+        "    print('verdict:  agrees')",
+        "except AssertionError as exc:",
+        "    print('verdict:  differs:', exc)",
+    ]
+    return lines
+
+
+def _error_lines(record: Record) -> list[str]:
+    classes = record.errors or (ValueError, TypeError, RuntimeError)
+    names = ", ".join(c.__name__ for c in classes)
+    return [
+        _CALL_OR_ERROR.rstrip("\n"),
+        "got = call(backend.asarray(x), backend.asarray(t))",
+        f"expected = ({names},)",
+        "print('expected: raises', ' or '.join(c.__name__ for c in expected))",
+        "print('got:     ', 'raised ' + repr(got) if isinstance(got, Exception) else got)",
+        "print('verdict: ', 'agrees' if isinstance(got, expected) else 'differs')",
+    ]
+
+
+def _warning_lines() -> list[str]:
+    return [
+        "with warnings.catch_warnings(record=True) as caught:",
+        "    warnings.simplefilter('always')",
+        "    impl(backend.asarray(x), backend.asarray(t), **kw)",
+        "users = [w for w in caught if issubclass(w.category, UserWarning)]",
+        "others = [w for w in caught if not issubclass(w.category, UserWarning)]",
+        "mean = kw['reduction'] == 'mean'",
+        "print('expected:', \"one UserWarning naming 'batchmean'\" if mean else 'no warning')",
+        "print('got:     ', [f'{w.category.__name__}: {w.message}' for w in caught])",
+        "ok = not others and (len(users) == 1 and 'batchmean' in str(users[0].message)"
+        " if mean else not users)",
+        "print('verdict: ', 'agrees' if ok else 'differs')",
+    ]
+
+
+def _forward_lines(record: Record) -> list[str]:
+    lines = [_CALL_OR_ERROR.rstrip("\n")]
+    if record.kind == "layout":
+        lines += [
+            "def strided(a):  # a non-contiguous view holding the values of a",
+            "    big = np.zeros((*a.shape[::-1], 2), dtype=a.dtype)",
+            "    big[..., 0] = a.T",
+            "    rev = tuple(reversed(range(a.ndim)))",
+            "    return backend.xp.permute_dims(backend.asarray(big)[..., 0], rev)",
+            "xb, tb = strided(x), strided(t)",
+        ]
+    elif record.kind == "readonly":
+        lines += [
+            "xb, tb = x.copy(), t.copy()",
+            "xb.flags.writeable = tb.flags.writeable = False",
+        ]
+    else:
+        lines += ["xb, tb = backend.asarray(x), backend.asarray(t)"]
+    lines += [
+        "with warnings.catch_warnings():",
+        "    warnings.simplefilter('ignore', UserWarning)  # the 'mean' warning",
+        "    got = call(xb, tb)",
+        "if not np.array_equal(backend.to_numpy(xb), x, equal_nan=True):",
+        "    got = AssertionError('the call modified its input')",
+    ]
+    return lines + _FORWARD_VERDICT.rstrip("\n").splitlines() + _torch_line()
+
+
+def reproduction(
+    impl_spec: str, backend: str, case: Case | Record, /, *, autograd: str | None = None
+) -> str:
+    """Return a Python snippet that replays the failing call and shows the discrepancy.
+
+    It rebuilds the operands exactly (values, dtype, shape), calls the
+    implementation with the failing ``reduction`` and ``log_target``, prints
+    what it got beside what is expected (the exact oracle's values, gradients,
+    error class or warnings) and a last line ``verdict: agrees`` or ``verdict:
+    differs: ...``, judged as the property judges. ``case`` is the
+    :class:`.context.Record` of the last call (a bare :class:`Case` is replayed
+    as a forward call); ``autograd`` says how gradients are taken (``'torch'``,
+    ``'jax'``, or None for the implementation's ``backward``).
+    """
+    record = case if isinstance(case, Record) else Record(case)
+    c = record.case
+    head = [
+        "import warnings",
+        "import numpy as np",
+        "from kldiv_spec.conformance import load_backend, oracle, resolve",
+        "from kldiv_spec.conformance.assertions import assert_gradients, assert_loss",
+        f"backend = load_backend({backend!r})",
+        f"impl = resolve({impl_spec!r})",
+        f"x = {_literal(c.input)}",
+        f"t = {_literal(c.target)}",
+        f"kw = dict(reduction={c.reduction!r}, log_target={c.log_target!r})",
+        *_SHOW.rstrip("\n").splitlines(),
+    ]
+    if record.kind == "gradient":
+        body = _gradient_lines(record, autograd)
+    elif record.kind == "error":
+        body = _error_lines(record)
+    elif record.kind == "warning":
+        body = _warning_lines()
+    else:
+        body = _forward_lines(record)
+    return "\n".join(head + body)
 
 
 def _settings(max_examples: int, shrink: bool) -> settings:
@@ -202,6 +369,7 @@ def run_property(
     def once(case: Case) -> None:
         state["n"] += 1
         state["last"] = case
+        ctx.last = None
         try:
             prop.check(ctx, case)
         except NotApplicable as exc:
@@ -223,13 +391,19 @@ def run_property(
     except Exception as exc:
         outcome.status = "fail"
         outcome.reason = _describe_failure(exc)
-        last = state["last"]
-        if last is not None:
+        # The failing call: the last one the property made (its reduction and
+        # log_target, not the drawn case's), else the drawn case.
+        record = ctx.last if ctx.last is not None else state["last"]
+        if record is not None:
+            last = record.case if isinstance(record, Record) else record
             outcome.counterexample = (
                 f"{last.describe()}\n  input  = {last.input.tolist()!r}\n"
                 f"  target = {last.target.tolist()!r}"
             )
-            outcome.reproduction = reproduction(impl_spec, ctx.backend.name, last)
+            autograd = ctx.backend.autograd if ctx.impl.differentiable else None
+            outcome.reproduction = reproduction(
+                impl_spec, ctx.backend.name, record, autograd=autograd
+            )
     outcome.examples = state["n"]
     if outcome.status == "pass" and state["na"] is not None:
         outcome.status, outcome.reason = "n/a", state["na"]
