@@ -189,35 +189,51 @@ def round_exact(value: Any, dtype: Any, /) -> float:
     """Return an exact number (``mpmath.mpf``, ``Fraction`` or float) rounded to ``dtype``.
 
     Round to nearest, ties to even, with gradual underflow and overflow to
-    infinity; the result is a Python float (every value of the float dtypes is
-    one). NaN and infinities are returned as they are.
+    infinity, in integer arithmetic on the binary significand; the result is a
+    Python float (every value of the float dtypes is one). NaN and infinities
+    are returned as they are.
     """
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # a Fraction beyond float64's range
+        return -math.inf if value < 0 else math.inf
     if not math.isfinite(v):
         return v  # NaN, an infinity, or an mpf beyond float64's range (which overflows)
-    if hasattr(value, "man_exp"):  # an mpmath.mpf
-        man, exp = value.man_exp
-        q = Fraction(int(man)) * (Fraction(2) ** int(exp))
+    if hasattr(value, "man_exp"):  # an mpmath.mpf: |value| = man * 2**exp
+        man, exp = (int(k) for k in value.man_exp)
+        negative = value < 0
     else:
         q = Fraction(value)
-    if q == 0:
+        negative, q = q < 0, abs(q)
+        if q == 0:
+            return 0.0
+        # 2**exp with enough bits below the rounding position: exact enough for the ties
+        exp = q.numerator.bit_length() - q.denominator.bit_length() - 200
+        num = q.numerator << -exp if exp < 0 else q.numerator
+        den = q.denominator if exp < 0 else q.denominator << exp
+        man, inexact = divmod(num, den)
+        man = (man << 1) | (inexact != 0)  # a sticky bit keeps "just above a tie" above it
+        exp -= 1
+    if man == 0:
         return 0.0
     info = np.finfo(np.dtype(dtype))
     p = info.nmant + 1
-    sign, a = (-1 if q < 0 else 1), abs(q)
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    if Fraction(2) ** e > a:
-        e -= 1  # now 2**e <= a < 2**(e + 1)
-    quantum = Fraction(2) ** (max(e, info.minexp) - (p - 1))
-    scaled = a / quantum
-    m = math.floor(scaled)
-    rest = scaled - m
-    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and m % 2 == 1):
-        m += 1
-    r = m * quantum
-    if r >= Fraction(2) ** info.maxexp:
-        return sign * math.inf
-    return sign * float(r)
+    top = exp + man.bit_length() - 1  # 2**top <= |value| < 2**(top + 1)
+    quantum = max(top, info.minexp) - (p - 1)
+    shift = quantum - exp
+    if shift <= 0:
+        r = man << -shift
+    else:
+        r = man >> shift
+        rest, half = man - (r << shift), 1 << (shift - 1)
+        if rest > half or (rest == half and r & 1):
+            r += 1
+    if r == 0:
+        return -0.0 if negative else 0.0
+    if quantum + r.bit_length() - 1 >= info.maxexp:
+        return -math.inf if negative else math.inf
+    out = math.ldexp(r, quantum)
+    return -out if negative else out
 
 
 # --------------------------------------------------------------------------------------
@@ -764,23 +780,82 @@ def _widen(tol: np.ndarray, rounded: np.ndarray, exact: np.ndarray) -> np.ndarra
         return _up((tol + diff).astype(np.float64))
 
 
+_EXACT: list[Any] = []
+
+
+def _exact_ctx() -> Any:
+    """Return a 160-bit mpmath context: the exact values that are rounded to the dtypes."""
+    if not _EXACT:
+        import mpmath
+
+        ctx = mpmath.MPContext()
+        ctx.prec = 160
+        _EXACT.append(ctx)
+    return _EXACT[0]
+
+
+def _refine(value: np.ndarray, atol: np.ndarray, tol: np.ndarray, exact: dict[int, Any]) -> None:
+    """Set, in place, the elements ``exact`` gives (flat index -> value at 160 bits).
+
+    Each becomes its exact value correctly rounded to ``value``'s dtype, with the
+    tolerance ``tol`` widened by the distance between the two, rounded up. The
+    oracle's extended precision (64 bits where ``long double`` is x87's) leaves too
+    few bits after cancellation to round ``t log t - t x`` correctly to float64;
+    160 bits do.
+    """
+    flat_v, flat_a = value.reshape(-1), atol.reshape(-1)
+    flat_t = np.broadcast_to(tol, value.shape).reshape(-1)
+    ctx = _exact_ctx()
+    for i, m in exact.items():
+        r = round_exact(m, value.dtype)
+        flat_v[i] = r
+        if math.isfinite(r):
+            diff = float(abs(ctx.mpf(r) - m))
+            flat_a[i] = _up(np.asarray((float(flat_t[i]) + diff) * (1 + 2**-50)))
+        else:
+            flat_a[i] = 0.0
+
+
+def _mp_pointwise(spec: Spec, exact: oracle.Exact) -> dict[int, Any]:
+    """Return the exact loss at 160 bits of the oracle's regular elements (flat index -> mpf).
+
+    Regular: computed by the oracle from the formula (a positive scale) with a
+    finite nonzero value; the others (NaN, infinities, zeros, IEEE evaluation where
+    a term overflows) are exact as the oracle has them.
+    """
+    ctx = _exact_ctx()
+    xb, tb = np.broadcast_arrays(spec.input.astype(np.float64), spec.target.astype(np.float64))
+    with np.errstate(all="ignore"):
+        regular = (exact.scale > 0) & np.isfinite(exact.value) & (exact.value != 0)
+    out = {}
+    for i in np.flatnonzero(regular).tolist():
+        mx, mt = ctx.mpf(float(xb.flat[i])), ctx.mpf(float(tb.flat[i]))
+        out[i] = ctx.exp(mt) * (mt - mx) if spec.log_target else mt * ctx.log(mt) - mt * mx
+    return out
+
+
 def _forward(spec: Spec) -> Expected:
     exact = oracle.pointwise(spec.input, spec.target, log_target=spec.log_target)
     rdtype = np.result_type(spec.input.dtype, spec.target.dtype)
     if spec.bound_dtype is not None:
         exact.dtype = np.dtype(spec.bound_dtype)
+    mp = _mp_pointwise(spec, exact)
     if spec.reduction == "none":
+        tol = oracle.pointwise_tolerance(exact)
         value = round_to_dtype(exact.value, rdtype)
-        atol = _widen(oracle.pointwise_tolerance(exact), value, exact.value)
+        atol = _widen(tol, value, exact.value)
+        _refine(value, atol, tol, mp)
         return Expected(value, atol)
     _, tol = oracle.reduce(exact, spec.reduction, spec.input.shape)
     d = oracle.divisor(spec.reduction, spec.input.shape, exact.value.shape)
-    total = oracle.exact_sum(exact)
-    if not math.isfinite(float(total)) or d == 0:
-        with np.errstate(all="ignore"):
-            v = float(total) / d if d else math.nan
-        return Expected(np.asarray(v, dtype=rdtype), np.zeros(()))
-    if total == 0 and exact.value.size and np.all(np.signbit(exact.value)):
+    with np.errstate(all="ignore"):
+        plain = exact.value.astype(np.float64)
+        if not np.isfinite(plain).all() or d == 0:  # NaN and infinities as in IEEE summation
+            v = float(np.sum(plain)) / d if d else math.nan
+            return Expected(np.asarray(v, dtype=rdtype), np.zeros(()))
+    ctx = _exact_ctx()
+    total = ctx.fsum(mp.get(i, ctx.mpf(float(v))) for i, v in enumerate(plain.ravel().tolist()))
+    if total == 0 and plain.size and np.all(np.signbit(plain)):
         s = -0.0  # an IEEE sum of negative zeros
     else:
         s = round_exact(total, rdtype)
@@ -793,9 +868,56 @@ def _forward(spec: Spec) -> Expected:
             value = np.asarray(rdtype.type(s) / rdtype.type(d), dtype=rdtype)
     if not np.isfinite(value):
         return Expected(value, np.zeros(()))
-    exact_q = total / d
-    diff = abs(exact_q - type(exact_q)(float(value)))
-    return Expected(value, _up(np.asarray(tol + float(diff) * (1 + 2**-50))))
+    diff = float(abs(total / d - ctx.mpf(float(value))))
+    return Expected(value, _up(np.asarray((tol + diff) * (1 + 2**-50))))
+
+
+def _mp_gradients(spec: Spec) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Return the exact gradients at 160 bits, summed to each argument (flat index -> mpf).
+
+    Only for the argument elements all of whose broadcast copies are regular: finite
+    operands and upstream gradient, a positive target (without ``log_target``), an
+    ``e^t`` neither 0 nor infinite in the dtype (with it).
+    """
+    assert spec.grad_output is not None
+    ctx = _exact_ctx()
+    dtype = np.result_type(spec.input.dtype, spec.target.dtype)
+    out_shape = np.broadcast_shapes(spec.input.shape, spec.target.shape)
+    d = oracle.divisor(spec.reduction, spec.input.shape, out_shape)
+    x, t, g = (
+        np.broadcast_to(a.astype(np.float64), out_shape).ravel()
+        for a in (spec.input, spec.target, spec.grad_output)
+    )
+    with np.errstate(all="ignore"):
+        regular = np.isfinite(x) & np.isfinite(t) & np.isfinite(g) & (d > 0)
+        if spec.log_target:
+            e = np.exp(t.astype(dtype))
+            regular &= (e != 0) & np.isfinite(e)
+        else:
+            regular &= t > 0
+    sums: list[dict[int, list[Any]]] = [{}, {}]
+    bad: list[set[int]] = [set(), set()]
+    owners = [
+        np.broadcast_to(np.arange(a.size).reshape(a.shape), out_shape).ravel()
+        for a in (spec.input, spec.target)
+    ]
+    for i in range(x.size):
+        if not regular[i]:
+            bad[0].add(int(owners[0][i]))
+            bad[1].add(int(owners[1][i]))
+            continue
+        gd = ctx.mpf(float(g[i])) / d
+        mx, mt = ctx.mpf(float(x[i])), ctx.mpf(float(t[i]))
+        if spec.log_target:
+            em = ctx.exp(mt)
+            pair = (-gd * em, gd * em * (mt - mx + 1))
+        else:
+            pair = (-gd * mt, gd * (ctx.log(mt) + 1 - mx))
+        for k in (0, 1):
+            sums[k].setdefault(int(owners[k][i]), []).append(pair[k])
+    return tuple(  # type: ignore[return-value]
+        {j: ctx.fsum(terms) for j, terms in sums[k].items() if j not in bad[k]} for k in (0, 1)
+    )
 
 
 def _ieee_gradients(spec: Spec) -> tuple[np.ndarray, np.ndarray]:
@@ -834,9 +956,15 @@ def _backward(spec: Spec) -> tuple[Expected, Expected]:
             zero = (exact == 0) & (ieee == 0)
             exact[zero] = np.copysign(0.0, ieee[zero])
     out = []
-    for exact, tol, arg in ((gx, tx, spec.input), (gt, tt, spec.target)):
+    for exact, tol, arg, mp in zip(
+        (gx, gt), (tx, tt), (spec.input, spec.target), _mp_gradients(spec), strict=True
+    ):
         value = round_to_dtype(exact, arg.dtype)
-        out.append(Expected(value, _widen(tol, value, exact)))
+        atol = _widen(tol, value, exact)
+        with np.errstate(all="ignore"):
+            keep = np.isfinite(exact).ravel() & (exact != 0).ravel()
+        _refine(value, atol, tol, {j: m for j, m in mp.items() if keep[j] and m != 0})
+        out.append(Expected(value, atol))
     return out[0], out[1]
 
 
