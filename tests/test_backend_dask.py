@@ -146,7 +146,7 @@ def client() -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             memory_limit="1GiB",
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: 8787 may be taken
             env={_blocks.MIN_ELEMENTS_ENV: "0"},
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as c,
