@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .mutants import MUTANTS
-from .namespaces import BACKENDS, BackendUnavailable, installed_backends, load_backend
+from .namespaces import (
+    BACKENDS,
+    BackendUnavailable,
+    infer_backend,
+    installed_backends,
+    load_backend,
+)
 from .properties import GROUPS, select
 from .report import matrix_markdown, table, write_json
 from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, resolve, run
@@ -65,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backend",
         action="append",
         choices=list(BACKENDS),
-        help="repeatable; default: every installed backend for the reference, "
-        "the implementation's own backends, else numpy",
+        help="repeatable; default: every installed backend for the reference, the "
+        "implementation's own backends, for MODULE:CALLABLE the library its module uses "
+        "(torch for a torch function, ...; an error if it cannot tell), else numpy",
     )
     p.add_argument(
         "--all-mutants",
@@ -156,6 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             backends = [b for b in impl.backends if _can_run(b)] or list(impl.backends[:1])
         elif spec == "reference":
             backends = installed_backends()
+        elif ":" in spec and not spec.startswith("mutant:"):
+            inferred = infer_backend(impl.fn)
+            if inferred is None:
+                sys.stderr.write(
+                    f"kldiv-spec check: error: cannot tell which array library {spec} takes: "
+                    f"pass --backend ({', '.join(BACKENDS)})\n"
+                )
+                return 2
+            backends = [inferred]
+            if not args.quiet:
+                sys.stderr.write(f"[{spec}] --backend {inferred} (inferred from its module)\n")
         else:
             backends = ["numpy"]
         for be in backends:

@@ -35,6 +35,7 @@ __all__ = [
     "Parts",
     "backend_names",
     "backends_from",
+    "infer_backend",
     "installed_backends",
     "load_backend",
 ]
@@ -304,3 +305,44 @@ def installed_backends() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+#: Packages that take a registry library's arrays without being it: package -> registry name.
+_ALIASES: dict[str, str] = {"jaxlib": "jax", "optax": "jax", "flax": "jax", "equinox": "jax"}
+
+
+def _library_of(module_name: str) -> str | None:
+    """Return the registry name whose arrays the package ``module_name`` works on, or None."""
+    top = module_name.split(".")[0]
+    for spec in _registry.BACKENDS:
+        if spec.module.split(".")[0] == top:
+            return spec.name
+    return _ALIASES.get(top)
+
+
+def infer_backend(fn: Callable[..., Any], /) -> str | None:
+    """Return the ``--backend`` name for the arrays ``fn`` takes, or None if it cannot tell.
+
+    First the module ``fn`` is defined in (``torch.nn.functional.kl_div`` ->
+    ``torch``); else the array libraries among the modules bound in ``fn``'s
+    globals (what its module imported): the only one that is not NumPy, else
+    NumPy. None when there is none, or more than one besides NumPy.
+    """
+    func = getattr(fn, "func", fn)  # functools.partial
+    func = getattr(func, "__wrapped__", func)
+    own = _library_of(getattr(func, "__module__", None) or "")
+    if own is not None:
+        return own
+    found = set()
+    for value in (getattr(func, "__globals__", None) or {}).values():
+        name = getattr(value, "__name__", None)
+        if isinstance(name, str) and type(value).__name__ == "module":
+            lib = _library_of(name)
+            if lib is not None:
+                found.add(lib)
+    others = found - {"numpy"}
+    if len(others) == 1:
+        return others.pop()
+    if not others and found:
+        return "numpy"
+    return None
