@@ -12,6 +12,7 @@ from . import (
     checks_accuracy,  # noqa: F401
     checks_gradients,  # noqa: F401
     checks_hygiene,  # noqa: F401
+    checks_logits,  # noqa: F401
     checks_math,  # noqa: F401
     checks_semantics,  # noqa: F401
 )

@@ -511,3 +511,37 @@ def test_torch_front_end_with_dim_and_module():
     ):
         with pytest.raises(error, match=next(iter(bad))):
             kt.KLDivFromLogitsLoss(**bad)
+
+
+def test_dask_compute_is_silent_on_edge_values():
+    da = pytest.importorskip("dask.array")
+    import warnings
+
+    s, t = edge_rows()
+    mask = np.ones(len(s), bool)
+    mask[4] = False
+    sd, td = da.from_array(s, chunks=(3, 2)), da.from_array(t, chunks=(2, 4))
+    md = da.from_array(mask, chunks=3)
+    for direction in ("forward", "reverse"):
+        for reduction in ("none", "sum", "rowmean"):
+            out = kl_div_from_logits(sd, td, reduction=reduction, direction=direction, mask=md)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = out.compute(scheduler="synchronous")
+            with kldiv_spec.use_reference():
+                want = kl_div_from_logits(
+                    s, t, reduction=reduction, direction=direction, mask=mask
+                )
+            np.testing.assert_allclose(got, want, rtol=1e-14)
+        gs, gt = kl_div_from_logits_backward(
+            1.0, sd, td, direction=direction, mask=md, reduction="sum", target_grad=True
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gs, gt = (a.compute(scheduler="synchronous") for a in (gs, gt))
+        with kldiv_spec.use_reference():
+            ws, wt = kl_div_from_logits_backward(
+                1.0, s, t, direction=direction, mask=mask, reduction="sum", target_grad=True
+            )
+        np.testing.assert_allclose(gs, ws, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(gt, wt, rtol=1e-14, atol=1e-300)
