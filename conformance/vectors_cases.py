@@ -811,7 +811,8 @@ def _refine(value: np.ndarray, atol: np.ndarray, tol: np.ndarray, exact: dict[in
         flat_v[i] = r
         if math.isfinite(r):
             diff = float(abs(ctx.mpf(r) - m))
-            flat_a[i] = _up(np.asarray((float(flat_t[i]) + diff) * (1 + 2**-50)))
+            bound = (float(flat_t[i]) + diff) * (1 + 2**-50)
+            flat_a[i] = math.nextafter(bound, math.inf) if bound > 0 else bound
         else:
             flat_a[i] = 0.0
 
