@@ -67,6 +67,8 @@ def test_wheel_contains_the_subpackages_and_marker(wheel_files):
         "kldiv_spec/backends/__init__.py",
         "kldiv_spec/conformance/__init__.py",
         "kldiv_spec/torch.py",
+        "kldiv_spec/conformance/schemas/vectors.schema.json",
+        "kldiv_spec/conformance/schemas/results.schema.json",
     ):
         assert name in wheel_files, name
 
