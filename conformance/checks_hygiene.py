@@ -1,7 +1,8 @@
 """Group ``hygiene``: the call has no side effects and no surprises.
 
 Inputs are never modified, read-only inputs work, the result stays on the
-input's device, and NaN/inf are produced silently (as in PyTorch).
+input's device (checked where the library has a non-default device to put the
+inputs on, n/a elsewhere), and NaN/inf are produced silently (as in PyTorch).
 """
 
 from __future__ import annotations
@@ -74,14 +75,26 @@ def _readonly(ctx: Context, case: Case) -> None:
         ctx.impl.backward(g, x, t, reduction=case.reduction, log_target=case.log_target)
 
 
+def _device_applies(ctx: Context) -> str | None:
+    if ctx.backend.non_default_device:
+        return None
+    return f"{ctx.backend.name} arrays live on one device: there is no other to stay on"
+
+
 @register(
     "hygiene.device",
-    "the result is on the input's device",
+    "inputs on a non-default device (array-api-strict's device1, CUDA) give a result there",
     strategy=_any_case,
+    applies=_device_applies,
 )
 def _device(ctx: Context, case: Case) -> None:
-    call = ctx.call(case)
-    want, got = ctx.backend.device(call.input), ctx.backend.device(call.result)
+    be = ctx.backend
+    x, t = (be.to_other_device(be.asarray(a)) for a in (case.input, case.target))
+    out = ctx.call(case, input=x, target=t, kind="device").result
+    if not be.is_array(out):
+        msg = f"the result is a {type(out).__name__}, not a {be.name} array"
+        raise AssertionError(msg)
+    want, got = be.device(x), be.device(out)
     if got != want:
         msg = f"the result is on {got}, the input on {want}"
         raise AssertionError(msg)

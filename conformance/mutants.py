@@ -2,7 +2,9 @@
 
 Each mutant differs from PyTorch's ``kl_div`` in one way a user would care
 about; a strong suite rejects every one of them (see ``tests/test_mutants.py``).
-All run on NumPy and are built from :mod:`.numpy_impl` with one change.
+All but one run on NumPy and are built from :mod:`.numpy_impl` with one change;
+``result_on_default_device`` runs on array-api-strict (the one CPU library with
+a second device) and is ``kldiv_spec.kl_div`` with its result moved.
 ``MUTANTS[name]`` is an :class:`~.implementations.Implementation`; on the
 command line: ``kldiv-spec check --impl mutant:NAME``.
 """
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+import kldiv_spec
 
 from . import numpy_impl
 from .implementations import Implementation
@@ -137,6 +141,15 @@ def _zero_grad_at_neg_inf(
         at = np.broadcast_to(np.asarray(target), gt.shape) == -np.inf
         gt = np.where(at, 0, gt).astype(gt.dtype)
     return gx, gt
+
+
+def _on_default_device(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    import array_api_strict  # the mutant's backend
+
+    out = kldiv_spec.kl_div(input, target, reduction=reduction, log_target=log_target)
+    return out.to_device(array_api_strict.Device("CPU_DEVICE"))
 
 
 def _ignore_strides(x: Any, t: Any) -> tuple[Any, Any]:
@@ -387,6 +400,16 @@ _LIST = [
         description="mean divides by the input's numel, not the broadcast shape's",
     ),
 ]
+
+_LIST.append(
+    Implementation(
+        "result_on_default_device",
+        _on_default_device,
+        kldiv_spec.kl_div_backward,
+        backends=("array_api_strict",),
+        description="the result is moved to the default device",
+    )
+)
 
 #: Every mutant, by name.
 MUTANTS: dict[str, Implementation] = {m.name: m for m in _LIST}

@@ -78,6 +78,20 @@ class Backend:
     subnormals: bool = True
     _to_numpy: Callable[[Array], np.ndarray] = field(default=np.asarray, repr=False)
     _asarray: Callable[[np.ndarray], Array] | None = field(default=None, repr=False)
+    _other_device: Callable[[Array], Array] | None = field(default=None, repr=False)
+
+    @property
+    def non_default_device(self) -> bool:
+        """Whether arrays can be placed on a device other than the library's default.
+
+        True on a backend whose own device is not the CPU (``torch_cuda``,
+        ``jax_gpu``, ``cupy``) and where :meth:`to_other_device` can move them.
+        """
+        return self.device_name != "cpu" or self._other_device is not None
+
+    def to_other_device(self, a: Array, /) -> Array:
+        """Return ``a`` on a device other than the default one, where the library has one."""
+        return a if self._other_device is None else self._other_device(a)
 
     def asarray(self, a: np.ndarray, /) -> Array:
         """Return a backend array holding exactly the values (and dtype) of ``a``."""
@@ -119,12 +133,16 @@ class Parts:
         Backend array -> NumPy array.
     subnormals : bool
         Whether arithmetic on subnormal numbers works on the device.
+    other_device : callable, optional
+        Backend array -> the same values on a non-default device, for a CPU
+        library that has one (array-api-strict's ``device1``).
     """
 
     xp: Any
     asarray: Callable[[np.ndarray], Array] | None = None
     to_numpy: Callable[[Array], np.ndarray] = np.asarray
     subnormals: bool = True
+    other_device: Callable[[Array], Array] | None = None
 
 
 def _namespace_name(ns: Any) -> str:
@@ -141,7 +159,12 @@ def _numpy(device: str) -> Parts:
 def _array_api_strict(device: str) -> Parts:
     import array_api_strict
 
-    return Parts(array_api_strict, to_numpy=np.from_dlpack)
+    device1 = array_api_strict.Device("device1")
+
+    def to_numpy(a: Any) -> np.ndarray:
+        return np.from_dlpack(a.to_device(array_api_strict.Device("CPU_DEVICE")))
+
+    return Parts(array_api_strict, to_numpy=to_numpy, other_device=lambda a: a.to_device(device1))
 
 
 def _torch(device: str) -> Parts:
@@ -241,6 +264,7 @@ def _build(spec: _registry.BackendSpec, name: str, device: str, construct: Calla
         subnormals=parts.subnormals,
         _to_numpy=parts.to_numpy,
         _asarray=parts.asarray,
+        _other_device=parts.other_device,
     )
 
 

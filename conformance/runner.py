@@ -160,10 +160,11 @@ if isinstance(got, Exception):
     print('got:      raised', repr(got))
     print('verdict:  differs')
 else:
-    print('got:     ', show(got), getattr(got, 'dtype', type(got)), getattr(got, 'shape', None))
+    values = backend.to_numpy(got) if backend.is_array(got) else got
+    print('got:     ', show(values), getattr(got, 'dtype', type(got)), getattr(got, 'shape', None))
     try:
         assert backend.is_array(got), f'the result is a {type(got).__name__}, not an array'
-        assert_loss(got, exact, r, x.shape, dtype=np.result_type(x, t))
+        assert_loss(values, exact, r, x.shape, dtype=np.result_type(x, t))
         print('verdict:  agrees')
     except AssertionError as exc:
         print('verdict:  differs:', exc)
@@ -262,6 +263,8 @@ def _forward_lines(record: Record) -> list[str]:
             "    return backend.xp.permute_dims(backend.asarray(big)[..., 0], rev)",
             "xb, tb = strided(x), strided(t)",
         ]
+    elif record.kind == "device":
+        lines += ["xb, tb = (backend.to_other_device(backend.asarray(a)) for a in (x, t))"]
     elif record.kind == "readonly":
         lines += [
             "xb, tb = x.copy(), t.copy()",
@@ -276,6 +279,12 @@ def _forward_lines(record: Record) -> list[str]:
         "if not np.array_equal(backend.to_numpy(xb), x, equal_nan=True):",
         "    got = AssertionError('the call modified its input')",
     ]
+    if record.kind == "device":
+        lines += [
+            "if backend.is_array(got) and backend.device(got) != backend.device(xb):",
+            "    got = AssertionError(f'the result is on {backend.device(got)}, "
+            "the input on {backend.device(xb)}')",
+        ]
     return lines + _FORWARD_VERDICT.rstrip("\n").splitlines() + _torch_line()
 
 

@@ -42,6 +42,7 @@ CAUGHT_BY = {
     "target_grad_zero_at_zero": "gradients.target",
     "float64_result": "semantics.dtypes",
     "mean_by_input_numel": "semantics.broadcast_divisors",
+    "result_on_default_device": "hygiene.device",
 }
 
 
@@ -52,7 +53,8 @@ def test_every_mutant_has_an_expected_catcher():
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_mutant_is_rejected(name):
     """Each mutant fails its property; a MUST one fails the check, a SHOULD one is reported."""
-    report = run(f"mutant:{name}", "numpy", names=[CAUGHT_BY[name]], max_examples=10, shrink=False)
+    backend = MUTANTS[name].backends[0]
+    report = run(f"mutant:{name}", backend, names=[CAUGHT_BY[name]], max_examples=10, shrink=False)
     (outcome,) = report.outcomes
     assert outcome.status == "fail", outcome
     assert outcome.level == PROPERTIES[outcome.name].level
