@@ -8,13 +8,142 @@ the MUST properties and one ``SHOULD`` column the SHOULD ones.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .properties import GROUPS
+from .properties import GROUPS, PROPERTIES
 from .runner import Outcome, Report
 
-__all__ = ["group_summary", "matrix_markdown", "should_summary", "table", "write_json"]
+__all__ = [
+    "SPECIFICITY",
+    "cause",
+    "causes",
+    "group_summary",
+    "matrix_markdown",
+    "should_summary",
+    "table",
+    "write_json",
+]
+
+#: Properties from the most specific (a failure isolates one behaviour: fixed
+#: cases of one rule) to the broadest (any bug in values fails them). A cause's
+#: headline is its most specific failing property; properties not listed rank
+#: after the listed specific ones and before :data:`_BROAD`.
+SPECIFICITY: tuple[str, ...] = (
+    "semantics.error_class",
+    "semantics.bad_reduction",
+    "semantics.non_float_input",
+    "semantics.incompatible_shapes",
+    "semantics.mean_warning",
+    "hygiene.silent",
+    "hygiene.inputs_unmodified",
+    "hygiene.readonly_inputs",
+    "hygiene.device",
+    "semantics.broadcast_divisors",
+    "gradients.broadcast_divisors",
+    "semantics.edge_values",
+    "gradients.edge_values",
+    "semantics.empty",
+    "semantics.zero_dim",
+    "semantics.result",
+    "semantics.dtypes",
+    "semantics.layouts",
+    "semantics.broadcasting",
+    "gradients.input",
+    "gradients.target",
+    "math.reductions_agree",
+    "accuracy.pointwise",
+    "accuracy.reductions",
+    "accuracy.float32",
+    "accuracy.subnormal",
+    "accuracy.large_support",
+)
+_BROAD: tuple[str, ...] = (
+    "math.non_negative",
+    "math.zero_at_identity",
+    "math.gibbs_pinsker",
+    "math.additivity",
+    "math.permutation_invariance",
+    "semantics.edge_mixtures",
+    "semantics.opinfo",
+    "gradients.finite_differences",
+    "gradients.double_backward",
+)
+
+
+def _rank(name: str) -> tuple[int, int]:
+    order = list(PROPERTIES)
+    if name in SPECIFICITY:
+        return (0, SPECIFICITY.index(name))
+    if name in _BROAD:
+        return (2, _BROAD.index(name))
+    return (1, order.index(name) if name in order else len(order))
+
+
+_KINDS = (
+    ("did not raise", "errors"),
+    ("raised", "errors"),
+    ("warn", "warnings"),
+    ("modified", "side effects"),
+    ("device", "device"),
+    ("not a", "result type"),
+    ("dtype", "dtype"),
+    (" result, expected", "dtype"),  # semantics.dtypes and .result: "gave a float32 result"
+    ("shape", "shape"),
+    ("NaN", "NaN/inf pattern"),
+    ("infinity", "NaN/inf pattern"),
+)
+
+
+def cause(outcome: Outcome, /) -> str:
+    """Return a short description of what ``outcome``'s failure is about (its cause key).
+
+    Read from the failure: what differs (errors, warnings, dtype, shape,
+    NaN/inf pattern, values), of what (the loss or a gradient) and under which
+    reduction. Failures with the same key are most likely one bug.
+    """
+    reason = outcome.reason
+    kind = next((k for word, k in _KINDS if word in reason), "values")
+    if kind in ("errors", "warnings", "side effects", "device"):
+        return kind
+    what = "loss"
+    grad = re.search(r"gradient w\.r\.t\. (input|target)", reason)
+    if grad is not None:
+        what = f"gradient w.r.t. {grad.group(1)}"
+    reduction = re.search(r"reduction='(\w+)'", reason) or re.search(
+        r"reduction='(\w+)'", outcome.reproduction
+    )
+    where = f", reduction={reduction.group(1)!r}" if reduction and kind != "dtype" else ""
+    return f"{kind} of the {what}{where}"
+
+
+def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
+    """Group the failures by :func:`cause`: ``(cause, headline, others)``.
+
+    MUST causes first; among them, errors, warnings, side effects, the result's
+    type, dtype and shape; then NaN/inf patterns and values, by headline.
+
+    The headline is the most specific failing property of the cause (see
+    :data:`SPECIFICITY`); the others fail most likely because of the same bug.
+    """
+    groups: dict[tuple[str, str], list[Outcome]] = {}
+    for o in report.outcomes:
+        if o.status == "fail":
+            groups.setdefault((o.level, cause(o)), []).append(o)
+    out = []
+    for (_, key), outs in groups.items():
+        outs = sorted(outs, key=lambda o: _rank(o.name))
+        out.append((key, outs[0], outs[1:]))
+    # A wrong type, dtype or shape explains wrong values (a float32 result is
+    # rounded), not the other way round: those causes come first.
+    kinds = [k for _, k in _KINDS if k != "NaN/inf pattern"]
+
+    def order(c: tuple[str, Outcome, list[Outcome]]) -> tuple[bool, int, tuple[int, int]]:
+        kind = next((i for i, k in enumerate(kinds) if c[0].startswith(k)), len(kinds))
+        return (c[1].level != "MUST", kind, _rank(c[1].name))
+
+    return sorted(out, key=order)
 
 
 def table(report: Report, /) -> str:
@@ -46,13 +175,20 @@ def table(report: Report, /) -> str:
     for o in report.outcomes:
         if o.status == "n/a":
             lines.append(f"  n/a {o.name}: {o.reason}")
-    for o in report.outcomes:
-        if o.status == "fail":
-            lines += ["", f"FAIL {o.name} [{o.level}] ({o.description})", f"  {o.reason}"]
-            if o.counterexample:
-                lines += ["  minimal counterexample: " + o.counterexample]
-            if o.reproduction:
-                lines += ["  reproduce with:"] + ["    " + x for x in o.reproduction.splitlines()]
+    found = causes(report)
+    if found:
+        n = sum(1 + len(others) for _, _, others in found)
+        lines += ["", f"{n} failing propert{'ies' if n > 1 else 'y'}, {len(found)} cause(s):"]
+    for key, o, others in found:
+        lines += ["", f"FAIL {o.name} [{o.level}] ({o.description})", f"  cause: {key}"]
+        lines += [f"  {o.reason}"]
+        if o.counterexample:
+            lines += ["  minimal counterexample: " + o.counterexample]
+        if o.reproduction:
+            lines += ["  reproduce with:"] + ["    " + x for x in o.reproduction.splitlines()]
+        if others:
+            lines += [f"  same cause, also failing ({len(others)}):"]
+            lines += [f"    {x.name}: {x.reason}" for x in others]
     return "\n".join(lines) + "\n"
 
 
@@ -118,4 +254,9 @@ def write_json(reports: Sequence[Report], path: str | Path, /) -> None:
         "status": "fail" if any(r.failed for r in reports) else "pass",
         "should_status": "fail" if any(r.should_failed for r in reports) else "pass",
     }
+    for r, d in zip(reports, data["reports"], strict=True):
+        d["causes"] = [
+            {"cause": key, "headline": o.name, "also": [x.name for x in others]}
+            for key, o, others in causes(r)
+        ]
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -352,3 +352,30 @@ def test_a_gradient_failure_prints_the_gradients_beside_the_expected_ones():
     printed = _exec_snippet(report.outcomes[0].reproduction)
     assert "got:      grad_input" in printed and "expected: grad_input" in printed
     assert "verdict:  differs: gradient w.r.t. target" in printed
+
+
+# -- one bug, one headline -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "headline"),
+    [
+        ("batchmean_by_numel", "semantics.broadcast_divisors"),
+        ("batchmean_broadcast_rows", "semantics.broadcast_divisors"),
+        ("float32_result", "semantics.result"),
+    ],
+)
+def test_one_bug_one_headline(name, headline):
+    """Failures are grouped by cause; the first headline is the property that isolates the bug."""
+    from kldiv_spec.conformance.report import causes, table
+
+    report = run(f"mutant:{name}", "numpy", max_examples=5, shrink=False)
+    found = causes(report)
+    first = found[0][1]
+    assert first.name == headline, [(k, o.name) for k, o, _ in found]
+    assert sum(1 + len(o) for _, _, o in found) == len(_failures(report))
+    text = table(report)
+    assert text.index(f"FAIL {headline} ") < min(
+        (text.index(f"FAIL {o.name} ") for _, o, _ in found[1:]), default=len(text)
+    )
+    assert text.count("reproduce with:") == len(found)  # one reproduction per cause
