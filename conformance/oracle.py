@@ -333,6 +333,9 @@ def gradients(
             ieee_t = (gd * (td - xd)) * ed + gd * ed
             gx = np.where(np.isfinite(ieee_x), gx, ieee_x.astype(np.float64))
             gt = np.where(np.isfinite(ieee_t), gt, ieee_t.astype(np.float64))
+            # Where e^t underflows the gradient is a zero whose sign is that of PyTorch's
+            # sum of two products (+0 unless both are -0), not of the factored product.
+            gt = np.where((gt == 0) & (ieee_t == 0), ieee_t.astype(np.float64), gt)
         else:
             gx = -(tb * gb)
             ok = (tb > 0) & np.isfinite(tb)
