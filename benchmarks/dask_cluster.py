@@ -17,13 +17,14 @@ a bounded ``memory_limit`` computes it. Three timings:
   cost; the difference of the two is what the loss itself costs;
 * **single process, NumPy**: the same chunks, generated and then reduced with
   ``kldiv_spec.kl_div`` on NumPy (its thread pool over every core) one after
-  the other in this process, on a sample of ``--numpy-chunks`` chunks,
+  the other in this process, on the first ``--numpy-chunks`` chunks,
   extrapolated to the whole size.
 
 Throughput is bytes of input (both operands) per second, in GB/s (1e9 bytes).
 Peak resident memory of each worker process is read after the run
-(``getrusage``). Each cluster timing is run ``--repeats`` times; the report
-gives the median and the min-max spread.
+(``getrusage``). ``--repeats`` rounds each run the three, one after the other
+(so that a change of load on a shared machine affects all three alike); the
+report gives the median and the min-max spread over the rounds.
 
     python benchmarks/dask_cluster.py --size 32GiB       # larger than a 24 GiB machine
     python benchmarks/dask_cluster.py --size 1GiB --repeats 1   # a quick look
@@ -166,8 +167,28 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _summary(times: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+def _median_spread(times: list[float]) -> tuple[float, str]:
+    return statistics.median(times), f"{min(times):.1f}-{max(times):.1f}"
+
+
+def single_process(sample: int, rows: int, cols: int, seed: int) -> tuple[float, float, float]:
+    """Generate and reduce chunks ``0 .. sample - 1`` here, one after the other.
+
+    Returns the seconds spent generating, the seconds in ``kldiv_spec.kl_div``
+    (the NumPy fast path, on its own threads), and the sum of the losses.
+    """
+    import kldiv_spec
+
+    gen = loss = total = 0.0
+    for i in range(sample):
+        start = time.perf_counter()
+        block = generate_block(i, rows, cols, seed)
+        mid = time.perf_counter()
+        total += float(kldiv_spec.kl_div(block[0], block[1], reduction="sum"))
+        loss += time.perf_counter() - mid
+        gen += mid - start
+        del block
+    return gen, loss, total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,24 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
-    # single process: the same chunks, one after the other, the NumPy fast path's threads
     sample = min(args.numpy_chunks, n_chunks)
-    gen_times, loss_times, partial = [], [], 0.0
-    for i in range(sample):
-        start = time.perf_counter()
-        block = generate_block(i, rows, cols, args.seed)
-        mid = time.perf_counter()
-        partial += float(kldiv_spec.kl_div(block[0], block[1], reduction="sum"))
-        loss_times.append(time.perf_counter() - mid)
-        gen_times.append(mid - start)
-        del block
-    numpy_loss_s = sum(loss_times) / sample * n_chunks
-    numpy_gen_s = sum(gen_times) / sample * n_chunks
-    print(
-        f"single process: loss {chunk_bytes * sample / sum(loss_times) / 1e9:.2f} GB/s, "
-        f"generation {chunk_bytes * sample / sum(gen_times) / 1e9:.2f} GB/s",
-        file=sys.stderr,
-    )
+    generate_block(0, rows, cols, args.seed)  # draws this process's base block, untimed
+    numpy_gen, numpy_loss, partial = [], [], 0.0
 
     env = {"KLDIV_SPEC_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cluster_loss, cluster_base, value = [], [], None
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             threads_per_worker=1,
             processes=True,
             memory_limit=args.memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: 8787 may be taken
             env=env,
         ) as cluster,
         distributed.Client(cluster) as client,
@@ -265,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                 pure=False,
             )
         )
+        # rounds of: the single-process sample, the cluster without the loss, the cluster
+        # with it; interleaved, so that a change of load on a shared machine hits all three
         for _ in range(args.repeats):
+            gen_s, loss_s, partial = single_process(sample, rows, cols, args.seed)
+            numpy_gen.append(gen_s / sample * n_chunks)  # extrapolated to every chunk
+            numpy_loss.append(loss_s / sample * n_chunks)
             start = time.perf_counter()
             client.compute(baseline).result()
             cluster_base.append(time.perf_counter() - start)
@@ -273,15 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             value = float(client.compute(loss).result())
             cluster_loss.append(time.perf_counter() - start)
             print(
-                f"cluster: loss+generation {cluster_loss[-1]:.1f} s, "
-                f"generation only {cluster_base[-1]:.1f} s",
+                f"cluster: generate + loss {cluster_loss[-1]:.1f} s, generation only "
+                f"{cluster_base[-1]:.1f} s; single process (extrapolated): generate + loss "
+                f"{numpy_gen[-1] + numpy_loss[-1]:.1f} s, loss {numpy_loss[-1]:.1f} s",
                 file=sys.stderr,
             )
         worker_peak = client.run(_peak_rss_mib)
 
     n_rows = n_chunks * rows
     sample_batchmean = partial / (sample * rows)
-    lo, base = _summary(cluster_loss), _summary(cluster_base)
+    both = [a + b for a, b in zip(numpy_gen, numpy_loss, strict=True)]
     loss_only = [a - b for a, b in zip(cluster_loss, cluster_base, strict=True)]
     results = {
         "input_bytes": total,
@@ -297,20 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         "cluster_loss_s": cluster_loss,
         "cluster_generation_only_s": cluster_base,
         "numpy_sample_chunks": sample,
-        "numpy_loss_s_per_chunk": loss_times,
-        "numpy_generation_s_per_chunk": gen_times,
+        "numpy_loss_s": numpy_loss,
+        "numpy_generation_s": numpy_gen,
         "worker_peak_rss_mib": worker_peak,
     }
     rows_md = [
-        ("cluster: generate + loss", lo["median_s"], f"{lo['min_s']:.1f}-{lo['max_s']:.1f}"),
-        ("cluster: generation only", base["median_s"], f"{base['min_s']:.1f}-{base['max_s']:.1f}"),
-        (
-            "cluster: loss (difference)",
-            statistics.median(loss_only),
-            f"{min(loss_only):.1f}-{max(loss_only):.1f}",
-        ),
-        ("single process: generate + loss", numpy_gen_s + numpy_loss_s, "extrapolated"),
-        ("single process: loss only (NumPy fast path)", numpy_loss_s, "extrapolated"),
+        ("cluster: generate + loss", *_median_spread(cluster_loss)),
+        ("cluster: generation only", *_median_spread(cluster_base)),
+        ("cluster: loss (the difference)", *_median_spread(loss_only)),
+        ("single process: generate + loss", *_median_spread(both)),
+        ("single process: loss only (NumPy fast path)", *_median_spread(numpy_loss)),
     ]
     table = ["| what | s (median) | min-max s | GB/s of input |", "|---|--:|--:|--:|"]
     table += [f"| {w} | {s:.1f} | {spread} | {gb / s:.2f} |" for w, s, spread in rows_md]
@@ -328,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{total / 2**30:.2f} GiB of float32 input ({n_rows} x {cols}, both operands), "
             f"generated lazily in {n_chunks} chunks of {rows} x {cols}; {args.workers} worker "
             f"processes of 1 thread, memory_limit {args.memory_limit} each (peak RSS {peak} MiB); "
-            f"{args.repeats} cluster runs; single process timed on {sample} chunks.",
+            f"{args.repeats} rounds; the single process timed on {sample} chunks per round "
+            "and extrapolated.",
             "",
             *table,
             "",
