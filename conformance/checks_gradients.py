@@ -293,6 +293,7 @@ def _torch_only(ctx: Context) -> str | None:
 def _double_backward(ctx: Context, case: Case) -> None:
     import torch
 
+    ctx.record(case, "double_backward")
     x = ctx.asarray(case.input).requires_grad_(True)
     t = ctx.asarray(case.target).requires_grad_(True)
 

@@ -31,7 +31,7 @@ class Record:
     """The last call a property made: what a reproduction replays.
 
     ``kind`` says what was checked of it: ``'forward'`` (values, dtype, shape),
-    ``'gradient'``, ``'error'`` (an invalid call; ``errors`` the classes
+    ``'gradient'``, ``'double_backward'``, ``'error'`` (an invalid call; ``errors`` the classes
     accepted), ``'warning'``, ``'layout'`` (non-contiguous views) or
     ``'readonly'`` (read-only NumPy operands).
     """

@@ -2,9 +2,10 @@
 
 Each mutant differs from PyTorch's ``kl_div`` in one way a user would care
 about; a strong suite rejects every one of them (see ``tests/test_mutants.py``).
-All but one run on NumPy and are built from :mod:`.numpy_impl` with one change;
+All but two run on NumPy and are built from :mod:`.numpy_impl` with one change;
 ``result_on_default_device`` runs on array-api-strict (the one CPU library with
-a second device) and is ``kldiv_spec.kl_div`` with its result moved.
+a second device) and is ``kldiv_spec.kl_div`` with its result moved, and
+``once_differentiable`` on PyTorch (double backward is checked there only).
 ``MUTANTS[name]`` is an :class:`~.implementations.Implementation`; on the
 command line: ``kldiv-spec check --impl mutant:NAME``.
 """
@@ -141,6 +142,36 @@ def _zero_grad_at_neg_inf(
         at = np.broadcast_to(np.asarray(target), gt.shape) == -np.inf
         gt = np.where(at, 0, gt).astype(gt.dtype)
     return gx, gt
+
+
+def _write_input(x: Any, t: Any) -> None:
+    if isinstance(x, np.ndarray):
+        np.multiply(x, 1.0, out=x)  # changes no value, but fails on a read-only array
+
+
+def _once_differentiable(
+    input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    import torch  # the mutant's backend
+
+    kw = {"reduction": reduction, "log_target": log_target}
+
+    class KLDiv(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, t: Any) -> Any:
+            ctx.save_for_backward(x, t)
+            return torch.nn.functional.kl_div(x, t, **kw)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, g: Any) -> Any:
+            x, t = (a.detach().requires_grad_(True) for a in ctx.saved_tensors)
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                out = torch.nn.functional.kl_div(x, t, **kw)
+            return torch.autograd.grad(out, (x, t), g)
+
+    return KLDiv.apply(input, target)
 
 
 def _on_default_device(
@@ -346,6 +377,11 @@ _LIST = [
     _m("crash_empty", _forward(pre=_crash_empty), description="raises on empty arrays"),
     _m("mutates_input", _forward(pre=_mutate), description="modifies its input in place"),
     _m(
+        "writes_to_input",
+        _forward(pre=_write_input),
+        description="writes its input in place (same values): fails on read-only arrays",
+    ),
+    _m(
         "mismatch_attribute_error",
         _forward(pre=_crash_on_mismatch),
         description="shapes that do not broadcast crash with AttributeError",
@@ -401,15 +437,21 @@ _LIST = [
     ),
 ]
 
-_LIST.append(
+_LIST += [
     Implementation(
         "result_on_default_device",
         _on_default_device,
         kldiv_spec.kl_div_backward,
         backends=("array_api_strict",),
         description="the result is moved to the default device",
-    )
-)
+    ),
+    Implementation(
+        "once_differentiable",
+        _once_differentiable,
+        backends=("torch",),
+        description="torch.autograd.Function whose backward is @once_differentiable",
+    ),
+]
 
 #: Every mutant, by name.
 MUTANTS: dict[str, Implementation] = {m.name: m for m in _LIST}

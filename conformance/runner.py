@@ -223,6 +223,25 @@ def _gradient_lines(record: Record, autograd: str | None) -> list[str]:
     return lines
 
 
+def _double_backward_lines() -> list[str]:
+    return [
+        "import torch",
+        "xb = backend.asarray(x).requires_grad_(True)",
+        "tb = backend.asarray(t).requires_grad_(True)",
+        "try:",
+        "    with warnings.catch_warnings():",
+        "        warnings.simplefilter('ignore', UserWarning)",
+        "        torch.autograd.gradgradcheck(lambda a, b: impl(a, b, **kw), (xb, tb), "
+        "raise_exception=True)",
+        "    got = 'gradgradcheck passes'",
+        "except Exception as exc:",
+        "    got = 'gradgradcheck raised ' + repr(exc).splitlines()[0]",
+        "print('expected: gradgradcheck passes')",
+        "print('got:     ', got)",
+        "print('verdict: ', 'agrees' if got == 'gradgradcheck passes' else 'differs')",
+    ]
+
+
 def _error_lines(record: Record) -> list[str]:
     classes = record.errors or (ValueError, TypeError, RuntimeError)
     names = ", ".join(c.__name__ for c in classes)
@@ -318,6 +337,8 @@ def reproduction(
     ]
     if record.kind == "gradient":
         body = _gradient_lines(record, autograd)
+    elif record.kind == "double_backward":
+        body = _double_backward_lines()
     elif record.kind == "error":
         body = _error_lines(record)
     elif record.kind == "warning":
