@@ -101,7 +101,11 @@ def _call(ctx: Context, case: Case, /, **override: Any) -> np.ndarray:
     be = ctx.backend
     if mask is not None:
         options["mask"] = be.asarray(mask)
-    out = fn(be.asarray(case.input), be.asarray(case.target), **options)
+    try:
+        out = fn(be.asarray(case.input), be.asarray(case.target), **options)
+    except NotImplementedError as exc:
+        # the implementation says it does not offer this option (a mask, 'rowmean', ...)
+        raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
     return np.asarray(be.to_numpy(out), dtype=np.float64)
 
 
@@ -303,7 +307,10 @@ def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
         import torch
 
         x = be.asarray(case.input).requires_grad_(True)
-        out = fn(x, be.asarray(case.target), **options)
+        try:
+            out = fn(x, be.asarray(case.target), **options)
+        except NotImplementedError as exc:
+            raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
         gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device).expand(out.shape)
         (gx,) = torch.autograd.grad(out, (x,), gout)
         return gx.detach().cpu().numpy().astype(np.float64)
