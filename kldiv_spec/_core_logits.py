@@ -135,8 +135,12 @@ def _masked(a: Array, mask: Array | None, /, *, xp: Namespace) -> Array:
 
 
 def count(mask: Array, /, *, dtype: Any, xp: Namespace) -> Array:
-    """Return the number of True entries of ``mask`` as a 0-d array of ``dtype``."""
-    return xp.astype(xp.sum(xp.astype(mask, xp.int64)), dtype)
+    """Return the number of True entries of ``mask`` as a 0-d array of ``dtype``.
+
+    Summed in ``dtype`` itself (a 64-bit integer is not available everywhere,
+    e.g. JAX without x64): exact up to :math:`2^{24}` kept rows in float32.
+    """
+    return xp.sum(xp.astype(mask, dtype))
 
 
 def masked_divisor(

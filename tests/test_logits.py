@@ -545,3 +545,27 @@ def test_dask_compute_is_silent_on_edge_values():
             )
         np.testing.assert_allclose(gs, ws, rtol=1e-14, atol=1e-300)
         np.testing.assert_allclose(gt, wt, rtol=1e-14, atol=1e-300)
+
+
+def test_jax_without_64_bit_types_is_silent():
+    """A mask's count needs no int64 (JAX without x64 would warn and truncate it)."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    code = (
+        "import jax.numpy as jnp, kldiv_spec\n"
+        "s = jnp.arange(12.0).reshape(3, 4) / 7\n"
+        "m = jnp.asarray([True, False, True])\n"
+        "out = kldiv_spec.kl_div_from_logits(s, s[::-1], mask=m, reduction='rowmean')\n"
+        "g, _ = kldiv_spec.kl_div_from_logits_backward(1.0, s, s[::-1], mask=m)\n"
+        "assert out.dtype == jnp.float32 and g.dtype == jnp.float32\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "JAX_ENABLE_X64": "0"},
+    )
+    assert done.returncode == 0, done.stderr
