@@ -101,28 +101,6 @@ def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.nd
     return be.to_numpy(gx), be.to_numpy(gt)
 
 
-def _check_one(name: str, got: np.ndarray, want: np.ndarray, tol: np.ndarray, shape: Any) -> None:
-    got = np.asarray(got)
-    if got.shape != tuple(shape):
-        msg = f"gradient w.r.t. {name} has shape {got.shape}, expected {tuple(shape)}"
-        raise AssertionError(msg)
-    got = got.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        special = ~np.isfinite(want)
-        ok = np.where(
-            special,
-            (got == want) | (np.isnan(got) & np.isnan(want)),
-            np.abs(got - want) <= tol,
-        )
-    if not ok.all():
-        idx = tuple(int(i) for i in np.argwhere(~ok)[0])
-        msg = (
-            f"gradient w.r.t. {name} differs at index {idx}: got {got[idx]!r}, "
-            f"expected {want[idx]!r}"
-        )
-        raise AssertionError(msg)
-
-
 def _cases(ctx: Context) -> Any:
     kw = {"log_targets": ctx.log_targets, "reductions": ctx.reductions}
     return st.one_of(distributions(**kw), broadcast_cases(**kw), edge_cases(**kw))
@@ -144,9 +122,7 @@ def _compare_one(ctx: Context, case: Case, which: int) -> None:
         log_target=case.log_target,
         flush=not ctx.backend.subnormals,
     )
-    names = ("input", "target")
-    shapes = (case.input.shape, case.target.shape)
-    _check_one(names[which], got[which], want[which][0], want[which][1], shapes[which])
+    assert_gradients(got, want, which=(which,))
 
 
 @register(
