@@ -79,16 +79,19 @@ def kl_div_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return the gradients of :func:`kl_div` w.r.t. input and target."""
     x, t = _check(input, target, reduction)
+    # each gradient has its own argument's dtype, not the common one
+    x_dtype, t_dtype = np.asarray(input).dtype, np.asarray(target).dtype
     out_shape = np.broadcast_shapes(x.shape, t.shape)
     with np.errstate(all="ignore"):
         g = np.asarray(grad_output, dtype=x.dtype) / _divisor(reduction, x, out_shape)
         if log_target:
-            gx = -np.exp(t) * g
-            gt = np.exp(t) * (t - x + 1) * g
+            p = np.exp(t)
+            gx = -(g * p)
+            gt = (g * (t - x)) * p + g * p  # PyTorch's order: a +0, not -0, where e^t underflows
         else:
             gx = -t * g
             ok = (t > 0) & (t < np.inf)
             gt = np.where(ok, (np.log(np.where(ok, t, 1)) + 1 - x) * g, np.nan)
-        gx = _sum_to(np.broadcast_to(gx, out_shape), x.shape).astype(x.dtype)
-        gt = _sum_to(np.broadcast_to(gt, out_shape), t.shape).astype(t.dtype)
+        gx = _sum_to(np.broadcast_to(gx, out_shape), x.shape).astype(x_dtype)
+        gt = _sum_to(np.broadcast_to(gt, out_shape), t.shape).astype(t_dtype)
     return gx, gt
