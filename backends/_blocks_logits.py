@@ -68,8 +68,13 @@ def rows_per_block(vocab: int, /) -> int:
     return max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 
-def _log_softmax_into(z: Any, temperature: float, lz: Any, prob: Any) -> None:
-    """Write ``log_softmax(z / T)`` into ``lz`` and ``softmax(z / T)`` into ``prob``."""
+def _log_softmax_into(
+    z: Any, temperature: float, lz: Any, prob: Any, *, with_log: bool = True
+) -> None:
+    """Write ``log_softmax(z / T)`` into ``lz`` and ``softmax(z / T)`` into ``prob``.
+
+    ``with_log=False`` stops after the softmax (``lz`` then holds scratch).
+    """
     if temperature == 1.0:
         np.copyto(lz, z)
     else:
@@ -80,6 +85,8 @@ def _log_softmax_into(z: Any, temperature: float, lz: Any, prob: Any) -> None:
     np.exp(lz, out=prob)
     total = np.add.reduce(prob, axis=1, keepdims=True)
     np.divide(prob, total, out=prob)
+    if not with_log:
+        return
     np.log(total, out=total)
     np.subtract(lz, total, out=lz)
 
@@ -95,6 +102,7 @@ def from_logits(
     grad_scale: float | None,
     terms_out: np.ndarray | None = None,
     factor: float = 1.0,
+    need_loss: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Return the rows' divergences (float64, unscaled) and, if asked, the student gradient.
 
@@ -103,6 +111,10 @@ def from_logits(
     terms and a 0 gradient). ``grad_scale`` is :math:`c\,G` (the same for every
     row: a reduced loss), or None for no gradient. ``terms_out``, when given,
     receives ``factor`` times the elementwise terms (``reduction='none'``).
+    ``need_loss=False`` (a backward alone, forward direction) computes only the
+    two softmaxes and :math:`c\,G\,(q - p)`, whose edge values need no second
+    evaluation (0 - 0 where both exclude a class, NaN in rows without a
+    softmax); the divergences returned are then 0.
     """
     rows, vocab = s.shape
     dt = s.dtype
@@ -111,6 +123,7 @@ def from_logits(
     step = rows_per_block(vocab)
     starts = list(range(0, rows, step))
     forward = direction == "forward"
+    softmax_only = forward and not need_loss and grad is not None and terms_out is None
 
     def work(stripe: Sequence[int]) -> list[Any]:
         a, b, c, d, e = (np.empty((step, vocab), dt) for _ in range(5))
@@ -119,8 +132,14 @@ def from_logits(
                 j = min(i + step, rows)
                 n = j - i
                 lq, lp, q, p, tmp = a[:n], b[:n], c[:n], d[:n], e[:n]
-                _log_softmax_into(s[i:j], temperature, lq, q)
-                _log_softmax_into(t[i:j], temperature, lp, p)
+                _log_softmax_into(s[i:j], temperature, lq, q, with_log=not softmax_only)
+                _log_softmax_into(t[i:j], temperature, lp, p, with_log=not softmax_only)
+                if softmax_only:
+                    assert grad is not None and grad_scale is not None
+                    g = grad[i:j]
+                    np.subtract(q, p, out=g)
+                    np.multiply(g, grad_scale, out=g)
+                    continue
                 lw, w, lo = (lp, p, lq) if forward else (lq, q, lp)
                 np.subtract(lw, lo, out=lw)  # r = log w - log o
                 np.multiply(w, lw, out=tmp)  # the terms
@@ -141,6 +160,10 @@ def from_logits(
         return []
 
     _blocks._run(work, starts, _blocks.num_threads())
+    if softmax_only:
+        if kept is not None and grad is not None:
+            grad[~kept] = 0.0
+        return kl, grad
     _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept)
     return kl, grad
 

@@ -68,11 +68,15 @@ def _finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) ->
         return result if ops.factor == 1.0 else np.asarray(result * ops.factor, dtype=dt)
 
 
-def evaluate(ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool) -> tuple[Any, Any] | None:
+def evaluate(
+    ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool, need_loss: bool = True
+) -> tuple[Any, Any] | None:
     """Return ``(loss, student gradient for a unit upstream gradient or None)``, or None.
 
     ``s`` and ``t`` are NumPy arrays (or zero-copy NumPy views of tensors) of
     the logits' shape. None means the kernels do not take the call.
+    ``need_loss=False`` (with a gradient) lets the kernels skip the loss, which
+    is then not meaningful.
     """
     arranged = _rows(ops, s, t)
     if arranged is None:
@@ -105,6 +109,7 @@ def evaluate(ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool) -> tupl
         direction=ops.direction,
         kept=kept,
         grad_scale=scale,
+        need_loss=need_loss,
     )
     with np.errstate(all="ignore"):
         total = float(np.add.reduce(kl) + 0.0)
@@ -131,7 +136,7 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
         return NotImplemented
     if type(s) is not np.ndarray or type(t) is not np.ndarray:
         return NotImplemented
-    done = evaluate(ops, s, t, with_grad=True)
+    done = evaluate(ops, s, t, with_grad=True, need_loss=False)
     if done is None:
         return NotImplemented
     grad = done[1]

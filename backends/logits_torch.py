@@ -125,7 +125,9 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
     """Return ``(grad_input, None)`` from one blocked pass, or NotImplemented."""
     if target_grad or ops.reduction == "none" or not _accepts(ops):
         return NotImplemented
-    done = evaluate(_masked_ops(ops), _view(ops.input), _view(ops.target), with_grad=True)
+    done = evaluate(
+        _masked_ops(ops), _view(ops.input), _view(ops.target), with_grad=True, need_loss=False
+    )
     if done is None:
         return NotImplemented
     grad = torch.from_numpy(done[1])
