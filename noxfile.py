@@ -80,6 +80,26 @@ def numpy_only(session: nox.Session) -> None:
     session.run(*PYTEST, *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
 
 
+# Until pyproject.toml has a "docs" extra: the same list as that extra.
+DOCS_REQUIREMENTS = ("sphinx>=7", "myst-parser>=2", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The site: Sphinx, warnings as errors, nitpicky references, then the doctests.
+
+    Builds into build/docs/html (``nox -s docs -- -E`` and other sphinx-build options
+    go through). PyTorch is installed so that the edge-value table is recomputed from
+    it and the examples' pictures are drawn; the build itself needs no network.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[strict,torch,bench]", *DOCS_REQUIREMENTS)
+    common = ("-n", "-W", "--keep-going", "-d", "build/docs/doctrees", *session.posargs)
+    session.run("sphinx-build", "-b", "html", *common, "docs", "build/docs/html")
+    session.run("sphinx-build", "-b", "doctest", *common, "docs", "build/docs/doctest")
+    session.log("open build/docs/html/index.html")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Ruff: lint and format check."""
