@@ -88,14 +88,15 @@ DOCS_REQUIREMENTS = ("sphinx>=7", "myst-parser>=2", "numpydoc>=1.6", "pydata-sph
 def docs(session: nox.Session) -> None:
     """The site: Sphinx, warnings as errors, nitpicky references, then the doctests.
 
-    Builds into build/docs/html (``nox -s docs -- -E`` and other sphinx-build options
-    go through). PyTorch is installed so that the edge-value table is recomputed from
+    Builds into build/docs/html, from scratch (sphinx-build options after ``--`` go
+    through). PyTorch is installed so that the edge-value table is recomputed from
     it and the examples' pictures are drawn; the build itself needs no network.
     """
     session.install(TORCH)
     session.install("-e", ".[strict,torch,bench]", *DOCS_REQUIREMENTS)
     common = ("-n", "-W", "--keep-going", "-d", "build/docs/doctrees", *session.posargs)
-    session.run("sphinx-build", "-b", "html", *common, "docs", "build/docs/html")
+    # -E: read every page afresh, so that every generated table, plot and output is redone.
+    session.run("sphinx-build", "-E", "-b", "html", *common, "docs", "build/docs/html")
     session.run("sphinx-build", "-b", "doctest", *common, "docs", "build/docs/doctest")
     session.log("open build/docs/html/index.html")
 
