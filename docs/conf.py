@@ -98,5 +98,7 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_sidebars = {"**": ["sidebar-nav-bs"]}
+# The section navigation only where there are sections (the API reference); elsewhere
+# the page gets the width (the examples' outputs and the benchmark tables are wide).
+html_sidebars = {"*": [], "api/*": ["sidebar-nav-bs"]}
 html_context = {"default_mode": "light"}
