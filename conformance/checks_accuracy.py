@@ -62,8 +62,18 @@ def _large(draw: Any, ctx: Context) -> Case:
     examples_scale=0.15,
 )
 def _large_support(ctx: Context, case: Case) -> None:
-    for reduction in ctx.reductions:
-        check_against_oracle(ctx, case, reduction)
+    # Each example is checked in every log_target form the implementation takes (the
+    # drawn targets, and the same distribution as log-probabilities or probabilities):
+    # with the few examples this costly property runs, a drawn form alone could miss one.
+    forms = [case]
+    other = not case.log_target
+    if other in ctx.log_targets:
+        with np.errstate(divide="ignore"):
+            target = np.log(case.target) if other else np.exp(case.target)
+        forms.append(Case(case.input, target.astype(case.target.dtype), case.reduction, other))
+    for form in forms:
+        for reduction in ctx.reductions:
+            check_against_oracle(ctx, form, reduction)
 
 
 def _subnormals_work(ctx: Context) -> str | None:
