@@ -80,10 +80,6 @@ def numpy_only(session: nox.Session) -> None:
     session.run(*PYTEST, *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
 
 
-# Until pyproject.toml has a "docs" extra: the same list as that extra.
-DOCS_REQUIREMENTS = ("sphinx>=7", "myst-parser>=2", "numpydoc>=1.6", "pydata-sphinx-theme>=0.15")
-
-
 @nox.session
 def docs(session: nox.Session) -> None:
     """The site: Sphinx, warnings as errors, nitpicky references, then the doctests.
@@ -93,7 +89,7 @@ def docs(session: nox.Session) -> None:
     it and the examples' pictures are drawn; the build itself needs no network.
     """
     session.install(TORCH)
-    session.install("-e", ".[strict,torch,bench]", *DOCS_REQUIREMENTS)
+    session.install("-e", ".[strict,torch,bench,docs]")
     common = ("-n", "-W", "--keep-going", "-d", "build/docs/doctrees", *session.posargs)
     # -E: read every page afresh, so that every generated table, plot and output is redone.
     session.run("sphinx-build", "-E", "-b", "html", *common, "docs", "build/docs/html")

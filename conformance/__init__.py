@@ -18,11 +18,12 @@ from . import (
 )
 from .implementations import Implementation
 from .namespaces import load_backend
-from .properties import GROUPS, PROPERTIES, NotApplicable, Property, select
+from .properties import GROUPS, LEVELS, PROPERTIES, NotApplicable, Property, select
 from .runner import Outcome, Report, resolve, run
 
 __all__ = [
     "GROUPS",
+    "LEVELS",
     "PROPERTIES",
     "Implementation",
     "NotApplicable",

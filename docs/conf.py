@@ -74,12 +74,6 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(numpy|np|torch|jax|jnp|dask|cupy|array_api_strict|hypothesis)(\..*)?"),
 ]
-nitpick_ignore = [
-    # conformance/properties.py's Property docstring refers to LEVELS, which is in that
-    # module's __all__ but not in kldiv_spec.conformance's, so it has no page. Remove
-    # once LEVELS is exported from kldiv_spec.conformance (or the reference is ``LEVELS``).
-    ("py:data", "LEVELS"),
-]
 
 # Docstring examples run as doctests (sphinx-build -b doctest), with the same warnings policy.
 doctest_global_setup = "import warnings\nwarnings.simplefilter('error')\n"
