@@ -302,6 +302,11 @@ def test_all_lists_exactly_the_public_api():
         "KLDivLoss",
         "REDUCTIONS",
         "use_reference",
+        "kl_div_from_logits",
+        "kl_div_from_logits_backward",
+        "LOGITS_REDUCTIONS",
+        "gaussian_kl",
+        "gaussian_kl_backward",
     }
     assert len(kldiv_spec.__all__) == len(set(kldiv_spec.__all__))
     for name in kldiv_spec.__all__:
@@ -319,7 +324,12 @@ def test_torch_all():
     pytest.importorskip("torch")
     import kldiv_spec.torch as kt
 
-    assert sorted(kt.__all__) == ["KLDivLoss", "kl_div"]
+    assert sorted(kt.__all__) == [
+        "KLDivFromLogitsLoss",
+        "KLDivLoss",
+        "kl_div",
+        "kl_div_from_logits",
+    ]
 
 
 def test_signatures_positional_arrays_keyword_options():
