@@ -1,63 +1,66 @@
-r"""PyTorch fast path: blocked CPU kernels and fused Triton kernels on CUDA.
+r"""PyTorch fast path: ATen's kernel for small calls; NumPy's blocked kernels, or Triton on CUDA.
 
-The forward never materialises a full-size temporary for ``'sum'``, ``'mean'``
-and ``'batchmean'``: the flattened operands are walked in cache-sized blocks of
-:data:`BLOCK_BYTES` per operand, each block's pointwise loss is written into
-one small scratch buffer with ``out=`` / in-place ATen operations (which ATen
-runs on all intra-op threads) and summed, and the block sums are accumulated
-in float64. ``'none'`` writes each block straight into the one output array.
+Three routes, chosen per call by :func:`front` (registered for tensors in
+:data:`kldiv_spec._dispatch.FRONTS`) and :func:`kl_div`:
 
-The pointwise loss is PyTorch's, rewritten so that it needs one ``log`` and no
-``xlogy`` (ATen's ``xlogy`` is not vectorised)::
-
-    a = max(log t, -FLT_MAX)     # log 0 = -inf becomes a finite number, NaN stays NaN
-    a = t * a + 0.0              # = xlogy(t, t): 0 * finite = +-0, "+ 0.0" makes it +0
-                                 # (skipped for the reductions, where -0.0 sums alike)
-    l = a - t * x                # the same two roundings as the reference
-
-which equals ``xlogy(t, t) - t * x`` bit for bit (log t is finite for every
-positive t, subnormals included), so NaN and inf land where PyTorch puts them.
-
-Accuracy of the reductions: each block of :math:`m` values is summed by ATen's
-cascade sum in the operands' dtype (error at most about
-:math:`\lceil\log_2 m\rceil\,\varepsilon \sum |\ell|` within a block) and the
-block sums are added in float64, so the total is at least as accurate as NumPy's
-pairwise sum of the whole array, and more accurate than PyTorch's float32 sum.
+- **Small calls** (fewer than :data:`MIN_ELEMENTS` elements) **and everything under
+  torch.compile**: ATen's own ``torch.kl_div`` (``'sum'`` or ``'none'``, then the
+  divisor), the kernel ``torch.nn.functional.kl_div`` runs, when the operands share
+  one dtype (float32, float64), shape and device and the target needs no gradient.
+  Its pointwise loss is the specification's, ``xlogy(t, t) - t * x`` (or
+  ``exp(t) * (t - x)``), and autograd's input gradient through it is the analytic
+  :math:`-(g/D)\,t` (or :math:`-(g/D)\,e^t`) bit for bit; ``torch.compile``
+  fuses it with its neighbours.
+- **Large CPU tensors**: the NumPy fast path's kernels
+  (:mod:`kldiv_spec.backends._blocks`) on the tensors' own memory (``Tensor.numpy()``
+  of a detached view: zero-copy): blocked and multithreaded, sums accumulated in
+  float64 per block, and for contiguous float32 sums without ``log_target`` the one
+  compiled AVX2 pass per block (``backends/_fused.c``) where it was built. Their
+  error bounds are in :mod:`kldiv_spec.backends._blocks`.
+- **Large CUDA tensors**: fused Triton kernels (:mod:`kldiv_spec.backends._triton_kernels`).
 
 Autograd: :class:`_BlockedKLDiv` saves only ``input`` and ``target``. Its
-backward writes each requested gradient in one blocked pass into a
-preallocated tensor. With ``create_graph=True`` (double backward) it computes
-the same gradients with differentiable operations instead
-(:func:`kldiv_spec._core.kl_div_backward`), so higher derivatives are exact.
-Forward-mode AD, ``torch.func`` transforms, tracing, ``torch.compile``,
-tensor subclasses, broadcasting, mixed or half dtypes, non-contiguous and
-small tensors are declined (``NotImplemented``) and go to the reference, which
-handles them all.
+backward writes the input gradient alone in one or two multithreaded ATen passes
+(``t * (-g/D)``, or ``e^t * (g/D)`` negated), and both gradients in one blocked
+pass of the NumPy kernels (or one Triton kernel). With ``create_graph=True``
+(double backward) it computes the same gradients with differentiable operations
+instead (:func:`kldiv_spec._core.kl_div_backward`), so higher derivatives are exact.
+
+Forward-mode AD, ``torch.func`` transforms, tracing, tensor subclasses,
+broadcasting, mixed or half dtypes (outside autocast) and non-contiguous tensors
+are declined (``NotImplemented``) and go to the reference, which handles them all.
+A target that needs a gradient is declined by the ATen route (the target gradient
+through ATen's ``xlogy`` is not the analytic one's rounding) and taken by the
+others.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
+import sys
 from typing import Any
 
 import array_api_compat.torch as _xp
 import torch
 from torch.autograd import forward_ad
 
-from kldiv_spec import _core
-from kldiv_spec._validation import Operands
+from kldiv_spec import _core, _dispatch, _functional
+from kldiv_spec._validation import REDUCTIONS, Operands
 
-__all__ = ["BLOCK_BYTES", "MIN_ELEMENTS", "kl_div", "kl_div_backward"]
+from . import _blocks
 
-#: Bytes of each operand processed per block on the CPU: the block's four arrays (two
-#: operands, two scratch buffers) stay in the last-level cache, and blocks are large enough
-#: that the few thread synchronisations per ATen operation do not dominate (smaller blocks
-#: measured up to 8x slower on a loaded 2-core machine, where a waiting thread may be
-#: descheduled at every synchronisation).
-BLOCK_BYTES = 1 << 22
-#: Smaller calls go to the reference, whose per-call overhead is lower.
-MIN_ELEMENTS = 1 << 15
+__all__ = ["MIN_ELEMENTS", "MIN_ELEMENTS_ENV", "front", "kl_div", "kl_div_backward"]
+
+#: Environment variable that overrides :data:`MIN_ELEMENTS` when this module is imported
+#: (``0`` sends every call the front takes through the blocked or Triton kernels: for
+#: running the conformance suite on them).
+MIN_ELEMENTS_ENV = "KLDIV_SPEC_TORCH_MIN_ELEMENTS"
+#: Smaller calls go to ATen's own ``kl_div`` (through :func:`front`), whose per-call cost
+#: is lower.
+MIN_ELEMENTS = int(os.environ.get(MIN_ELEMENTS_ENV, "").strip() or 1 << 15)
 
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -72,7 +75,8 @@ def _accepts(ops: Operands) -> bool:
         return False
     if x.layout != torch.strided or not (x.is_contiguous() and t.is_contiguous()):
         return False
-    if x.numel() < MIN_ELEMENTS:
+    n = x.numel()
+    if n < MIN_ELEMENTS or n == 0 or x.ndim == 0:
         return False
     if x.device.type == "cuda":
         if not _triton_available():
@@ -97,63 +101,22 @@ def _triton_available() -> bool:
     return True
 
 
-def _block_elements(dtype: torch.dtype) -> int:
-    return max(64, BLOCK_BYTES // torch.finfo(dtype).bits * 8 // 64 * 64)
+def _numpy(a: torch.Tensor) -> Any:
+    """Return the NumPy array on ``a``'s memory (zero-copy; ``a``: a contiguous CPU tensor)."""
+    return a.detach().numpy()
 
 
 def _cpu_forward(
     x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool, divisor: int
 ) -> Any:
-    xf, tf = x.reshape(-1), t.reshape(-1)
-    n = xf.numel()
-    step = _block_elements(x.dtype)
-    scratch = torch.empty(step, dtype=x.dtype)
+    """Evaluate with the NumPy fast path's kernels (:mod:`.._blocks`) on the tensors' memory."""
+    xn, tn = _numpy(x), _numpy(t)
+    shape = tuple(x.shape)
     if reduction == "none":
-        out = torch.empty_like(xf)
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            block, s = out[start:stop], scratch[: stop - start]
-            _pointwise_block(block, xf[start:stop], tf[start:stop], log_target, s, exact=True)
-        return out.view(x.shape)
-    work = torch.empty(step, dtype=x.dtype)
-    total = 0.0
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        block, s = work[: stop - start], scratch[: stop - start]
-        _pointwise_block(block, xf[start:stop], tf[start:stop], log_target, s, exact=False)
-        total += block.sum().item()
+        out = _blocks.loss_none(xn, tn, shape=shape, dtype=xn.dtype, log_target=log_target)
+        return torch.from_numpy(out)
+    total = _blocks.loss_sum(xn, tn, shape=shape, dtype=xn.dtype, log_target=log_target)
     return _core.divide_total(torch.tensor(total, dtype=x.dtype), divisor, xp=_xp)
-
-
-def _pointwise_block(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    log_target: bool,
-    scratch: torch.Tensor,
-    *,
-    exact: bool,
-) -> None:
-    """Write the pointwise loss of one block into ``out`` (``scratch``: same length).
-
-    ``exact=True`` rounds ``t * x`` on its own, as the reference does, so that
-    every element equals the reference's; ``exact=False`` fuses ``a - t * x``
-    into one ``addcmul`` (ATen uses a fused multiply-add there: at most one
-    rounding less, which only a reduction may use).
-    """
-    if log_target:
-        torch.exp(t, out=scratch)
-        torch.sub(t, x, out=out)
-        out.mul_(scratch)  # exp(t) * (t - x): multiplication commutes exactly
-        return
-    torch.log(t, out=out)
-    out.clamp_(min=-torch.finfo(out.dtype).max)
-    out.mul_(t)
-    if exact:
-        out.add_(0.0)  # -0.0 (from t = 0) becomes +0.0 as in xlogy; a sum does not care
-        out.sub_(torch.mul(t, x, out=scratch))
-    else:
-        out.addcmul_(t, x, value=-1)
 
 
 def _cpu_backward(
@@ -163,46 +126,25 @@ def _cpu_backward(
     log_target: bool,
     need: tuple[bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Both gradients, ``g`` already divided by the divisor (0-d, or of ``x``'s shape)."""
-    xf, tf = x.reshape(-1), t.reshape(-1)
-    per_element = g.ndim > 0
-    gf = g.reshape(-1) if per_element else g
-    n = xf.numel()
-    grad_x = torch.empty_like(xf) if need[0] else None
-    grad_t = torch.empty_like(tf) if need[1] else None
-    if not log_target and grad_t is None and not per_element:
-        assert grad_x is not None
-        torch.mul(tf, -gf, out=grad_x)  # one pass; t * (-g) is -(t * g) bit for bit
-        return grad_x.view(x.shape), None
-    step = _block_elements(x.dtype)
-    scratch = torch.empty(step, dtype=x.dtype)
-    p_scratch = torch.empty(step if log_target else 0, dtype=x.dtype)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        gb = gf[start:stop] if per_element else gf
-        xb, tb = xf[start:stop], tf[start:stop]
-        s = scratch[: stop - start]
-        if log_target:
-            p = torch.exp(tb, out=p_scratch[: stop - start])
-            torch.mul(p, gb, out=s)  # gp = g * exp(t)
-            if grad_x is not None:
-                torch.neg(s, out=grad_x[start:stop])
-            if grad_t is not None:
-                # PyTorch's autograd order: (g * (t - x)) * p + g * p
-                gt = torch.sub(tb, xb, out=grad_t[start:stop])
-                gt.mul_(gb).mul_(p).add_(s)
-            continue
-        if grad_x is not None:
-            torch.mul(tb, gb, out=grad_x[start:stop]).neg_()
-        if grad_t is not None:
-            # log t + t / t - x: t / t is 1 for positive finite t and NaN for 0 and inf,
-            # so the NaN of PyTorch's xlogy derivative comes without a mask.
-            gt = torch.div(tb, tb, out=grad_t[start:stop])
-            gt.add_(torch.log(tb, out=s)).sub_(xb)
-            torch.mul(gb, gt, out=gt)
+    """Both gradients, ``g`` already divided by the divisor (0-d, or of ``x``'s shape).
+
+    The input gradient alone (the common case: the target is data) is one or two
+    multithreaded ATen passes; otherwise the NumPy fast path's one blocked pass
+    writes both.
+    """
+    if need == (True, False) and g.ndim == 0:
+        with torch.no_grad():
+            if log_target:  # -(g e^t): g * p, then the exact negation
+                return torch.exp(t).mul_(g).neg_(), None
+            return torch.mul(t, -g), None  # t * (-g) is -(t * g) bit for bit
+    gn = _numpy(g.contiguous())
+    xn, tn = _numpy(x), _numpy(t)
+    gx, gt = _blocks.gradients(
+        gn, xn, tn, shape=tuple(x.shape), dtype=xn.dtype, log_target=log_target
+    )
     return (
-        None if grad_x is None else grad_x.view(x.shape),
-        None if grad_t is None else grad_t.view(t.shape),
+        torch.from_numpy(gx) if need[0] else None,
+        torch.from_numpy(gt) if need[1] else None,
     )
 
 
@@ -296,3 +238,141 @@ def kl_div_backward(g: torch.Tensor, ops: Operands, /) -> tuple[torch.Tensor, to
         grad_x, grad_t = _backward(scaled, x, t, ops.log_target, (True, True))
     assert grad_x is not None and grad_t is not None
     return grad_x, grad_t
+
+
+# --- the front: the common call without the full validation and dispatch --------------------
+
+#: ATen's reduction enum (``torch.nn._reduction``): what ``torch.kl_div`` is called with.
+_NONE, _MEAN, _SUM = 0, 1, 2
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
+    r"""Evaluate the common call on tensors cheaply, or return ``NotImplemented``.
+
+    Registered in :data:`kldiv_spec._dispatch.FRONTS` for ``torch.Tensor`` and
+    ``torch.nn.Parameter``. It takes plain tensors of one dtype (float32 or float64),
+    shape, layout (strided) and device, a valid ``reduction`` and a bool
+    ``log_target``: the calls on which :func:`kldiv_spec._validation.operands` passes
+    with nothing to promote or broadcast, so no check is skipped. Anything else goes
+    back (``NotImplemented``) to the full route, which raises the specified errors.
+
+    Under autocast (``torch.autocast``, CPU or CUDA) the operands are first cast as
+    PyTorch's autocast casts those of ``kl_div``, which is on its float32 list: every
+    floating tensor of the autocast's device type other than float64 becomes float32.
+
+    Routes, each giving the specified values and analytic gradients:
+
+    - large CPU and CUDA tensors (:data:`MIN_ELEMENTS` and more), eagerly: the blocked
+      (CPU) or Triton (CUDA) kernels of :func:`kl_div`;
+    - everything else it takes, and everything under ``torch.compile``: ATen's own
+      ``torch.kl_div`` with ``reduction='sum'`` (or ``'none'``), divided by the
+      divisor :math:`D` with the one rounding rule (:func:`_core.divide_total`),
+      which is what ``torch.nn.functional.kl_div`` runs. Its pointwise loss is
+      :math:`\operatorname{xlogy}(t, t) - t x` (or :math:`e^t (t - x)`), the
+      specification's; autograd differentiates it w.r.t. the input only (this route
+      is not taken when the target needs a gradient), as :math:`-(g/D)\,t` (or
+      :math:`-(g/D)\,e^t`), the analytic gradient bit for bit. Under
+      ``torch.compile`` Inductor fuses it with its neighbours.
+
+    Declined: a target that needs a gradient (its analytic gradient is the
+    :class:`torch.autograd.Function`'s), forward-mode AD and ``torch.func`` transforms
+    (the reference has their rules), tensor subclasses, mixed dtypes, broadcasting,
+    float16 and bfloat16 outside autocast (the reference's roundings differ from
+    ATen's there).
+    """
+    if _any_autocast():
+        input, target = _autocast(input), _autocast(target)
+        result = _front(input, target, reduction, log_target)
+        if result is NotImplemented:  # the full route, on the cast operands
+            result = _functional.forward(
+                input,
+                target,
+                reduction=reduction,
+                log_target=log_target,
+                stacklevel=2,
+                warn_mean=False,  # the caller warns once it has the result
+                use_front=False,
+            )
+        return result
+    return _front(input, target, reduction, log_target)
+
+
+def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
+    if type(x) not in _PLAIN_TYPES or type(t) not in _PLAIN_TYPES:
+        return NotImplemented
+    if type(log_target) is not bool or type(reduction) is not str or reduction not in REDUCTIONS:
+        return NotImplemented
+    dtype = x.dtype
+    if dtype not in _DTYPES or t.dtype is not dtype or x.layout is not torch.strided:
+        return NotImplemented
+    if t.layout is not torch.strided or x.shape != t.shape or x.device != t.device:
+        return NotImplemented
+    if t.requires_grad and torch.is_grad_enabled():
+        return NotImplemented
+    if not torch.compiler.is_compiling():
+        if forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(t):
+            return NotImplemented
+        if x.numel() >= MIN_ELEMENTS:
+            result = kl_div(_operands(x, t, reduction, log_target))
+            if result is not NotImplemented:
+                return result
+    return _native(x, t, reduction, log_target)
+
+
+def _native(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
+    """``torch.kl_div`` (ATen's kernel, as ``F.kl_div`` calls it), then the divisor."""
+    if reduction == "none":
+        return torch.kl_div(x, t, _NONE, log_target=log_target)
+    if reduction == "mean" and x.is_cpu:
+        # ATen's CPU mean is its sum rounded to the dtype, then divided by N
+        # (sum_out(...).div_(N)): divide_total's rule, in one call.
+        return torch.kl_div(x, t, _MEAN, log_target=log_target)
+    total = torch.kl_div(x, t, _SUM, log_target=log_target)
+    if reduction == "sum" or x.ndim == 0:
+        return total
+    d = x.shape[0] if reduction == "batchmean" else x.numel()
+    if d == 1:
+        return total
+    if d == 0:  # empty: the total is 0, and NaN * 0 keeps the graph (gradients: empty)
+        return total * math.nan
+    return total / d
+
+
+def _operands(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> Operands:
+    """Return the :class:`Operands` of a call :func:`_front` took (its checks: operands()'s)."""
+    shape = tuple(x.shape)
+    batch = shape[0] if shape else None
+    return Operands(
+        xp=_xp,
+        input=x,
+        target=t,
+        dtype=x.dtype,
+        output_shape=shape,
+        reduction=reduction,
+        log_target=log_target,
+        batch_size=batch,
+        divisor=_core.divisor(reduction, output_shape=shape, batch_size=batch),
+    )
+
+
+def _autocast(a: Any) -> Any:
+    """Cast ``a`` as autocast casts the operands of an op on its float32 list.
+
+    A floating tensor other than float64, of a device type (CPU, CUDA) whose autocast
+    is on, becomes float32 (differentiably, as autocast's own cast); anything else is
+    returned as is.
+    """
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype == torch.float64:
+        return a
+    device_type = a.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return a.to(torch.float32)
+    return a
+
+
+_dispatch._LOADED.setdefault("torch", sys.modules[__name__])  # however this was imported
+_dispatch.FRONTS[torch.Tensor] = front
+_dispatch.FRONTS[torch.nn.Parameter] = front
+_functional.compiling = torch.compiler.is_compiling

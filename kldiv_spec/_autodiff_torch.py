@@ -23,7 +23,13 @@ def _promoted(ops: Operands, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, Any
     return xp.astype(x, ops.dtype, copy=False), xp.astype(t, ops.dtype, copy=False)
 
 
-class _ReferenceKLDiv(torch.autograd.Function):
+class _ReferenceKLDivCompiled(torch.autograd.Function):
+    """The analytic forward and backward, without forward mode: what ``torch.compile`` traces.
+
+    Dynamo traces a :class:`torch.autograd.Function` into the graph, forward and
+    backward, but not one that defines ``jvp``.
+    """
+
     generate_vmap_rule = True
 
     @staticmethod
@@ -58,6 +64,12 @@ class _ReferenceKLDiv(torch.autograd.Function):
             None,
         )
 
+
+class _ReferenceKLDiv(_ReferenceKLDivCompiled):
+    """The analytic forward and backward, and forward mode (``jvp``)."""
+
+    generate_vmap_rule = True
+
     @staticmethod
     def jvp(ctx: Any, dx: Any, dt: Any, *_: Any) -> torch.Tensor:
         x, t = ctx.saved_tensors
@@ -79,4 +91,6 @@ class _ReferenceKLDiv(torch.autograd.Function):
 
 def kl_div_with_gradient(ops: Operands, /) -> Any:
     """Evaluate the reference on tensors with the analytic derivatives attached."""
+    if torch.compiler.is_compiling():
+        return _ReferenceKLDivCompiled.apply(ops.input, ops.target, ops)
     return _ReferenceKLDiv.apply(ops.input, ops.target, ops)

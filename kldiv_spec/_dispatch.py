@@ -17,6 +17,17 @@ a silent fall-back to the (much slower) reference.
 The reference can be forced, for debugging or to check a fast path against it,
 with :func:`use_reference` or the environment variable
 ``KLDIV_SPEC_REFERENCE=1``.
+
+Per-call cost. Before any of this, :func:`front` looks up the type of the
+input in :data:`FRONTS`: a fast path may register there, for its array type, a
+function ``front(input, target, reduction, log_target)`` that handles the
+common call (plain arrays of one dtype, shape and device) with a few attribute
+checks instead of the full validation, or returns ``NotImplemented`` for
+anything else, which then takes the full route (and its errors). A front never
+raises for bad arguments and never runs while the reference is forced.
+:func:`reference_forced` reads the context variable only while some
+:func:`use_reference` block is open (a counter says so), because reading it
+costs time on every call and cannot be traced by ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import contextlib
 import contextvars
 import importlib
 import os
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -37,6 +50,14 @@ _FORCE_REFERENCE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "kldiv_spec_force_reference", default=None
 )
 _LOADED: dict[str, ModuleType] = {}
+
+#: ``type(input) -> front(input, target, reduction, log_target)``: the fast fronts (see above).
+FRONTS: dict[type, Callable[[Any, Any, Any, Any], Any]] = {}
+
+#: How many :func:`use_reference` blocks are open, in all threads and tasks together.
+_OPEN_BLOCKS = 0
+_OPEN_LOCK = threading.Lock()
+_ENV = "KLDIV_SPEC_REFERENCE"
 
 
 @contextlib.contextmanager
@@ -65,19 +86,72 @@ def use_reference(enabled: bool = True, /) -> Iterator[None]:
     >>> round(float(loss), 6)
     0.130812
     """
+    global _OPEN_BLOCKS
     token = _FORCE_REFERENCE.set(bool(enabled))
+    with _OPEN_LOCK:
+        _OPEN_BLOCKS += 1
     try:
         yield
     finally:
+        with _OPEN_LOCK:
+            _OPEN_BLOCKS -= 1
         _FORCE_REFERENCE.reset(token)
 
 
 def reference_forced() -> bool:
-    """Return whether the reference is forced for the current context."""
-    forced = _FORCE_REFERENCE.get()
-    if forced is None:
-        return os.environ.get("KLDIV_SPEC_REFERENCE", "") not in ("", "0")
-    return forced
+    """Return whether the reference is forced for the current context.
+
+    The context variable is read only while a :func:`use_reference` block is open
+    somewhere; otherwise the answer is the environment variable's.
+    """
+    if _OPEN_BLOCKS:
+        forced = _FORCE_REFERENCE.get()
+        if forced is not None:
+            return forced
+    return getenv(_ENV) not in ("", "0")
+
+
+# os.environ.get costs a raised and caught KeyError for every unset name (about a
+# microsecond, as much as a small ufunc call); on POSIX os.environ keeps its contents in a
+# dict of encoded names, which is read here directly (os.environ[...] = ... and
+# monkeypatch.setenv update it). Elsewhere, or once os.environ has been replaced, the
+# public mapping is read.
+_ENVIRON = os.environ
+_ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+_DECODE = getattr(os.environ, "decodevalue", None)
+_ENCODED: dict[str, Any] = {}
+
+
+def getenv(name: str, /) -> str:
+    """Return ``os.environ.get(name, "")``, cheaply for an unset name."""
+    if _ENV_DATA is None or _ENCODE is None or _DECODE is None or os.environ is not _ENVIRON:
+        return os.environ.get(name, "")
+    key = _ENCODED.get(name)
+    if key is None:
+        key = _ENCODED[name] = _ENCODE(name)
+    value = _ENV_DATA.get(key)
+    return "" if value is None else _DECODE(value)
+
+
+def front(input: Any, /) -> Callable[[Any, Any, Any, Any], Any] | None:
+    """Return the registered front for ``input``'s type, or None (see the module docstring).
+
+    None also while the reference is forced. A PyTorch tensor whose fast path has
+    not been imported yet imports it (which registers its front).
+    """
+    kind = type(input)
+    handler = FRONTS.get(kind)
+    if handler is None:
+        if kind.__module__ != "torch" or "torch" not in sys.modules:
+            return None
+        _load("torch")
+        handler = FRONTS.get(kind)
+        if handler is None:
+            return None
+    if reference_forced():
+        return None
+    return handler
 
 
 def fast_path(xp: Any, /) -> ModuleType | None:
@@ -89,5 +163,20 @@ def fast_path(xp: Any, /) -> ModuleType | None:
         return None
     module = _LOADED.get(spec.name)
     if module is None:
-        module = _LOADED[spec.name] = importlib.import_module(spec.fast_path_module)
+        module = _load(spec.name)
     return module
+
+
+def _load(name: str, /) -> ModuleType:
+    """Import the fast path of the registry's entry ``name`` (once)."""
+    module = _LOADED.get(name)
+    if module is None:
+        path = f"kldiv_spec.backends.{name}"
+        module = _LOADED[name] = importlib.import_module(path)
+    return module
+
+
+if "torch" in sys.modules:
+    # PyTorch is already imported: register its front now, so that the first call on a
+    # tensor needs no import (which torch.compile could not trace).
+    _load("torch")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from kldiv_spec.backends import _blocks
+
 from . import _reference
-from ._dispatch import fast_path
+from ._dispatch import FRONTS, fast_path, front, getenv
 from ._floating_point import quiet
-from ._validation import grad_output_array, operands
+from ._validation import REDUCTIONS, grad_output_array, operands
 
 __all__ = ["kl_div", "kl_div_backward"]
 
@@ -108,15 +111,25 @@ def forward(
     log_target: bool,
     stacklevel: int,
     warn_mean: bool = True,
+    use_front: bool = True,
 ) -> Array:
     """Implement :func:`kl_div`; ``stacklevel`` points the ``mean`` warning at the caller.
 
     ``warn_mean=False`` is for the legacy ``size_average``/``reduce`` spelling,
     which PyTorch resolves to ``'mean'`` without the ``'mean'`` warning.
+    ``use_front=False`` skips the registered front (for a front handing a call back).
     """
+    handler = front(input) if use_front else None
+    if handler is not None:
+        result = handler(input, target, reduction, log_target)
+        if result is not NotImplemented:
+            # The front took the call only if every check below would have passed.
+            if reduction == "mean" and warn_mean:
+                _warn_mean(stacklevel + 1)
+            return result
     ops = operands(input, target, reduction=reduction, log_target=log_target)
     if reduction == "mean" and warn_mean:
-        warnings.warn(MEAN_WARNING, UserWarning, stacklevel=stacklevel)
+        _warn_mean(stacklevel + 1)
     path = fast_path(ops.xp)
     if path is not None:
         with quiet(ops.xp):
@@ -124,6 +137,88 @@ def forward(
         if result is not NotImplemented:
             return _zero_dim_array(result)
     return _zero_dim_array(_reference.forward(ops))
+
+
+_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+#: Whether the call is being traced by ``torch.compile`` (set by the PyTorch fast path
+#: to ``torch.compiler.is_compiling`` when it is imported).
+compiling: Callable[[], bool] = _not_compiling
+
+
+def _warn_mean(stacklevel: int, /) -> None:
+    """Emit PyTorch's ``'mean'`` warning, except in code that ``torch.compile`` traces.
+
+    ``torch.compile`` cannot put a warning in a graph (it would break the graph in
+    two). PyTorch's own ``F.kl_div`` warns only while it is being compiled, not when
+    the compiled code runs; kldiv-spec's compiled calls do not warn at all.
+    """
+    if not compiling():
+        warnings.warn(MEAN_WARNING, UserWarning, stacklevel=stacklevel)
+
+
+def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> Array:
+    r"""Evaluate a small NumPy call with the reference's operations, without the dispatch.
+
+    Taken only for plain ``ndarray`` operands of one shape (not 0-d) and one dtype
+    (float32 or float64) below the NumPy fast path's size threshold, a valid ``reduction`` and a
+    bool ``log_target``: exactly the calls on which :func:`kldiv_spec._validation.operands`
+    passes with nothing to promote or broadcast. The operations are
+    :mod:`kldiv_spec._core`'s, in its order and dtype, so the result is the
+    reference's bit for bit:
+
+    .. math::
+
+        \ell = [t = 0\ ?\ 0 : t \log t] - t x \quad\text{or}\quad e^{t}(t - x),
+        \qquad \operatorname{fl}\Bigl(\operatorname{fl}\bigl(\textstyle\sum \ell\bigr) / D\Bigr).
+
+    Anything else returns ``NotImplemented`` and takes the full route.
+    """
+    if type(t) is not np.ndarray or type(log_target) is not bool:
+        return NotImplemented
+    dt = x.dtype
+    if dt not in _NUMPY_DTYPES or t.dtype != dt or type(reduction) is not str:
+        return NotImplemented
+    if reduction not in REDUCTIONS or x.shape != t.shape or x.ndim == 0:
+        return NotImplemented
+    n = x.size
+    if n >= _numpy_fast_threshold():
+        return NotImplemented  # the blocked fast path takes it
+    with np.errstate(all="ignore"):
+        if log_target:
+            loss = np.exp(t)
+            loss *= t - x
+        else:
+            loss = np.log(t)
+            np.multiply(t, loss, out=loss)
+            np.copyto(loss, 0.0, where=t == 0)  # xlogy's 0 log 0 = 0 (+0.0, as the core's)
+            loss -= np.multiply(t, x)
+        if reduction == "none":
+            return loss
+        total = np.add.reduce(loss, axis=None)
+        d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
+        if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
+            return np.full((), np.nan, dtype=dt)
+        return np.asarray(total if d == 1 else total / d)
+
+
+def _numpy_fast_threshold() -> int:
+    """Return the size from which the NumPy fast path takes a call (and the front does not).
+
+    :func:`kldiv_spec.backends._blocks.min_elements`, whose environment variable is read
+    here the cheap way first (it is usually unset).
+    """
+    if getenv(_blocks.MIN_ELEMENTS_ENV).strip():
+        return max(_blocks.min_elements(), 1)
+    return max(_blocks.MIN_ELEMENTS, 1)
+
+
+FRONTS[np.ndarray] = _numpy_front
 
 
 def _zero_dim_array(result: Array) -> Array:

@@ -209,11 +209,14 @@ def operands(
         raise ValueError(msg)
     output_shape = tuple(int(n) for n in shape)
     batch_size = int(input.shape[0]) if input.ndim > 0 else None
+    dtype = input.dtype
+    if target.dtype != dtype:
+        dtype = xp.result_type(dtype, target.dtype)
     return Operands(
         xp=xp,
         input=input,
         target=target,
-        dtype=xp.result_type(input.dtype, target.dtype),
+        dtype=dtype,
         output_shape=output_shape,
         reduction=reduction,
         log_target=log_target,

@@ -29,6 +29,7 @@ import torch
 from . import _functional
 from ._loss import LEGACY_WARNING
 from ._validation import check_log_target, check_reduction, legacy_reduction
+from .backends import torch as _backend  # noqa: F401  (registers the tensor front)
 
 __all__ = ["KLDivLoss", "kl_div"]
 
