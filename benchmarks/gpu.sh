@@ -2,8 +2,12 @@
 # One short GPU check (about 2 minutes on an H100; every step has a time limit): the GPU
 # benchmark (forward sum and forward+backward batchmean on 4096x32000 float32 against torch
 # eager F.kl_div, torch.compile and the CuPy path, with the device's copy bandwidth as the
-# roofline, plus a Triton block/warp sweep), the CUDA and CuPy tests, and the conformance
-# suite on torch CUDA and CuPy. It ends with a summary of the steps and the benchmark table.
+# roofline, plus a Triton block/warp sweep), the per-call and compiled-step check on CUDA
+# (benchmarks/per_call.py --device cuda: kldiv_spec.torch.kl_div against F.kl_div per call
+# from 10 to 10^7 elements, compiled fwd+bwd steps against the compiled F.kl_div step, graph
+# breaks, float16 autocast), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
+# graph capture, CUDA autocast), and the conformance suite on torch CUDA and CuPy. It ends
+# with a summary of the steps and the benchmark table.
 #
 #   benchmarks/gpu.sh                 # on a CUDA machine, from anywhere in the repository
 #   benchmarks/gpu.sh --out DIR       # ... and keep each step's log and the JSON in DIR
@@ -113,11 +117,14 @@ if [[ $DRY == 1 ]]; then
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
         --json "$LOGS/gpu_bench.json"
+    step per-call 150 "$PY" benchmarks/per_call.py --device cuda --rounds 5 --target-ms 20 \
+        --out "$LOGS/per-call-cuda"
 fi
 
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
 SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
-        tests/test_values.py tests/test_errors.py tests/test_gradients.py)
+        tests/test_values.py tests/test_errors.py tests/test_gradients.py
+        tests/test_torch_compile.py)
 # (-p no:benchmark: pytest-benchmark warns under xdist, and the tests make warnings errors.)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -rs -k "cuda or torch_gpu or cupy")
 if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi

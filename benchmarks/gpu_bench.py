@@ -100,7 +100,12 @@ def implementations(device: str, compile_: bool) -> dict[str, Callable[..., torc
         "kldiv_spec": _autograd_case(kldiv_spec.kl_div),
     }
     if compile_:
+        import kldiv_spec.torch as kt
+
         impls["torch.compile(F.kl_div)"] = _autograd_case(torch.compile(F.kl_div, dynamic=False))
+        impls["torch.compile(kldiv_spec.torch.kl_div)"] = _autograd_case(
+            torch.compile(kt.kl_div, dynamic=False, fullgraph=True)
+        )
     if device.startswith("cuda"):
         try:
             import cupy  # noqa: F401
