@@ -196,7 +196,11 @@ def operands(
     device_in = array_api_compat.device(input)
     device_tg = array_api_compat.device(target)
     # A device of None is unknown (JAX tracers under jax.grad): nothing to compare.
-    if device_in is not None and device_tg is not None and device_in != device_tg:
+    if (
+        device_in is not None
+        and device_tg is not None
+        and _devices(device_in) != _devices(device_tg)
+    ):
         msg = f"input and target must be on the same device, got {device_in} and {device_tg}"
         raise ValueError(msg)
     shape = broadcast_shape(input.shape, target.shape)
@@ -225,6 +229,16 @@ def operands(
     )
 
 
+def _devices(device: Any, /) -> frozenset[Any]:
+    """Return the devices of a placement: one device, or all those a sharding spans.
+
+    A JAX array sharded over several devices reports its sharding as its device;
+    two placements agree when they span the same devices, whatever the layout.
+    """
+    spanned = getattr(device, "device_set", None)
+    return frozenset(spanned) if spanned is not None else frozenset((device,))
+
+
 def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
     """Check ``grad_output`` against the output of the forward and return it as an array.
 
@@ -233,7 +247,12 @@ def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
     out_shape = ops.output_shape if ops.reduction == "none" else ()
     xp = ops.xp
     if isinstance(grad_output, (int, float)) and not isinstance(grad_output, bool):
-        return xp.asarray(grad_output, dtype=ops.dtype, device=array_api_compat.device(ops.input))
+        device = array_api_compat.device(ops.input)
+        if device is not None and len(_devices(device)) > 1:
+            # A placement over several devices (a JAX sharding) does not apply to a 0-d
+            # array: the library places the number, as it does any scalar beside them.
+            device = None
+        return xp.asarray(grad_output, dtype=ops.dtype, device=device)
     _check_array(grad_output, "grad_output")
     try:
         array_api_compat.array_namespace(ops.input, grad_output)
@@ -245,7 +264,11 @@ def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
         raise TypeError(msg) from None
     _check_floating(xp, grad_output, "grad_output")
     device_g, device_in = array_api_compat.device(grad_output), array_api_compat.device(ops.input)
-    if device_g is not None and device_in is not None and device_g != device_in:
+    if (
+        device_g is not None
+        and device_in is not None
+        and not _devices(device_g) <= _devices(device_in)
+    ):
         msg = "grad_output must be on the same device as input"
         raise ValueError(msg)
     if broadcast_shape(grad_output.shape, out_shape, ("grad_output", "the output")) != out_shape:

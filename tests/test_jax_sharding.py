@@ -50,11 +50,5 @@ def test_sharded_values_gradients_and_layout(report: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="kl_div_backward with a reduction refuses every grad_output on sharded operands: "
-    "a float is placed on the input's NamedSharding (invalid for a 0-d array), and a 0-d "
-    "array's sharding is compared for equality with the input's",
-    strict=True,
-)
 def test_kl_div_backward_of_a_reduction_on_sharded_operands(report: dict) -> None:
     assert report["reduced_backward"] == {"float": "ok", "0-d array": "ok"}
