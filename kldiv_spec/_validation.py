@@ -19,6 +19,7 @@ from ._core import divisor
 Array = Any
 Namespace = Any
 
+#: The reductions of :func:`kldiv_spec.kl_div`, in PyTorch's order.
 REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean")
 
 __all__: list[str] = []
