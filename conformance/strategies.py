@@ -24,6 +24,7 @@ __all__ = [
     "EDGE_LOG_TARGETS",
     "EDGE_TARGETS",
     "SPEC_EDGE_ROWS",
+    "SPEC_EDGE_TABLE",
     "Case",
     "broadcast_cases",
     "distributions",
@@ -64,34 +65,40 @@ EDGE_LOG_TARGETS: tuple[float, ...] = (
 
 FLOATS = (np.float32, np.float64)
 
-#: The rows of the edge-value table of docs/spec.md (and docs/gradients.md) as
-#: ``(input, target, log_target)``; ``tests/test_conformance_v2.py`` checks that
-#: every row printed there is here.
-SPEC_EDGE_ROWS: tuple[tuple[float, float, bool], ...] = (
-    (math.log(0.25), 0.5, False),
-    (0.0, 1.0, False),
-    (0.0, 0.5, False),
-    (-1.0, 0.0, False),
-    (-math.inf, 0.0, False),
-    (math.inf, 0.0, False),
-    (math.nan, 0.0, False),
-    (-math.inf, 0.5, False),
-    (math.inf, 0.5, False),
-    (math.nan, 0.5, False),
-    (-1.0, -0.5, False),
-    (-1.0, 2.0, False),
-    (-1.0, math.inf, False),
-    (-1.0, math.nan, False),
-    (-1.0, 1e-300, False),
-    (math.log(0.25), math.log(0.5), True),
-    (-1.0, -math.inf, True),
-    (-math.inf, -math.inf, True),
-    (-math.inf, 0.0, True),
-    (-1.0, math.inf, True),
-    (-1.0, -1000.0, True),
-    (-1.0, math.nan, True),
-    (math.nan, math.log(0.5), True),
-    (0.0, 1.0, True),
+#: The rows of the edge-value table of docs/spec.md (and docs/gradients.md), as they are
+#: printed there: ``(label of input, input, label of target, target, log_target)``. The
+#: one copy: the suite's fixed cases, the golden vectors and docs/_tools/edge_table.py
+#: read it; ``tests/test_conformance_v2.py`` checks that every row printed is here.
+SPEC_EDGE_TABLE: tuple[tuple[str, float, str, float, bool], ...] = (
+    ("log 0.25", math.log(0.25), "0.5", 0.5, False),
+    ("0", 0.0, "1", 1.0, False),
+    ("0", 0.0, "0.5", 0.5, False),
+    ("-1", -1.0, "0", 0.0, False),
+    ("-inf", -math.inf, "0", 0.0, False),
+    ("+inf", math.inf, "0", 0.0, False),
+    ("NaN", math.nan, "0", 0.0, False),
+    ("-inf", -math.inf, "0.5", 0.5, False),
+    ("+inf", math.inf, "0.5", 0.5, False),
+    ("NaN", math.nan, "0.5", 0.5, False),
+    ("-1", -1.0, "-0.5", -0.5, False),
+    ("-1", -1.0, "2", 2.0, False),
+    ("-1", -1.0, "+inf", math.inf, False),
+    ("-1", -1.0, "NaN", math.nan, False),
+    ("-1", -1.0, "1e-300", 1e-300, False),
+    ("log 0.25", math.log(0.25), "log 0.5", math.log(0.5), True),
+    ("-1", -1.0, "-inf", -math.inf, True),
+    ("-inf", -math.inf, "-inf", -math.inf, True),
+    ("-inf", -math.inf, "0", 0.0, True),
+    ("-1", -1.0, "+inf", math.inf, True),
+    ("-1", -1.0, "-1000", -1000.0, True),
+    ("-1", -1.0, "NaN", math.nan, True),
+    ("NaN", math.nan, "log 0.5", math.log(0.5), True),
+    ("0", 0.0, "1", 1.0, True),
+)
+
+#: :data:`SPEC_EDGE_TABLE` without the labels: ``(input, target, log_target)``.
+SPEC_EDGE_ROWS: tuple[tuple[float, float, bool], ...] = tuple(
+    (x, t, log_target) for _, x, _, t, log_target in SPEC_EDGE_TABLE
 )
 
 
