@@ -42,28 +42,13 @@ def _backward(g: Any, x: Any, t: Any, m: Any, static: Any, target_grad: bool) ->
     return xp.astype(gs, x.dtype), (None if gt is None else xp.astype(gt, t.dtype))
 
 
-def _mask_and_static(ops: LogitsOperands) -> tuple[Any, Any]:
-    kept = ops.kept_mask()
-    m = None if kept is None else ops.xp.astype(kept, ops.compute_dtype)
-    static = _autodiff_logits_jax._Static(
-        ops.xp,
-        ops.compute_dtype,
-        ops.temperature,
-        ops.factor,
-        ops.reduction,
-        ops.axis,
-        ops.direction,
-    )
-    return m, static
-
-
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss from the compiled forward (differentiable by ``jax.grad``)."""
-    m, static = _mask_and_static(ops)
+    m, static = _autodiff_logits_jax.mask_and_static(ops)
     return _forward(ops.input, ops.target, m, static)
 
 
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return ``(grad_input, grad_target or None)`` from the compiled backward."""
-    m, static = _mask_and_static(ops)
+    m, static = _autodiff_logits_jax.mask_and_static(ops)
     return _backward(g, ops.input, ops.target, m, static, target_grad)

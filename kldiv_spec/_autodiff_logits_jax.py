@@ -76,8 +76,8 @@ def _backward(static: _Static, saved: Any, g: Any) -> Any:
 _from_logits.defvjp(_forward, _backward)
 
 
-def from_logits_with_gradient(ops: LogitsOperands, /) -> Any:
-    """Evaluate the reference on JAX arrays with the analytic gradients attached."""
+def mask_and_static(ops: LogitsOperands, /) -> tuple[Any, _Static]:
+    """Return the row mask in the compute dtype (or None) and the call's static options."""
     kept = ops.kept_mask()
     m = None if kept is None else ops.xp.astype(kept, ops.compute_dtype)
     static = _Static(
@@ -89,6 +89,12 @@ def from_logits_with_gradient(ops: LogitsOperands, /) -> Any:
         ops.axis,
         ops.direction,
     )
+    return m, static
+
+
+def from_logits_with_gradient(ops: LogitsOperands, /) -> Any:
+    """Evaluate the reference on JAX arrays with the analytic gradients attached."""
+    m, static = mask_and_static(ops)
     return _from_logits(ops.input, ops.target, m, static)
 
 
