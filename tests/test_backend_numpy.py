@@ -349,9 +349,7 @@ def test_concurrent_calls_of_mixed_sizes_never_fail(monkeypatch) -> None:
 
     def caller(seed: int) -> list[float]:
         order = np.random.default_rng(seed).permutation(np.repeat(np.arange(4), 5))
-        return [
-            float(kldiv_spec.kl_div(*cases[i], reduction="sum")) - expected[i] for i in order
-        ]
+        return [float(kldiv_spec.kl_div(*cases[i], reduction="sum")) - expected[i] for i in order]
 
     with concurrent.futures.ThreadPoolExecutor(8) as callers:
         differences = [d for ds in callers.map(caller, range(8)) for d in ds]
