@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,23 @@ def as_computed(xp: Any, a: np.ndarray, dtype: str) -> np.ndarray:
         return a
     tiny = np.finfo(dtype).smallest_normal
     return np.where(np.abs(a) < tiny, np.copysign(0.0, a), a)
+
+
+def to_numpy(a: Any, /, *, quiet: bool = False) -> np.ndarray:
+    """Return a fresh NumPy copy of an array of any backend, in its own dtype.
+
+    Dask arrays are computed with the synchronous scheduler; ``quiet=True`` computes
+    them inside ``np.errstate(all="ignore")`` (where a test does not check that the
+    computation is silent).
+    """
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy().copy()
+    if array_api_compat.is_dask_array(a):
+        with np.errstate(all="ignore") if quiet else contextlib.nullcontext():
+            return np.asarray(a.compute(scheduler="synchronous"))
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    return np.array(a, copy=True)
 
 
 def kl_div(x: Any, t: Any, **options: Any) -> Any:

@@ -5,22 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import array_api_compat
 import numpy as np
 import pytest
+from _support import to_numpy
 
 from kldiv_spec import gaussian_kl, gaussian_kl_backward
 from kldiv_spec.conformance import oracle_logits as oracle
-
-
-def to_numpy(a: Any) -> np.ndarray:
-    if array_api_compat.is_torch_array(a):
-        return a.detach().cpu().numpy().copy()
-    if array_api_compat.is_dask_array(a):
-        return np.asarray(a.compute(scheduler="synchronous"))
-    if array_api_compat.is_cupy_array(a):
-        return a.get()
-    return np.array(a, copy=True)
 
 
 def operands(shape: tuple[int, ...] = (3, 4), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
