@@ -163,14 +163,24 @@ def _warn_mean(stacklevel: int, /) -> None:
 
 
 def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> Array:
-    r"""Evaluate a small NumPy call with the reference's operations, without the dispatch.
+    r"""Evaluate a small NumPy call without the dispatch, as the fast path or the reference would.
 
     Taken only for plain ``ndarray`` operands of one shape (not 0-d) and one dtype
     (float32 or float64) below the NumPy fast path's size threshold, a valid ``reduction`` and a
     bool ``log_target``: exactly the calls on which :func:`kldiv_spec._validation.operands`
-    passes with nothing to promote or broadcast. The operations are
-    :mod:`kldiv_spec._core`'s, in its order and dtype, so the result is the
-    reference's bit for bit:
+    passes with nothing to promote or broadcast.
+
+    A float32 reduction without ``log_target`` is the NumPy fast path's fused pass
+    (:func:`kldiv_spec.backends._blocks.fused_available`: one compiled call, terms
+    accumulated in float64), the same kernel and the same answer as on a large array:
+
+    .. math::
+
+        \operatorname{fl}_{32}\Bigl(\operatorname{fl}_{32}\bigl(\textstyle\sum_{64} \ell\bigr)
+        / D\Bigr), \qquad \ell = [t = 0\ ?\ 0 : t \log t] - t x.
+
+    Everything else is :mod:`kldiv_spec._core`'s operations, in its order and dtype,
+    so the result is the reference's bit for bit:
 
     .. math::
 
@@ -189,6 +199,19 @@ def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> A
     n = x.size
     if n >= _numpy_fast_threshold():
         return NotImplemented  # the blocked fast path takes it
+    d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
+    if reduction != "none" and not log_target and dt == _FLOAT32:
+        fused = _fused_sum()
+        if fused is not None and x.flags.c_contiguous and t.flags.c_contiguous:
+            wide = fused(x, t) + 0.0  # + 0.0: a sum of zeros is +0.0
+            if -_FLOAT32_MAX <= wide <= _FLOAT32_MAX:
+                total = np.float32(wide)
+            else:  # rounds to +-inf or the largest float32; NaN stays NaN
+                with np.errstate(over="ignore"):
+                    total = np.float32(wide)
+            if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
+                return np.full((), np.nan, dtype=dt)
+            return np.asarray(total if d == 1 else total / np.float32(d))
     with np.errstate(all="ignore"):
         if log_target:
             loss = np.exp(t)
@@ -201,10 +224,37 @@ def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> A
         if reduction == "none":
             return loss
         total = np.add.reduce(loss, axis=None)
-        d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
         if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
             return np.full((), np.nan, dtype=dt)
         return np.asarray(total if d == 1 else total / d)
+
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fused_sum() -> Callable[[Any, Any], Any] | None:
+    """Return the NumPy fast path's compiled fused float32 sum, or None (as it decides).
+
+    :func:`kldiv_spec.backends._blocks.fused_available`, with its environment variable
+    read the cheap way first (it is usually unset).
+    """
+    if _blocks._fused is None:
+        return None
+    if getenv(_blocks.FUSED_ENV).strip() == "0":
+        return None
+    return _blocks._fused.loss_sum_f32 if _fused_runs() else None
+
+
+def _fused_runs() -> bool:
+    """Return whether the compiled fused sum runs on this CPU (AVX2 and FMA), once."""
+    global _FUSED_RUNS
+    if _FUSED_RUNS is None:
+        _FUSED_RUNS = bool(_blocks._fused is not None and _blocks._fused.available())
+    return _FUSED_RUNS
+
+
+_FUSED_RUNS: bool | None = None
 
 
 def _numpy_fast_threshold() -> int:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import kldiv_spec
 from kldiv_spec import _dispatch, _functional
+from kldiv_spec.backends import _blocks
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 SPECIAL = [0.0, -0.0, 1e-45, 1e-300, 0.3, 1.0, 2.0, -0.5, math.inf, -math.inf, math.nan, -1000.0]
@@ -54,13 +55,45 @@ def test_numpy_front_is_the_reference_bit_for_bit(
     x = np.asarray(data.draw(st.lists(values, min_size=n, max_size=n)), dtype).reshape(shape)
     t = np.asarray(data.draw(st.lists(values, min_size=n, max_size=n)), dtype).reshape(shape)
     assert _functional._numpy_front(x, t, reduction, log_target) is not NotImplemented
+    fused = _blocks.fused_available() and dtype == np.float32 and not log_target
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         got = kldiv_spec.kl_div(x, t, reduction=reduction, log_target=log_target)
         with kldiv_spec.use_reference():
             want = kldiv_spec.kl_div(x, t, reduction=reduction, log_target=log_target)
+        if fused and reduction != "none":
+            # The fused float32 pass: the blocked fast path's answer, bit for bit.
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(_blocks.MIN_ELEMENTS_ENV, "1")
+                want = kldiv_spec.kl_div(x, t, reduction=reduction, log_target=log_target)
     assert type(got) is np.ndarray
     assert same_bits(got, want)
+
+
+@pytest.mark.skipif(not _blocks.fused_available(), reason="no fused float32 sum here")
+def test_numpy_front_takes_the_fused_sum_for_small_float32_reductions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small float32 sums are the fused pass (float64 accumulation), not the float32 ufuncs."""
+    # 2**24 + 1 + 1 - 1 - 1 ...: a float32 running sum loses the ones, a float64 one does not.
+    t = np.ones(4097, np.float32)
+    x = np.full(4097, -1.0, np.float32)
+    x[0] = -(2.0**24)
+    got = kldiv_spec.kl_div(x, t, reduction="sum")
+    assert got.dtype == np.float32
+    assert float(got) == np.float32(2.0**24 + 4096)
+    monkeypatch.setenv(_blocks.FUSED_ENV, "0")  # off: the reference's float32 pairwise sum
+    with kldiv_spec.use_reference():
+        want = kldiv_spec.kl_div(x, t, reduction="sum")
+    assert same_bits(kldiv_spec.kl_div(x, t, reduction="sum"), want)
+
+
+def test_numpy_front_float32_overflow_rounds_without_a_warning() -> None:
+    """A float64 total beyond float32's range becomes inf, as the fast path's does."""
+    x = np.full(4, -3e38, np.float32)
+    t = np.ones(4, np.float32)
+    got = kldiv_spec.kl_div(x, t, reduction="batchmean")  # warnings are errors here
+    assert got.dtype == np.float32 and got == np.inf
 
 
 @pytest.mark.parametrize(
