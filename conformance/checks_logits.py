@@ -1,13 +1,24 @@
 r"""Properties of the KL divergence from logits and of the Gaussian KL.
 
-They check the implementation's ``from_logits`` and ``gaussian`` functions:
-an :class:`~.implementations.Implementation` (or a callable given to
-``--impl``) may carry them as attributes ``from_logits(input, target, **options)``
-(``kldiv_spec.kl_div_from_logits``'s keywords) and ``gaussian(mu, logvar,
-**options)``; for ``--impl reference`` they are ``kldiv_spec``'s own. Without
-them these properties are n/a. Values are judged against the mpmath oracle of
-:mod:`.oracle_logits` and its bounds; the composition property also calls the
-implementation's ``kl_div`` on ``log_softmax`` / ``softmax`` of the logits.
+They check an :class:`~.implementations.Implementation`'s ``from_logits`` and
+``gaussian`` functions (``--impl reference``: ``kldiv_spec``'s own; ``kldiv-spec
+check --impl MODULE:FUNCTION --kind from-logits`` or ``--kind gaussian``: a user's),
+within what the implementation declares it can express (``logits_reductions``,
+``logits_directions``, ``logits_scalings``, ``logits_temperature``,
+``logits_masks``, ``gaussian_reductions``, ``gaussian_priors``): a case that needs
+more is not drawn, and a property with no expressible case is n/a. Without the
+function the properties are n/a.
+
+Values are judged against the mpmath oracle of :mod:`.oracle_logits` and its
+bounds. Where behaviour is discrete (the options: temperature scaling,
+direction, reduction, mask; the edge values) the cases are fixed, so a bug there
+fails on every seed; hypothesis draws the logits. A failing value is compared
+with what common mistakes give (the other direction, a missing or extra
+:math:`T^2`, the cross-entropy :math:`-\sum_i p_i \log q_i` instead of the KL,
+masked rows counted in a divisor) and the message names the one it matches.
+
+The ``assert_*`` functions are the judgements the properties make; the
+reproduction snippets of failures call them too.
 """
 
 from __future__ import annotations
@@ -26,81 +37,98 @@ from .context import Context, fmt
 from .properties import NotApplicable, register
 from .strategies import Case
 
-__all__: list[str] = []
+__all__ = [
+    "assert_composition",
+    "assert_from_logits",
+    "assert_from_logits_gradient",
+    "assert_from_logits_non_negative",
+    "assert_from_logits_zero",
+    "assert_gaussian",
+    "assert_gaussian_gradient",
+    "assert_gaussian_zero",
+    "compose",
+    "composition_kl_div",
+    "describe",
+    "exact_gaussian_gradients",
+    "gaussian_expected",
+]
 
-_REDUCTIONS = ("none", "batchmean", "sum", "mean", "rowmean")
+_TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
+#: The options of a from-logits call that a case carries (besides ``mask``).
+_OPTION_KEYS = ("reduction", "temperature", "direction", "scale_by_temperature_squared")
 
 
-def _from_logits(ctx: Context) -> Any:
-    fn = getattr(ctx.impl, "from_logits", None) or getattr(ctx.impl.fn, "from_logits", None)
-    if fn is None and ctx.impl.name == "reference":
-        fn = kldiv_spec.kl_div_from_logits
+# --------------------------------------------------------------------------- helpers
+
+
+def _function(ctx: Context, subject: str) -> Any:
+    fn = ctx.impl.function(subject)
     if fn is None:
-        raise NotApplicable(f"{ctx.impl.name} has no from_logits function")
+        raise NotApplicable(f"{ctx.impl.name} has no {subject} function")
     return fn
 
 
-def _gaussian(ctx: Context) -> Any:
-    fn = getattr(ctx.impl, "gaussian", None) or getattr(ctx.impl.fn, "gaussian", None)
-    if fn is None and ctx.impl.name == "reference":
-        fn = kldiv_spec.gaussian_kl
-    if fn is None:
-        raise NotApplicable(f"{ctx.impl.name} has no gaussian function")
-    return fn
-
-
-def _applies_logits(ctx: Context) -> str | None:
-    try:
-        _from_logits(ctx)
-    except NotApplicable as exc:
-        return str(exc)
+def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
+    """Return why the implementation cannot express ``options``, or None if it can."""
+    impl = ctx.impl
+    if options["reduction"] not in impl.logits_reductions:
+        return f"reduction {options['reduction']!r}"
+    if options["direction"] not in impl.logits_directions:
+        return f"direction {options['direction']!r}"
+    if options["scale_by_temperature_squared"] not in impl.logits_scalings:
+        return f"scale_by_temperature_squared={options['scale_by_temperature_squared']}"
+    if options["temperature"] != 1.0 and not impl.logits_temperature:
+        return "temperatures other than 1"
+    if options.get("mask") is not None and not impl.logits_masks:
+        return "a mask"
     return None
 
 
-def _applies_gaussian(ctx: Context) -> str | None:
-    try:
-        _gaussian(ctx)
-    except NotApplicable as exc:
-        return str(exc)
-    return None
+def _expressible(ctx: Context, cases: list[Case]) -> list[Case]:
+    """Keep the cases the implementation can express; NotApplicable if none."""
+    kept = [c for c in cases if _unexpressible(ctx, c.extra) is None]
+    if not kept:
+        why = _unexpressible(ctx, cases[0].extra) if cases else "no case"
+        raise NotApplicable(f"{ctx.impl.name} cannot express the cases ({why})")
+    return kept
 
 
-@st.composite
-def _logits_cases(draw: Any, ctx: Context, spreads: tuple[float, ...] = (1.0, 5.0, 40.0)) -> Case:
-    rows, vocab = draw(st.integers(1, 4)), draw(st.integers(1, 8))
-    dtype = draw(st.sampled_from((np.float64, np.float32)))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    spread = draw(st.sampled_from(spreads))
-    s = rng.normal(0.0, spread, size=(rows, vocab)).astype(dtype)
-    t = (s + rng.normal(0.0, spread, size=(rows, vocab))).astype(dtype)
-    options: dict[str, Any] = {
-        "temperature": draw(st.sampled_from((0.5, 1.0, 2.0, 4.0))),
-        "reduction": draw(st.sampled_from(_REDUCTIONS)),
-        "direction": draw(st.sampled_from(("forward", "reverse"))),
-        "scale_by_temperature_squared": draw(st.booleans()),
+def _logits_case(s: np.ndarray, t: np.ndarray, **options: Any) -> Case:
+    options = {
+        "reduction": "batchmean",
+        "temperature": 1.0,
+        "direction": "forward",
+        "scale_by_temperature_squared": True,
+        **options,
     }
-    if draw(st.booleans()):
-        options["mask"] = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+    if options.get("mask") is None:
+        options.pop("mask", None)
     return Case(s, t, options["reduction"], False, extra=options)
 
 
-def _describe(case: Case) -> str:
-    options = {k: v for k, v in case.extra.items() if k != "mask"}
-    mask = case.extra.get("mask")
+def describe(case: Case, /) -> str:
+    """Return a from-logits or Gaussian case's options and operands, for reports."""
+    options = {k: v for k, v in case.extra.items() if not isinstance(v, np.ndarray)}
+    arrays = {k: v.tolist() for k, v in case.extra.items() if isinstance(v, np.ndarray)}
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    extra = "".join(f", {k}={v!r}" for k, v in arrays.items())
     return (
-        f"logits {case.input.dtype}{list(case.input.shape)}, {options}"
-        + ("" if mask is None else f", mask={mask.tolist()}")
-        + f"\n  input = {case.input.tolist()!r}\n  target = {case.target.tolist()!r}"
+        f"{case.input.dtype}{list(case.input.shape)}, {shown}{extra}"
+        f"\n  input = {case.input.tolist()!r}\n  target = {case.target.tolist()!r}"
     )
 
 
-def _call(ctx: Context, case: Case, /, **override: Any) -> np.ndarray:
-    fn = _from_logits(ctx)
-    options = {**case.extra, **override}
-    mask = options.pop("mask", None)
+def _options(case: Case) -> dict[str, Any]:
+    return {k: case.extra[k] for k in _OPTION_KEYS if k in case.extra}
+
+
+def _call(ctx: Context, case: Case, /, kind: str = "logits") -> np.ndarray:
+    fn = _function(ctx, "from_logits")
+    ctx.record(case, kind)
     be = ctx.backend
-    if mask is not None:
-        options["mask"] = be.asarray(mask)
+    options = _options(case)
+    if case.extra.get("mask") is not None:
+        options["mask"] = be.asarray(case.extra["mask"])
     try:
         out = fn(be.asarray(case.input), be.asarray(case.target), **options)
     except NotImplementedError as exc:
@@ -109,22 +137,19 @@ def _call(ctx: Context, case: Case, /, **override: Any) -> np.ndarray:
     return np.asarray(be.to_numpy(out), dtype=np.float64)
 
 
-def _exact(case: Case, /, **override: Any) -> oracle.ExactLogits:
-    return oracle.from_logits(case.input, case.target, **{**case.extra, **override})
+def _exact(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> Any:
+    return oracle.from_logits(s, t, mask=mask, **options)
 
 
-def _assert_value(got: np.ndarray, case: Case, /, **override: Any) -> None:
-    exact = _exact(case, **override)
-    reduction = {**case.extra, **override}["reduction"]
+def _want(exact: Any, reduction: str) -> tuple[np.ndarray, Any]:
     if reduction == "none":
-        want, tol = exact.terms, oracle.pointwise_tolerance(exact)
-    else:
-        value, t = oracle.reduce_logits(exact)
-        want, tol = np.asarray(value), np.asarray(t)
-    _compare(got, want, tol, f"value, {_describe(case)}")
+        return exact.terms, oracle.pointwise_tolerance(exact)
+    value, tol = oracle.reduce_logits(exact)
+    return np.asarray(value), np.asarray(tol)
 
 
-def _compare(got: np.ndarray, want: np.ndarray, tol: Any, what: str) -> None:
+def _compare(got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "") -> None:
+    got = np.asarray(got, dtype=np.float64)
     if got.shape != want.shape:
         msg = f"shape {got.shape}, expected {want.shape}: {what}"
         raise AssertionError(msg)
@@ -136,58 +161,142 @@ def _compare(got: np.ndarray, want: np.ndarray, tol: Any, what: str) -> None:
         finite = np.isfinite(want)
         err = np.where(finite, np.abs(got - want), 0.0)
     if not same_special:
-        msg = f"NaN/inf pattern {fmt(got)}, expected {fmt(want)}: {what}"
+        msg = f"NaN/inf pattern {fmt(got)}, expected {fmt(want)}{hint}: {what}"
         raise AssertionError(msg)
     bound = np.broadcast_to(tol, err.shape)
     bad = finite & ~(err <= bound)
     if bad.any():
-        msg = f"error {fmt(err[bad])} above the bound {fmt(bound[bad])}: {what}"
+        msg = (
+            f"{fmt(got[bad])}, expected {fmt(want[bad])}: error {fmt(err[bad])} above the "
+            f"bound {fmt(bound[bad])}{hint}: {what}"
+        )
         raise AssertionError(msg)
 
 
-@register(
-    "accuracy.logits_oracle",
-    "kl_div_from_logits agrees with the exact (mpmath) oracle within its bound, every option",
-    strategy=_logits_cases,
-    applies=_applies_logits,
-    examples_scale=0.5,
-)
-def _logits_oracle(ctx: Context, case: Case) -> None:
-    _assert_value(_call(ctx, case), case)
+def _what(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
+    return describe(_logits_case(s, t, mask=mask, **options))
 
 
-@register(
-    "math.logits_zero_at_identity",
-    "kl_div_from_logits(s, s) is 0 in both directions (every term's log-ratio is 0)",
-    strategy=_logits_cases,
-    applies=_applies_logits,
-    examples_scale=0.5,
-)
-def _logits_zero(ctx: Context, case: Case) -> None:
-    same = Case(case.input, case.input.copy(), case.reduction, False, extra=case.extra)
-    got = _call(ctx, same)
+# --------------------------------------------------------------------------- diagnosis
+
+
+def _softmax64(z: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return float64 (p, log p) of ``softmax(z / T)`` along the last axis (NaN rows kept)."""
+    with np.errstate(all="ignore"):
+        a = z.astype(np.float64) / temperature
+        m = np.max(a, axis=-1, keepdims=True)
+        shifted = a - m
+        logp = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+        return np.exp(logp), logp
+
+
+def _alternatives(
+    s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]
+) -> list[tuple[str, np.ndarray]]:
+    """Return what common mistakes give for this call: ``(name, value)`` pairs."""
+    reduction, temperature = options["reduction"], options["temperature"]
+    scaled = options["scale_by_temperature_squared"]
+    out = []
+    other = "reverse" if options["direction"] == "forward" else "forward"
+    out.append((f"direction={other!r} (the other KL)", {**options, "direction": other}, mask))
+    if temperature != 1.0:
+        name = "without the T**2 factor" if scaled else "with a T**2 factor"
+        out.append((name, {**options, "scale_by_temperature_squared": not scaled}, mask))
+    found = []
+    for name, opts, m in out:
+        try:
+            found.append((name, _want(_exact(s, t, m, opts), reduction)[0]))
+        except Exception:
+            continue
+    exact = _exact(s, t, mask, options)
+    k = temperature**2 if scaled else 1.0
+    weights, log_weights = _softmax64(t if options["direction"] == "forward" else s, temperature)
+    with np.errstate(all="ignore"):
+        entropy = -np.where(weights > 0, weights * log_weights, 0.0) * k
+    if mask is not None:
+        rows = np.broadcast_to(np.asarray(mask, bool), s.shape[:-1])
+        entropy = np.where(rows[..., None], entropy, 0.0)
+    cross = exact.terms + entropy
+    name = "the cross-entropy -sum(p * log q), not the KL (it adds the entropy of p)"
+    if options["direction"] == "reverse":
+        name = "the cross-entropy -sum(q * log p), not the KL (it adds the entropy of q)"
+    d = exact.total[1]
+    if reduction == "none":
+        found.append((name, cross))
+    elif d:
+        found.append((name, np.asarray(math.fsum(cross.ravel()) / d)))
+    if mask is not None and reduction in ("batchmean", "rowmean", "mean") and d:
+        unmasked = _exact(s, t, None, {**options, "reduction": reduction}).total[1]
+        total = float(exact.total[0])
+        found.append(("masked rows counted in the divisor", np.asarray(total / unmasked)))
+    return found
+
+
+def _hint(got: Any, s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
+    """Return ``' (it matches NAME)'`` when ``got`` is what a common mistake gives."""
+    got = np.asarray(got, dtype=np.float64)
+    dtype = np.result_type(s.dtype, t.dtype)
+    rtol = 64 * float(np.finfo(np.float32 if dtype.itemsize < 4 else dtype).eps)
+    try:
+        alternatives = _alternatives(s, t, mask, options)
+    except Exception:
+        return ""
+    for name, value in alternatives:
+        if value.shape == got.shape and np.allclose(got, value, rtol=rtol, atol=0, equal_nan=True):
+            return f" (it matches {name})"
+    return ""
+
+
+# --------------------------------------------------------------------------- judgements
+
+
+def assert_from_logits(
+    got: Any, input: np.ndarray, target: np.ndarray, /, *, mask: Any = None, **options: Any
+) -> None:
+    """Assert ``got`` (the result as NumPy) agrees with the oracle within its bound.
+
+    ``options`` are ``kl_div_from_logits``'s keywords (``reduction``,
+    ``temperature``, ``direction``, ``scale_by_temperature_squared``). On a
+    mismatch the message says which common mistake the result matches, if any.
+    """
+    want, tol = _want(_exact(input, target, mask, options), options["reduction"])
+    try:
+        _compare(got, want, tol, _what(input, target, mask, options))
+    except AssertionError:
+        hint = _hint(got, input, target, mask, options)
+        _compare(got, want, tol, _what(input, target, mask, options), hint)
+
+
+def assert_from_logits_zero(got: Any, input: np.ndarray, /, **options: Any) -> None:
+    """Assert ``kl_div_from_logits(input, input)`` gave exactly 0 (every log-ratio is 0)."""
+    got = np.asarray(got, dtype=np.float64)
     if not (np.abs(got) <= 0.0).all():
-        msg = f"kl_div_from_logits(s, s) = {fmt(got)}, not 0: {_describe(same)}"
+        mask = options.pop("mask", None)
+        hint = _hint(got, input, input, mask, options)
+        msg = (
+            f"kl_div_from_logits(s, s) = {fmt(got)}, not 0{hint}: "
+            f"{_what(input, input, mask, options)}"
+        )
         raise AssertionError(msg)
 
 
-@register(
-    "math.logits_non_negative",
-    "every reduction of kl_div_from_logits (and each row of 'none' summed) is >= -bound",
-    strategy=_logits_cases,
-    applies=_applies_logits,
-    examples_scale=0.5,
-)
-def _logits_non_negative(ctx: Context, case: Case) -> None:
-    got = _call(ctx, case)
-    exact = _exact(case)
-    if case.extra["reduction"] == "none":
+def assert_from_logits_non_negative(
+    got: Any, input: np.ndarray, target: np.ndarray, /, *, mask: Any = None, **options: Any
+) -> None:
+    """Assert every reduction (each row of ``'none'`` summed) is at least minus the bound."""
+    got = np.asarray(got, dtype=np.float64)
+    exact = _exact(input, target, mask, options)
+    if options["reduction"] == "none":
         lows = got.sum(axis=-1)
         tol = oracle.pointwise_tolerance(exact).sum(axis=-1)
     else:
         lows, tol = got.reshape(1), np.asarray([oracle.reduce_logits(exact)[1]])
     if not (lows >= -tol).all():
-        msg = f"negative divergence {fmt(lows)} (bound {fmt(tol)}): {_describe(case)}"
+        hint = _hint(got, input, target, mask, options)
+        msg = (
+            f"negative divergence {fmt(lows)} (bound {fmt(tol)}){hint}: "
+            f"{_what(input, target, mask, options)}"
+        )
         raise AssertionError(msg)
 
 
@@ -196,43 +305,243 @@ def _log_softmax(a: np.ndarray) -> np.ndarray:
     return (a - m) - np.log(np.exp(a - m).sum(axis=-1, keepdims=True))
 
 
-@register(
-    "math.logits_composition",
-    "kl_div_from_logits equals T**2 * kl_div(log_softmax(s/T), softmax(t/T)) of the same "
-    "implementation (no mask, forward)",
-    strategy=_logits_cases,
-    applies=_applies_logits,
-    examples_scale=0.5,
-)
-def _logits_composition(ctx: Context, case: Case) -> None:
-    reduction = case.extra["reduction"]
-    if reduction == "rowmean":
-        reduction = "batchmean"  # 2-d logits: the same divisor
-    if reduction not in ctx.reductions:
-        raise NotApplicable(f"{ctx.impl.name} cannot express reduction {reduction!r}")
-    options = {**case.extra, "reduction": reduction, "direction": "forward", "mask": None}
-    plain = Case(case.input, case.target, reduction, False, extra=options)
-    got = _call(ctx, plain)
+def _kl_div_reduction(reduction: str) -> str:
+    """``kl_div``'s reduction for a from-logits one: 'rowmean' of 2-d logits is 'batchmean'."""
+    return "batchmean" if reduction == "rowmean" else reduction
+
+
+def compose(
+    kl_div: Any, backend: Any, input: np.ndarray, target: np.ndarray, /, **options: Any
+) -> np.ndarray:
+    """Return ``k * kl_div(log_softmax(input / T), softmax(target / T))`` as float64 NumPy.
+
+    ``kl_div`` is an implementation's ``kl_div`` (PyTorch's signature) on
+    ``backend``'s arrays; ``k`` is :math:`T^2` or 1 as ``options`` say. For 2-d
+    logits ``'rowmean'`` is composed as ``'batchmean'`` (the same divisor).
+    """
     temp = options["temperature"]
     k = temp * temp if options["scale_by_temperature_squared"] else 1.0
     with np.errstate(all="ignore"):
-        log_q = _log_softmax(case.input.astype(np.float64) / temp).astype(case.input.dtype)
-        p = np.exp(_log_softmax(case.target.astype(np.float64) / temp)).astype(case.input.dtype)
-    be = ctx.backend
+        log_q = _log_softmax(input.astype(np.float64) / temp).astype(input.dtype)
+        p = np.exp(_log_softmax(target.astype(np.float64) / temp)).astype(input.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
-        composed = ctx.impl.fn(be.asarray(log_q), be.asarray(p), reduction=reduction)
-    want = np.asarray(be.to_numpy(composed), dtype=np.float64) * k
-    exact = _exact(plain)
-    if reduction == "none":
-        tol = 2 * oracle.pointwise_tolerance(exact)
-        # the composition's own xlogy(p, p) - p log q cancels: allow its scale too
-        tol = tol + 8 * float(np.finfo(case.input.dtype).eps) * k * np.abs(p * log_q)
+        composed = kl_div(
+            backend.asarray(log_q),
+            backend.asarray(p),
+            reduction=_kl_div_reduction(options["reduction"]),
+        )
+    return np.asarray(backend.to_numpy(composed), dtype=np.float64) * k
+
+
+def assert_composition(
+    got: Any, composed: Any, input: np.ndarray, target: np.ndarray, /, **options: Any
+) -> None:
+    """Assert ``got`` equals the composition :func:`compose` gave within the bound."""
+    temp = options["temperature"]
+    k = temp * temp if options["scale_by_temperature_squared"] else 1.0
+    with np.errstate(all="ignore"):
+        log_q = _log_softmax(input.astype(np.float64) / temp)
+        p = np.exp(_log_softmax(target.astype(np.float64) / temp))
+    exact = _exact(input, target, None, options)
+    eps = float(np.finfo(input.dtype).eps)
+    # the composition's own xlogy(p, p) - p log q cancels: allow its scale too
+    if options["reduction"] == "none":
+        tol = 2 * oracle.pointwise_tolerance(exact) + 8 * eps * k * np.abs(p * log_q)
     else:
-        tol = 2 * oracle.reduce_logits(exact)[1] + 8 * float(
-            np.finfo(case.input.dtype).eps
-        ) * k * float(np.abs(p * log_q).sum())
-    _compare(got, want, tol, f"against the composition, {_describe(plain)}")
+        tol = 2 * oracle.reduce_logits(exact)[1] + 8 * eps * k * float(np.abs(p * log_q).sum())
+    what = f"against the composition, {_what(input, target, None, options)}"
+    composed = np.asarray(composed, dtype=np.float64)
+    try:
+        _compare(got, composed, tol, what)
+    except AssertionError:
+        _compare(got, composed, tol, what, _hint(got, input, target, None, options))
+
+
+def assert_from_logits_gradient(
+    grad: Any,
+    input: np.ndarray,
+    target: np.ndarray,
+    /,
+    *,
+    grad_output: Any,
+    mask: Any = None,
+    **options: Any,
+) -> None:
+    """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound."""
+    exact = oracle.from_logits(input, target, grad_output=grad_output, mask=mask, **options)
+    tol, _ = oracle.gradient_tolerance(exact)
+    what = f"gradient w.r.t. the student logits, {_what(input, target, mask, options)}"
+    _compare(grad, exact.grad_input, tol, what)
+
+
+# --------------------------------------------------------------------------- from logits
+
+
+@st.composite
+def _logits_cases(draw: Any, ctx: Context, spreads: tuple[float, ...] = (1.0, 5.0, 40.0)) -> Case:
+    impl = ctx.impl
+    rows, vocab = draw(st.integers(1, 4)), draw(st.integers(2, 8))  # vocab 1: an edge case
+    dtype = draw(st.sampled_from((np.float64, np.float32)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    spread = draw(st.sampled_from(spreads))
+    s = rng.normal(0.0, spread, size=(rows, vocab)).astype(dtype)
+    t = (s + rng.normal(0.0, spread, size=(rows, vocab))).astype(dtype)
+    options: dict[str, Any] = {
+        "temperature": draw(st.sampled_from(_TEMPERATURES if impl.logits_temperature else (1.0,))),
+        "reduction": draw(st.sampled_from(impl.logits_reductions)),
+        "direction": draw(st.sampled_from(impl.logits_directions)),
+        "scale_by_temperature_squared": draw(st.sampled_from(impl.logits_scalings)),
+    }
+    if impl.logits_masks and draw(st.booleans()):
+        options["mask"] = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+    return Case(s, t, options["reduction"], False, extra=options)
+
+
+def _strategy(ctx: Context) -> Any:
+    impl = ctx.impl
+    if impl.from_logits is None:
+        raise NotApplicable(f"{impl.name} has no from_logits function")
+    if not (impl.logits_reductions and impl.logits_directions and impl.logits_scalings):
+        raise NotApplicable(f"{impl.name} declares no from-logits option it can express")
+    return _logits_cases(ctx)
+
+
+def _applies(subject: str) -> Any:
+    def applies(ctx: Context) -> str | None:
+        return None if ctx.impl.function(subject) is not None else f"no {subject} function"
+
+    return applies
+
+
+def _check_value(ctx: Context, case: Case) -> None:
+    got = _call(ctx, case)
+    assert_from_logits(got, case.input, case.target, mask=case.extra.get("mask"), **_options(case))
+
+
+@register(
+    "accuracy.logits_oracle",
+    "kl_div_from_logits agrees with the exact (mpmath) oracle within its bound, every option",
+    strategy=_strategy,
+    applies=_applies("from_logits"),
+    examples_scale=0.5,
+    subject="from_logits",
+)
+def _logits_oracle(ctx: Context, case: Case) -> None:
+    _check_value(ctx, case)
+
+
+def _grid_logits(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    s = rng.normal(0.0, 2.0, size=shape)
+    return s, s + rng.normal(0.0, 2.0, size=shape)
+
+
+def _option_cases(ctx: Context) -> list[Case]:
+    """Every option on fixed logits: direction x T**2 x reduction x mask, and (B, S, V)."""
+    s, t = _grid_logits((4, 5), 11)
+    keep = np.asarray([True, False, True, True])
+    s3, t3 = _grid_logits((2, 3, 4), 12)
+    keep3 = np.asarray([[True, True, False], [False, True, True]])
+    cases = []
+    for direction in ("forward", "reverse"):
+        for scaled in (True, False):
+            common = {
+                "temperature": 2.0,
+                "direction": direction,
+                "scale_by_temperature_squared": scaled,
+            }
+            for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
+                for mask in (None, keep):
+                    for dtype in (np.float64, np.float32):
+                        cases.append(
+                            _logits_case(
+                                s.astype(dtype),
+                                t.astype(dtype),
+                                reduction=reduction,
+                                mask=mask,
+                                **common,
+                            )
+                        )
+                if reduction != "none":  # batchmean divides by the batch, rowmean by tokens
+                    cases.append(_logits_case(s3, t3, reduction=reduction, **common))
+                if reduction in ("sum", "mean", "rowmean"):
+                    cases.append(_logits_case(s3, t3, reduction=reduction, mask=keep3, **common))
+    return _expressible(ctx, cases)
+
+
+@register(
+    "accuracy.logits_options",
+    "every option on fixed logits (direction, T**2 on/off, each reduction, masks, 3-d): "
+    "the oracle's value",
+    cases=_option_cases,
+    applies=_applies("from_logits"),
+    subject="from_logits",
+)
+def _logits_options(ctx: Context, case: Case) -> None:
+    _check_value(ctx, case)
+
+
+@register(
+    "math.logits_zero_at_identity",
+    "kl_div_from_logits(s, s) is 0 in both directions (every term's log-ratio is 0)",
+    strategy=_strategy,
+    applies=_applies("from_logits"),
+    examples_scale=0.5,
+    subject="from_logits",
+)
+def _logits_zero(ctx: Context, case: Case) -> None:
+    same = Case(case.input, case.input.copy(), case.reduction, False, extra=case.extra)
+    got = _call(ctx, same, "logits_zero")
+    assert_from_logits_zero(got, same.input, mask=case.extra.get("mask"), **_options(case))
+
+
+@register(
+    "math.logits_non_negative",
+    "every reduction of kl_div_from_logits (and each row of 'none' summed) is >= -bound",
+    strategy=_strategy,
+    applies=_applies("from_logits"),
+    examples_scale=0.5,
+    subject="from_logits",
+)
+def _logits_non_negative(ctx: Context, case: Case) -> None:
+    got = _call(ctx, case, "logits_non_negative")
+    assert_from_logits_non_negative(
+        got, case.input, case.target, mask=case.extra.get("mask"), **_options(case)
+    )
+
+
+def composition_kl_div(impl: Any) -> Any:
+    """Return the ``kl_div`` the composition uses: the implementation's, else the reference's."""
+    if impl.fn is not None:
+        return impl.fn
+    return kldiv_spec.kl_div
+
+
+@register(
+    "math.logits_composition",
+    "kl_div_from_logits equals T**2 * kl_div(log_softmax(s/T), softmax(t/T)) of the same "
+    "implementation (kldiv_spec.kl_div if it has none; no mask, forward)",
+    strategy=_strategy,
+    applies=_applies("from_logits"),
+    examples_scale=0.5,
+    subject="from_logits",
+)
+def _logits_composition(ctx: Context, case: Case) -> None:
+    reduction = case.extra["reduction"]
+    if "forward" not in ctx.impl.logits_directions:
+        raise NotApplicable(f"{ctx.impl.name} has no forward direction")
+    if ctx.impl.fn is not None and _kl_div_reduction(reduction) not in ctx.reductions:
+        raise NotApplicable(f"{ctx.impl.name} cannot express reduction {reduction!r}")
+    options = {**_options(case), "direction": "forward"}
+    plain = _logits_case(case.input, case.target, **options)
+    if _unexpressible(ctx, plain.extra) is not None:
+        raise NotApplicable(f"{ctx.impl.name} cannot express {options}")
+    got = _call(ctx, plain, "logits_composition")
+    composed = compose(
+        composition_kl_div(ctx.impl), ctx.backend, case.input, case.target, **options
+    )
+    assert_composition(got, composed, case.input, case.target, **options)
 
 
 def _edge_cases(ctx: Context) -> list[Case]:
@@ -259,95 +568,141 @@ def _edge_cases(ctx: Context) -> list[Case]:
             [-inf, -inf, -inf, -inf],
         ]
     )
+    # large finite float32 logits: exp overflows unless the log-sum-exp is shifted
+    big_s = np.asarray([[120.0, 100.0, 0.0, -30.0]], np.float32)
+    big_t = np.asarray([[110.0, 115.0, -5.0, 0.0]], np.float32)
+    one_s, one_t = np.asarray([[3.0], [-1.0]]), np.asarray([[0.5], [2.0]])  # one class: KL 0
     cases = []
     for direction in ("forward", "reverse"):
-        for reduction in ("none", "sum"):
+        common = {"temperature": 1.0, "direction": direction}
+        for reduction in ("none", "sum", "rowmean"):
             for i in range(len(s)):
-                options = {
-                    "temperature": 1.0,
-                    "reduction": reduction,
-                    "direction": direction,
-                    "scale_by_temperature_squared": True,
-                }
-                cases.append(Case(s[i : i + 1], t[i : i + 1], reduction, False, extra=options))
+                cases.append(
+                    _logits_case(s[i : i + 1], t[i : i + 1], reduction=reduction, **common)
+                )
+            cases.append(_logits_case(big_s, big_t, reduction=reduction, **common))
+            cases.append(_logits_case(one_s, one_t, reduction=reduction, **common))
         masked = {
+            **common,
             "temperature": 2.0,
-            "reduction": "rowmean",
-            "direction": direction,
-            "scale_by_temperature_squared": True,
             "mask": np.asarray([True, False, False, False, False, True, False]),
         }
-        cases.append(Case(s, t, "rowmean", False, extra=masked))
-        cases.append(
-            Case(
-                s, t, "sum", False, extra={**masked, "reduction": "sum", "mask": np.zeros(7, bool)}
-            )
-        )
-    return cases
+        cases.append(_logits_case(s, t, reduction="rowmean", **masked))
+        cases.append(_logits_case(s, t, reduction="sum", **{**masked, "mask": np.zeros(7, bool)}))
+    return _expressible(ctx, cases)
 
 
 @register(
     "semantics.logits_edge_values",
-    "excluded classes (-inf), rows without a softmax (NaN, +inf, all -inf), masked rows",
+    "excluded classes (-inf), rows without a softmax (NaN, +inf, all -inf), masked rows, "
+    "large float32 logits, one class",
     cases=_edge_cases,
-    applies=_applies_logits,
+    applies=_applies("from_logits"),
+    subject="from_logits",
 )
 def _logits_edges(ctx: Context, case: Case) -> None:
-    _assert_value(_call(ctx, case), case)
+    _check_value(ctx, case)
+
+
+def _grad_output(case: Case) -> Any:
+    if case.extra["reduction"] != "none":
+        return 0.75
+    shape = case.input.shape
+    return (0.5 + (np.arange(math.prod(shape)) % 3)).reshape(shape).astype(case.input.dtype)
 
 
 def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
-    fn = _from_logits(ctx)
+    fn = _function(ctx, "from_logits")
     be = ctx.backend
-    options = dict(case.extra)
-    mask = options.pop("mask", None)
-    if mask is not None:
-        options["mask"] = be.asarray(mask)
-    if be.autograd == "torch" and ctx.impl.differentiable:
-        import torch
+    ctx.record(case, "logits_gradient", grad=g)
+    options = _options(case)
+    if case.extra.get("mask") is not None:
+        options["mask"] = be.asarray(case.extra["mask"])
+    try:
+        if be.autograd == "torch" and ctx.impl.differentiable:
+            import torch
 
-        x = be.asarray(case.input).requires_grad_(True)
-        try:
+            x = be.asarray(case.input).requires_grad_(True)
             out = fn(x, be.asarray(case.target), **options)
-        except NotImplementedError as exc:
-            raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
-        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device).expand(out.shape)
-        (gx,) = torch.autograd.grad(out, (x,), gout)
-        return gx.detach().cpu().numpy().astype(np.float64)
-    if be.autograd == "jax" and ctx.impl.differentiable:
-        import jax
-        import jax.numpy as jnp
+            gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
+            (gx,) = torch.autograd.grad(out, (x,), gout.expand(out.shape))
+            return gx.detach().cpu().numpy().astype(np.float64)
+        if be.autograd == "jax" and ctx.impl.differentiable:
+            import jax
+            import jax.numpy as jnp
 
-        out, vjp = jax.vjp(
-            lambda a: fn(a, be.asarray(case.target), **options), be.asarray(case.input)
-        )
-        (gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
-        return np.asarray(gx, dtype=np.float64)
-    if fn is not kldiv_spec.kl_div_from_logits:
-        raise NotApplicable(f"{ctx.impl.name} has no from-logits backward on {be.name}")
-    gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
-    gx, _ = kldiv_spec.kl_div_from_logits_backward(
-        gb, be.asarray(case.input), be.asarray(case.target), **options
-    )
+            out, vjp = jax.vjp(
+                lambda a: fn(a, be.asarray(case.target), **options), be.asarray(case.input)
+            )
+            (gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
+            return np.asarray(gx, dtype=np.float64)
+        backward = ctx.impl.from_logits_backward
+        if backward is None:
+            raise NotApplicable(f"{ctx.impl.name} has no from-logits backward on {be.name}")
+        gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
+        gx = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)[0]
+    except NotImplementedError as exc:
+        raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
     return np.asarray(be.to_numpy(gx), dtype=np.float64)
+
+
+def _check_gradient(ctx: Context, case: Case) -> None:
+    g = _grad_output(case)
+    got = _logits_gradient(ctx, case, g)
+    assert_from_logits_gradient(
+        got,
+        case.input,
+        case.target,
+        grad_output=g,
+        mask=case.extra.get("mask"),
+        **_options(case),
+    )
 
 
 @register(
     "gradients.logits_oracle",
     "the gradient w.r.t. the student logits agrees with the exact oracle within its bound",
-    strategy=_logits_cases,
-    applies=_applies_logits,
+    strategy=_strategy,
+    applies=_applies("from_logits"),
     examples_scale=0.5,
+    subject="from_logits",
 )
 def _logits_gradients(ctx: Context, case: Case) -> None:
-    shape = case.input.shape
-    g: Any = 0.75
-    if case.extra["reduction"] == "none":
-        g = (0.5 + (np.arange(math.prod(shape)) % 3)).reshape(shape).astype(case.input.dtype)
-    got = _logits_gradient(ctx, case, g)
-    exact = oracle.from_logits(case.input, case.target, grad_output=g, **case.extra)
-    tol, _ = oracle.gradient_tolerance(exact)
-    _compare(got, exact.grad_input, tol, f"gradient, {_describe(case)}")
+    _check_gradient(ctx, case)
+
+
+def _gradient_option_cases(ctx: Context) -> list[Case]:
+    s, t = _grid_logits((3, 4), 13)
+    keep = np.asarray([True, False, True])
+    cases = []
+    for direction in ("forward", "reverse"):
+        for scaled in (True, False):
+            for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
+                for mask in (None, keep):
+                    cases.append(
+                        _logits_case(
+                            s,
+                            t,
+                            reduction=reduction,
+                            mask=mask,
+                            temperature=2.0,
+                            direction=direction,
+                            scale_by_temperature_squared=scaled,
+                        )
+                    )
+    return _expressible(ctx, cases)
+
+
+@register(
+    "gradients.logits_options",
+    "the student gradient for every option on fixed logits (direction, T**2 on/off, each "
+    "reduction, masks) agrees with the oracle",
+    cases=_gradient_option_cases,
+    applies=_applies("from_logits"),
+    subject="from_logits",
+)
+def _logits_gradient_options(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case)
 
 
 # --------------------------------------------------------------------------- Gaussian
@@ -360,59 +715,226 @@ def _gaussian_cases(draw: Any, ctx: Context) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     mu = rng.normal(0, 3, size=shape).astype(dtype)
     logvar = rng.normal(0, 2, size=shape).astype(dtype)
-    options: dict[str, Any] = {"reduction": draw(st.sampled_from(ctx.reductions or ("sum",)))}
-    if draw(st.booleans()):
+    options: dict[str, Any] = {"reduction": draw(st.sampled_from(ctx.impl.gaussian_reductions))}
+    if ctx.impl.gaussian_priors and draw(st.booleans()):
         options["mu_prior"] = rng.normal(0, 1, size=shape[-1:]).astype(dtype)
         options["logvar_prior"] = rng.normal(0, 1, size=shape[-1:]).astype(dtype)
     return Case(mu, logvar, options["reduction"], False, extra=options)
 
 
-def _gaussian_call(ctx: Context, case: Case, /, **override: Any) -> np.ndarray:
+def _gaussian_strategy(ctx: Context) -> Any:
+    if ctx.impl.gaussian is None:
+        raise NotApplicable(f"{ctx.impl.name} has no gaussian function")
+    if not ctx.impl.gaussian_reductions:
+        raise NotApplicable(f"{ctx.impl.name} declares no reduction for gaussian")
+    return _gaussian_cases(ctx)
+
+
+def _gaussian_call(ctx: Context, case: Case, kind: str = "gaussian") -> np.ndarray:
     be = ctx.backend
+    ctx.record(case, kind)
     options = {
-        k: (be.asarray(v) if isinstance(v, np.ndarray) else v)
-        for k, v in {**case.extra, **override}.items()
+        k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()
     }
-    out = _gaussian(ctx)(be.asarray(case.input), be.asarray(case.target), **options)
+    out = _function(ctx, "gaussian")(be.asarray(case.input), be.asarray(case.target), **options)
     return np.asarray(be.to_numpy(out), dtype=np.float64)
+
+
+def _gaussian_what(mu: np.ndarray, logvar: np.ndarray, options: dict[str, Any]) -> str:
+    return describe(Case(mu, logvar, options["reduction"], False, extra=options))
+
+
+def assert_gaussian_zero(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: Any) -> None:
+    """Assert ``gaussian_kl(mu, logvar, mu_prior=mu, logvar_prior=logvar)`` gave exactly 0."""
+    got = np.asarray(got, dtype=np.float64)
+    if not (got == 0).all():
+        msg = (
+            f"the KL of a Gaussian from itself is {fmt(got)}, not exactly 0: "
+            f"{_gaussian_what(mu, logvar, options)}"
+        )
+        raise AssertionError(msg)
+
+
+def gaussian_expected(
+    mu: np.ndarray, logvar: np.ndarray, /, **options: Any
+) -> tuple[np.ndarray, Any]:
+    """Return the exact Gaussian KL (float64) for ``options`` and its bound."""
+    mu_p = options.get("mu_prior", 0.0)
+    lv_p = options.get("logvar_prior", 0.0)
+    value, scale = oracle.gaussian(mu, logvar, mu_p, lv_p)
+    eps = float(np.finfo(mu.dtype).eps)
+    reduction = options["reduction"]
+    floor = float(np.finfo(mu.dtype).smallest_normal)
+    if reduction == "none":
+        return value, oracle.GAUSSIAN_ULPS * eps * scale + floor
+    d = {"sum": 1, "batchmean": mu.shape[0] if mu.ndim else 1, "mean": value.size}[reduction]
+    want = np.asarray(math.fsum(value.ravel()) / d if d else math.nan)
+    tol = (oracle.GAUSSIAN_ULPS + value.size) * eps * float(scale.sum()) / max(d, 1) + floor
+    return want, tol
+
+
+def assert_gaussian(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: Any) -> None:
+    """Assert ``got`` agrees with the exact closed form within its bound, and is >= 0.
+
+    ``options``: ``reduction`` and, optionally, ``mu_prior`` and ``logvar_prior``.
+    """
+    got = np.asarray(got, dtype=np.float64)
+    want, tol = gaussian_expected(mu, logvar, **options)
+    what = f"gaussian_kl, {_gaussian_what(mu, logvar, options)}"
+    hint = ""
+    if "mu_prior" in options:
+        plain = {"reduction": options["reduction"]}
+        ignored = gaussian_expected(mu, logvar, **plain)[0]
+        if ignored.shape == got.shape and np.allclose(got, ignored, rtol=1e-5, atol=0):
+            hint = " (it matches the standard normal prior: the prior is ignored)"
+    _compare(got, want, tol, what, hint)
+    if not (got >= 0).all():
+        msg = f"negative Gaussian KL {fmt(got)}: {what}"
+        raise AssertionError(msg)
 
 
 @register(
     "math.gaussian_zero_at_identity",
     "gaussian_kl(mu, logvar, mu_prior=mu, logvar_prior=logvar) is exactly 0",
-    strategy=_gaussian_cases,
-    applies=_applies_gaussian,
+    strategy=_gaussian_strategy,
+    applies=_applies("gaussian"),
     examples_scale=0.5,
+    subject="gaussian",
 )
 def _gaussian_zero(ctx: Context, case: Case) -> None:
-    got = _gaussian_call(ctx, case, mu_prior=case.input, logvar_prior=case.target)
-    if not (got == 0).all():
-        msg = f"the KL of a Gaussian from itself is {fmt(got)}, not exactly 0: {case.describe()}"
-        raise AssertionError(msg)
+    if not ctx.impl.gaussian_priors:
+        raise NotApplicable(f"{ctx.impl.name} takes no prior")
+    options = {**case.extra, "mu_prior": case.input, "logvar_prior": case.target}
+    same = Case(case.input, case.target, case.reduction, False, extra=options)
+    got = _gaussian_call(ctx, same, "gaussian_zero")
+    assert_gaussian_zero(got, case.input, case.target, **options)
 
 
 @register(
     "accuracy.gaussian_oracle",
     "gaussian_kl agrees with the exact (mpmath) closed form within its bound, and is >= 0",
-    strategy=_gaussian_cases,
-    applies=_applies_gaussian,
+    strategy=_gaussian_strategy,
+    applies=_applies("gaussian"),
     examples_scale=0.5,
+    subject="gaussian",
 )
 def _gaussian_oracle(ctx: Context, case: Case) -> None:
     got = _gaussian_call(ctx, case)
-    mu_p = case.extra.get("mu_prior", 0.0)
-    lv_p = case.extra.get("logvar_prior", 0.0)
-    value, scale = oracle.gaussian(case.input, case.target, mu_p, lv_p)
-    eps = float(np.finfo(case.input.dtype).eps)
-    reduction = case.extra["reduction"]
-    floor = float(np.finfo(case.input.dtype).smallest_normal)
-    if reduction == "none":
-        want, tol = value, oracle.GAUSSIAN_ULPS * eps * scale + floor
-    else:
-        d = {"sum": 1, "batchmean": case.input.shape[0], "mean": value.size}[reduction]
-        want = np.asarray(math.fsum(value.ravel()) / d)
-        tol = (oracle.GAUSSIAN_ULPS + value.size) * eps * float(scale.sum()) / d + floor
-    _compare(got, want, tol, f"gaussian_kl, {case.describe()}, {sorted(case.extra)}")
-    if not (got >= 0).all():
-        msg = f"negative Gaussian KL {fmt(got)}: {case.describe()}"
-        raise AssertionError(msg)
+    assert_gaussian(got, case.input, case.target, **case.extra)
+
+
+def exact_gaussian_gradients(
+    mu: np.ndarray, logvar: np.ndarray, /, *, grad_output: Any, **options: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r"""Return the exact gradients w.r.t. ``mu`` and ``logvar`` and their bounds (float64).
+
+    :math:`\partial_\mu = \frac{g}{D} (\mu - \mu_0) e^{-\lambda_0}` and
+    :math:`\partial_\lambda = \frac{g}{D} \tfrac12 (e^{\lambda - \lambda_0} - 1)`,
+    at :data:`.oracle_logits.PRECISION` bits (``mu`` and ``logvar`` of the output's
+    shape, as the suite draws them).
+    """
+    mp = oracle._mp()
+    reduction = options["reduction"]
+    arrays = np.broadcast_arrays(
+        *(
+            np.asarray(a, np.float64)
+            for a in (
+                mu,
+                logvar,
+                options.get("mu_prior", 0.0),
+                options.get("logvar_prior", 0.0),
+                grad_output,
+            )
+        )
+    )
+    d = {"none": 1, "sum": 1, "batchmean": mu.shape[0] if mu.ndim else 1, "mean": mu.size}[
+        reduction
+    ]
+    g_mu, g_lv = np.empty(arrays[0].shape), np.empty(arrays[0].shape)
+    s_mu, s_lv = np.empty(arrays[0].shape), np.empty(arrays[0].shape)
+    for idx in np.ndindex(g_mu.shape):
+        m, lv, m0, lv0, g = (mp.mpf(float(a[idx])) for a in arrays)
+        gd = g / d
+        inv = mp.exp(-lv0)
+        em1 = mp.expm1(lv - lv0)
+        g_mu[idx] = float(gd * (m - m0) * inv)
+        g_lv[idx] = float(gd * em1 / 2)
+        s_mu[idx] = float(abs(gd) * (abs(m - m0) + abs(m) + abs(m0)) * inv * (1 + abs(lv0)))
+        s_lv[idx] = float(abs(gd) * (abs(em1) + (1 + abs(em1)) * (abs(lv) + abs(lv0))))
+    return g_mu, g_lv, s_mu, s_lv
+
+
+def assert_gaussian_gradient(
+    grads: tuple[Any, Any],
+    mu: np.ndarray,
+    logvar: np.ndarray,
+    /,
+    *,
+    grad_output: Any,
+    **options: Any,
+) -> None:
+    """Assert the gradients w.r.t. ``mu`` and ``logvar`` agree with the exact closed form."""
+    g_mu, g_lv, s_mu, s_lv = exact_gaussian_gradients(
+        mu, logvar, grad_output=grad_output, **options
+    )
+    eps = float(np.finfo(mu.dtype).eps)
+    floor = float(np.finfo(mu.dtype).smallest_normal)
+    what = _gaussian_what(mu, logvar, options)
+    for name, got, want, scale in (
+        ("mu", grads[0], g_mu, s_mu),
+        ("logvar", grads[1], g_lv, s_lv),
+    ):
+        with np.errstate(over="ignore"):
+            ulp = np.spacing(np.abs(want).astype(mu.dtype)).astype(np.float64)
+        tol = oracle.GAUSSIAN_ULPS * eps * scale + 2 * ulp + floor
+        _compare(got, want, tol, f"gradient w.r.t. {name}, gaussian_kl, {what}")
+
+
+def _gaussian_gradient(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
+    fn = _function(ctx, "gaussian")
+    be = ctx.backend
+    ctx.record(case, "gaussian_gradient", grad=g)
+    options = {
+        k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()
+    }
+    if be.autograd == "torch" and ctx.impl.differentiable:
+        import torch
+
+        m = be.asarray(case.input).requires_grad_(True)
+        lv = be.asarray(case.target).requires_grad_(True)
+        out = fn(m, lv, **options)
+        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
+        gm, glv = torch.autograd.grad(out, (m, lv), gout.expand(out.shape))
+        return tuple(a.detach().cpu().numpy().astype(np.float64) for a in (gm, glv))  # type: ignore[return-value]
+    if be.autograd == "jax" and ctx.impl.differentiable:
+        import jax
+        import jax.numpy as jnp
+
+        out, vjp = jax.vjp(
+            lambda a, b: fn(a, b, **options), be.asarray(case.input), be.asarray(case.target)
+        )
+        gm, glv = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
+        return np.asarray(gm, dtype=np.float64), np.asarray(glv, dtype=np.float64)
+    backward = ctx.impl.gaussian_backward
+    if backward is None:
+        raise NotApplicable(f"{ctx.impl.name} has no gaussian backward on {be.name}")
+    gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
+    out = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)
+    return (
+        np.asarray(be.to_numpy(out[0]), dtype=np.float64),
+        np.asarray(be.to_numpy(out[1]), dtype=np.float64),
+    )
+
+
+@register(
+    "gradients.gaussian_oracle",
+    "the gradients of gaussian_kl w.r.t. mu and logvar agree with the exact closed form",
+    strategy=_gaussian_strategy,
+    applies=_applies("gaussian"),
+    examples_scale=0.5,
+    subject="gaussian",
+)
+def _gaussian_gradients(ctx: Context, case: Case) -> None:
+    g = _grad_output(case)
+    got = _gaussian_gradient(ctx, case, g)
+    assert_gaussian_gradient(got, case.input, case.target, grad_output=g, **case.extra)

@@ -1,10 +1,16 @@
-"""What the suite checks: an implementation with PyTorch's functional signature.
+"""What the suite checks: up to three functions of one implementation.
 
 An :class:`Implementation` wraps ``fn(input, target, reduction=..., log_target=...)``
-and declares what it can express: its reductions, its ``log_target`` forms, the
-backends it runs on, and properties that do not apply to it (reported as n/a,
-never as failures). :data:`BUILTIN` holds the built-in ones (``reference``,
-``torch``, ``numpy``); :func:`.runner.resolve` turns any ``--impl`` name into one.
+(PyTorch's ``kl_div`` signature), a from-logits function
+``from_logits(input, target, **options)`` (the keywords of
+``kldiv_spec.kl_div_from_logits``) and a Gaussian KL ``gaussian(mu, logvar,
+**options)`` (those of ``kldiv_spec.gaussian_kl``), any of which may be absent:
+the properties of an absent function are n/a. It declares what each can
+express: reductions, ``log_target`` forms, directions, temperature scaling,
+masks, the backends it runs on, and properties that do not apply to it
+(reported as n/a, never as failures). :data:`BUILTIN` holds the built-in ones
+(``reference``, ``torch``, ``numpy``); :func:`.runner.resolve` turns any
+``--impl`` name into one.
 
 This module sits below every other that builds implementations
 (:mod:`.adapters`, :mod:`.mutants`): it imports only :mod:`.numpy_impl`, which
@@ -21,9 +27,14 @@ import kldiv_spec
 
 from . import numpy_impl
 
-__all__ = ["BUILTIN", "REDUCTIONS", "Implementation"]
+__all__ = ["BUILTIN", "DIRECTIONS", "LOGITS_REDUCTIONS", "REDUCTIONS", "Implementation"]
 
+#: ``kl_div``'s reductions (and ``gaussian_kl``'s).
 REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean")
+#: ``kl_div_from_logits``'s reductions: ``kl_div``'s and the per-row mean ``'rowmean'``.
+LOGITS_REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean", "rowmean")
+#: ``kl_div_from_logits``'s directions: KL(teacher || student) and KL(student || teacher).
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 
 
 @dataclass(frozen=True)
@@ -34,8 +45,9 @@ class Implementation:
     ----------
     name : str
         How reports name it.
-    fn : callable
-        ``fn(input, target, reduction=..., log_target=...)`` on arrays of the backend.
+    fn : callable, optional
+        ``fn(input, target, reduction=..., log_target=...)`` on arrays of the
+        backend. Without it the ``kl_div`` properties are n/a.
     backward : callable, optional
         ``backward(grad_output, input, target, reduction=..., log_target=...)``
         returning ``(grad_input, grad_target)``; used on backends without
@@ -50,10 +62,46 @@ class Implementation:
         Property (or group) name -> why it does not apply.
     differentiable : bool
         Whether gradients through the backend's autograd are part of its contract.
+    description : str
+        One line for reports.
+    from_logits : callable, optional
+        ``from_logits(input, target, *, temperature, reduction, direction,
+        scale_by_temperature_squared, mask=...)``: the KL divergence between
+        ``softmax(target / T)`` and ``softmax(input / T)`` as
+        ``kldiv_spec.kl_div_from_logits`` defines it (student logits first).
+        ``mask`` is passed only when a case has one. Raising
+        ``NotImplementedError`` for options it does not offer makes that case n/a.
+    from_logits_backward : callable, optional
+        ``from_logits_backward(grad_output, input, target, **options)`` returning
+        ``(grad_input, grad_target)`` (``grad_target`` may be None), as
+        ``kldiv_spec.kl_div_from_logits_backward``; used on backends without
+        autograd (or when ``differentiable`` is False).
+    logits_reductions : tuple of str
+        The reductions ``from_logits`` can express (of :data:`LOGITS_REDUCTIONS`).
+    logits_directions : tuple of str
+        The directions it can express (of :data:`DIRECTIONS`).
+    logits_scalings : tuple of bool
+        The values of ``scale_by_temperature_squared`` it can express: ``(True,)``
+        for a function that always multiplies by :math:`T^2`, ``(False,)`` for
+        one that never does.
+    logits_temperature : bool
+        Whether it takes temperatures other than 1.
+    logits_masks : bool
+        Whether it takes a row mask (``mask=``, True keeps a row).
+    gaussian : callable, optional
+        ``gaussian(mu, logvar, *, reduction, mu_prior=..., logvar_prior=...)``,
+        the closed-form KL between diagonal Gaussians as ``kldiv_spec.gaussian_kl``.
+    gaussian_backward : callable, optional
+        ``gaussian_backward(grad_output, mu, logvar, **options)`` returning
+        ``(grad_mu, grad_logvar, ...)``, as ``kldiv_spec.gaussian_kl_backward``.
+    gaussian_reductions : tuple of str
+        The reductions ``gaussian`` can express.
+    gaussian_priors : bool
+        Whether it takes ``mu_prior`` and ``logvar_prior`` (else: the standard normal).
     """
 
     name: str
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None = None
     backward: Callable[..., Any] | None = None
     reductions: tuple[str, ...] = REDUCTIONS
     log_targets: tuple[bool, ...] = (False, True)
@@ -61,10 +109,46 @@ class Implementation:
     not_applicable: Mapping[str, str] = field(default_factory=dict)
     differentiable: bool = True
     description: str = ""
+    from_logits: Callable[..., Any] | None = None
+    from_logits_backward: Callable[..., Any] | None = None
+    logits_reductions: tuple[str, ...] = LOGITS_REDUCTIONS
+    logits_directions: tuple[str, ...] = DIRECTIONS
+    logits_scalings: tuple[bool, ...] = (True, False)
+    logits_temperature: bool = True
+    logits_masks: bool = True
+    gaussian: Callable[..., Any] | None = None
+    gaussian_backward: Callable[..., Any] | None = None
+    gaussian_reductions: tuple[str, ...] = REDUCTIONS
+    gaussian_priors: bool = True
 
     def __call__(self, input: Any, target: Any, /, **kwargs: Any) -> Any:
-        """Call the wrapped function."""
+        """Call the wrapped ``kl_div`` function."""
+        if self.fn is None:
+            msg = f"{self.name} has no kl_div function"
+            raise TypeError(msg)
         return self.fn(input, target, **kwargs)
+
+    def function(self, subject: str, /) -> Callable[..., Any] | None:
+        """Return the function a property of ``subject`` checks, or None.
+
+        ``subject`` is one of :data:`.properties.SUBJECTS`: ``'kl_div'``
+        (:attr:`fn`), ``'from_logits'`` or ``'gaussian'``.
+        """
+        return {"kl_div": self.fn, "from_logits": self.from_logits, "gaussian": self.gaussian}[
+            subject
+        ]
+
+    @property
+    def primary(self) -> Callable[..., Any]:
+        """The first function it has (``fn``, else ``from_logits``, else ``gaussian``).
+
+        What the backend is inferred from when none is given.
+        """
+        for f in (self.fn, self.from_logits, self.gaussian):
+            if f is not None:
+                return f
+        msg = f"{self.name} has no function to check"
+        raise TypeError(msg)
 
 
 def _reference() -> Implementation:
@@ -79,7 +163,14 @@ def _reference() -> Implementation:
         )
 
     return Implementation(
-        "reference", fn, backward, description="kldiv_spec.kl_div (+ kl_div_backward)"
+        "reference",
+        fn,
+        backward,
+        description="kldiv_spec.kl_div, kl_div_from_logits, gaussian_kl (+ their backward)",
+        from_logits=kldiv_spec.kl_div_from_logits,
+        from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
+        gaussian=kldiv_spec.gaussian_kl,
+        gaussian_backward=kldiv_spec.gaussian_kl_backward,
     )
 
 

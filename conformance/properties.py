@@ -22,6 +22,7 @@ __all__ = [
     "GROUPS",
     "LEVELS",
     "PROPERTIES",
+    "SUBJECTS",
     "NotApplicable",
     "Property",
     "register",
@@ -39,6 +40,12 @@ GROUPS: tuple[str, ...] = ("math", "accuracy", "semantics", "gradients", "hygien
 #: failure fails ``kldiv-spec check``; a SHOULD failure is reported, and fails it
 #: only under ``--strict``.
 LEVELS: tuple[str, ...] = ("MUST", "SHOULD")
+
+
+#: What a property checks: which of an implementation's functions it calls
+#: (:class:`~.implementations.Implementation`'s ``fn``, ``from_logits`` or
+#: ``gaussian``). An implementation without that function gets n/a for it.
+SUBJECTS: tuple[str, ...] = ("kl_div", "from_logits", "gaussian")
 
 
 class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)
@@ -69,6 +76,8 @@ class Property:
         Multiplier of ``--max-examples`` (for expensive properties).
     level : {'MUST', 'SHOULD'}
         Its requirement level (see :data:`LEVELS`).
+    subject : {'kl_div', 'from_logits', 'gaussian'}
+        The function of the implementation it checks (see :data:`SUBJECTS`).
     """
 
     name: str
@@ -80,6 +89,7 @@ class Property:
     applies: Callable[[Any], str | None] | None = None
     examples_scale: float = 1.0
     level: str = "MUST"
+    subject: str = "kl_div"
 
 
 #: Every property, by name, in registration (report) order.
@@ -95,10 +105,12 @@ def register(
     applies: Callable[[Any], str | None] | None = None,
     examples_scale: float = 1.0,
     level: str = "MUST",
+    subject: str = "kl_div",
 ) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], None]]:
     """Register the decorated ``check(ctx, case)`` as property ``name`` (``group.short``).
 
     ``level`` is ``'MUST'`` (the default) or ``'SHOULD'``; see :data:`LEVELS`.
+    ``subject`` is the implementation's function it calls; see :data:`SUBJECTS`.
     """
     group = name.split(".", 1)[0]
     if group not in GROUPS:
@@ -110,10 +122,22 @@ def register(
     if level not in LEVELS:
         msg = f"level must be one of {', '.join(LEVELS)}, got {level!r}"
         raise ValueError(msg)
+    if subject not in SUBJECTS:
+        msg = f"subject must be one of {', '.join(SUBJECTS)}, got {subject!r}"
+        raise ValueError(msg)
 
     def decorate(check: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         PROPERTIES[name] = Property(
-            name, group, description, check, strategy, cases, applies, examples_scale, level
+            name,
+            group,
+            description,
+            check,
+            strategy,
+            cases,
+            applies,
+            examples_scale,
+            level,
+            subject,
         )
         return check
 

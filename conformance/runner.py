@@ -17,32 +17,51 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from . import adapters, mutants
+from . import adapters, checks_logits, mutants
 from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
 from .properties import NotApplicable, Property, select
 from .strategies import Case
 
-__all__ = ["Outcome", "Report", "reproduction", "resolve", "run", "run_property"]
+__all__ = ["KINDS", "Outcome", "Report", "reproduction", "resolve", "run", "run_property"]
 
 DEFAULT_MAX_EXAMPLES = 15
 
+#: What a ``MODULE:CALLABLE`` is (``--kind``): a ``kl_div`` with PyTorch's signature,
+#: a ``kl_div_from_logits``, a ``gaussian_kl``, or a loss of one of the two
+#: third-party conventions that :mod:`.adapters` maps onto ``from_logits``.
+KINDS: tuple[str, ...] = ("kl-div", "from-logits", "gaussian", *adapters.STYLES)
 
-def resolve(spec: str, /) -> Implementation:
+
+def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
     """Return the implementation named by ``spec``.
 
     ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
     NumPy implementation), an adapter name (see :mod:`.adapters`), ``mutant:NAME``
-    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. The callable may be an
-    :class:`Implementation`, or a function with PyTorch's functional signature
-    (a ``backward`` attribute on it, if any, is used as its backward).
+    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. ``kind`` (one of :data:`KINDS`)
+    says what a ``MODULE:CALLABLE`` is:
+
+    - ``'kl-div'``: an :class:`Implementation`, or a function with PyTorch's
+      functional signature (a ``backward`` attribute on it, if any, is used as
+      its backward; ``from_logits`` and ``gaussian`` attributes, if any, as its
+      other two functions);
+    - ``'from-logits'``: a function with ``kl_div_from_logits``'s signature
+      (a ``backward`` attribute: ``kl_div_from_logits_backward``'s);
+    - ``'gaussian'``: a function with ``gaussian_kl``'s signature (a
+      ``backward`` attribute: ``gaussian_kl_backward``'s);
+    - ``'torchtune-style'``, ``'liger-style'``: a loss of that convention (a
+      class is instantiated), wrapped by :func:`.adapters.torchtune_style` or
+      :func:`.adapters.liger_style`.
 
     Raises
     ------
     ValueError
-        If ``spec`` names nothing importable.
+        If ``spec`` names nothing importable, or ``kind`` is unknown.
     """
+    if kind not in KINDS:
+        msg = f"--kind must be one of {', '.join(KINDS)}, got {kind!r}"
+        raise ValueError(msg)
     if spec in BUILTIN:
         return BUILTIN[spec]()
     if spec in adapters.ADAPTERS:
@@ -70,7 +89,27 @@ def resolve(spec: str, /) -> Implementation:
     if not callable(obj):
         msg = f"{spec!r} is not callable"
         raise ValueError(msg)
-    return Implementation(spec, obj, backward=getattr(obj, "backward", None), description=spec)
+    backward = getattr(obj, "backward", None)
+    if kind == "from-logits":
+        return Implementation(
+            spec, from_logits=obj, from_logits_backward=backward, description=spec
+        )
+    if kind == "gaussian":
+        return Implementation(spec, gaussian=obj, gaussian_backward=backward, description=spec)
+    if kind in adapters.STYLES:
+        return adapters.STYLES[kind](obj, name=spec)
+    from_logits = getattr(obj, "from_logits", None)
+    gaussian = getattr(obj, "gaussian", None)
+    return Implementation(
+        spec,
+        obj,
+        backward=backward,
+        description=spec,
+        from_logits=from_logits,
+        from_logits_backward=getattr(from_logits, "backward", None),
+        gaussian=gaussian,
+        gaussian_backward=getattr(gaussian, "backward", None),
+    )
 
 
 @dataclass
@@ -307,8 +346,179 @@ def _forward_lines(record: Record) -> list[str]:
     return lines + _FORWARD_VERDICT.rstrip("\n").splitlines() + _torch_line()
 
 
+_LOGITS_JUDGE = {
+    "logits": "judge.assert_from_logits(values, x, t, mask=mask, **kw)",
+    "logits_zero": "judge.assert_from_logits_zero(values, x, mask=mask, **kw)",
+    "logits_non_negative": "judge.assert_from_logits_non_negative(values, x, t, mask=mask, **kw)",
+    "logits_composition": "judge.assert_composition(values, expected, x, t, **kw)",
+}
+_LOGITS_EXPECTED = {
+    "logits": "exact = oracle.from_logits(x, t, mask=mask, **kw)\n"
+    "expected = exact.terms if kw['reduction'] == 'none' else oracle.reduce_logits(exact)[0]",
+    "logits_zero": "expected = np.zeros(x.shape if kw['reduction'] == 'none' else ())",
+    "logits_composition": "expected = judge.compose(judge.composition_kl_div(impl), backend, "
+    "x, t, **kw)  # T**2 * kl_div(log_softmax(x / T), softmax(t / T))",
+}
+_LOGITS_EXPECTED["logits_non_negative"] = _LOGITS_EXPECTED["logits"]
+
+_VERDICT = """\
+print('expected:', show(expected))
+if isinstance(got, Exception):
+    print('got:      raised', repr(got))
+    print('verdict:  differs')
+else:
+    values = backend.to_numpy(got)
+    print('got:     ', show(values))
+    try:
+        {judge}
+        print('verdict:  agrees')
+    except AssertionError as exc:
+        print('verdict:  differs:', exc)
+"""
+
+
+def _grad_code(g: Any) -> str:
+    return repr(float(g)) if np.ndim(g) == 0 else _literal(np.asarray(g))
+
+
+def _logits_lines(record: Record, autograd: str | None) -> list[str]:
+    """Return the body of a from-logits reproduction: the call, what is expected, the verdict."""
+    c = record.case
+    mask = c.extra.get("mask")
+    options = {k: c.extra[k] for k in ("temperature", "direction", "scale_by_temperature_squared")}
+    lines = [
+        f"mask = {'None' if mask is None else _literal(mask)}  # True keeps a row",
+        f"kw = dict(reduction={c.reduction!r}, "
+        + ", ".join(f"{k}={v!r}" for k, v in options.items())
+        + ")",
+        "masked = {} if mask is None else {'mask': backend.asarray(mask)}",
+    ]
+    if record.kind == "logits_gradient":
+        lines += [f"g = {_grad_code(record.grad)}  # the upstream gradient"]
+        if autograd == "torch":
+            lines += [
+                "import torch",
+                "xb = backend.asarray(x).requires_grad_(True)",
+                "out = impl.from_logits(xb, backend.asarray(t), **kw, **masked)",
+                "gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)",
+                "(gx,) = torch.autograd.grad(out, (xb,), gout.expand(out.shape))",
+                "gx = gx.detach().cpu().numpy()",
+            ]
+        elif autograd == "jax":
+            lines += [
+                "import jax, jax.numpy as jnp",
+                "out, vjp = jax.vjp(lambda a: impl.from_logits(a, backend.asarray(t), **kw, "
+                "**masked), backend.asarray(x))",
+                "(gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))",
+                "gx = np.asarray(gx)",
+            ]
+        else:
+            lines += [
+                "gb = g if np.ndim(g) == 0 else backend.asarray(g)",
+                "gx = impl.from_logits_backward(gb, backend.asarray(x), backend.asarray(t), "
+                "**kw, **masked)[0]",
+                "gx = backend.to_numpy(gx)",
+            ]
+        return [
+            *lines,
+            "want = oracle.from_logits(x, t, grad_output=g, mask=mask, **kw).grad_input",
+            "print('got:      grad_input', show(gx))",
+            "print('expected: grad_input', show(want))",
+            "try:",
+            "    judge.assert_from_logits_gradient(gx, x, t, grad_output=g, mask=mask, **kw)",
+            "    print('verdict:  agrees')",
+            "except AssertionError as exc:",
+            "    print('verdict:  differs:', exc)",
+        ]
+    lines += [
+        "def call(*args):",
+        "    try:",
+        "        return impl.from_logits(*args, **kw, **masked)",
+        "    except Exception as exc:  # a crash is a result too",
+        "        return exc",
+        "got = call(backend.asarray(x), backend.asarray(t))",
+        *_LOGITS_EXPECTED[record.kind].splitlines(),
+    ]
+    return lines + _VERDICT.format(judge=_LOGITS_JUDGE[record.kind]).rstrip("\n").splitlines()
+
+
+def _gaussian_lines(record: Record, autograd: str | None) -> list[str]:
+    """Return the body of a Gaussian-KL reproduction (``x`` is ``mu``, ``t`` is ``logvar``)."""
+    c = record.case
+    priors = {k: v for k, v in c.extra.items() if k in ("mu_prior", "logvar_prior")}
+    shown = ", ".join(
+        f"{k}={_literal(v) if isinstance(v, np.ndarray) else repr(v)}" for k, v in priors.items()
+    )
+    lines = [
+        f"kw = dict(reduction={c.reduction!r})",
+        f"priors = dict({shown})",
+        "kwb = {**kw, **{k: backend.asarray(v) if isinstance(v, np.ndarray) else v "
+        "for k, v in priors.items()}}",
+    ]
+    if record.kind == "gaussian_gradient":
+        lines += [f"g = {_grad_code(record.grad)}  # the upstream gradient"]
+        if autograd == "torch":
+            lines += [
+                "import torch",
+                "xb = backend.asarray(x).requires_grad_(True)",
+                "tb = backend.asarray(t).requires_grad_(True)",
+                "out = impl.gaussian(xb, tb, **kwb)",
+                "gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)",
+                "gx, gt = torch.autograd.grad(out, (xb, tb), gout.expand(out.shape))",
+                "gx, gt = gx.detach().cpu().numpy(), gt.detach().cpu().numpy()",
+            ]
+        elif autograd == "jax":
+            lines += [
+                "import jax, jax.numpy as jnp",
+                "out, vjp = jax.vjp(lambda a, b: impl.gaussian(a, b, **kwb), "
+                "backend.asarray(x), backend.asarray(t))",
+                "gx, gt = (np.asarray(a) for a in "
+                "vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape)))",
+            ]
+        else:
+            lines += [
+                "gb = g if np.ndim(g) == 0 else backend.asarray(g)",
+                "grads = impl.gaussian_backward(gb, backend.asarray(x), backend.asarray(t), "
+                "**kwb)",
+                "gx, gt = backend.to_numpy(grads[0]), backend.to_numpy(grads[1])",
+            ]
+        return [
+            *lines,
+            "want = judge.exact_gaussian_gradients(x, t, grad_output=g, **kw, **priors)",
+            "print('got:      grad_mu', show(gx), 'grad_logvar', show(gt))",
+            "print('expected: grad_mu', show(want[0]), 'grad_logvar', show(want[1]))",
+            "try:",
+            "    judge.assert_gaussian_gradient((gx, gt), x, t, grad_output=g, **kw, **priors)",
+            "    print('verdict:  agrees')",
+            "except AssertionError as exc:",
+            "    print('verdict:  differs:', exc)",
+        ]
+    if record.kind == "gaussian_zero":
+        expected = "expected = np.zeros(x.shape if kw['reduction'] == 'none' else ())"
+        judge = "judge.assert_gaussian_zero(values, x, t, **kw, **priors)"
+    else:
+        expected = "expected = judge.gaussian_expected(x, t, **kw, **priors)[0]"
+        judge = "judge.assert_gaussian(values, x, t, **kw, **priors)"
+    lines += [
+        "def call(*args):",
+        "    try:",
+        "        return impl.gaussian(*args, **kwb)",
+        "    except Exception as exc:  # a crash is a result too",
+        "        return exc",
+        "got = call(backend.asarray(x), backend.asarray(t))",
+        expected,
+    ]
+    return lines + _VERDICT.format(judge=judge).rstrip("\n").splitlines()
+
+
 def reproduction(
-    impl_spec: str, backend: str, case: Case | Record, /, *, autograd: str | None = None
+    impl_spec: str,
+    backend: str,
+    case: Case | Record,
+    /,
+    *,
+    autograd: str | None = None,
+    kind: str = "kl-div",
 ) -> str:
     """Return a Python snippet that replays the failing call and shows the discrepancy.
 
@@ -319,17 +529,42 @@ def reproduction(
     differs: ...``, judged as the property judges. ``case`` is the
     :class:`.context.Record` of the last call (a bare :class:`Case` is replayed
     as a forward call); ``autograd`` says how gradients are taken (``'torch'``,
-    ``'jax'``, or None for the implementation's ``backward``).
+    ``'jax'``, or None for the implementation's ``backward``); ``kind`` is the
+    ``--kind`` the implementation was resolved with.
+
+    From-logits failures replay a ``from_logits`` call (``x`` the student
+    logits, ``t`` the teacher's, its options and mask) and Gaussian failures a
+    ``gaussian`` call (``x`` is ``mu``, ``t`` is ``logvar``, and the priors), judged
+    by the ``assert_*`` function of :mod:`.checks_logits` the property uses.
     """
     record = case if isinstance(case, Record) else Record(case)
     c = record.case
+    resolved = (
+        f"resolve({impl_spec!r})"
+        if kind == "kl-div"
+        else (f"resolve({impl_spec!r}, kind={kind!r})")
+    )
+    if record.kind.startswith(("logits", "gaussian")):
+        head = [
+            "import numpy as np",
+            "from kldiv_spec.conformance import checks_logits as judge",
+            "from kldiv_spec.conformance import load_backend, oracle_logits as oracle, resolve",
+            f"backend = load_backend({backend!r})",
+            f"impl = {resolved}",
+            f"x = {_literal(c.input)}",
+            f"t = {_literal(c.target)}",
+            *_SHOW.rstrip("\n").splitlines(),
+        ]
+        if record.kind.startswith("logits"):
+            return "\n".join(head + _logits_lines(record, autograd))
+        return "\n".join(head + _gaussian_lines(record, autograd))
     head = [
         "import warnings",
         "import numpy as np",
         "from kldiv_spec.conformance import load_backend, oracle, resolve",
         "from kldiv_spec.conformance.assertions import assert_gradients, assert_loss",
         f"backend = load_backend({backend!r})",
-        f"impl = resolve({impl_spec!r})",
+        f"impl = {resolved}",
         f"x = {_literal(c.input)}",
         f"t = {_literal(c.target)}",
         f"kw = dict(reduction={c.reduction!r}, log_target={c.log_target!r})",
@@ -381,11 +616,19 @@ def run_property(
     max_examples: int = DEFAULT_MAX_EXAMPLES,
     seed: int | None = 0,
     shrink: bool = True,
+    kind: str = "kl-div",
 ) -> Outcome:
-    """Run one property and return its outcome."""
+    """Run one property and return its outcome.
+
+    A property whose subject (``kl_div``, ``from_logits``, ``gaussian``) the
+    implementation has no function for is n/a. ``kind`` is the ``--kind``
+    ``impl_spec`` is resolved with (for the reproduction).
+    """
     start = time.perf_counter()
     outcome = Outcome(prop.name, prop.group, prop.description, "pass", level=prop.level)
     reason = prop.applies(ctx) if prop.applies is not None else None
+    if ctx.impl.function(prop.subject) is None:
+        reason = f"{ctx.impl.name} has no {prop.subject} function"
     if ctx.impl.backends is not None and ctx.backend.name not in ctx.impl.backends:
         reason = f"{ctx.impl.name} runs on {', '.join(ctx.impl.backends)} only"
     for key in (prop.name, prop.group):
@@ -426,13 +669,16 @@ def run_property(
         record = ctx.last if ctx.last is not None else state["last"]
         if record is not None:
             last = record.case if isinstance(record, Record) else record
-            outcome.counterexample = (
-                f"{last.describe()}\n  input  = {last.input.tolist()!r}\n"
-                f"  target = {last.target.tolist()!r}"
-            )
+            if prop.subject == "kl_div":
+                outcome.counterexample = (
+                    f"{last.describe()}\n  input  = {last.input.tolist()!r}\n"
+                    f"  target = {last.target.tolist()!r}"
+                )
+            else:
+                outcome.counterexample = checks_logits.describe(last)
             autograd = ctx.backend.autograd if ctx.impl.differentiable else None
             outcome.reproduction = reproduction(
-                impl_spec, ctx.backend.name, record, autograd=autograd
+                impl_spec, ctx.backend.name, record, autograd=autograd, kind=kind
             )
     outcome.examples = state["n"]
     if outcome.status == "pass" and state["na"] is not None:
@@ -452,14 +698,16 @@ def run(
     seed: int | None = 0,
     shrink: bool = True,
     progress: Callable[[str, Outcome | None], None] | None = None,
+    kind: str = "kl-div",
 ) -> Report:
     """Run the selected properties for ``impl`` on ``backend`` and return the report.
 
-    ``impl`` is an :class:`Implementation` or a spec for :func:`.resolve`.
-    ``progress(property_name, outcome_or_None)`` is called before and after each property.
+    ``impl`` is an :class:`Implementation` or a spec for :func:`.resolve`
+    (with ``kind``). ``progress(property_name, outcome_or_None)`` is called
+    before and after each property.
     """
     if isinstance(impl, str):
-        spec, implementation = impl, resolve(impl)
+        spec, implementation = impl, resolve(impl, kind=kind)
     else:
         spec, implementation = impl.name, impl
     report = Report(implementation.name, backend, max_examples, seed)
@@ -477,7 +725,13 @@ def run(
         if progress is not None:
             progress(prop.name, None)
         outcome = run_property(
-            prop, ctx, impl_spec=spec, max_examples=max_examples, seed=seed, shrink=shrink
+            prop,
+            ctx,
+            impl_spec=spec,
+            max_examples=max_examples,
+            seed=seed,
+            shrink=shrink,
+            kind=kind if isinstance(impl, str) else "kl-div",
         )
         report.outcomes.append(outcome)
         if progress is not None:
