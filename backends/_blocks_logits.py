@@ -28,12 +28,33 @@ meets an infinite log-ratio (a class excluded by the weighting distribution,
 rows holding NaN, ``+inf`` or only ``-inf``) is evaluated again by the
 reference core (:mod:`kldiv_spec._core_logits`), so edge values are the
 specification's.
+
+Float32 logits take one compiled kernel per block instead, where it is built
+and the CPU has AVX2 and FMA (``backends/_fused_logits.c``; ``$KLDIV_SPEC_NUMPY_FUSED=0``
+turns it off, with the fused sum of :mod:`kldiv_spec.backends._blocks`): per row
+one pass for the maxima, one for :math:`Z_s = \sum e^{x_s}`, :math:`Z_t` and
+:math:`S = \sum e^{x_w} (x_w - x_o)` (:math:`x = \bar z - m`; products in float32,
+sums in float64), giving
+
+.. math::
+
+    \mathrm{KL} = S / Z_w + \log Z_o - \log Z_w
+
+without any logarithm of the logits' size, and, when asked, a third pass for the
+gradient or the terms (from the exponentials of the second pass, kept in the
+output and, for the forward gradient, one scratch row: :math:`O(\text{classes})`
+per thread). A row holding any ``-inf``, ``+inf`` or NaN logit has sums that are
+not finite, and the kernel returns NaN for it: the rows above, and those where an
+excluded class meets a positive weight, whose ``+inf`` the reference gives.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +62,15 @@ import numpy as np
 from kldiv_spec import _core_logits
 
 from . import _blocks
+
+# The compiled float32 kernel (backends/_fused_logits.c), where it was built: an install
+# without a C compiler, or a source checkout not built in place, has none. A build that
+# exists but fails to load raises.
+_fused_logits: Any = (
+    importlib.import_module(f"{__package__}._fused_logits")
+    if importlib.util.find_spec(f"{__package__}._fused_logits") is not None
+    else None
+)
 
 __all__: list[str] = []
 
@@ -61,6 +91,33 @@ def supported(*arrays: Any) -> bool:
         and a.flags.c_contiguous
         for a in arrays
     )
+
+
+def _kernel() -> Callable[..., Any] | None:
+    """Return the compiled float32 kernel, or None (not built, no AVX2/FMA, turned off)."""
+    if os.environ.get(_blocks.FUSED_ENV, "").strip() == "0" or _fused_logits is None:
+        return None
+    return _fused_logits.rows_f32 if _fused_logits.available() else None
+
+
+def fused_available() -> bool:
+    """Return whether the compiled float32 kernel runs here (built, AVX2, not turned off)."""
+    return _kernel() is not None
+
+
+def _float32_kernel(s: np.ndarray, temperature: float) -> Callable[..., Any] | None:
+    """Return the compiled kernel if it takes these logits (float32, a class or more), or None.
+
+    The quotient ``s / T`` of float32 logits is computed with ``T`` rounded to float32;
+    the kernel takes temperatures whose float32 value is a positive normal number.
+    """
+    if s.dtype != np.float32 or s.shape[1] == 0:
+        return None
+    with np.errstate(over="ignore"):
+        t32 = np.float32(temperature)
+    if not (np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal):
+        return None
+    return _kernel()
 
 
 def rows_per_block(vocab: int, /) -> int:
@@ -124,6 +181,25 @@ def from_logits(
     starts = list(range(0, rows, step))
     forward = direction == "forward"
     softmax_only = forward and not need_loss and grad is not None and terms_out is None
+    kernel = _float32_kernel(s, temperature)
+
+    def compiled(stripe: Sequence[int]) -> list[Any]:
+        assert kernel is not None
+        for i in stripe:
+            j = min(i + step, rows)
+            kernel(
+                s[i:j],
+                t[i:j],
+                vocab,
+                None if softmax_only else kl[i:j],
+                None if grad is None else grad[i:j],
+                None if terms_out is None else terms_out[i:j],
+                temperature,
+                0.0 if grad_scale is None else grad_scale,
+                factor,
+                not forward,
+            )
+        return []
 
     def work(stripe: Sequence[int]) -> list[Any]:
         a, b, c, d, e = (np.empty((step, vocab), dt) for _ in range(5))
@@ -159,7 +235,7 @@ def from_logits(
                     np.multiply(g, grad_scale, out=g)
         return []
 
-    _blocks._run(work, starts, _blocks.num_threads())
+    _blocks._run(work if kernel is None else compiled, starts, _blocks.num_threads())
     if softmax_only:
         if kept is not None and grad is not None:
             grad[~kept] = 0.0

@@ -1,0 +1,709 @@
+/*
+ * Fused float32 passes of kl_div_from_logits for the NumPy fast path.
+ *
+ * kldiv_spec.backends._fused_logits.rows_f32(s, t, vocab, kl, grad, terms, temperature,
+ * grad_scale, factor, reverse) evaluates one block of rows: s and t are the student's and
+ * the teacher's logits (C-contiguous float32 buffers of rows * vocab values, any
+ * alignment), and for every row, with s' = s / T and t' = t / T (each quotient rounded to
+ * float32, as NumPy's s / T is: T is first rounded to float32),
+ *
+ *     m_s = max s',  x_s = s' - m_s,  Z_s = sum exp(x_s)      (the same for t: m_t, x_t, Z_t)
+ *     log q = x_s - log Z_s,  log p = x_t - log Z_t,
+ *
+ * the forward divergence (w = p the weight, o = q; reverse swaps them) is
+ *
+ *     KL = sum_i w_i (log w_i - log o_i) = S / Z_w + log Z_o - log Z_w,
+ *     S  = sum_i exp(x_w,i) d_i,   d_i = x_w,i - x_o,i,
+ *
+ * so that no logarithm of the logits' size is formed: three passes over a row, the
+ * first reading it from memory and the others from the core's cache:
+ *
+ *   1. the maxima of s and t (m = max(s) / T: the quotient is monotonic in s);
+ *   2. exp(x_s) and exp(x_t), summed into Z_s and Z_t, and the products exp(x_w) d
+ *      summed into S. Each exp and each product is rounded to float32 and the sums are
+ *      accumulated in float64, so for n classes with w the weighting distribution the
+ *      row's error is at most about
+ *          (eps_exp + 2u) sum_i w_i |d_i| + 2 (eps_exp + 2^-40 n) + 2^-50 |KL|
+ *      with u = 2^-24 the float32 unit roundoff and eps_exp <= 1 ulp the error of exp
+ *      (the sums' float64 roundings add about n 2^-53 relatively), where the ufunc path's
+ *      float32 pairwise sums add about log2(n) u; since |d_i| <= |x_w,i| + |x_o,i| this
+ *      is within the documented 8 u sum_i W_i of docs/logits.md (tests check it);
+ *   3. when asked, the gradient of the student's logits for a reduction with upstream
+ *      gradient constant along the row, cG,
+ *          forward: cG q - cG p = exp(x_s) (cG / Z_s) - exp(x_t) (cG / Z_t),
+ *          reverse: cG q (log q - log p - KL) = exp(x_s) (cG / Z_s) (d + (C - KL)),
+ *      and/or the terms w (log w - log o) times factor, exp(x_w) (factor / Z_w) (d + C),
+ *      with C = log Z_o - log Z_w (the per-row constants in float64, then float32); a
+ *      term whose weight is 0 is +0. The exponentials are evaluated again rather than
+ *      kept, so that the kernel needs no scratch memory.
+ *
+ * Rows the plain evaluation cannot get right have a non-finite S, Z_s or Z_t: a logit of
+ * -inf (an excluded class: d is infinite or NaN there, or its weight 0 meets an infinite
+ * d), NaN or +inf, or a row of -inf only (its maximum is replaced by 0, as the reference
+ * does, and Z is 0). Their divergence is returned as NaN (and their gradient and terms
+ * are not written), so that the caller evaluates them again with the reference. Within
+ * a regular row nothing overflows: x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|).
+ *
+ * kl (a writable C-contiguous float64 buffer of one value per row) receives the rows'
+ * divergences. With kl None, only the forward gradient is computed (a backward that needs
+ * no loss), in every row: there the natural IEEE evaluation already has the
+ * specification's values (0 - 0 where both exclude a class, NaN in rows without a
+ * softmax), as the ufunc path's.
+ *
+ * exp is evaluated eight lanes at a time with AVX2 and FMA: x = n ln 2 + r, n =
+ * round(x log2 e), |r| <= ln 2 / 2 (+ a little), r = (x - n LN2_HEAD) - n LN2_TAIL with
+ * LN2_HEAD of 9 significant bits (so the first step is exact), e^r = 1 + (r + r^2 P(r))
+ * with P a degree-4 polynomial fitted (weighted least squares at Chebyshev nodes) to
+ * (e^r - 1 - r) / r^2, and 2^n put into the exponent. Eight lanes with -86.5 <= x <= 88
+ * (normal results: the common case) skip the fix-ups; otherwise 2^n is applied as two
+ * factors 2^(n/2) (so that subnormal results are rounded once), x < -104 gives 0 (-inf
+ * included), x > 89 gives +inf and NaN stays NaN. Over every float32 x with a finite
+ * nonzero result (benchmarks/exp_sweep.py, against float64 exp) the error is at most
+ * EXP_ULP_BOUND (see the sweep and tests) ulp of the exact value.
+ *
+ * The build passes -ffp-contract=off: only the explicit FMAs of exp are fused. The buffers
+ * may start at any byte and are read and written with memcpy (unaligned loads and stores).
+ * Without AVX2 and FMA at run time (or on another architecture) rows_f32 and exp_f32
+ * return NotImplemented and the caller uses NumPy's ufuncs. The GIL is released while a
+ * block is evaluated, so the blocks of one call run in parallel on the caller's threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define KL_X86 1
+#include <immintrin.h>
+#else
+#define KL_X86 0
+#endif
+
+/* What one call computes. */
+typedef struct {
+    float temperature;  /* float32(T) */
+    int multiply;       /* 1: s / T computed as s * (1 / T), exactly the same (T a power of 2) */
+    float inverse;      /* 1 / T when multiply */
+    int reverse;        /* 0: KL(p || q), 1: KL(q || p) */
+    int softmax_only;   /* only the forward gradient (kl not asked) */
+    double grad_scale;  /* cG */
+    double factor;      /* the terms' factor */
+} kl_options;
+
+#if KL_X86
+
+/* P(r) ~ (e^r - 1 - r) / r^2 on [-0.3466, 0.3466], constant term first. */
+static const float KL_E[5] = {
+    4.9999988079e-01f, 1.6666518152e-01f, 4.1669536382e-02f, 8.3689261228e-03f,
+    1.3751373626e-03f,
+};
+#define KL_LOG2E 1.44269504088896341f
+/* ln 2 = LN2_HEAD + LN2_TAIL; LN2_HEAD has 9 significant bits, so n * LN2_HEAD is exact. */
+#define KL_LN2_HEAD 0.693359375f
+#define KL_LN2_TAIL -2.12194440e-4f
+
+/* e^r (in [0.7, 1.42]) and n, for x = n ln 2 + r. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8_reduced(__m256 x, __m256i *n)
+{
+    __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(KL_LOG2E)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r1 = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_HEAD), x); /* exact */
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), r1);
+    /* the rounding error of r: (r1 - r) - n LN2_TAIL */
+    __m256 c = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), _mm256_sub_ps(r1, r));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_set1_ps(KL_E[4]);
+    for (int i = 3; i >= 0; i--) {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(KL_E[i]));
+    }
+    /* 1 + r = h + lo exactly (Fast2Sum), then e^r = h + (lo + r^2 P(r)) */
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 h = _mm256_add_ps(one, r);
+    __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(one, h), r), c);
+    *n = _mm256_cvtps_epi32(nf);
+    return _mm256_add_ps(h, _mm256_fmadd_ps(p, z, lo));
+}
+
+/* 2^k for integer lanes -126 <= k <= 127. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_pow2(__m256i k)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+/* exp of any eight lanes. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8_any(__m256 x)
+{
+    /* clamp (max_ps returns its second operand where the first is NaN) */
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+    __m256i n;
+    __m256 p = kl_exp8_reduced(xc, &n);
+    __m256i n1 = _mm256_srai_epi32(n, 1); /* n in [-150, 129]: both halves in [-75, 65] */
+    __m256i n2 = _mm256_sub_epi32(n, n1);
+    __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, kl_pow2(n1)), kl_pow2(n2));
+    result = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), result);
+    return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays */
+}
+
+/* exp of eight lanes, the short way when every result is normal. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8(__m256 x)
+{
+    __m256 regular = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-86.5f), _CMP_GE_OQ),
+                                   _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_LE_OQ));
+    if (_mm256_movemask_ps(regular) == 0xff) {
+        __m256i n;
+        __m256 p = kl_exp8_reduced(x, &n);
+        return _mm256_castsi256_ps(
+            _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(n, 23)));
+    }
+    return kl_exp8_any(x);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 kl_load8(const unsigned char *p)
+{
+    __m256 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+__attribute__((target("avx2,fma"))) static inline void kl_store8(unsigned char *p, __m256 v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* ``rest`` (< 8) floats from ``p`` in the low lanes, zeros above. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_load_tail(const unsigned char *p,
+                                                                     Py_ssize_t rest)
+{
+    float buffer[8] = {0};
+    memcpy(buffer, p, (size_t)rest * sizeof(float));
+    return _mm256_loadu_ps(buffer);
+}
+
+__attribute__((target("avx2,fma"))) static inline void kl_store_tail(unsigned char *p, __m256 v,
+                                                                    Py_ssize_t rest)
+{
+    float buffer[8];
+    _mm256_storeu_ps(buffer, v);
+    memcpy(p, buffer, (size_t)rest * sizeof(float));
+}
+
+/* All ones in the low ``rest`` lanes. */
+__attribute__((target("avx2,fma"))) static inline __m256 kl_lanes(Py_ssize_t rest)
+{
+    __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)rest), index));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 kl_scaled8(__m256 v,
+                                                                   const kl_options *o)
+{
+    return o->multiply ? _mm256_mul_ps(v, _mm256_set1_ps(o->inverse))
+                       : _mm256_div_ps(v, _mm256_set1_ps(o->temperature));
+}
+
+static inline float kl_scaled1(float v, const kl_options *o)
+{
+    return o->multiply ? v * o->inverse : v / o->temperature;
+}
+
+/* The largest of ``n`` floats at ``p`` (NaN ignored; -inf for none). */
+__attribute__((target("avx2,fma"))) static float kl_max(const unsigned char *p, Py_ssize_t n)
+{
+    const size_t lane = sizeof(float);
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
+        m1 = _mm256_max_ps(kl_load8(p + (i + 8) * lane), m1);
+        m2 = _mm256_max_ps(kl_load8(p + (i + 16) * lane), m2);
+        m3 = _mm256_max_ps(kl_load8(p + (i + 24) * lane), m3);
+    }
+    for (; i + 8 <= n; i += 8) {
+        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
+    }
+    m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float m = -INFINITY;
+    for (int k = 0; k < 8; k++) {
+        m = lanes[k] > m ? lanes[k] : m;
+    }
+    for (; i < n; i++) {
+        float v;
+        memcpy(&v, p + i * lane, lane);
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+/* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
+__attribute__((target("avx2,fma"))) static inline void kl_accumulate(__m256d *acc, __m256 v)
+{
+    acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+__attribute__((target("avx2,fma"))) static inline double kl_total(const __m256d *acc)
+{
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+/* One row's shifted logits x = s' - m of eight lanes. */
+#define KL_SHIFTED(src, m) _mm256_sub_ps(kl_scaled8((src), o), (m))
+
+/* Pass 2 of one row: Z_s, Z_t and (unless ``sums_only``) S; exp(x_s) and exp(x_t) are
+ * also stored at ``es_out`` and ``et_out`` where these are not NULL. */
+__attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
+                                                       const unsigned char *t, Py_ssize_t n,
+                                                       float ms, float mt, const kl_options *o,
+                                                       int sums_only, unsigned char *es_out,
+                                                       unsigned char *et_out, double *zs,
+                                                       double *zt, double *sw)
+{
+    const size_t lane = sizeof(float);
+    const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
+    __m256d as[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+    __m256d at[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+    __m256d aw[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        Py_ssize_t rest = n - i < 8 ? n - i : 8;
+        __m256 sv, tv, keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        if (rest == 8) {
+            sv = kl_load8(s + i * lane);
+            tv = kl_load8(t + i * lane);
+        } else {
+            sv = kl_load_tail(s + i * lane, rest);
+            tv = kl_load_tail(t + i * lane, rest);
+            keep = kl_lanes(rest);
+        }
+        __m256 xs = KL_SHIFTED(sv, vms), xt = KL_SHIFTED(tv, vmt);
+        __m256 es = _mm256_and_ps(kl_exp8(xs), keep), et = _mm256_and_ps(kl_exp8(xt), keep);
+        kl_accumulate(as, es);
+        kl_accumulate(at, et);
+        if (!sums_only) {
+            __m256 d = o->reverse ? _mm256_sub_ps(xs, xt) : _mm256_sub_ps(xt, xs);
+            __m256 ew = o->reverse ? es : et;
+            kl_accumulate(aw, _mm256_and_ps(_mm256_mul_ps(ew, d), keep));
+        }
+        if (rest == 8) {
+            if (es_out != NULL) {
+                kl_store8(es_out + i * lane, es);
+            }
+            if (et_out != NULL) {
+                kl_store8(et_out + i * lane, et);
+            }
+        } else {
+            if (es_out != NULL) {
+                kl_store_tail(es_out + i * lane, es, rest);
+            }
+            if (et_out != NULL) {
+                kl_store_tail(et_out + i * lane, et, rest);
+            }
+        }
+    }
+    *zs = kl_total(as);
+    *zt = kl_total(at);
+    *sw = kl_total(aw);
+}
+
+/* Where one row's pass 3 reads and writes. */
+typedef struct {
+    const unsigned char *s, *t;  /* the logits (read for d) */
+    const unsigned char *es, *et; /* exp(x_s), exp(x_t) stored by pass 2 (NULL: not needed) */
+    unsigned char *grad, *terms;  /* the outputs (NULL: not asked) */
+} kl_row;
+
+/* Pass 3 of one row: the gradient (``a`` = cG / Z_s, ``b`` = cG / Z_t forward, or
+ * ``a`` = cG / Z_s and ``k`` = C - KL reverse) and the terms (``f`` = factor / Z_w,
+ * ``c`` = C). A stored exponential may live in the output it is replaced by: each
+ * vector is read before it is written. */
+__attribute__((target("avx2,fma"))) static void kl_outputs(const kl_row *row, Py_ssize_t n,
+                                                          float ms, float mt,
+                                                          const kl_options *o, float a, float b,
+                                                          float k, float f, float c)
+{
+    const size_t lane = sizeof(float);
+    const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vk = _mm256_set1_ps(k);
+    const __m256 vf = _mm256_set1_ps(f), vc = _mm256_set1_ps(c);
+    const __m256 zero = _mm256_setzero_ps();
+    const int need_d = row->terms != NULL || o->reverse;
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        Py_ssize_t rest = n - i < 8 ? n - i : 8;
+        __m256 es = zero, et = zero, d = zero;
+        if (rest == 8) {
+            if (row->es != NULL) {
+                es = kl_load8(row->es + i * lane);
+            }
+            if (row->et != NULL) {
+                et = kl_load8(row->et + i * lane);
+            }
+        } else {
+            if (row->es != NULL) {
+                es = kl_load_tail(row->es + i * lane, rest);
+            }
+            if (row->et != NULL) {
+                et = kl_load_tail(row->et + i * lane, rest);
+            }
+        }
+        if (need_d) {
+            __m256 sv, tv;
+            if (rest == 8) {
+                sv = kl_load8(row->s + i * lane);
+                tv = kl_load8(row->t + i * lane);
+            } else {
+                sv = kl_load_tail(row->s + i * lane, rest);
+                tv = kl_load_tail(row->t + i * lane, rest);
+            }
+            __m256 xs = KL_SHIFTED(sv, vms), xt = KL_SHIFTED(tv, vmt);
+            d = o->reverse ? _mm256_sub_ps(xs, xt) : _mm256_sub_ps(xt, xs);
+        }
+        if (row->grad != NULL) {
+            __m256 g;
+            if (o->reverse) {
+                g = _mm256_mul_ps(_mm256_mul_ps(es, va), _mm256_add_ps(d, vk));
+            } else {
+                g = _mm256_sub_ps(_mm256_mul_ps(es, va), _mm256_mul_ps(et, vb));
+            }
+            if (rest == 8) {
+                kl_store8(row->grad + i * lane, g);
+            } else {
+                kl_store_tail(row->grad + i * lane, g, rest);
+            }
+        }
+        if (row->terms != NULL) {
+            __m256 w = _mm256_mul_ps(o->reverse ? es : et, vf);
+            __m256 e = _mm256_mul_ps(w, _mm256_add_ps(d, vc));
+            e = _mm256_andnot_ps(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ), e); /* weight 0: +0 */
+            if (rest == 8) {
+                kl_store8(row->terms + i * lane, e);
+            } else {
+                kl_store_tail(row->terms + i * lane, e, rest);
+            }
+        }
+    }
+}
+
+/* ``n`` copies of ``value`` at ``p``. */
+static void kl_fill(unsigned char *p, Py_ssize_t n, float value)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(p + i * sizeof(float), &value, sizeof(float));
+    }
+}
+
+/* Whether kl_rows needs a scratch row: for exp(x_t) of the forward gradient. */
+static int kl_scratch_needed(const kl_options *o, int have_grad)
+{
+    return have_grad && !o->reverse;
+}
+
+/* Every row of the block (see the top of this file); ``scratch`` holds one row of floats
+ * where kl_scratch_needed says so (NULL otherwise). */
+__attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
+                                                       const unsigned char *t, Py_ssize_t rows,
+                                                       Py_ssize_t vocab, double *kl,
+                                                       unsigned char *grad,
+                                                       unsigned char *terms,
+                                                       unsigned char *scratch,
+                                                       const kl_options *o)
+{
+    const size_t row_bytes = (size_t)vocab * sizeof(float);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        kl_row row = {s + r * row_bytes, t + r * row_bytes, NULL, NULL,
+                      grad == NULL ? NULL : grad + r * row_bytes,
+                      terms == NULL ? NULL : terms + r * row_bytes};
+        /* where pass 2 keeps the exponentials pass 3 needs: exp(x_s) (the gradient, or the
+         * reverse terms) in an output; exp(x_t) (forward) in an output or the scratch row */
+        unsigned char *es_out = NULL, *et_out = NULL;
+        if (row.grad != NULL || (row.terms != NULL && o->reverse)) {
+            es_out = row.grad != NULL ? row.grad : row.terms;
+        }
+        if (!o->reverse && (row.grad != NULL || row.terms != NULL)) {
+            et_out = row.grad != NULL ? scratch : row.terms;
+        }
+        row.es = es_out;
+        row.et = et_out;
+        float ms = kl_scaled1(kl_max(row.s, vocab), o), mt = kl_scaled1(kl_max(row.t, vocab), o);
+        int shifted = ms != -INFINITY && mt != -INFINITY;
+        /* a row of -inf only is not shifted (its Z is 0), as in the reference */
+        ms = ms == -INFINITY ? 0.0f : ms;
+        mt = mt == -INFINITY ? 0.0f : mt;
+        double zs, zt, sw;
+        kl_sums(row.s, row.t, vocab, ms, mt, o, o->softmax_only, es_out, et_out, &zs, &zt,
+                &sw);
+        if (o->softmax_only) {
+            /* cG / 0 = inf (times exp = 0: NaN) and cG / NaN = NaN give NaN rows, as q - p */
+            kl_outputs(&row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                       (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
+            continue;
+        }
+        int regular = shifted && isfinite(zs) && isfinite(zt) && isfinite(sw) && zs > 0 &&
+                      zt > 0;
+        if (!regular) {
+            kl[r] = NAN; /* evaluated again by the caller */
+            if (row.grad != NULL) {
+                kl_fill(row.grad, vocab, NAN);
+            }
+            if (row.terms != NULL) {
+                kl_fill(row.terms, vocab, NAN);
+            }
+            continue;
+        }
+        double zw = o->reverse ? zs : zt, zo = o->reverse ? zt : zs;
+        double c = log(zo) - log(zw); /* log w_i - log o_i = d_i + c */
+        double value = sw / zw + c;
+        kl[r] = value;
+        if (row.grad == NULL && row.terms == NULL) {
+            continue;
+        }
+        kl_outputs(&row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                   (float)(o->grad_scale / zt), (float)(c - value), (float)(o->factor / zw),
+                   (float)c);
+    }
+}
+
+/* exp of ``n`` lanes of ``src`` into ``dst`` (any alignment). */
+__attribute__((target("avx2,fma"))) static void kl_exp_avx2(const unsigned char *src,
+                                                           unsigned char *dst, Py_ssize_t n)
+{
+    const size_t lane = sizeof(float);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        kl_store8(dst + i * lane, kl_exp8(kl_load8(src + i * lane)));
+    }
+    if (i < n) {
+        kl_store_tail(dst + i * lane, kl_exp8(kl_load_tail(src + i * lane, n - i)), n - i);
+    }
+}
+
+static int kl_have_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#else
+
+static int kl_have_avx2(void) { return 0; }
+
+#endif
+
+/* Whether ``format`` is the one-character ``code`` in this machine's byte order ("f",
+ * "@f", "=f" or the explicit order of this build, and the same for "d"). */
+static int kl_native_format(const char *format, char code)
+{
+    if (format == NULL) {
+        return 0;
+    }
+#if PY_BIG_ENDIAN
+    if (*format == '@' || *format == '=' || *format == '>' || *format == '!') {
+#else
+    if (*format == '@' || *format == '=' || *format == '<') {
+#endif
+        format++;
+    }
+    return format[0] == code && format[1] == '\0';
+}
+
+/* A C-contiguous buffer of ``obj`` holding ``code`` values ('f' float32, 'd' float64),
+ * writable if asked: 0, or -1 with a TypeError naming ``name``. */
+static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, char code, const char *name)
+{
+    const char *what = code == 'f' ? "float32" : "float64";
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer%s", name, what,
+                     writable ? " (writable)" : "");
+        return -1;
+    }
+    if (view->itemsize != (code == 'f' ? 4 : 8) || !kl_native_format(view->format, code)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer", name, what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, "
+                        "factor, reverse) takes ten arguments");
+        return NULL;
+    }
+    if (!kl_have_avx2()) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    Py_ssize_t vocab = PyLong_AsSsize_t(args[2]);
+    if (vocab == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double temperature = PyFloat_AsDouble(args[6]);
+    double grad_scale = PyFloat_AsDouble(args[7]);
+    double factor = PyFloat_AsDouble(args[8]);
+    int reverse = PyObject_IsTrue(args[9]);
+    if (PyErr_Occurred() || reverse < 0) {
+        return NULL;
+    }
+    if (vocab < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab must be at least 1");
+        return NULL;
+    }
+    kl_options o = {0};
+    o.temperature = (float)temperature;
+    if (!(isfinite(o.temperature) && o.temperature >= 1.17549435e-38f)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "temperature must be a positive normal float32 number");
+        return NULL;
+    }
+    int exponent;
+    float mantissa = frexpf(o.temperature, &exponent);
+    /* T = 2^(exponent - 1): 1 / T is exact (normal) when exponent - 1 <= 126 */
+    o.multiply = mantissa == 0.5f && exponent - 1 <= 126;
+    o.inverse = o.multiply ? 1.0f / o.temperature : 0.0f;
+    o.reverse = reverse;
+    o.grad_scale = grad_scale;
+    o.factor = factor;
+
+    Py_buffer sb, tb, klb = {0}, gb = {0}, eb = {0};
+    int have_kl = args[3] != Py_None, have_grad = args[4] != Py_None;
+    int have_terms = args[5] != Py_None;
+    PyObject *result = NULL;
+    if (kl_buffer(args[0], &sb, 0, 'f', "s") < 0) {
+        return NULL;
+    }
+    if (kl_buffer(args[1], &tb, 0, 'f', "t") < 0) {
+        PyBuffer_Release(&sb);
+        return NULL;
+    }
+    if (have_kl && kl_buffer(args[3], &klb, 1, 'd', "kl") < 0) {
+        have_kl = 0;
+        goto done;
+    }
+    if (have_grad && kl_buffer(args[4], &gb, 1, 'f', "grad") < 0) {
+        have_grad = 0;
+        goto done;
+    }
+    if (have_terms && kl_buffer(args[5], &eb, 1, 'f', "terms") < 0) {
+        have_terms = 0;
+        goto done;
+    }
+    Py_ssize_t n = sb.len / 4, rows = n / vocab;
+    if (tb.len != sb.len || n % vocab != 0 || (have_grad && gb.len != sb.len) ||
+        (have_terms && eb.len != sb.len) || (have_kl && klb.len / 8 != rows)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "s, t, grad and terms must hold rows * vocab values, kl one per row");
+        goto done;
+    }
+    if (!have_kl && (have_terms || !have_grad || reverse)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "without kl, only the forward gradient is computed (grad, no terms)");
+        goto done;
+    }
+    o.softmax_only = !have_kl;
+#if KL_X86
+    unsigned char *scratch = NULL;
+    if (kl_scratch_needed(&o, have_grad)) {
+        scratch = PyMem_RawMalloc((size_t)vocab * sizeof(float));
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    kl_rows((const unsigned char *)sb.buf, (const unsigned char *)tb.buf, rows, vocab,
+            have_kl ? (double *)klb.buf : NULL,
+            have_grad ? (unsigned char *)gb.buf : NULL,
+            have_terms ? (unsigned char *)eb.buf : NULL, scratch, &o);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+#endif
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&tb);
+    if (have_kl) {
+        PyBuffer_Release(&klb);
+    }
+    if (have_grad) {
+        PyBuffer_Release(&gb);
+    }
+    if (have_terms) {
+        PyBuffer_Release(&eb);
+    }
+    return result;
+}
+
+static PyObject *kl_exp_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "exp_f32(src, dst) takes two buffers");
+        return NULL;
+    }
+    if (!kl_have_avx2()) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    Py_buffer src, dst;
+    if (kl_buffer(args[0], &src, 0, 'f', "src") < 0) {
+        return NULL;
+    }
+    if (kl_buffer(args[1], &dst, 1, 'f', "dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (src.len != dst.len) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "src and dst must have the same length");
+        return NULL;
+    }
+#if KL_X86
+    Py_BEGIN_ALLOW_THREADS
+    kl_exp_avx2((const unsigned char *)src.buf, (unsigned char *)dst.buf, src.len / 4);
+    Py_END_ALLOW_THREADS
+#endif
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+static PyObject *kl_available(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(kl_have_avx2());
+}
+
+static PyMethodDef kl_methods[] = {
+    {"rows_f32", (PyCFunction)(void (*)(void))kl_rows_f32, METH_FASTCALL,
+     "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, factor, reverse, /): "
+     "one block of rows of kl_div_from_logits in float32 (NotImplemented without AVX2)."},
+    {"exp_f32", (PyCFunction)(void (*)(void))kl_exp_f32, METH_FASTCALL,
+     "exp_f32(src, dst, /): the vectorised float32 exp of src into dst (for the tests)."},
+    {"available", kl_available, METH_NOARGS,
+     "available() -> bool: whether this CPU has AVX2 and FMA."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef kl_module = {
+    PyModuleDef_HEAD_INIT,
+    "_fused_logits",
+    "Fused AVX2 passes of kl_div_from_logits in float32 (see backends/_fused_logits.c).",
+    -1,
+    kl_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__fused_logits(void) { return PyModule_Create(&kl_module); }
