@@ -6,12 +6,18 @@ All but two run on NumPy and are built from :mod:`.numpy_impl` with one change;
 ``result_on_default_device`` runs on array-api-strict (the one CPU library with
 a second device) and is ``kldiv_spec.kl_div`` with its result moved, and
 ``once_differentiable`` on PyTorch (double backward is checked there only).
+
+The ``logits_*`` and ``gaussian_*`` mutants have no ``kl_div``: they are a
+``from_logits`` (or a ``gaussian``) function only, built from a small NumPy
+implementation of ``kl_div_from_logits`` (of ``gaussian_kl``) written here with
+one change each, with ``kldiv_spec``'s backward unless the gradient is the bug.
 ``MUTANTS[name]`` is an :class:`~.implementations.Implementation`; on the
 command line: ``kldiv-spec check --impl mutant:NAME``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +29,7 @@ import kldiv_spec
 from . import numpy_impl
 from .implementations import Implementation
 
-__all__ = ["MUTANTS"]
+__all__ = ["MUTANTS", "np_from_logits", "np_gaussian"]
 
 Fn = Callable[..., Any]
 
@@ -434,6 +440,235 @@ _LIST = [
             divisor=lambda r, x, t, s: x.size if r == "mean" else numpy_impl._divisor(r, x, s)
         ),
         description="mean divides by the input's numel, not the broadcast shape's",
+    ),
+]
+
+# --------------------------------------------------------------------------- from logits
+
+
+def _np_log_softmax(z: np.ndarray, *, naive: bool) -> np.ndarray:
+    """Return ``log_softmax`` along the last axis: shifted by the row's maximum unless ``naive``.
+
+    A row holding NaN or ``+inf``, or only ``-inf``, comes out NaN.
+    """
+    if naive:  # exp overflows at large logits
+        return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+    if z.shape[-1] == 0:
+        return z
+    m = np.max(z, axis=-1, keepdims=True)
+    shifted = z - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def np_from_logits(
+    input: Any,
+    target: Any,
+    /,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    axis: int = -1,
+    direction: str = "forward",
+    scale_by_temperature_squared: bool = True,
+    mask: Any = None,
+    bug: str = "",
+) -> np.ndarray:
+    r"""``kl_div_from_logits`` in NumPy, with the ``bug`` named (``''``: none).
+
+    :math:`k \cdot \operatorname{reduce} w_i (\log w_i - \log o_i)`, with
+    :math:`(w, o) = (p, q)` forward and :math:`(q, p)` reverse, a term of zero
+    weight 0, masked rows 0, and the divisors of ``docs/logits.md``.
+    """
+    s, t = np.asarray(input), np.asarray(target)
+    dtype = np.result_type(s.dtype, t.dtype)
+    work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    s = np.moveaxis(s.astype(work), axis, -1)
+    t = np.moveaxis(t.astype(work), axis, -1)
+    naive = bug == "unstable_lse"
+    with np.errstate(all="ignore"):
+        log_q = _np_log_softmax(s / temperature, naive=naive)
+        log_p = _np_log_softmax(t / temperature, naive=naive)
+        forward = (direction == "forward") != (bug == "direction_swapped")
+        log_w, log_o = (log_p, log_q) if forward else (log_q, log_p)
+        w = np.exp(log_w)
+        if bug == "cross_entropy":
+            terms = -(w * log_o)
+        elif bug == "log_ratio_flipped":
+            terms = w * (log_o - log_w)
+        else:
+            terms = w * (log_w - log_o)
+        if bug != "excluded_class_nan":
+            terms = np.where(w == 0, 0, terms)
+        rows = s.shape[:-1]
+        keep = (
+            np.ones(rows, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), rows)
+        )
+        terms = np.where(keep[..., None], terms, 0).astype(work)
+        k = temperature * temperature if scale_by_temperature_squared else 1.0
+        if bug == "no_t_squared":
+            k = 1.0
+        if reduction == "none":
+            return np.moveaxis(terms * work.type(k), -1, axis).astype(dtype)
+        total = terms.sum(dtype=work)
+        vocab = s.shape[-1]
+        if mask is not None and bug != "mask_in_divisor":
+            n = int(keep.sum())
+            d = {"sum": 1, "mean": n * vocab}.get(reduction, n)
+            if d == 0:
+                return np.asarray(0, dtype)
+        else:
+            d = {
+                "sum": 1,
+                "mean": s.size,
+                "batchmean": np.shape(input)[0],
+                "rowmean": math.prod(rows),
+            }[reduction]
+        return np.asarray(total * work.type(k) / work.type(d)).astype(dtype)
+
+
+def _logits_bug(bug: str) -> Fn:
+    def from_logits(input: Any, target: Any, /, **options: Any) -> Any:
+        return np_from_logits(input, target, bug=bug, **options)
+
+    return from_logits
+
+
+def _logits_grad(*, sign: float = 1.0, times_temperature: bool = False) -> Fn:
+    def backward(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+        gx, gt = kldiv_spec.kl_div_from_logits_backward(g, input, target, **options)
+        factor = sign * (options.get("temperature", 1.0) if times_temperature else 1.0)
+        return np.asarray(gx * factor).astype(gx.dtype), gt
+
+    return backward
+
+
+def np_gaussian(
+    mu: Any,
+    logvar: Any,
+    /,
+    *,
+    mu_prior: Any = 0.0,
+    logvar_prior: Any = 0.0,
+    reduction: str = "batchmean",
+    bug: str = "",
+) -> np.ndarray:
+    r"""``gaussian_kl`` in NumPy, with the ``bug`` named (``''``: none).
+
+    :math:`\tfrac12 (\operatorname{expm1}(d) - d + (\mu - \mu_0)^2 e^{-\lambda_0})`,
+    :math:`d = \lambda - \lambda_0`, reduced like ``kl_div``.
+    """
+    m, lv = np.asarray(mu), np.asarray(logvar)
+    dtype = np.result_type(m.dtype, lv.dtype)
+    m0 = np.asarray(mu_prior, dtype) if np.ndim(mu_prior) else dtype.type(mu_prior)
+    lv0 = np.asarray(logvar_prior, dtype) if np.ndim(logvar_prior) else dtype.type(logvar_prior)
+    if bug == "prior_ignored":
+        m0, lv0 = dtype.type(0), dtype.type(0)
+    with np.errstate(all="ignore"):
+        d = lv - lv0
+        diff = m - m0
+        log_term = np.expm1(d) + d if bug == "logvar_sign" else np.expm1(d) - d
+        terms = np.asarray(0.5 * (log_term + diff * diff / np.exp(lv0))).astype(dtype)
+        if reduction == "none":
+            return terms
+        total = terms.sum(dtype=dtype)
+        n = {"sum": 1, "mean": terms.size, "batchmean": m.shape[0] if m.ndim else 1}[reduction]
+        return np.asarray(total / dtype.type(n)).astype(dtype)
+
+
+def _gaussian_bug(bug: str) -> Fn:
+    def gaussian(mu: Any, logvar: Any, /, **options: Any) -> Any:
+        return np_gaussian(mu, logvar, bug=bug, **options)
+
+    return gaussian
+
+
+def _gaussian_grad_no_half(g: Any, mu: Any, logvar: Any, /, **options: Any) -> Any:
+    """Return the gradients with the one w.r.t. ``logvar`` lacking its factor 1/2."""
+    g_mu, g_lv, g_mp, g_lp = kldiv_spec.gaussian_kl_backward(g, mu, logvar, **options)
+    return g_mu, np.asarray(2 * g_lv).astype(g_lv.dtype), g_mp, g_lp
+
+
+def _logits_m(name: str, bug: str, description: str, backward: Fn | None = None) -> Implementation:
+    return Implementation(
+        name,
+        backends=("numpy",),
+        description=description,
+        from_logits=_logits_bug(bug),
+        from_logits_backward=backward or kldiv_spec.kl_div_from_logits_backward,
+    )
+
+
+def _gaussian_m(
+    name: str, bug: str, description: str, backward: Fn | None = None
+) -> Implementation:
+    return Implementation(
+        name,
+        backends=("numpy",),
+        description=description,
+        gaussian=_gaussian_bug(bug),
+        gaussian_backward=backward or kldiv_spec.gaussian_kl_backward,
+    )
+
+
+_LIST += [
+    _logits_m("logits_no_t_squared", "no_t_squared", "from logits: never multiplies by T**2"),
+    _logits_m(
+        "logits_direction_swapped",
+        "direction_swapped",
+        "from logits: 'forward' computes KL(q || p) and 'reverse' KL(p || q)",
+    ),
+    _logits_m(
+        "logits_mask_in_divisor",
+        "mask_in_divisor",
+        "from logits: masked rows count in the 'batchmean'/'rowmean'/'mean' divisor",
+    ),
+    _logits_m(
+        "logits_unstable_lse",
+        "unstable_lse",
+        "from logits: log(sum(exp(z))) without the max shift (overflows at large logits)",
+    ),
+    _logits_m(
+        "logits_excluded_class_nan",
+        "excluded_class_nan",
+        "from logits: p * (log p - log q) unmasked: a class the teacher excludes gives NaN",
+    ),
+    _logits_m(
+        "logits_cross_entropy",
+        "cross_entropy",
+        "from logits: -sum(p log q), the cross-entropy (torchtune's ForwardKLLoss convention)",
+    ),
+    _logits_m(
+        "logits_log_ratio_flipped",
+        "log_ratio_flipped",
+        "from logits: p * (log q - log p), the KL negated",
+    ),
+    _logits_m(
+        "logits_grad_sign",
+        "",
+        "from logits: the student gradient is p - q instead of q - p",
+        _logits_grad(sign=-1.0),
+    ),
+    _logits_m(
+        "logits_grad_missing_inverse_t",
+        "",
+        "from logits: the student gradient misses the 1/T of d(s/T)/ds",
+        _logits_grad(times_temperature=True),
+    ),
+    _gaussian_m(
+        "gaussian_prior_ignored",
+        "prior_ignored",
+        "gaussian: mu_prior and logvar_prior ignored (always the standard normal)",
+    ),
+    _gaussian_m(
+        "gaussian_logvar_sign",
+        "logvar_sign",
+        "gaussian: + (logvar - logvar_prior) instead of -",
+    ),
+    _gaussian_m(
+        "gaussian_grad_no_half",
+        "",
+        "gaussian: the gradient w.r.t. logvar misses the factor 1/2",
+        _gaussian_grad_no_half,
     ),
 ]
 
