@@ -148,6 +148,18 @@ def _want(exact: Any, reduction: str) -> tuple[np.ndarray, Any]:
     return np.asarray(value), np.asarray(tol)
 
 
+def _message(head: str, what: str, *shown: tuple[str, Any]) -> str:
+    """Return ``head: <what's first line>``, then the arrays ``shown``, then the rest of ``what``.
+
+    The first line is the report's reason: it holds what differs and the
+    options, whatever the size of the arrays.
+    """
+    first, _, rest = what.partition("\n")
+    lines = [f"{head}: {first}"]
+    lines += [f"  {name:<8} {fmt(np.asarray(a))}" for name, a in shown]
+    return "\n".join(lines) + ("\n" + rest if rest else "")
+
+
 def _compare(got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "") -> None:
     got = np.asarray(got, dtype=np.float64)
     if got.shape != want.shape:
@@ -161,16 +173,19 @@ def _compare(got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "") ->
         finite = np.isfinite(want)
         err = np.where(finite, np.abs(got - want), 0.0)
     if not same_special:
-        msg = f"NaN/inf pattern {fmt(got)}, expected {fmt(want)}{hint}: {what}"
-        raise AssertionError(msg)
+        head = f"NaN/inf pattern differs{hint}"
+        raise AssertionError(_message(head, what, ("got", got), ("expected", want)))
     bound = np.broadcast_to(tol, err.shape)
     bad = finite & ~(err <= bound)
     if bad.any():
-        msg = (
-            f"{fmt(got[bad])}, expected {fmt(want[bad])}: error {fmt(err[bad])} above the "
-            f"bound {fmt(bound[bad])}{hint}: {what}"
+        worst = int(np.argmax(np.where(bad, err, -1.0)))
+        head = (
+            f"{int(bad.sum())} of {bad.size} value(s) off, by up to {err.flat[worst]:.6g} "
+            f"(bound {bound.flat[worst]:.3g}){hint}"
         )
-        raise AssertionError(msg)
+        raise AssertionError(
+            _message(head, what, ("got", got[bad]), ("expected", want[bad]), ("error", err[bad]))
+        )
 
 
 def _what(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
@@ -273,11 +288,8 @@ def assert_from_logits_zero(got: Any, input: np.ndarray, /, **options: Any) -> N
     if not (np.abs(got) <= 0.0).all():
         mask = options.pop("mask", None)
         hint = _hint(got, input, input, mask, options)
-        msg = (
-            f"kl_div_from_logits(s, s) = {fmt(got)}, not 0{hint}: "
-            f"{_what(input, input, mask, options)}"
-        )
-        raise AssertionError(msg)
+        head = f"kl_div_from_logits(s, s) is not 0{hint}"
+        raise AssertionError(_message(head, _what(input, input, mask, options), ("got", got)))
 
 
 def assert_from_logits_non_negative(
@@ -293,11 +305,9 @@ def assert_from_logits_non_negative(
         lows, tol = got.reshape(1), np.asarray([oracle.reduce_logits(exact)[1]])
     if not (lows >= -tol).all():
         hint = _hint(got, input, target, mask, options)
-        msg = (
-            f"negative divergence {fmt(lows)} (bound {fmt(tol)}){hint}: "
-            f"{_what(input, target, mask, options)}"
-        )
-        raise AssertionError(msg)
+        head = f"negative divergence{hint}"
+        what = _what(input, target, mask, options)
+        raise AssertionError(_message(head, what, ("got", lows), ("bound", -tol)))
 
 
 def _log_softmax(a: np.ndarray) -> np.ndarray:
@@ -748,11 +758,8 @@ def assert_gaussian_zero(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **opti
     """Assert ``gaussian_kl(mu, logvar, mu_prior=mu, logvar_prior=logvar)`` gave exactly 0."""
     got = np.asarray(got, dtype=np.float64)
     if not (got == 0).all():
-        msg = (
-            f"the KL of a Gaussian from itself is {fmt(got)}, not exactly 0: "
-            f"{_gaussian_what(mu, logvar, options)}"
-        )
-        raise AssertionError(msg)
+        head = "the KL of a Gaussian from itself is not exactly 0"
+        raise AssertionError(_message(head, _gaussian_what(mu, logvar, options), ("got", got)))
 
 
 def gaussian_expected(
@@ -789,8 +796,7 @@ def assert_gaussian(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: 
             hint = " (it matches the standard normal prior: the prior is ignored)"
     _compare(got, want, tol, what, hint)
     if not (got >= 0).all():
-        msg = f"negative Gaussian KL {fmt(got)}: {what}"
-        raise AssertionError(msg)
+        raise AssertionError(_message("negative Gaussian KL", what, ("got", got)))
 
 
 @register(

@@ -2,7 +2,9 @@
 
 Exit status: 0 when every MUST property holds, 1 when one fails (or, with
 ``--strict``, when a SHOULD property fails), 2 on a usage error. With no
-arguments it checks the reference on every installed backend.
+arguments it checks the reference on every installed backend. ``--kind`` says
+what a ``MODULE:CALLABLE`` is: a ``kl_div`` (the default), a from-logits
+function, a Gaussian KL, or a loss of the torchtune or Liger convention.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .namespaces import (
 )
 from .properties import GROUPS, select
 from .report import matrix_markdown, table, write_json
-from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, resolve, run
+from .runner import DEFAULT_MAX_EXAMPLES, KINDS, Outcome, Report, resolve, run
 
 __all__ = ["main"]
 
@@ -42,6 +44,24 @@ requirement levels:
           ValueError, RuntimeError is a SHOULD failure. SHOULD failures are
           reported (level column, SHOULD column of --markdown) and exit 1 only
           with --strict.
+
+kinds of MODULE:CALLABLE (--kind):
+  kl-div           fn(input, target, reduction=..., log_target=...), PyTorch's
+                   kl_div (the default); from_logits and gaussian attributes on
+                   it, if any, are checked too
+  from-logits      fn(input, target, *, temperature, reduction, direction,
+                   scale_by_temperature_squared, mask=...), as
+                   kldiv_spec.kl_div_from_logits
+  gaussian         fn(mu, logvar, *, reduction, mu_prior, logvar_prior), as
+                   kldiv_spec.gaussian_kl
+  torchtune-style  loss(student_logits, teacher_logits, labels, normalize=True),
+                   as torchtune's ForwardKLLoss (a class is instantiated)
+  liger-style      jsd(student_log_probs, teacher_log_probs, shift_labels=None)
+                   with beta 0 (forward KL) / 1 (reverse KL), as Liger-Kernel's
+                   LigerJSD (a class is instantiated with beta=)
+  Properties of a function the implementation lacks are n/a, and so are the
+  options it cannot express (the styles: forward only for torchtune, per-token
+  means).
 """
 
 
@@ -65,7 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="IMPL",
         help="reference (default), torch, numpy, an adapter (scipy-rel-entr, optax, "
-        "keras, torchmetrics, mlx, paddle), mutant:NAME or MODULE:CALLABLE; repeatable",
+        "keras, torchmetrics, mlx, paddle, and the models torchtune-style, liger-style), "
+        "mutant:NAME or MODULE:CALLABLE; repeatable",
+    )
+    p.add_argument(
+        "--kind",
+        choices=list(KINDS),
+        default="kl-div",
+        help="what each MODULE:CALLABLE is (see below; default kl-div)",
     )
     p.add_argument(
         "--backend",
@@ -138,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         specs += [f"mutant:{name}" for name in MUTANTS]
     reports: list[Report] = []
     for spec in specs:
+        # --kind says what a MODULE:CALLABLE is; named implementations know their own
+        kind = args.kind if ":" in spec and not spec.startswith("mutant:") else "kl-div"
         try:
-            impl = resolve(spec)
+            impl = resolve(spec, kind=kind)
         except ImportError as exc:
             reports.append(
                 Report(
@@ -164,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif spec == "reference":
             backends = installed_backends()
         elif ":" in spec and not spec.startswith("mutant:"):
-            inferred = infer_backend(impl.fn)
+            inferred = infer_backend(impl.primary)
             if inferred is None:
                 sys.stderr.write(
                     f"kldiv-spec check: error: cannot tell which array library {spec} takes: "
@@ -186,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 shrink=not args.no_shrink,
                 progress=_progress(args.quiet, f"{impl.name}/{be}"),
+                kind=kind,
             )
             report.impl = spec
             reports.append(report)

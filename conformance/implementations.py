@@ -69,8 +69,9 @@ class Implementation:
         scale_by_temperature_squared, mask=...)``: the KL divergence between
         ``softmax(target / T)`` and ``softmax(input / T)`` as
         ``kldiv_spec.kl_div_from_logits`` defines it (student logits first).
-        ``mask`` is passed only when a case has one. Raising
-        ``NotImplementedError`` for options it does not offer makes that case n/a.
+        ``mask`` is passed only when a case has one. Declare what it cannot
+        express with the ``logits_*`` fields below: those cases are then not
+        drawn. Raising ``NotImplementedError`` instead makes the whole property n/a.
     from_logits_backward : callable, optional
         ``from_logits_backward(grad_output, input, target, **options)`` returning
         ``(grad_input, grad_target)`` (``grad_target`` may be None), as

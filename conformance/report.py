@@ -58,6 +58,18 @@ SPECIFICITY: tuple[str, ...] = (
     "accuracy.float32",
     "accuracy.subnormal",
     "accuracy.large_support",
+    # from logits and the Gaussian KL: fixed cases of one rule first
+    "semantics.logits_edge_values",
+    "accuracy.logits_options",
+    "gradients.logits_options",
+    "math.logits_zero_at_identity",
+    "math.gaussian_zero_at_identity",
+    "math.logits_non_negative",
+    "gradients.logits_oracle",
+    "gradients.gaussian_oracle",
+    "accuracy.logits_oracle",
+    "accuracy.gaussian_oracle",
+    "math.logits_composition",
 )
 _BROAD: tuple[str, ...] = (
     "math.non_negative",
@@ -108,7 +120,7 @@ def cause(outcome: Outcome, /) -> str:
     if kind in ("errors", "warnings", "side effects", "device"):
         return kind
     what = "loss"
-    grad = re.search(r"gradient w\.r\.t\. (input|target)", reason)
+    grad = re.search(r"gradient w\.r\.t\. (input|target|the student logits|mu|logvar)", reason)
     if grad is not None:
         what = f"gradient w.r.t. {grad.group(1)}"
     reduction = re.search(r"reduction='(\w+)'", reason) or re.search(

@@ -47,7 +47,8 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
       its backward; ``from_logits`` and ``gaussian`` attributes, if any, as its
       other two functions);
     - ``'from-logits'``: a function with ``kl_div_from_logits``'s signature
-      (a ``backward`` attribute: ``kl_div_from_logits_backward``'s);
+      (a ``backward`` attribute: ``kl_div_from_logits_backward``'s); to declare
+      options it cannot express, export an :class:`Implementation` instead;
     - ``'gaussian'``: a function with ``gaussian_kl``'s signature (a
       ``backward`` attribute: ``gaussian_kl_backward``'s);
     - ``'torchtune-style'``, ``'liger-style'``: a loss of that convention (a
@@ -387,7 +388,9 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
     mask = c.extra.get("mask")
     options = {k: c.extra[k] for k in ("temperature", "direction", "scale_by_temperature_squared")}
     lines = [
-        f"mask = {'None' if mask is None else _literal(mask)}  # True keeps a row",
+        "mask = "
+        + ("None" if mask is None else f"np.array({np.asarray(mask).tolist()!r}, dtype=bool)")
+        + "  # True keeps a row",
         f"kw = dict(reduction={c.reduction!r}, "
         + ", ".join(f"{k}={v!r}" for k, v in options.items())
         + ")",

@@ -47,13 +47,26 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "mean_by_input_numel": ("semantics.broadcast_divisors",),
     "result_on_default_device": ("hygiene.device",),
     "once_differentiable": ("gradients.double_backward",),
+    # from logits and the Gaussian KL (a from_logits or gaussian function only)
+    "logits_no_t_squared": ("accuracy.logits_options",),
+    "logits_direction_swapped": ("accuracy.logits_oracle", "accuracy.logits_options"),
+    "logits_mask_in_divisor": ("accuracy.logits_options",),
+    "logits_unstable_lse": ("semantics.logits_edge_values",),
+    "logits_excluded_class_nan": ("semantics.logits_edge_values",),
+    "logits_cross_entropy": ("math.logits_zero_at_identity", "math.logits_composition"),
+    "logits_log_ratio_flipped": ("math.logits_non_negative",),
+    "logits_grad_sign": ("gradients.logits_oracle",),
+    "logits_grad_missing_inverse_t": ("gradients.logits_options",),
+    "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
+    "gaussian_logvar_sign": ("accuracy.gaussian_oracle",),
+    "gaussian_grad_no_half": ("gradients.gaussian_oracle",),
 }
 
 #: The modules whose properties this table must cover (the suite's own checks;
 #: modules added by other work bring their own mutants and tests).
 SUITE_CHECKS = {
     f"kldiv_spec.conformance.checks_{g}"
-    for g in ("math", "accuracy", "semantics", "gradients", "hygiene")
+    for g in ("math", "accuracy", "semantics", "gradients", "hygiene", "logits")
 }
 
 
@@ -72,7 +85,8 @@ def test_every_mutant_has_an_expected_catcher():
 def test_every_property_catches_at_least_one_mutant():
     """A property no mutant fails is untested: each of the suite's own has one."""
     own = {n for n, p in PROPERTIES.items() if p.check.__module__ in SUITE_CHECKS}
-    assert len(own) >= 30
+    assert len(own) >= 40
+    assert {n for n, p in PROPERTIES.items() if p.subject != "kl_div"} <= own
     caught = {p for props in CAUGHT_BY.values() for p in props}
     assert own - caught == set()
 

@@ -1,0 +1,362 @@
+"""``kldiv-spec check`` for from-logits and Gaussian-KL implementations (issue 11).
+
+Implementations carry official ``from_logits`` / ``gaussian`` functions and
+declare what they can express; the suite runs their properties (and makes the
+others n/a), rejects a mutant of each property on every seed, reproduces each
+failure by replaying the call, and adapts the torchtune and Liger conventions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import textwrap
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kldiv_spec
+from kldiv_spec.conformance import PROPERTIES, resolve, run
+from kldiv_spec.conformance.adapters import liger_style, torchtune_style
+from kldiv_spec.conformance.cli import main
+from kldiv_spec.conformance.implementations import Implementation
+from kldiv_spec.conformance.mutants import MUTANTS, np_from_logits, np_gaussian
+from kldiv_spec.conformance.namespaces import installed_backends
+from kldiv_spec.conformance.report import causes
+
+SEEDS = range(16)  # as tests/test_conformance_v2.py
+
+#: The from-logits and Gaussian properties.
+LOGITS = sorted(n for n, p in PROPERTIES.items() if p.subject == "from_logits")
+GAUSSIAN = sorted(n for n, p in PROPERTIES.items() if p.subject == "gaussian")
+SAMPLED = [n for n in LOGITS + GAUSSIAN if PROPERTIES[n].strategy is not None]
+
+#: Each mutant of a from-logits or Gaussian property and the properties that reject it.
+CAUGHT_BY = {
+    "logits_no_t_squared": ("accuracy.logits_options",),
+    "logits_direction_swapped": ("accuracy.logits_oracle", "accuracy.logits_options"),
+    "logits_mask_in_divisor": ("accuracy.logits_options",),
+    "logits_unstable_lse": ("semantics.logits_edge_values",),
+    "logits_excluded_class_nan": ("semantics.logits_edge_values",),
+    "logits_cross_entropy": ("math.logits_zero_at_identity", "math.logits_composition"),
+    "logits_log_ratio_flipped": ("math.logits_non_negative",),
+    "logits_grad_sign": ("gradients.logits_oracle",),
+    "logits_grad_missing_inverse_t": ("gradients.logits_options",),
+    "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
+    "gaussian_logvar_sign": ("accuracy.gaussian_oracle",),
+    "gaussian_grad_no_half": ("gradients.gaussian_oracle",),
+}
+
+
+def _failures(report: Any) -> list[tuple[str, str]]:
+    return [(o.name, o.reason) for o in report.outcomes if o.status == "fail"]
+
+
+def _torch() -> None:
+    if "torch" not in installed_backends():
+        pytest.skip("torch is not installed")
+
+
+def _exec(code: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "<reproduction>", "exec"), {})
+    return out.getvalue()
+
+
+def _line(printed: str, prefix: str) -> str:
+    return next(line for line in printed.splitlines() if line.startswith(prefix))
+
+
+def _numpy_impl(**fields: Any) -> Implementation:
+    """The suite's NumPy from-logits and Gaussian KL (no bug), kldiv_spec's backward."""
+    return Implementation(
+        "numpy-logits",
+        backends=("numpy",),
+        from_logits=np_from_logits,
+        from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
+        gaussian=np_gaussian,
+        gaussian_backward=kldiv_spec.gaussian_kl_backward,
+        **fields,
+    )
+
+
+# -- the fields and their declarations ---------------------------------------------------------
+
+
+def test_every_logits_and_gaussian_property_is_declared_with_its_subject():
+    assert {"accuracy.logits_options", "gradients.logits_options"} <= set(LOGITS)
+    assert "gradients.gaussian_oracle" in GAUSSIAN
+    assert {p.subject for p in PROPERTIES.values()} == {"kl_div", "from_logits", "gaussian"}
+    reference = resolve("reference")
+    assert reference.from_logits is kldiv_spec.kl_div_from_logits
+    assert reference.gaussian is kldiv_spec.gaussian_kl
+    assert reference.function("kl_div") is reference.fn
+
+
+def test_the_reference_and_an_independent_numpy_implementation_pass():
+    for impl in ("reference", _numpy_impl()):
+        report = run(impl, "numpy", names=LOGITS + GAUSSIAN, max_examples=10, shrink=False)
+        assert {o.status for o in report.outcomes} == {"pass"}, _failures(report)
+    for seed in SEEDS:
+        report = run(_numpy_impl(), "numpy", names=SAMPLED, max_examples=2, seed=seed)
+        assert not report.failed, (seed, _failures(report))
+
+
+def test_a_from_logits_only_implementation_gets_n_a_for_the_rest():
+    impl = Implementation("only-logits", backends=("numpy",), from_logits=np_from_logits)
+    report = run(impl, "numpy", max_examples=2, shrink=False)
+    status = {o.name: (o.status, o.reason) for o in report.outcomes}
+    assert not report.failed, _failures(report)
+    for name, prop in PROPERTIES.items():
+        if prop.subject == "kl_div":
+            assert status[name] == ("n/a", "only-logits has no kl_div function")
+        elif prop.subject == "gaussian":
+            assert status[name] == ("n/a", "only-logits has no gaussian function")
+    # no backward on NumPy (no autograd): the gradient properties are n/a, the others pass
+    assert status["gradients.logits_oracle"][0] == "n/a"
+    assert {status[n][0] for n in LOGITS if not n.startswith("gradients.")} == {"pass"}
+    with pytest.raises(TypeError, match="no kl_div function"):
+        impl(np.zeros(1), np.zeros(1))
+
+
+def test_declared_limits_are_never_called_and_make_the_rest_n_a():
+    """Only the declared options are drawn or run; a property with none left is n/a."""
+    calls = []
+
+    def forward_sum_only(input: Any, target: Any, /, **options: Any) -> Any:
+        calls.append(options)
+        assert options["direction"] == "forward" and "mask" not in options, options
+        assert options["reduction"] in ("sum", "none") and options["temperature"] == 1.0
+        assert options["scale_by_temperature_squared"] is True, options
+        return np_from_logits(input, target, **options)
+
+    impl = _numpy_impl(
+        logits_reductions=("sum", "none"),
+        logits_directions=("forward",),
+        logits_scalings=(True,),
+        logits_temperature=False,
+        logits_masks=False,
+    )
+    impl = Implementation(**{**impl.__dict__, "from_logits": forward_sum_only})
+    report = run(impl, "numpy", names=LOGITS, max_examples=10, shrink=False)
+    status = {o.name: o.status for o in report.outcomes}
+    assert not report.failed, _failures(report)
+    assert status["accuracy.logits_options"] == "n/a"  # every grid case has T = 2
+    assert status["semantics.logits_edge_values"] == "pass"
+    assert calls
+    none = _numpy_impl(logits_reductions=())
+    report = run(none, "numpy", names=LOGITS, max_examples=2, shrink=False)
+    assert {o.status for o in report.outcomes} == {"n/a"}
+
+
+# -- mutants: every property has one, rejected on every seed -------------------------------------
+
+
+def test_every_logits_and_gaussian_property_has_a_mutant():
+    caught = {p for props in CAUGHT_BY.values() for p in props}
+    assert caught == set(LOGITS + GAUSSIAN)
+    assert set(CAUGHT_BY) == {m for m in MUTANTS if m.startswith(("logits_", "gaussian_"))}
+    for name in CAUGHT_BY:
+        assert MUTANTS[name].fn is None  # a from_logits or gaussian function only
+
+
+@pytest.mark.parametrize("name", sorted(CAUGHT_BY))
+def test_each_mutant_is_rejected_on_every_seed(name):
+    """A fixed-case catcher needs no seed; a sampled one is run on each of 16 seeds."""
+    fixed = [p for p in CAUGHT_BY[name] if PROPERTIES[p].cases is not None]
+    sampled = [p for p in CAUGHT_BY[name] if PROPERTIES[p].strategy is not None]
+    if fixed:
+        report = run(f"mutant:{name}", "numpy", names=fixed, shrink=False)
+        assert {o.status for o in report.outcomes} == {"fail"}, report.outcomes
+    for seed in SEEDS if sampled else ():
+        report = run(f"mutant:{name}", "numpy", names=sampled, max_examples=10, seed=seed)
+        assert {o.status for o in report.outcomes} == {"fail"}, (seed, report.outcomes)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("logits_no_t_squared", "it matches without the T**2 factor"),
+        ("logits_direction_swapped", "it matches direction="),
+        ("logits_mask_in_divisor", "it matches masked rows counted in the divisor"),
+        ("logits_cross_entropy", "it matches the cross-entropy"),
+    ],
+)
+def test_a_wrong_value_is_named_when_it_matches_a_common_mistake(name, words):
+    report = run(f"mutant:{name}", "numpy", names=["accuracy.logits_options"], shrink=False)
+    (outcome,) = report.outcomes
+    assert outcome.status == "fail" and words in outcome.reason, outcome.reason
+
+
+@pytest.mark.parametrize("name", sorted(CAUGHT_BY))
+def test_the_reproduction_of_every_logits_mutant_replays_the_call(name):
+    """The snippet calls from_logits/gaussian with the failing options, shape, dtype and mask.
+
+    It shows the discrepancy and ends with ``verdict:  differs``; with the
+    reference in its place the same snippet agrees.
+    """
+    prop = CAUGHT_BY[name][0]
+    report = run(f"mutant:{name}", "numpy", names=[prop], max_examples=10)
+    (outcome,) = report.outcomes
+    assert outcome.status == "fail"
+    code = outcome.reproduction
+    function = "gaussian" if name.startswith("gaussian") else "from_logits"
+    assert f"impl.{function}" in code and "kw = dict(reduction=" in code
+    if function == "from_logits":
+        assert "temperature=" in code and "direction=" in code and "mask = " in code
+    printed = _exec(code)
+    got, expected = _line(printed, "got:"), _line(printed, "expected:")
+    assert got.split(":", 1)[1].strip() != expected.split(":", 1)[1].strip(), printed
+    assert _line(printed, "verdict:").startswith("verdict:  differs"), printed
+    fixed = _exec(code.replace(f"resolve('mutant:{name}')", "resolve('reference')"))
+    assert "verdict:  agrees" in fixed, fixed
+
+
+def test_logits_failures_are_grouped_under_their_most_specific_property():
+    report = run("mutant:logits_unstable_lse", "numpy", names=LOGITS, max_examples=5)
+    found = causes(report)
+    assert found and found[0][1].name == "semantics.logits_edge_values", found
+    report = run("mutant:logits_grad_sign", "numpy", names=LOGITS, max_examples=5)
+    keys = [key for key, _, _ in causes(report)]
+    assert keys and all("gradient w.r.t. the student logits" in k for k in keys), keys
+
+
+# -- the torchtune and Liger conventions -------------------------------------------------------
+
+
+def test_the_torchtune_convention_is_reported_as_a_cross_entropy():
+    """-sum(p log q) is the KL plus the teacher's entropy: its values fail, its gradients agree."""
+    _torch()
+    report = run("torchtune-style", "torch", names=LOGITS, max_examples=4, shrink=False)
+    status = {o.name: o for o in report.outcomes}
+    failed = {n for n, o in status.items() if o.status == "fail"}
+    assert failed == {
+        "math.logits_zero_at_identity",
+        "math.logits_composition",
+        "accuracy.logits_oracle",
+        "accuracy.logits_options",
+        "semantics.logits_edge_values",
+    }
+    assert "cross-entropy" in status["math.logits_zero_at_identity"].reason
+    for name in (
+        "gradients.logits_oracle",
+        "gradients.logits_options",
+        "math.logits_non_negative",
+    ):
+        assert status[name].status == "pass", status[name]
+    printed = _exec(status["math.logits_zero_at_identity"].reproduction)
+    assert "verdict:  differs" in printed and "not 0" in printed
+
+
+def test_the_liger_convention_at_beta_0_and_1_is_the_kl():
+    _torch()
+    report = run("liger-style", "torch", names=LOGITS, max_examples=6, shrink=False)
+    assert not report.failed, _failures(report)
+    assert {o.status for o in report.outcomes} == {"pass"}
+
+
+def test_the_style_adapters_wrap_a_users_loss():
+    """A class is instantiated (with beta= for Liger); a Liger function gets beta=."""
+    _torch()
+    import torch
+
+    betas = []
+
+    class TrueKL:  # torchtune's call convention, computing the KL per token
+        def __call__(self, s: Any, t: Any, labels: Any, normalize: bool = True) -> Any:
+            lp, lq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+            p = lp.exp()
+            zero = torch.zeros((), dtype=p.dtype)
+            rows = torch.where(p == 0, zero, p * (lp - lq)).sum(-1)
+            keep = labels != -100
+            total = torch.where(keep, rows, zero).sum()
+            n = int(keep.sum())
+            return total / n if normalize and n else total * (1 if not normalize else 0)
+
+    def jsd(log_q: Any, log_p: Any, shift_labels: Any = None, *, beta: float) -> Any:
+        betas.append(beta)
+        log_w, log_o = (log_p, log_q) if beta == 0.0 else (log_q, log_p)
+        rows = (log_w.exp() * (log_w - log_o)).sum(-1)
+        if shift_labels is None:
+            return rows.mean()
+        keep = shift_labels != -100
+        return torch.where(keep, rows, torch.zeros((), dtype=rows.dtype)).sum() / keep.sum()
+
+    names = ["accuracy.logits_options", "math.logits_zero_at_identity"]
+    good = run(torchtune_style(TrueKL), "torch", names=names, max_examples=4, shrink=False)
+    assert not good.failed, _failures(good)
+    liger = run(liger_style(jsd), "torch", names=names, max_examples=4, shrink=False)
+    assert not liger.failed, _failures(liger)
+    assert set(betas) == {0.0, 1.0}
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """An importable module ``user_kl`` with a few user implementations."""
+    (tmp_path / "user_kl.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            import kldiv_spec
+            from kldiv_spec.conformance.mutants import np_from_logits, np_gaussian
+
+            def good_logits(input, target, **options):
+                return np_from_logits(np.asarray(input), np.asarray(target), **options)
+
+            good_logits.backward = kldiv_spec.kl_div_from_logits_backward
+
+            def no_t_squared(input, target, **options):
+                options['scale_by_temperature_squared'] = False
+                return np_from_logits(np.asarray(input), np.asarray(target), **options)
+
+            def prior_ignored(mu, logvar, *, reduction='batchmean', **priors):
+                return np_gaussian(np.asarray(mu), np.asarray(logvar), reduction=reduction)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "user_kl"
+    sys.modules.pop("user_kl", None)
+
+
+def test_check_points_at_a_users_from_logits_function(user_module, capsys, tmp_path):
+    import json
+
+    names = ["--property", "accuracy.logits_options", "--property", "gradients.logits_options"]
+    common = ["--kind", "from-logits", "--backend", "numpy", "--quiet", *names]
+    report = tmp_path / "report.json"
+    assert main(["--impl", f"{user_module}:good_logits", *common, "--json", str(report)]) == 0
+    outcomes = json.loads(report.read_text())["reports"][0]["outcomes"]
+    assert {o["name"]: o["status"] for o in outcomes} == dict.fromkeys(names[1::2], "pass")
+    capsys.readouterr()
+    assert main(["--impl", f"{user_module}:no_t_squared", *common]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL accuracy.logits_options" in out and "without the T**2 factor" in out
+    assert f"resolve('{user_module}:no_t_squared', kind='from-logits')" in out
+
+
+def test_check_points_at_a_users_gaussian_kl(user_module, capsys):
+    args = ["--impl", f"{user_module}:prior_ignored", "--kind", "gaussian", "--quiet"]
+    assert main([*args, "--backend", "numpy", "--group", "math", "--group", "accuracy"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL math.gaussian_zero_at_identity" in out
+    assert "the prior is ignored" in out
+    assert main([*args, "--kind", "nonsense"]) == 2
+
+
+def test_resolve_wraps_a_callable_by_kind(user_module):
+    logits = resolve(f"{user_module}:good_logits", kind="from-logits")
+    assert logits.fn is None and logits.from_logits is not None
+    assert logits.from_logits_backward is kldiv_spec.kl_div_from_logits_backward
+    gaussian = resolve(f"{user_module}:prior_ignored", kind="gaussian")
+    assert gaussian.fn is None and gaussian.from_logits is None and gaussian.gaussian is not None
+    with pytest.raises(ValueError, match="--kind"):
+        resolve(f"{user_module}:good_logits", kind="logits")
