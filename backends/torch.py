@@ -48,7 +48,7 @@ import torch
 from torch.autograd import forward_ad
 
 from kldiv_spec import _core, _dispatch, _functional
-from kldiv_spec._validation import REDUCTIONS, Operands
+from kldiv_spec._validation import Operands
 
 from . import _blocks
 
@@ -300,18 +300,27 @@ def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
 
 
 def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
-    if type(x) not in _PLAIN_TYPES or type(t) not in _PLAIN_TYPES:
+    # The checks spell their constants out (no module-level tuples): under torch.compile
+    # every global a traced call reads becomes a guard evaluated on each compiled call.
+    # Traced calls always take ATen's kernel, which is F.kl_div's for any tensor type, so
+    # the type is checked only eagerly (there, subclasses go to the reference).
+    compiled = torch.compiler.is_compiling()
+    if not compiled and not (_plain(x) and _plain(t)):
         return NotImplemented
-    if type(log_target) is not bool or type(reduction) is not str or reduction not in REDUCTIONS:
+    if type(log_target) is not bool or type(reduction) is not str:
+        return NotImplemented
+    if reduction not in ("none", "batchmean", "sum", "mean"):
         return NotImplemented
     dtype = x.dtype
-    if dtype not in _DTYPES or t.dtype is not dtype or x.layout is not torch.strided:
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return NotImplemented
+    if t.dtype is not dtype or x.layout is not torch.strided:
         return NotImplemented
     if t.layout is not torch.strided or x.shape != t.shape or x.device != t.device:
         return NotImplemented
     if t.requires_grad and torch.is_grad_enabled():
         return NotImplemented
-    if not torch.compiler.is_compiling():
+    if not compiled:
         if forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(t):
             return NotImplemented
         if x.numel() >= MIN_ELEMENTS:
@@ -319,6 +328,12 @@ def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
             if result is not NotImplemented:
                 return result
     return _native(x, t, reduction, log_target)
+
+
+def _plain(a: Any, /) -> bool:
+    """Whether ``a`` is a plain tensor or parameter (no subclass)."""
+    kind = type(a)
+    return kind is torch.Tensor or kind is torch.nn.Parameter
 
 
 def _native(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:
@@ -375,4 +390,4 @@ def _autocast(a: Any) -> Any:
 _dispatch._LOADED.setdefault("torch", sys.modules[__name__])  # however this was imported
 _dispatch.FRONTS[torch.Tensor] = front
 _dispatch.FRONTS[torch.nn.Parameter] = front
-_functional.compiling = torch.compiler.is_compiling
+_dispatch.use_torch_compiler(torch.compiler.is_compiling, front)

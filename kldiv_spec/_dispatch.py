@@ -98,16 +98,47 @@ def use_reference(enabled: bool = True, /) -> Iterator[None]:
         _FORCE_REFERENCE.reset(token)
 
 
+def _not_compiling() -> bool:
+    return False
+
+
+_IS_COMPILING: Callable[[], bool] = _not_compiling
+
+#: The front of the one array library ``torch.compile`` traces, PyTorch's (set by its
+#: fast path with :func:`use_torch_compiler`).
+_TRACED_FRONT: Callable[[Any, Any, Any, Any], Any] | None = None
+
+
+def use_torch_compiler(
+    is_compiling: Callable[[], bool], traced_front: Callable[[Any, Any, Any, Any], Any], /
+) -> None:
+    """Register ``torch.compiler.is_compiling`` and the front of calls it traces."""
+    global _IS_COMPILING, _TRACED_FRONT
+    _IS_COMPILING, _TRACED_FRONT = is_compiling, traced_front
+
+
+def compiling() -> bool:
+    """Return whether the call is being traced by ``torch.compile`` (False without torch)."""
+    return _IS_COMPILING()
+
+
 def reference_forced() -> bool:
     """Return whether the reference is forced for the current context.
 
     The context variable is read only while a :func:`use_reference` block is open
-    somewhere; otherwise the answer is the environment variable's.
+    somewhere; otherwise the answer is the environment variable's. While
+    ``torch.compile`` traces a call, the variable is read with ``os.environ.get``,
+    which Dynamo evaluates once, at trace time, without guarding on the environment
+    (:func:`getenv`'s dictionary lookup would put a guard on every variable of the
+    environment into the compiled code, and any change to any of them would
+    recompile it).
     """
     if _OPEN_BLOCKS:
         forced = _FORCE_REFERENCE.get()
         if forced is not None:
             return forced
+    if compiling():
+        return os.environ.get(_ENV, "") not in ("", "0")
     return getenv(_ENV) not in ("", "0")
 
 
@@ -123,13 +154,26 @@ _DECODE = getattr(os.environ, "decodevalue", None)
 _ENCODED: dict[str, Any] = {}
 
 
+def _encode(name: str, /) -> Any:
+    """Return (and cache) the encoded form of ``name``, the key of ``os.environ._data``."""
+    key = _ENCODED.get(name)
+    if key is None and _ENCODE is not None:
+        key = _ENCODED[name] = _ENCODE(name)
+    return key
+
+
+# Encoded now, not on the first call: a first call traced by torch.compile would fill the
+# cache inside the graph, and the next call would fail the guard on it and recompile.
+_encode(_ENV)
+
+
 def getenv(name: str, /) -> str:
     """Return ``os.environ.get(name, "")``, cheaply for an unset name."""
     if _ENV_DATA is None or _ENCODE is None or _DECODE is None or os.environ is not _ENVIRON:
         return os.environ.get(name, "")
     key = _ENCODED.get(name)
     if key is None:
-        key = _ENCODED[name] = _ENCODE(name)
+        key = _encode(name)
     value = _ENV_DATA.get(key)
     return "" if value is None else _DECODE(value)
 
@@ -140,6 +184,11 @@ def front(input: Any, /) -> Callable[[Any, Any, Any, Any], Any] | None:
     None also while the reference is forced. A PyTorch tensor whose fast path has
     not been imported yet imports it (which registers its front).
     """
+    if compiling():
+        # Only tensors are traced; reading FRONTS here would guard the compiled code on
+        # every entry of the dictionary.
+        handler = _TRACED_FRONT
+        return None if handler is None or reference_forced() else handler
     kind = type(input)
     handler = FRONTS.get(kind)
     if handler is None:

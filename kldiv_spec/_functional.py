@@ -11,7 +11,7 @@ import numpy as np
 from kldiv_spec.backends import _blocks
 
 from . import _reference
-from ._dispatch import FRONTS, fast_path, front, getenv
+from ._dispatch import FRONTS, compiling, fast_path, front, getenv
 from ._floating_point import quiet
 from ._validation import REDUCTIONS, grad_output_array, operands
 
@@ -140,15 +140,6 @@ def forward(
 
 
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _not_compiling() -> bool:
-    return False
-
-
-#: Whether the call is being traced by ``torch.compile`` (set by the PyTorch fast path
-#: to ``torch.compiler.is_compiling`` when it is imported).
-compiling: Callable[[], bool] = _not_compiling
 
 
 def _warn_mean(stacklevel: int, /) -> None:

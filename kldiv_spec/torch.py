@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from . import _functional
+from ._functional import forward as _forward
 from ._loss import LEGACY_WARNING
 from ._validation import check_log_target, check_reduction, legacy_reduction
 from .backends import torch as _backend  # noqa: F401  (registers the tensor front)
@@ -50,7 +50,7 @@ def kl_div(
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
         warnings.warn(LEGACY_WARNING.format(reduction), DeprecationWarning, stacklevel=2)
-        return _functional.forward(
+        return _forward(
             input,
             target,
             reduction=reduction,
@@ -58,9 +58,7 @@ def kl_div(
             stacklevel=3,
             warn_mean=False,
         )
-    return _functional.forward(
-        input, target, reduction=reduction, log_target=log_target, stacklevel=3
-    )
+    return _forward(input, target, reduction=reduction, log_target=log_target, stacklevel=3)
 
 
 class KLDivLoss(torch.nn.Module):
@@ -86,7 +84,7 @@ class KLDivLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return the loss; see :func:`kldiv_spec.kl_div`."""
-        return _functional.forward(
+        return _forward(
             input, target, reduction=self.reduction, log_target=self.log_target, stacklevel=5
         )
 

@@ -113,6 +113,29 @@ def test_no_graph_break(reduction: str, log_target: bool) -> None:
 
 
 @pytest.mark.parametrize(("reduction", "log_target"), CASES)
+def test_compiled_once_and_not_again(
+    reduction: str, log_target: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One compilation per entry point: not again on the next calls, nor when the
+    environment changes (the compiled code must not guard on it), as for ``F.kl_div``."""
+    from torch._dynamo.testing import CompileCounter
+
+    z, t = operands((4, 7), log_target=log_target)
+    entries = entry_points(reduction, log_target)
+    entries["F.kl_div"] = lambda a, b: F.kl_div(a, b, reduction=reduction, log_target=log_target)
+    for name, loss in entries.items():
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(step(loss), backend=counter, fullgraph=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # reduction="mean", while tracing
+            for i in range(3):
+                compiled(z.requires_grad_(), t).sum().backward()
+                monkeypatch.setenv(f"KLDIV_SPEC_TEST_UNRELATED_{name}_{i}", "1")
+        assert counter.frame_count == 1, name
+
+
+@pytest.mark.parametrize(("reduction", "log_target"), CASES)
 def test_fullgraph_values_and_gradients_equal_eager(reduction: str, log_target: bool) -> None:
     """Compiled (Inductor, fullgraph) against eager: values and input gradients."""
     z, t = operands((5, 9), log_target=log_target)
