@@ -74,7 +74,9 @@ def use_reference(enabled: bool = True, /) -> Iterator[None]:
     -----
     The setting is local to the current thread and ``asyncio`` task. Outside any
     such block, the environment variable ``KLDIV_SPEC_REFERENCE=1`` forces the
-    reference process-wide.
+    reference process-wide. Code compiled by ``torch.compile`` is recompiled when a
+    block opens or closes; the environment variable it reads once, when it traces
+    (as Dynamo reads ``os.environ``), so set it before the first compiled call.
 
     Examples
     --------
