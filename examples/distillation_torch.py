@@ -8,7 +8,11 @@ same shape learns to match the teacher's *softened* distribution. The loss is
 computed as ``KLDivLoss(reduction="batchmean")(log_softmax(s / T), softmax(t / T))``.
 A temperature T > 1 flattens both distributions, so the student also learns
 how the teacher ranks the wrong classes; the T**2 factor keeps the gradient
-scale independent of T (Hinton et al., 2015). Runs in a few seconds on a CPU.
+scale independent of T (Hinton et al., 2015).
+``kt.kl_div_from_logits(student, teacher, temperature=T)`` computes the same value
+straight from the logits, without materialising the two softmaxes
+(examples/distillation_temperature.py uses it); the end of this script checks
+that both agree. Runs in a few seconds on a CPU.
 
     python examples/distillation_torch.py
 """
@@ -57,12 +61,17 @@ def main() -> None:
         p = torch.softmax(teacher(inputs) / TEMPERATURE, dim=-1)
         ours = criterion(log_q, p)
         theirs = torch.nn.functional.kl_div(log_q, p, reduction="batchmean")
+        fused = kt.kl_div_from_logits(
+            student(inputs), teacher(inputs), temperature=TEMPERATURE, reduction="batchmean"
+        )
         agreement = (student(inputs).argmax(-1) == teacher(inputs).argmax(-1)).float().mean()
     assert last < first / 10, (first, last)
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7), (ours, theirs)
+    assert torch.allclose(fused, ours * TEMPERATURE**2, rtol=1e-4, atol=1e-7), (fused, ours)
     print(f"distillation loss (T^2 * batchmean KL, T={TEMPERATURE:g}): {first:.4f} -> {last:.4f}")
     print(f"student agrees with the teacher's top class on {agreement:.0%} of inputs")
     print("kldiv_spec.torch.KLDivLoss matches torch.nn.functional.kl_div")
+    print("kldiv_spec.torch.kl_div_from_logits gives the same loss from the logits")
 
 
 if __name__ == "__main__":

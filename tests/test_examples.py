@@ -24,7 +24,11 @@ EXAMPLES = ROOT / "examples"
 CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "distillation_torch.py": (
         ("torch",),
-        ("distillation loss (T^2 * batchmean KL, T=4)", "matches torch.nn.functional.kl_div"),
+        (
+            "distillation loss (T^2 * batchmean KL, T=4)",
+            "matches torch.nn.functional.kl_div",
+            "kl_div_from_logits gives the same loss",
+        ),
     ),
     "numpy_backward.py": ((), ("batchmean KL(P || Q):", "max |q - p| =")),
     "jax_grad.py": (
