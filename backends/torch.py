@@ -390,4 +390,6 @@ def _autocast(a: Any) -> Any:
 _dispatch._LOADED.setdefault("torch", sys.modules[__name__])  # however this was imported
 _dispatch.FRONTS[torch.Tensor] = front
 _dispatch.FRONTS[torch.nn.Parameter] = front
-_dispatch.use_torch_compiler(torch.compiler.is_compiling, front)
+_dispatch.use_torch_compiler(
+    torch.compiler.is_compiling, front, torch.compiler.assume_constant_result
+)

@@ -111,12 +111,31 @@ _IS_COMPILING: Callable[[], bool] = _not_compiling
 _TRACED_FRONT: Callable[[Any, Any, Any, Any], Any] | None = None
 
 
+def _context_setting() -> bool | None:
+    """Return the :func:`use_reference` setting of the current context (None: no block)."""
+    return _FORCE_REFERENCE.get()
+
+
+#: :func:`_context_setting` as traced code reads it (Dynamo cannot trace ``ContextVar.get``).
+_TRACED_CONTEXT_SETTING: Callable[[], bool | None] = _context_setting
+
+
 def use_torch_compiler(
-    is_compiling: Callable[[], bool], traced_front: Callable[[Any, Any, Any, Any], Any], /
+    is_compiling: Callable[[], bool],
+    traced_front: Callable[[Any, Any, Any, Any], Any],
+    constant_result: Callable[[Callable[[], Any]], Callable[[], Any]],
+    /,
 ) -> None:
-    """Register ``torch.compiler.is_compiling`` and the front of calls it traces."""
-    global _IS_COMPILING, _TRACED_FRONT
+    """Register what ``torch.compile`` needs from PyTorch's fast path.
+
+    ``torch.compiler.is_compiling``, the front of the calls it traces, and
+    ``torch.compiler.assume_constant_result``, which makes traced code read the
+    :func:`use_reference` setting once, while tracing (a block opening or closing changes
+    :data:`_OPEN_BLOCKS`, on which the compiled code is guarded, and so recompiles it).
+    """
+    global _IS_COMPILING, _TRACED_FRONT, _TRACED_CONTEXT_SETTING
     _IS_COMPILING, _TRACED_FRONT = is_compiling, traced_front
+    _TRACED_CONTEXT_SETTING = constant_result(_context_setting)
 
 
 def compiling() -> bool:
@@ -136,7 +155,7 @@ def reference_forced() -> bool:
     recompile it).
     """
     if _OPEN_BLOCKS:
-        forced = _FORCE_REFERENCE.get()
+        forced = _TRACED_CONTEXT_SETTING() if compiling() else _FORCE_REFERENCE.get()
         if forced is not None:
             return forced
     if compiling():

@@ -135,6 +135,30 @@ def test_compiled_once_and_not_again(
         assert counter.frame_count == 1, name
 
 
+def test_use_reference_recompiles_into_the_reference() -> None:
+    """Opening a ``use_reference`` block recompiles: the graph then holds the reference's
+    operations instead of ATen's ``kl_div``; closing it goes back to the first graph."""
+    graphs: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> Callable[..., object]:
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        step(lambda a, b: kt.kl_div(a, b, reduction="sum")), backend=backend, fullgraph=True
+    )
+    z, t = operands((4, 7))
+    outside = compiled(z, t)
+    with kldiv_spec.use_reference():
+        inside = compiled(z, t)
+    again = compiled(z, t)
+    assert len(graphs) == 2
+    assert "kl_div" in graphs[0] and "kl_div" not in graphs[1]
+    torch.testing.assert_close(inside, outside)
+    torch.testing.assert_close(again, outside, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("reduction", "log_target"), CASES)
 def test_fullgraph_values_and_gradients_equal_eager(reduction: str, log_target: bool) -> None:
     """Compiled (Inductor, fullgraph) against eager: values and input gradients."""
