@@ -191,7 +191,8 @@ def _from_logits_kernel(  # type: ignore[no-untyped-def]
         so = _shift(mo_new)
         e_w = _exp(w - sw)
         if need_kl:
-            # Rescale the old terms to the new shifts; 0 when their weights underflow.
+            # Rescale the old terms to the new shifts; 0 when their weights underflow (the
+            # guard only spares a walk: 0 * inf = NaN would send the row to the exact walk).
             delta = (_shift(m_w) - sw) - (_shift(m_o) - so)
             az = a_w * z_w
             old = a_w * u + tl.where(az == 0, 0.0, az * delta)
