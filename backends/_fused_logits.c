@@ -20,46 +20,53 @@
  *
  *   1. the maxima of s and t (m = max(s) / T: the quotient is monotonic in s);
  *   2. exp(x_s) and exp(x_t), summed into Z_s and Z_t, and the products exp(x_w) d
- *      summed into S. Each exp and each product is rounded to float32 and the sums are
- *      accumulated in float64, so for n classes with w the weighting distribution the
- *      row's error is at most about
- *          (eps_exp + 2u) sum_i w_i |d_i| + 2 (eps_exp + 2^-40 n) + 2^-50 |KL|
- *      with u = 2^-24 the float32 unit roundoff and eps_exp <= 1 ulp the error of exp
- *      (the sums' float64 roundings add about n 2^-53 relatively), where the ufunc path's
- *      float32 pairwise sums add about log2(n) u; since |d_i| <= |x_w,i| + |x_o,i| this
- *      is within the documented 8 u sum_i W_i of docs/logits.md (tests check it);
- *   3. when asked, the gradient of the student's logits for a reduction with upstream
- *      gradient constant along the row, cG,
+ *      summed into S. Each difference d, exp and product is rounded to float32 and the
+ *      sums are accumulated in float64 (in a fixed order: the result does not depend on
+ *      the blocks or threads). With KL_x the exact divergence of the float32 shifted
+ *      logits x, u = 2^-24 and eta <= 0.745 ulp <= 1.49 u the relative error of exp on
+ *      normal results, the row's error is at most about
+ *          |KL - KL_x| <= (2 eta + 2u) sum_i w_i |d_i| + 2 eta      (about 5u sum w|d| + 3u)
+ *      plus the float64 sums' n 2^-53 relatively (tests/test_backend_numpy_logits_fused.py
+ *      checks it). The ufunc path's float32 logarithms and pairwise sums add errors of
+ *      u (|log Z| + |m|) per term and log2(n) u; both are within the documented
+ *      8 u sum_i W_i of docs/logits.md, since |d_i| <= |x_w,i| + |x_o,i|;
+ *   3. when asked, the gradient of the student's logits for a reduction (upstream
+ *      gradient constant along the row, cG),
  *          forward: cG q - cG p = exp(x_s) (cG / Z_s) - exp(x_t) (cG / Z_t),
  *          reverse: cG q (log q - log p - KL) = exp(x_s) (cG / Z_s) (d + (C - KL)),
  *      and/or the terms w (log w - log o) times factor, exp(x_w) (factor / Z_w) (d + C),
  *      with C = log Z_o - log Z_w (the per-row constants in float64, then float32); a
- *      term whose weight is 0 is +0. The exponentials are evaluated again rather than
- *      kept, so that the kernel needs no scratch memory.
+ *      term whose weight is 0 is +0. The exponentials of pass 2 are kept for it in the
+ *      output they are replaced by (the gradient, or the terms) and, for exp(x_t) of the
+ *      forward gradient, in one scratch row per call: O(vocab) memory.
  *
- * Rows the plain evaluation cannot get right have a non-finite S, Z_s or Z_t: a logit of
- * -inf (an excluded class: d is infinite or NaN there, or its weight 0 meets an infinite
- * d), NaN or +inf, or a row of -inf only (its maximum is replaced by 0, as the reference
- * does, and Z is 0). Their divergence is returned as NaN (and their gradient and terms
- * are not written), so that the caller evaluates them again with the reference. Within
- * a regular row nothing overflows: x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|).
+ * Rows the plain evaluation cannot get right have a non-finite S, Z_s or Z_t: those with a
+ * logit of -inf (an excluded class: d is infinite or NaN there, or a weight 0 meets an
+ * infinite d), NaN or +inf, or a quotient z / T or a shift z / T - m that overflows, and
+ * rows of -inf only (their maximum is replaced by 0, as the reference does, and Z is 0).
+ * Their divergence is returned as NaN (their gradient and terms as NaN too), so that the
+ * caller evaluates them again with the reference. Within any other row nothing overflows:
+ * x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|).
  *
- * kl (a writable C-contiguous float64 buffer of one value per row) receives the rows'
- * divergences. With kl None, only the forward gradient is computed (a backward that needs
- * no loss), in every row: there the natural IEEE evaluation already has the
+ * kl (a writable C-contiguous float64 buffer of one value per row, any alignment) receives
+ * the rows' divergences. With kl None, only the forward gradient is computed (a backward
+ * that needs no loss), in every row: there the natural IEEE evaluation already has the
  * specification's values (0 - 0 where both exclude a class, NaN in rows without a
- * softmax), as the ufunc path's.
+ * softmax: cG / Z is inf or NaN there), as the ufunc path's.
  *
- * exp is evaluated eight lanes at a time with AVX2 and FMA: x = n ln 2 + r, n =
- * round(x log2 e), |r| <= ln 2 / 2 (+ a little), r = (x - n LN2_HEAD) - n LN2_TAIL with
- * LN2_HEAD of 9 significant bits (so the first step is exact), e^r = 1 + (r + r^2 P(r))
- * with P a degree-4 polynomial fitted (weighted least squares at Chebyshev nodes) to
- * (e^r - 1 - r) / r^2, and 2^n put into the exponent. Eight lanes with -86.5 <= x <= 88
+ * exp is evaluated eight lanes at a time with AVX2 and FMA: x = n ln 2 + r with n =
+ * round(x log2 e) and |r| <= ln 2 / 2 (and a little); r = (x - n LN2_HEAD) - n LN2_TAIL,
+ * where LN2_HEAD has 9 significant bits so that the first step is exact, and c, the
+ * rounding error of the second step, is recovered with one more FMA; 1 + r = h + lo
+ * exactly (Fast2Sum), and e^r = h + (lo + c + r^2 P(r)) with P a degree-4 polynomial
+ * fitted (weighted least squares at Chebyshev nodes, then rounded to float32) to
+ * (e^r - 1 - r) / r^2; 2^n goes into the exponent. Eight lanes with -86.5 <= x <= 88
  * (normal results: the common case) skip the fix-ups; otherwise 2^n is applied as two
- * factors 2^(n/2) (so that subnormal results are rounded once), x < -104 gives 0 (-inf
- * included), x > 89 gives +inf and NaN stays NaN. Over every float32 x with a finite
- * nonzero result (benchmarks/exp_sweep.py, against float64 exp) the error is at most
- * EXP_ULP_BOUND (see the sweep and tests) ulp of the exact value.
+ * factors 2^(n/2), so that a subnormal result is rounded once, x < -104 gives +0 (-inf
+ * included), x > 89 gives +inf and NaN stays NaN. Over every float32 x in [-104, 89]
+ * (benchmarks/exp_sweep.py, against float64 exp) the error is at most EXP_BOUND ulp
+ * of the exact value, every result is faithfully rounded, and NOT_CR are not correctly
+ * rounded (NumPy's float32 exp: NUMPY_BOUND ulp on a sample, not always faithful).
  *
  * The build passes -ffp-contract=off: only the explicit FMAs of exp are fused. The buffers
  * may start at any byte and are read and written with memcpy (unaligned loads and stores).
@@ -387,6 +394,12 @@ __attribute__((target("avx2,fma"))) static void kl_outputs(const kl_row *row, Py
     }
 }
 
+/* ``value`` into the ``i``-th double of ``p`` (any alignment). */
+static inline void kl_store_double(unsigned char *p, Py_ssize_t i, double value)
+{
+    memcpy(p + i * sizeof(double), &value, sizeof(double));
+}
+
 /* ``n`` copies of ``value`` at ``p``. */
 static void kl_fill(unsigned char *p, Py_ssize_t n, float value)
 {
@@ -405,7 +418,7 @@ static int kl_scratch_needed(const kl_options *o, int have_grad)
  * where kl_scratch_needed says so (NULL otherwise). */
 __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
                                                        const unsigned char *t, Py_ssize_t rows,
-                                                       Py_ssize_t vocab, double *kl,
+                                                       Py_ssize_t vocab, unsigned char *kl,
                                                        unsigned char *grad,
                                                        unsigned char *terms,
                                                        unsigned char *scratch,
@@ -444,7 +457,7 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
         int regular = shifted && isfinite(zs) && isfinite(zt) && isfinite(sw) && zs > 0 &&
                       zt > 0;
         if (!regular) {
-            kl[r] = NAN; /* evaluated again by the caller */
+            kl_store_double(kl, r, NAN); /* evaluated again by the caller */
             if (row.grad != NULL) {
                 kl_fill(row.grad, vocab, NAN);
             }
@@ -456,7 +469,7 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
         double zw = o->reverse ? zs : zt, zo = o->reverse ? zt : zs;
         double c = log(zo) - log(zw); /* log w_i - log o_i = d_i + c */
         double value = sw / zw + c;
-        kl[r] = value;
+        kl_store_double(kl, r, value);
         if (row.grad == NULL && row.terms == NULL) {
             continue;
         }
@@ -619,7 +632,7 @@ static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t
     }
     Py_BEGIN_ALLOW_THREADS
     kl_rows((const unsigned char *)sb.buf, (const unsigned char *)tb.buf, rows, vocab,
-            have_kl ? (double *)klb.buf : NULL,
+            have_kl ? (unsigned char *)klb.buf : NULL,
             have_grad ? (unsigned char *)gb.buf : NULL,
             have_terms ? (unsigned char *)eb.buf : NULL, scratch, &o);
     Py_END_ALLOW_THREADS
