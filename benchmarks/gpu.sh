@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One short GPU check (about 2 minutes on an H100; every step has a time limit): the GPU
+# One short GPU check (about 4 minutes on an H100; every step has a time limit): the GPU
 # benchmark (forward sum and forward+backward batchmean on 4096x32000 float32 against torch
 # eager F.kl_div, torch.compile and the CuPy path, with the device's copy bandwidth as the
 # roofline, plus a Triton block/warp sweep), the per-call and compiled-step check on CUDA
 # (benchmarks/per_call.py --device cuda: kldiv_spec.torch.kl_div against F.kl_div per call
 # from 10 to 10^7 elements, compiled fwd+bwd steps against the compiled F.kl_div step, graph
-# breaks, float16 autocast), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
-# graph capture, CUDA autocast), and the conformance suite on torch CUDA and CuPy. It ends
+# breaks, float16 autocast), the distillation-from-logits benchmark (benchmarks/logits_bench.py
+# --device cuda: the Triton kernel against the composition, eager and compiled, at 2048x32000 and
+# 4096x128000 float32), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
+# graph capture, CUDA autocast; tests/test_triton_logits_interpret.py: the logits kernel on CUDA),
+# and the conformance suite on torch CUDA and CuPy. It ends
 # with a summary of the steps and the benchmark table.
 #
 #   benchmarks/gpu.sh                 # on a CUDA machine, from anywhere in the repository
@@ -114,17 +117,22 @@ step() {
 
 if [[ $DRY == 1 ]]; then
     step benchmark 120 "$PY" benchmarks/gpu_bench.py --dry-run --json "$LOGS/gpu_bench.json"
+    step logits 120 "$PY" benchmarks/logits_bench.py --device cuda --dry-run \
+        --out "$LOGS/logits-cuda"
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
         --json "$LOGS/gpu_bench.json"
     step per-call 150 "$PY" benchmarks/per_call.py --device cuda --rounds 5 --target-ms 20 \
         --out "$LOGS/per-call-cuda"
+    # Distillation from logits: the Triton kernel against the composition, eager and compiled.
+    step logits 240 "$PY" benchmarks/logits_bench.py --device cuda --repeats 10 \
+        --out "$LOGS/logits-cuda"
 fi
 
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
 SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
         tests/test_values.py tests/test_errors.py tests/test_gradients.py
-        tests/test_torch_compile.py)
+        tests/test_torch_compile.py tests/test_triton_logits_interpret.py)
 # (-p no:benchmark: pytest-benchmark warns under xdist, and the tests make warnings errors.)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -rs -k "cuda or torch_gpu or cupy")
 if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi

@@ -19,6 +19,18 @@ baseline; then ``--repeats`` timed steps give the median (and min, max).
 
     python benchmarks/logits_bench.py --out /tmp/run1   # (and /tmp/run2, /tmp/run3)
     python benchmarks/logits_bench.py --combine /tmp/run?.json --out benchmarks/results/logits-cpu
+
+``--device cuda`` measures one distillation step (forward + backward w.r.t. the
+student, float32, T = 2) at 2048 x 32000 and 4096 x 128000 (``--shapes``) on
+the GPU, in this process: the torch composition eager and ``torch.compile``-d,
+and ``kldiv_spec.kl_div_from_logits`` (the Triton kernel). It reports the median
+time (CUDA events), the peak CUDA memory above the inputs, and the fraction of
+the device's copy bandwidth: the bytes a step must move (read both logits,
+write the gradient: 12 bytes per element) per second, over a measured
+device-to-device copy's (read + write) bytes per second.
+
+    python benchmarks/logits_bench.py --device cuda --out /tmp/logits-cuda
+    python benchmarks/logits_bench.py --device cuda --dry-run   # CPU, tiny: checks the script
 """
 
 from __future__ import annotations
@@ -223,6 +235,177 @@ def combine(paths: list[Path]) -> tuple[dict[str, Any], str]:
     return {"runs": runs}, f"{title}\n\n{text}"
 
 
+# --------------------------------------------------------------------------- CUDA
+
+CUDA_SHAPES = ((2048, 32000), (4096, 128000))
+CUDA_IMPLEMENTATIONS = ("torch composition", "torch composition compiled", "kldiv_spec (Triton)")
+
+
+def _cuda_steps(device: str) -> dict[str, Any]:
+    """Return ``name -> step(s, t)``: one forward + backward w.r.t. the student."""
+    import torch
+    import torch.nn.functional as F
+
+    import kldiv_spec
+
+    T = TEMPERATURE  # noqa: N806
+
+    def composition(s: Any, t: Any) -> Any:
+        loss = (
+            F.kl_div(F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1), reduction="batchmean")
+            * T**2
+        )
+        loss.backward()
+        return loss
+
+    def ours(s: Any, t: Any) -> Any:
+        loss = kldiv_spec.kl_div_from_logits(s, t, temperature=T)
+        loss.backward()
+        return loss
+
+    steps = {"torch composition": composition, "kldiv_spec (Triton)": ours}
+    if device == "cuda":
+        steps["torch composition compiled"] = torch.compile(composition)
+    return steps
+
+
+def _copy_bandwidth(torch: Any, device: str, n_bytes: int, repeats: int) -> float:
+    """Return a device-to-device copy's bytes moved (read + write) per second."""
+    a = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(repeats + 1):
+        times.append(_timed(torch, device, lambda: b.copy_(a)))
+    return 2 * a.numel() * 4 / statistics.median(times[1:])
+
+
+def _timed(torch: Any, device: str, fn: Any) -> float:
+    """Return the seconds of one call of ``fn`` (CUDA events on a GPU)."""
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def run_cuda(
+    shapes: list[tuple[int, int]], repeats: int, device: str = "cuda"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Measure every implementation at every shape; return the rows and the copy bandwidth."""
+    import torch
+
+    results = []
+    biggest = max(r * v for r, v in shapes)
+    copy_bw = _copy_bandwidth(torch, device, min(4 * biggest, 1 << 31), max(repeats, 3))
+    steps = _cuda_steps(device)
+    for rows, vocab in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        s = torch.randn(rows, vocab, device=device, generator=gen).requires_grad_()
+        t = s.detach() + torch.randn(rows, vocab, device=device, generator=gen)
+        must_move = 3 * rows * vocab * 4  # read s and t, write the gradient
+        for name in CUDA_IMPLEMENTATIONS:
+            if name not in steps:
+                continue
+            step = steps[name]
+
+            def once(step: Any = step, s: Any = s, t: Any = t) -> Any:
+                s.grad = None
+                return step(s, t)
+
+            loss = float(once().detach())  # warm-up (compiles)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                s.grad = None
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                once()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            else:
+                peak = float("nan")
+            times = [_timed(torch, device, once) for _ in range(repeats)]
+            median = statistics.median(times)
+            results.append(
+                {
+                    "implementation": name,
+                    "rows": rows,
+                    "vocab": vocab,
+                    "loss": loss,
+                    "median_s": median,
+                    "min_s": min(times),
+                    "max_s": max(times),
+                    "extra_peak_mb": peak,
+                    "fraction_of_copy_bandwidth": must_move / median / copy_bw,
+                }
+            )
+            print(results[-1], file=sys.stderr)
+    return results, {"copy_bandwidth_gb_s": copy_bw / 1e9}
+
+
+def markdown_cuda(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Distillation from logits on {meta['gpu']}: float32, T = {TEMPERATURE:g}",
+        "",
+        f"Forward + backward (gradient w.r.t. the student logits), median of {meta['repeats']} "
+        f"repeats (CUDA events); extra peak CUDA memory above the inputs; copy bandwidth "
+        f"{meta['copy_bandwidth_gb_s']:.0f} GB/s (device-to-device copy, read + write), against "
+        "which a step's 12 bytes per element (read both logits, write the gradient) are set.",
+        "",
+        "| shape | implementation | median (ms) | min (ms) | extra peak (MB) | fraction of copy "
+        "bandwidth | speed vs composition | memory vs composition |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["rows"], r["vocab"], r["implementation"]): r for r in results}
+    for r in results:
+        ref = by.get((r["rows"], r["vocab"], "torch composition"))
+        speed = f"{ref['median_s'] / r['median_s']:.2f}x" if ref else ""
+        mem = ""
+        if ref and ref["extra_peak_mb"] and ref["extra_peak_mb"] == ref["extra_peak_mb"]:
+            mem = f"{100 * r['extra_peak_mb'] / ref['extra_peak_mb']:.0f}%"
+        lines.append(
+            f"| {r['rows']} x {r['vocab']} | {r['implementation']} | {1e3 * r['median_s']:.2f} | "
+            f"{1e3 * r['min_s']:.2f} | {r['extra_peak_mb']:.0f} | "
+            f"{100 * r['fraction_of_copy_bandwidth']:.0f}% | {speed} | {mem} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    import torch
+
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("logits_bench.py --device cuda: torch sees no CUDA device (use --dry-run)")
+    shapes = [(64, 300), (8, 1000)] if args.dry_run else args.shapes or list(CUDA_SHAPES)
+    repeats = 2 if args.dry_run else args.repeats
+    results, extra = run_cuda(shapes, repeats, device)
+    meta = {
+        "repeats": repeats,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "the CPU (dry run)",
+        "torch": torch.__version__,
+        **extra,
+    }
+    text = markdown_cuda(results, meta)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8"
+        )
+        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+
+
+def _shape(text: str) -> tuple[int, int]:
+    rows, vocab = text.lower().split("x")
+    return int(rows), int(vocab)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2048)
@@ -233,7 +416,17 @@ def main() -> None:
     parser.add_argument(
         "--combine", type=Path, nargs="+", help="combine the JSON files of earlier runs into OUT"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--shapes", type=_shape, nargs="+", help="with --device cuda: ROWSxVOCAB shapes"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --device cuda: tiny shapes on the CPU"
+    )
     args = parser.parse_args()
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     if args.combine:
         data, text = combine(args.combine)
         print(text)
