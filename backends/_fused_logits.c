@@ -18,7 +18,9 @@
  * so that no logarithm of the logits' size is formed: three passes over a row, the
  * first reading it from memory and the others from the core's cache:
  *
- *   1. the maxima of s and t (m = max(s) / T: the quotient is monotonic in s);
+ *   1. the maxima of s and t (m = max(s) / T: the quotient is monotonic in s), computed
+ *      for the next row within pass 2 of this one, so that the reads from memory overlap
+ *      the arithmetic;
  *   2. exp(x_s) and exp(x_t), summed into Z_s and Z_t, and the products exp(x_w) d
  *      summed into S. Each difference d, exp and product is rounded to float32 and the
  *      sums are accumulated in float64 (in a fixed order: the result does not depend on
@@ -214,6 +216,24 @@ static inline float kl_scaled1(float v, const kl_options *o)
     return o->multiply ? v * o->inverse : v / o->temperature;
 }
 
+/* The largest of the lanes of ``m`` and the ``rest`` floats at ``p`` (NaN ignored). */
+__attribute__((target("avx2,fma"))) static float kl_max_finish(__m256 m0, const unsigned char *p,
+                                                              Py_ssize_t rest)
+{
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float m = -INFINITY;
+    for (int k = 0; k < 8; k++) {
+        m = lanes[k] > m ? lanes[k] : m;
+    }
+    for (Py_ssize_t i = 0; i < rest; i++) {
+        float v;
+        memcpy(&v, p + i * sizeof(float), sizeof(float));
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
 /* The largest of ``n`` floats at ``p`` (NaN ignored; -inf for none). */
 __attribute__((target("avx2,fma"))) static float kl_max(const unsigned char *p, Py_ssize_t n)
 {
@@ -230,18 +250,7 @@ __attribute__((target("avx2,fma"))) static float kl_max(const unsigned char *p, 
         m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
     }
     m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m0);
-    float m = -INFINITY;
-    for (int k = 0; k < 8; k++) {
-        m = lanes[k] > m ? lanes[k] : m;
-    }
-    for (; i < n; i++) {
-        float v;
-        memcpy(&v, p + i * lane, lane);
-        m = v > m ? v : m;
-    }
-    return m;
+    return kl_max_finish(m0, p + i * lane, n - i);
 }
 
 /* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
@@ -262,14 +271,21 @@ __attribute__((target("avx2,fma"))) static inline double kl_total(const __m256d 
 #define KL_SHIFTED(src, m) _mm256_sub_ps(kl_scaled8((src), o), (m))
 
 /* Pass 2 of one row: Z_s, Z_t and (unless ``sums_only``) S; exp(x_s) and exp(x_t) are
- * also stored at ``es_out`` and ``et_out`` where these are not NULL. */
+ * also stored at ``es_out`` and ``et_out`` where these are not NULL. Pass 1 of the next
+ * row (``next_s``, ``next_t``; NULL for none) runs in the same loop, so that its reads
+ * from memory overlap this row's arithmetic: its maxima go to ``next_max``. */
 __attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
                                                        const unsigned char *t, Py_ssize_t n,
                                                        float ms, float mt, const kl_options *o,
                                                        int sums_only, unsigned char *es_out,
                                                        unsigned char *et_out, double *zs,
-                                                       double *zt, double *sw)
+                                                       double *zt, double *sw,
+                                                       const unsigned char *next_s,
+                                                       const unsigned char *next_t,
+                                                       float *next_max)
 {
+    __m256 nms = _mm256_set1_ps(-INFINITY), nmt = nms;
+    const Py_ssize_t full = n - n % 8;
     const size_t lane = sizeof(float);
     const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
     __m256d as[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
@@ -285,6 +301,10 @@ __attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
             sv = kl_load_tail(s + i * lane, rest);
             tv = kl_load_tail(t + i * lane, rest);
             keep = kl_lanes(rest);
+        }
+        if (next_s != NULL && i < full) {
+            nms = _mm256_max_ps(kl_load8(next_s + i * lane), nms);
+            nmt = _mm256_max_ps(kl_load8(next_t + i * lane), nmt);
         }
         __m256 xs = KL_SHIFTED(sv, vms), xt = KL_SHIFTED(tv, vmt);
         __m256 es = _mm256_and_ps(kl_exp8(xs), keep), et = _mm256_and_ps(kl_exp8(xt), keep);
@@ -314,6 +334,10 @@ __attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
     *zs = kl_total(as);
     *zt = kl_total(at);
     *sw = kl_total(aw);
+    if (next_s != NULL) {
+        next_max[0] = kl_max_finish(nms, next_s + full * lane, n - full);
+        next_max[1] = kl_max_finish(nmt, next_t + full * lane, n - full);
+    }
 }
 
 /* Where one row's pass 3 reads and writes. */
@@ -425,6 +449,11 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
                                                        const kl_options *o)
 {
     const size_t row_bytes = (size_t)vocab * sizeof(float);
+    float raw_max[2] = {-INFINITY, -INFINITY};
+    if (rows > 0) {
+        raw_max[0] = kl_max(s, vocab);
+        raw_max[1] = kl_max(t, vocab);
+    }
     for (Py_ssize_t r = 0; r < rows; r++) {
         kl_row row = {s + r * row_bytes, t + r * row_bytes, NULL, NULL,
                       grad == NULL ? NULL : grad + r * row_bytes,
@@ -440,14 +469,15 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
         }
         row.es = es_out;
         row.et = et_out;
-        float ms = kl_scaled1(kl_max(row.s, vocab), o), mt = kl_scaled1(kl_max(row.t, vocab), o);
+        float ms = kl_scaled1(raw_max[0], o), mt = kl_scaled1(raw_max[1], o);
+        const int last = r + 1 == rows;
         int shifted = ms != -INFINITY && mt != -INFINITY;
         /* a row of -inf only is not shifted (its Z is 0), as in the reference */
         ms = ms == -INFINITY ? 0.0f : ms;
         mt = mt == -INFINITY ? 0.0f : mt;
         double zs, zt, sw;
         kl_sums(row.s, row.t, vocab, ms, mt, o, o->softmax_only, es_out, et_out, &zs, &zt,
-                &sw);
+                &sw, last ? NULL : row.s + row_bytes, last ? NULL : row.t + row_bytes, raw_max);
         if (o->softmax_only) {
             /* cG / 0 = inf (times exp = 0: NaN) and cG / NaN = NaN give NaN rows, as q - p */
             kl_outputs(&row, vocab, ms, mt, o, (float)(o->grad_scale / zs),

@@ -317,6 +317,26 @@ def test_rows_with_huge_spreads_and_underflowing_weights(direction: str) -> None
     assert np.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 9, 33, 64, 1001])
+def test_the_maximum_is_found_wherever_it_lies(vocab: int) -> None:
+    """A logit 300 above the others at every position of the rows (the vector lanes, the
+    tail, the first row of a call and the later ones, whose maxima the kernel finds
+    during the previous row's second pass): a maximum missed would overflow exp."""
+    rng = np.random.default_rng(vocab)
+    rows = min(vocab, 40) + 1
+    s = rng.normal(size=(rows, vocab)).astype(np.float32)
+    t = rng.normal(size=(rows, vocab)).astype(np.float32)
+    where = np.arange(rows) % vocab
+    s[np.arange(rows), where] = 300.0
+    t[np.arange(rows), (where * 7 + 3) % vocab] = 300.0
+    for direction in ("forward", "reverse"):
+        ref = rows_in_float64(s, t, 1.0, direction)
+        kl, grad, _ = run_rows(s, t, 1.0, direction, grad_scale=1.0)
+        wd = (ref.w * np.abs(ref.d)).sum(axis=1)
+        assert_close(kl, ref.kl, (2 * ETA + 3 * U) * wd + 3 * ETA, direction)
+        assert grad is not None and np.isfinite(grad).all()
+
+
 def test_the_sums_are_float64() -> None:
     """2**22 classes: a float32 running sum would be off by far more than 1e-9 (about
     2**22 u relatively); from the kernel's own exp values, the float64 sums leave only the
