@@ -117,7 +117,8 @@ step() {
 
 if [[ $DRY == 1 ]]; then
     step benchmark 120 "$PY" benchmarks/gpu_bench.py --dry-run --json "$LOGS/gpu_bench.json"
-    # (the logits step has its own dry run: benchmarks/logits_bench.py --device cuda --dry-run)
+    step logits 120 "$PY" benchmarks/logits_bench.py --device cuda --dry-run \
+        --out "$LOGS/logits-cuda"
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
         --json "$LOGS/gpu_bench.json"

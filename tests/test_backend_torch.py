@@ -320,7 +320,7 @@ def test_gpu_script_dry_run() -> None:
     assert "tests collected" in result.stdout
     summary = result.stdout.split("\n== summary\n")[-1]
     steps = [line for line in summary.splitlines() if ": " in line and not line.startswith("|")]
-    assert [s.split(":")[0] for s in steps] == ["benchmark", "tests", "conformance"]
+    assert [s.split(":")[0] for s in steps] == ["benchmark", "logits", "tests", "conformance"]
     assert all(": ok" in s for s in steps), steps
     table = [line for line in summary.splitlines() if line.startswith("| ")]
     assert len(table) == 2 + 2 * 2  # header, rule, two cases x (eager, kldiv_spec)
