@@ -447,43 +447,66 @@ def _grid_logits(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndar
     return s, s + rng.normal(0.0, 2.0, size=shape)
 
 
+#: (direction, scale_by_temperature_squared), in the order the grids cycle through them.
+_COMBOS = (("forward", True), ("reverse", False), ("forward", False), ("reverse", True))
+
+
+def _pairwise(reduction: int, masked: int) -> tuple[tuple[str, bool], ...]:
+    """Return two (direction, T**2) combinations for one (reduction, mask) cell of a grid.
+
+    Over the grid's cells every pair of option values occurs: both directions
+    and both scalings with each reduction and each mask form, and all four
+    (direction, scaling) combinations; JAX compiles each case, so the grid is
+    pairwise rather than the full product.
+    """
+    first = 0 if (reduction + masked) % 2 == 0 else 2
+    return _COMBOS[first], _COMBOS[first + 1]
+
+
+def _case_options(direction: str, scaled: bool) -> dict[str, Any]:
+    return {"temperature": 2.0, "direction": direction, "scale_by_temperature_squared": scaled}
+
+
 def _option_cases(ctx: Context) -> list[Case]:
-    """Every option on fixed logits: direction x T**2 x reduction x mask, and (B, S, V)."""
+    """Return the options on fixed logits: every pair of values, float32, (B, S, V) logits."""
     s, t = _grid_logits((4, 5), 11)
     keep = np.asarray([True, False, True, True])
     s3, t3 = _grid_logits((2, 3, 4), 12)
     keep3 = np.asarray([[True, True, False], [False, True, True]])
+    reductions = ("none", "batchmean", "sum", "mean", "rowmean")
     cases = []
-    for direction in ("forward", "reverse"):
-        for scaled in (True, False):
-            common = {
-                "temperature": 2.0,
-                "direction": direction,
-                "scale_by_temperature_squared": scaled,
-            }
-            for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
-                for mask in (None, keep):
-                    for dtype in (np.float64, np.float32):
-                        cases.append(
-                            _logits_case(
-                                s.astype(dtype),
-                                t.astype(dtype),
-                                reduction=reduction,
-                                mask=mask,
-                                **common,
-                            )
-                        )
-                if reduction != "none":  # batchmean divides by the batch, rowmean by tokens
-                    cases.append(_logits_case(s3, t3, reduction=reduction, **common))
-                if reduction in ("sum", "mean", "rowmean"):
-                    cases.append(_logits_case(s3, t3, reduction=reduction, mask=keep3, **common))
+    for i, reduction in enumerate(reductions):
+        for j, mask in enumerate((None, keep)):
+            for direction, scaled in _pairwise(i, j):
+                options = _case_options(direction, scaled)
+                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
+    for k, (direction, scaled) in enumerate(_COMBOS):
+        options = _case_options(direction, scaled)
+        reduction, mask = (("rowmean", keep), ("sum", None), ("none", keep), ("batchmean", None))[
+            k
+        ]
+        cases.append(_logits_case(s32, t32, reduction=reduction, mask=mask, **options))
+    # (batch, seq, vocab): 'batchmean' divides by the batch, 'rowmean' by the tokens
+    for k, (reduction, mask) in enumerate(
+        (
+            ("batchmean", None),
+            ("rowmean", None),
+            ("mean", None),
+            ("rowmean", keep3),
+            ("mean", keep3),
+            ("sum", keep3),
+        )
+    ):
+        options = _case_options(*_COMBOS[k % 4])
+        cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
     return _expressible(ctx, cases)
 
 
 @register(
     "accuracy.logits_options",
-    "every option on fixed logits (direction, T**2 on/off, each reduction, masks, 3-d): "
-    "the oracle's value",
+    "the options on fixed logits (every pair of direction, T**2 on/off, reduction, mask; "
+    "float32; 3-d): the oracle's value",
     cases=_option_cases,
     applies=_applies("from_logits"),
     subject="from_logits",
@@ -682,31 +705,21 @@ def _logits_gradients(ctx: Context, case: Case) -> None:
 
 
 def _gradient_option_cases(ctx: Context) -> list[Case]:
+    """Return the options on fixed logits: each reduction with and without a mask, T = 2."""
     s, t = _grid_logits((3, 4), 13)
     keep = np.asarray([True, False, True])
     cases = []
-    for direction in ("forward", "reverse"):
-        for scaled in (True, False):
-            for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
-                for mask in (None, keep):
-                    cases.append(
-                        _logits_case(
-                            s,
-                            t,
-                            reduction=reduction,
-                            mask=mask,
-                            temperature=2.0,
-                            direction=direction,
-                            scale_by_temperature_squared=scaled,
-                        )
-                    )
+    for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
+        for j, mask in enumerate((None, keep)):
+            options = _case_options(*_COMBOS[(2 * i + j) % 4])
+            cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
     return _expressible(ctx, cases)
 
 
 @register(
     "gradients.logits_options",
-    "the student gradient for every option on fixed logits (direction, T**2 on/off, each "
-    "reduction, masks) agrees with the oracle",
+    "the student gradient on fixed logits (each reduction with and without a mask, both "
+    "directions, T**2 on/off) agrees with the oracle",
     cases=_gradient_option_cases,
     applies=_applies("from_logits"),
     subject="from_logits",
