@@ -58,12 +58,13 @@ SPECIFICITY: tuple[str, ...] = (
     "accuracy.float32",
     "accuracy.subnormal",
     "accuracy.large_support",
-    # from logits and the Gaussian KL: fixed cases of one rule first
+    # from logits and the Gaussian KL: the value at identity (0 for a divergence, not
+    # for a cross-entropy), then fixed cases of one rule
+    "math.logits_zero_at_identity",
+    "math.gaussian_zero_at_identity",
     "semantics.logits_edge_values",
     "accuracy.logits_options",
     "gradients.logits_options",
-    "math.logits_zero_at_identity",
-    "math.gaussian_zero_at_identity",
     "math.logits_non_negative",
     "gradients.logits_oracle",
     "gradients.gaussian_oracle",
