@@ -25,15 +25,21 @@ __all__ = ["pytest_addoption"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--kldiv-impl``, ``--kldiv-backend``, ``--kldiv-max-examples``, ``--kldiv-seed``.
+    """Add the suite's options: those of ``kldiv-spec check``, prefixed with ``kldiv-``.
 
-    And ``--kldiv-strict``: SHOULD failures fail too.
+    ``--kldiv-impl``, ``--kldiv-kind``, ``--kldiv-backend``, ``--kldiv-max-examples``,
+    ``--kldiv-seed``, and ``--kldiv-strict`` (SHOULD failures fail too).
     """
     group = parser.getgroup("kldiv-spec conformance")
     group.addoption(
         "--kldiv-impl",
         default="reference",
         help="implementation to check (as kldiv-spec check --impl)",
+    )
+    group.addoption(
+        "--kldiv-kind",
+        default="kl-div",
+        help="what --kldiv-impl is (as kldiv-spec check --kind; default kl-div)",
     )
     group.addoption("--kldiv-backend", default="numpy", help="array library (default numpy)")
     group.addoption("--kldiv-max-examples", type=int, default=15, help="examples per property")
@@ -48,7 +54,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def run_one(config: Any, name: str) -> None:
     """Run property ``name`` with the options of ``config``; fail or skip the test."""
     spec = config.getoption("--kldiv-impl")
-    impl = resolve(spec)
+    kind = config.getoption("--kldiv-kind")
+    impl = resolve(spec, kind=kind)
     try:
         backend = load_backend(config.getoption("--kldiv-backend"))
     except BackendUnavailable as exc:
@@ -60,6 +67,7 @@ def run_one(config: Any, name: str) -> None:
         impl_spec=spec,
         max_examples=config.getoption("--kldiv-max-examples"),
         seed=config.getoption("--kldiv-seed"),
+        kind=kind,
     )
     if outcome.status == "n/a":
         pytest.skip(outcome.reason)

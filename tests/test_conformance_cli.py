@@ -132,6 +132,36 @@ def test_pytest_plugin_runs_the_suite(tmp_path):
     assert "1 failed, 1 passed" in proc.stdout, proc.stdout
 
 
+def test_pytest_plugin_checks_a_from_logits_function(tmp_path):
+    """``--kldiv-kind from-logits``: the user's function is checked as kl_div_from_logits."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "kldiv_spec.conformance.pytest_plugin",
+        "--pyargs",
+        "kldiv_spec.conformance",
+        "--kldiv-impl",
+        "kldiv_spec:kl_div_from_logits",
+        "--kldiv-kind",
+        "from-logits",
+        "--kldiv-max-examples",
+        "2",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "logits_zero_at_identity or logits_non_negative or semantics.empty",
+        "-rs",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the two from-logits properties ran; the kl_div one is n/a (no kl_div function)
+    assert "2 passed, 1 skipped" in proc.stdout, proc.stdout
+    assert "no kl_div function" in proc.stdout or "has no kl_div" in proc.stdout, proc.stdout
+
+
 def test_all_mutants_are_listed_and_one_property_rejects_one_of_them(tmp_path):
     from kldiv_spec.conformance.mutants import MUTANTS
 
