@@ -116,8 +116,16 @@ def _context_setting() -> bool | None:
     return _FORCE_REFERENCE.get()
 
 
-#: :func:`_context_setting` as traced code reads it (Dynamo cannot trace ``ContextVar.get``).
+def _environment_setting() -> bool:
+    """Return whether ``$KLDIV_SPEC_REFERENCE`` forces the reference."""
+    return getenv(_ENV) not in ("", "0")
+
+
+#: :func:`_context_setting` and :func:`_environment_setting` as traced code reads them:
+#: once, while tracing, as constants of the graph (Dynamo cannot trace ``ContextVar.get``,
+#: and tracing the environment's lookup would guard the compiled code on it).
 _TRACED_CONTEXT_SETTING: Callable[[], bool | None] = _context_setting
+_TRACED_ENVIRONMENT_SETTING: Callable[[], bool] = _environment_setting
 
 
 def use_torch_compiler(
@@ -133,9 +141,10 @@ def use_torch_compiler(
     :func:`use_reference` setting once, while tracing (a block opening or closing changes
     :data:`_OPEN_BLOCKS`, on which the compiled code is guarded, and so recompiles it).
     """
-    global _IS_COMPILING, _TRACED_FRONT, _TRACED_CONTEXT_SETTING
+    global _IS_COMPILING, _TRACED_FRONT, _TRACED_CONTEXT_SETTING, _TRACED_ENVIRONMENT_SETTING
     _IS_COMPILING, _TRACED_FRONT = is_compiling, traced_front
     _TRACED_CONTEXT_SETTING = constant_result(_context_setting)
+    _TRACED_ENVIRONMENT_SETTING = constant_result(_environment_setting)
 
 
 def compiling() -> bool:
@@ -147,19 +156,18 @@ def reference_forced() -> bool:
     """Return whether the reference is forced for the current context.
 
     The context variable is read only while a :func:`use_reference` block is open
-    somewhere; otherwise the answer is the environment variable's. While
-    ``torch.compile`` traces a call, the variable is read with ``os.environ.get``,
-    which Dynamo evaluates once, at trace time, without guarding on the environment
-    (:func:`getenv`'s dictionary lookup would put a guard on every variable of the
-    environment into the compiled code, and any change to any of them would
-    recompile it).
+    somewhere; otherwise the answer is the environment variable's. Code traced by
+    ``torch.compile`` reads both once, while tracing: the compiled code is guarded on
+    the number of open blocks only (so it is recompiled when a block opens or
+    closes), never on the environment.
     """
+    if compiling():
+        forced = _TRACED_CONTEXT_SETTING() if _OPEN_BLOCKS else None
+        return _TRACED_ENVIRONMENT_SETTING() if forced is None else forced
     if _OPEN_BLOCKS:
-        forced = _TRACED_CONTEXT_SETTING() if compiling() else _FORCE_REFERENCE.get()
+        forced = _FORCE_REFERENCE.get()
         if forced is not None:
             return forced
-    if compiling():
-        return os.environ.get(_ENV, "") not in ("", "0")
     return getenv(_ENV) not in ("", "0")
 
 
