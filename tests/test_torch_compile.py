@@ -159,6 +159,29 @@ def test_use_reference_recompiles_into_the_reference() -> None:
     torch.testing.assert_close(again, outside, rtol=0, atol=0)
 
 
+def test_environment_variable_is_read_when_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KLDIV_SPEC_REFERENCE=1`` set before the first compiled call: the reference is
+    traced; changed afterwards: the compiled code stays as it was (no recompilation)."""
+    graphs: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> Callable[..., object]:
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    z, t = operands((4, 7))
+    monkeypatch.setenv("KLDIV_SPEC_REFERENCE", "1")
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        step(lambda a, b: kldiv_spec.kl_div(a, b, reduction="sum")),
+        backend=backend,
+        fullgraph=True,
+    )
+    compiled(z, t)
+    monkeypatch.setenv("KLDIV_SPEC_REFERENCE", "0")
+    compiled(z, t)
+    assert len(graphs) == 1 and "kl_div" not in graphs[0]
+
+
 @pytest.mark.parametrize(("reduction", "log_target"), CASES)
 def test_fullgraph_values_and_gradients_equal_eager(reduction: str, log_target: bool) -> None:
     """Compiled (Inductor, fullgraph) against eager: values and input gradients."""
