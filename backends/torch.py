@@ -305,7 +305,7 @@ def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
     # Traced calls always take ATen's kernel, which is F.kl_div's for any tensor type, so
     # the type is checked only eagerly (there, subclasses go to the reference).
     compiled = torch.compiler.is_compiling()
-    if not compiled and not (_plain(x) and _plain(t)):
+    if not compiled and (type(x) not in _PLAIN_TYPES or type(t) not in _PLAIN_TYPES):
         return NotImplemented
     if type(log_target) is not bool or type(reduction) is not str:
         return NotImplemented
@@ -316,7 +316,9 @@ def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
         return NotImplemented
     if t.dtype is not dtype or x.layout is not torch.strided:
         return NotImplemented
-    if t.layout is not torch.strided or x.shape != t.shape or x.device != t.device:
+    if t.layout is not torch.strided or x.shape != t.shape:
+        return NotImplemented
+    if not (x.is_cpu and t.is_cpu) and x.device != t.device:  # is_cpu: no device objects
         return NotImplemented
     if t.requires_grad and torch.is_grad_enabled():
         return NotImplemented
@@ -328,12 +330,6 @@ def _front(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
             if result is not NotImplemented:
                 return result
     return _native(x, t, reduction, log_target)
-
-
-def _plain(a: Any, /) -> bool:
-    """Whether ``a`` is a plain tensor or parameter (no subclass)."""
-    kind = type(a)
-    return kind is torch.Tensor or kind is torch.nn.Parameter
 
 
 def _native(x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool) -> torch.Tensor:

@@ -11,7 +11,8 @@ forward+backward step, ``log_softmax`` then the loss, against the compiled
 memory, and the dtype and value under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 
 Timing: every implementation of a row is timed in the same round, one after the
-other, and the round is repeated (``--rounds``); a round times a batch of calls
+other (the order alternates from round to round), and the round is repeated
+(``--rounds``); a round times a batch of calls
 sized to take about ``--target-ms``. Reported: the median time per call over the
 rounds and the spread (min-max), and the median of the per-round ratios, so that a
 load that drifts during the run (a shared machine) affects both sides of a ratio alike.
@@ -114,7 +115,8 @@ _SYNC: Callable[[], None] = lambda: None  # noqa: E731  (torch.cuda.synchronize 
 def timed(
     impls: dict[str, Callable[[], Any]], rounds: int, target_s: float
 ) -> dict[str, list[float]]:
-    """Seconds per call of each implementation, one list entry per round (interleaved)."""
+    """Seconds per call of each implementation, one list entry per round (interleaved,
+    in alternating order)."""
     numbers = {}
     for name, f in impls.items():
         f()
@@ -125,8 +127,10 @@ def timed(
         once = max(time.perf_counter() - begin, 1e-7)
         numbers[name] = max(1, min(100_000, int(target_s / once)))
     out: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, f in impls.items():
+    order = list(impls.items())
+    for i in range(rounds):
+        # alternate the order, so that neither implementation always runs first
+        for name, f in order if i % 2 == 0 else reversed(order):
             n = numbers[name]
             begin = time.perf_counter()
             for _ in range(n):

@@ -161,7 +161,7 @@ def reference_forced() -> bool:
     the number of open blocks only (so it is recompiled when a block opens or
     closes), never on the environment.
     """
-    if compiling():
+    if _IS_COMPILING():  # compiling(), one call less (this runs on every call)
         forced = _TRACED_CONTEXT_SETTING() if _OPEN_BLOCKS else None
         return _TRACED_ENVIRONMENT_SETTING() if forced is None else forced
     if _OPEN_BLOCKS:
@@ -213,7 +213,7 @@ def front(input: Any, /) -> Callable[[Any, Any, Any, Any], Any] | None:
     None also while the reference is forced. A PyTorch tensor whose fast path has
     not been imported yet imports it (which registers its front).
     """
-    if compiling():
+    if _IS_COMPILING():  # compiling(), one call less
         # Only tensors are traced; reading FRONTS here would guard the compiled code on
         # every entry of the dictionary.
         handler = _TRACED_FRONT
