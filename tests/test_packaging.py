@@ -80,11 +80,12 @@ def test_wheel_holds_every_backend_and_conformance_module(wheel_files):
 
 
 def test_wheel_carries_the_compiled_fused_sum(wheel_files):
-    """The optional extension is built wherever a C compiler is (CI has one)."""
+    """The optional extensions are built wherever a C compiler is (CI has one)."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the wheel is built without the fused float32 sum")
-    built = [n for n in wheel_files if n.startswith("kldiv_spec/backends/_fused.")]
-    assert len(built) == 1 and built[0].endswith((".so", ".pyd")), built
+    for name in ("_fused", "_fused_logits"):
+        built = [n for n in wheel_files if n.startswith(f"kldiv_spec/backends/{name}.")]
+        assert len(built) == 1 and built[0].endswith((".so", ".pyd")), (name, built)
 
 
 def test_wheel_installs_no_generic_top_level_package(wheel_files):
