@@ -251,7 +251,7 @@ def compiled_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             run()
             impls[name] = run
-        times = timed(impls, args.rounds, args.target_ms / 1e3)
+        times = timed(impls, args.compile_rounds, args.target_ms / 1e3)
         row = {
             "shape": [r, c],
             "seconds": {k: summary(v) for k, v in times.items()},
@@ -384,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-elements", type=float, default=1e7)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument(
+        "--compile-rounds",
+        type=int,
+        default=41,
+        help="rounds of the compiled steps (default 41: their differences are a few percent)",
+    )
     parser.add_argument("--target-ms", type=float, default=40.0)
     parser.add_argument("--out", help="write OUT.md and OUT.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds")
@@ -396,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args.same_memory_shape = (2048, 32000)
     if args.quick:
         args.max_elements, args.rounds, args.target_ms = 1e3, 2, 2.0
+        args.compile_rounds = 2
         args.compile_shapes, args.same_memory_shape = [(8, 10)], (64, 1000)
     warnings.simplefilter("ignore", UserWarning)
     results: dict[str, Any] = {
