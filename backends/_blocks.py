@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from kldiv_spec._dispatch import getenv
+
 # The compiled fused float32 sum (backends/_fused.c), where it was built: an install
 # without a C compiler, or a source checkout not built in place, has none. A build that
 # exists but fails to load raises.
@@ -283,11 +285,19 @@ def loss_none(x: Any, t: Any, /, *, shape: tuple[int, ...], dtype: Any, log_targ
     return result
 
 
+#: Whether the compiled fused float32 sum was built and this CPU runs it (AVX2 and FMA).
+_FUSED_RUNS: bool = _fused is not None and bool(_fused.available())
+
+
 def _fused_sum() -> Callable[[Any, Any], Any] | None:
-    """Return the compiled fused float32 sum, or None (not built, no AVX2/FMA, turned off)."""
-    if os.environ.get(FUSED_ENV, "").strip() == "0" or _fused is None:
+    """Return the compiled fused float32 sum, or None (not built, no AVX2/FMA, turned off).
+
+    Cheap enough for every small call (the NumPy front asks on each one): the CPU's
+    answer is read once, and the environment variable without ``os.environ.get``.
+    """
+    if not _FUSED_RUNS or getenv(FUSED_ENV).strip() == "0":
         return None
-    return _fused.loss_sum_f32 if _fused.available() else None
+    return _fused.loss_sum_f32
 
 
 def fused_available() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -192,7 +191,7 @@ def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> A
         return NotImplemented  # the blocked fast path takes it
     d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
     if reduction != "none" and not log_target and dt == _FLOAT32:
-        fused = _fused_sum()
+        fused = _blocks._fused_sum()
         if fused is not None and x.flags.c_contiguous and t.flags.c_contiguous:
             wide = fused(x, t) + 0.0  # + 0.0: a sum of zeros is +0.0
             if -_FLOAT32_MAX <= wide <= _FLOAT32_MAX:
@@ -222,30 +221,6 @@ def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> A
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _fused_sum() -> Callable[[Any, Any], Any] | None:
-    """Return the NumPy fast path's compiled fused float32 sum, or None (as it decides).
-
-    :func:`kldiv_spec.backends._blocks.fused_available`, with its environment variable
-    read the cheap way first (it is usually unset).
-    """
-    if _blocks._fused is None:
-        return None
-    if getenv(_blocks.FUSED_ENV).strip() == "0":
-        return None
-    return _blocks._fused.loss_sum_f32 if _fused_runs() else None
-
-
-def _fused_runs() -> bool:
-    """Return whether the compiled fused sum runs on this CPU (AVX2 and FMA), once."""
-    global _FUSED_RUNS
-    if _FUSED_RUNS is None:
-        _FUSED_RUNS = bool(_blocks._fused is not None and _blocks._fused.available())
-    return _FUSED_RUNS
-
-
-_FUSED_RUNS: bool | None = None
 
 
 def _numpy_fast_threshold() -> int:
