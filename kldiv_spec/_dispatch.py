@@ -74,9 +74,11 @@ def use_reference(enabled: bool = True, /) -> Iterator[None]:
     -----
     The setting is local to the current thread and ``asyncio`` task. Outside any
     such block, the environment variable ``KLDIV_SPEC_REFERENCE=1`` forces the
-    reference process-wide. Code compiled by ``torch.compile`` is recompiled when a
-    block opens or closes; the environment variable it reads once, when it traces
-    (as Dynamo reads ``os.environ``), so set it before the first compiled call.
+    reference process-wide. Code compiled by ``torch.compile`` reads both once, when
+    it is traced (the first call), and keeps the route it traced: it is not guarded
+    on them, as a compiled ``F.kl_div`` is guarded on nothing of PyTorch's. Open the
+    block (or set the variable) before the first call of the compiled function, or
+    call ``torch.compiler.reset()`` inside the block to trace it again.
 
     Examples
     --------
@@ -137,9 +139,11 @@ def use_torch_compiler(
     """Register what ``torch.compile`` needs from PyTorch's fast path.
 
     ``torch.compiler.is_compiling``, the front of the calls it traces, and
-    ``torch.compiler.assume_constant_result``, which makes traced code read the
-    :func:`use_reference` setting once, while tracing (a block opening or closing changes
-    :data:`_OPEN_BLOCKS`, on which the compiled code is guarded, and so recompiles it).
+    ``torch.compiler.assume_constant_result``, which makes code that Dynamo traces read
+    the :func:`use_reference` setting once, while tracing (Dynamo cannot trace
+    ``ContextVar.get``). The loss's entry points are not traced by Dynamo but recorded as
+    calls (``torch.compiler.allow_in_graph``, as ``F.kl_div`` is); AOTAutograd traces
+    them, and they read the setting then.
     """
     global _IS_COMPILING, _TRACED_FRONT, _TRACED_CONTEXT_SETTING, _TRACED_ENVIRONMENT_SETTING
     _IS_COMPILING, _TRACED_FRONT = is_compiling, traced_front
@@ -157,9 +161,8 @@ def reference_forced() -> bool:
 
     The context variable is read only while a :func:`use_reference` block is open
     somewhere; otherwise the answer is the environment variable's. Code traced by
-    ``torch.compile`` reads both once, while tracing: the compiled code is guarded on
-    the number of open blocks only (so it is recompiled when a block opens or
-    closes), never on the environment.
+    ``torch.compile`` reads both once, while tracing (see :func:`use_reference`); code
+    that Dynamo itself traces is guarded on the number of open blocks.
     """
     if _IS_COMPILING():  # compiling(), one call less (this runs on every call)
         forced = _TRACED_CONTEXT_SETTING() if _OPEN_BLOCKS else None

@@ -110,15 +110,14 @@ def forward(
     log_target: bool,
     stacklevel: int,
     warn_mean: bool = True,
-    use_front: bool = True,
 ) -> Array:
     """Implement :func:`kl_div`; ``stacklevel`` points the ``mean`` warning at the caller.
 
-    ``warn_mean=False`` is for the legacy ``size_average``/``reduce`` spelling,
-    which PyTorch resolves to ``'mean'`` without the ``'mean'`` warning.
-    ``use_front=False`` skips the registered front (for a front handing a call back).
+    The registered front first (:func:`kldiv_spec._dispatch.front`), then
+    :func:`full_route`. ``warn_mean=False`` is for the legacy ``size_average``/``reduce``
+    spelling, which PyTorch resolves to ``'mean'`` without the ``'mean'`` warning.
     """
-    handler = front(input) if use_front else None
+    handler = front(input)
     if handler is not None:
         result = handler(input, target, reduction, log_target)
         if result is not NotImplemented:
@@ -126,6 +125,31 @@ def forward(
             if reduction == "mean" and warn_mean:
                 _warn_mean(stacklevel + 1)
             return result
+    return full_route(
+        input,
+        target,
+        reduction=reduction,
+        log_target=log_target,
+        stacklevel=stacklevel + 1,
+        warn_mean=warn_mean,
+    )
+
+
+def full_route(
+    input: Array,
+    target: Array,
+    /,
+    *,
+    reduction: str,
+    log_target: bool,
+    stacklevel: int,
+    warn_mean: bool = True,
+) -> Array:
+    """Validate, then evaluate with the namespace's fast path or the reference (no front).
+
+    For :func:`forward`, and for a front handing a call back on operands it has changed
+    (autocast's casts).
+    """
     ops = operands(input, target, reduction=reduction, log_target=log_target)
     if reduction == "mean" and warn_mean:
         _warn_mean(stacklevel + 1)
