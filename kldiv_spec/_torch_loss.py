@@ -1,11 +1,11 @@
 """PyTorch drop-ins for ``torch.nn.functional.kl_div`` and ``torch.nn.KLDivLoss``.
 
 Re-exported by :mod:`kldiv_spec.torch` (where they are documented, and whose name they
-carry). They live here, in a module no user imports, because code that
-``torch.compile`` traces reads their globals: a module the user also holds (``import
-kldiv_spec.torch as kt``) would be reached from two places, and Dynamo would guard
-every call of the compiled code on the two being the same object, a Python-level
-check that costs more than the rest of the call's own guards.
+carry). They live here, in a module no user imports, because ``torch.compile`` traces
+``KLDivLoss.forward``, which reads this module's globals: a module the user also holds
+(``import kldiv_spec.torch as kt``) would be reached from two places, and Dynamo would
+add a Python-level guard, checked on every call of the compiled code, that the two are
+the same object.
 """
 
 from __future__ import annotations
