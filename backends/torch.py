@@ -41,6 +41,7 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch as _xp
@@ -282,11 +283,7 @@ def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
     float16 and bfloat16 outside autocast (the reference's roundings differ from
     ATen's there).
     """
-    if _any_autocast():
-        input, target = _autocast(input), _autocast(target)
-        result = _eager(input, target, reduction, log_target)
-        return _or_full_route(result, input, target, reduction, log_target)
-    return _eager(input, target, reduction, log_target)
+    return _with_autocast(_eager, input, target, reduction, log_target)
 
 
 def traced_front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
@@ -298,11 +295,36 @@ def traced_front(input: Any, target: Any, reduction: Any, log_target: Any, /) ->
     ``torch.nn.functional.kl_div`` runs for any tensor type. So the type is not
     checked, and the blocked and Triton kernels are not used.
     """
-    if _any_autocast():
-        input, target = _autocast(input), _autocast(target)
-        result = _aten(input, target, reduction, log_target)
-        return _or_full_route(result, input, target, reduction, log_target)
-    return _aten(input, target, reduction, log_target)
+    return _with_autocast(_aten, input, target, reduction, log_target)
+
+
+def _with_autocast(
+    route: Callable[[Any, Any, Any, Any], Any],
+    input: Any,
+    target: Any,
+    reduction: Any,
+    log_target: Any,
+    /,
+) -> Any:
+    """Return ``route``'s result, on the operands autocast would cast, if it is on.
+
+    Under autocast, the operands are cast as autocast casts ``kl_div``'s, and a call
+    ``route`` declines takes the full route on them.
+    """
+    if not _any_autocast():
+        return route(input, target, reduction, log_target)
+    input, target = _autocast(input), _autocast(target)
+    result = route(input, target, reduction, log_target)
+    if result is not NotImplemented:
+        return result
+    return _functional.full_route(
+        input,
+        target,
+        reduction=reduction,
+        log_target=log_target,
+        stacklevel=2,
+        warn_mean=False,  # the caller warns once it has the result
+    )
 
 
 def _eager(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
@@ -320,20 +342,6 @@ def _eager(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
         if result is not NotImplemented:
             return result
     return _aten(x, t, reduction, log_target)
-
-
-def _or_full_route(result: Any, x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
-    """Return ``result``, or the full route's on operands autocast has cast."""
-    if result is not NotImplemented:
-        return result
-    return _functional.full_route(
-        x,
-        t,
-        reduction=reduction,
-        log_target=log_target,
-        stacklevel=2,
-        warn_mean=False,  # the caller warns once it has the result
-    )
 
 
 def _aten(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
