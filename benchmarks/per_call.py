@@ -11,11 +11,13 @@ forward+backward step, ``log_softmax`` then the loss, against the compiled
 memory, and the dtype and value under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 
 Timing: every implementation of a row is timed in the same round, one after the
-other (the order alternates from round to round), and the round is repeated
-(``--rounds``); a round times a batch of calls
-sized to take about ``--target-ms``. Reported: the median time per call over the
-rounds and the spread (min-max), and the median of the per-round ratios, so that a
-load that drifts during the run (a shared machine) affects both sides of a ratio alike.
+other (in every order in turn), and the round is repeated (``--rounds``); a round
+times a batch of calls sized to take about ``--target-ms``. Reported: the median time
+per call over the rounds and the spread (min-max), and the median of the per-round
+ratios, so that a load that drifts during the run (a shared machine) affects both
+sides of a ratio alike. The compiled steps also time a control, ``F.kl_div``'s step
+compiled a second time, whose ratio is the harness's own spread (see
+:func:`compiled_steps`).
 
 Usage::
 
