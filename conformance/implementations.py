@@ -78,9 +78,9 @@ class Implementation:
         ``kldiv_spec.kl_div_from_logits_backward``; used on backends without
         autograd (or when ``differentiable`` is False).
     logits_reductions : tuple of str
-        The reductions ``from_logits`` can express (of :data:`LOGITS_REDUCTIONS`).
+        The reductions ``from_logits`` can express (of ``LOGITS_REDUCTIONS``).
     logits_directions : tuple of str
-        The directions it can express (of :data:`DIRECTIONS`).
+        The directions it can express (of ``DIRECTIONS``).
     logits_scalings : tuple of bool
         The values of ``scale_by_temperature_squared`` it can express: ``(True,)``
         for a function that always multiplies by :math:`T^2`, ``(False,)`` for
@@ -132,8 +132,8 @@ class Implementation:
     def function(self, subject: str, /) -> Callable[..., Any] | None:
         """Return the function a property of ``subject`` checks, or None.
 
-        ``subject`` is one of :data:`.properties.SUBJECTS`: ``'kl_div'``
-        (:attr:`fn`), ``'from_logits'`` or ``'gaussian'``.
+        ``subject`` is one of ``properties.SUBJECTS``: ``'kl_div'``
+        (``fn``), ``'from_logits'`` or ``'gaussian'``.
         """
         return {"kl_div": self.fn, "from_logits": self.from_logits, "gaussian": self.gaussian}[
             subject

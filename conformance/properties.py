@@ -77,7 +77,7 @@ class Property:
     level : {'MUST', 'SHOULD'}
         Its requirement level (see :data:`LEVELS`).
     subject : {'kl_div', 'from_logits', 'gaussian'}
-        The function of the implementation it checks (see :data:`SUBJECTS`).
+        The function of the implementation it checks (see ``SUBJECTS``).
     """
 
     name: str
@@ -110,7 +110,7 @@ def register(
     """Register the decorated ``check(ctx, case)`` as property ``name`` (``group.short``).
 
     ``level`` is ``'MUST'`` (the default) or ``'SHOULD'``; see :data:`LEVELS`.
-    ``subject`` is the implementation's function it calls; see :data:`SUBJECTS`.
+    ``subject`` is the implementation's function it calls; see ``SUBJECTS``.
     """
     group = name.split(".", 1)[0]
     if group not in GROUPS:

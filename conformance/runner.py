@@ -39,7 +39,7 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
 
     ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
     NumPy implementation), an adapter name (see :mod:`.adapters`), ``mutant:NAME``
-    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. ``kind`` (one of :data:`KINDS`)
+    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. ``kind`` (one of ``KINDS``)
     says what a ``MODULE:CALLABLE`` is:
 
     - ``'kl-div'``: an :class:`Implementation`, or a function with PyTorch's
@@ -52,8 +52,8 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
     - ``'gaussian'``: a function with ``gaussian_kl``'s signature (a
       ``backward`` attribute: ``gaussian_kl_backward``'s);
     - ``'torchtune-style'``, ``'liger-style'``: a loss of that convention (a
-      class is instantiated), wrapped by :func:`.adapters.torchtune_style` or
-      :func:`.adapters.liger_style`.
+      class is instantiated), wrapped by ``adapters.torchtune_style`` or
+      ``adapters.liger_style``.
 
     Raises
     ------
