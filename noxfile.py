@@ -16,7 +16,7 @@ nox.options.sessions = ["lint", "numpy_only"]
 
 # A bare "torch" requirement pulls a multi-GB CUDA build; this CPU build is local.
 TORCH = "torch==2.13.0"
-PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
+PYTEST = ("pytest", "-q", "-p", "no:cacheprovider", "-n", "auto")  # pytest-xdist: every core
 
 
 def _run_tests(session: nox.Session, backend: str) -> None:
