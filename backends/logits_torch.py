@@ -130,6 +130,34 @@ def _masked_ops(ops: LogitsOperands) -> LogitsOperands:
     return dataclasses.replace(ops, mask=_view(ops.mask))
 
 
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    """Return the input gradients of both fused Functions: the kept one scaled by ``grad``.
+
+    The forward keeps the student gradient of a unit upstream gradient (``ctx.grad``);
+    it serves one backward. A second backward, a graph being built through it
+    (double backward) or a target that needs a gradient recompute with
+    :func:`kldiv_spec._logits.core_backward`. Gradients come back in the operands'
+    dtypes.
+    """
+    x, t = ctx.saved_tensors
+    ops: LogitsOperands = ctx.ops
+    need_x, need_t = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    kept, ctx.grad = ctx.grad, None  # used once: a second backward recomputes
+    if kept is None or torch.is_grad_enabled() or need_t:
+        cdt = ops.compute_dtype  # core_backward computes in its arguments' dtype
+        gx, gt = core_backward(
+            ops, grad.to(cdt), x.to(cdt), t.to(cdt), ops.kept_mask(), target_grad=need_t
+        )
+        return (
+            gx.to(x.dtype) if need_x else None,
+            None if gt is None else gt.to(t.dtype),
+            None,
+        )
+    if not need_x:
+        return (None, None, None)
+    return (kept.mul_(grad.to(kept.dtype)).to(x.dtype), None, None)
+
+
 class _FusedFromLogits(torch.autograd.Function):
     """Forward and student gradient in one blocked pass; the backward scales the gradient."""
 
@@ -147,16 +175,7 @@ class _FusedFromLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, t = ctx.saved_tensors
-        ops: LogitsOperands = ctx.ops
-        need_x, need_t = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        kept, ctx.grad = ctx.grad, None  # used once: a second backward recomputes
-        if kept is None or torch.is_grad_enabled() or need_t:
-            gx, gt = core_backward(
-                ops, grad.to(ops.compute_dtype), x, t, ops.kept_mask(), target_grad=need_t
-            )
-            return (gx if need_x else None, gt, None)
-        return (kept.mul_(grad.to(kept.dtype)) if need_x else None, None, None)
+        return _backward(ctx, grad)
 
 
 # --------------------------------------------------------------------------- Triton
@@ -256,23 +275,7 @@ class _TritonFromLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, t = ctx.saved_tensors
-        ops: LogitsOperands = ctx.ops
-        need_x, need_t = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        kept, ctx.grad = ctx.grad, None  # used once: a second backward recomputes
-        if kept is None or torch.is_grad_enabled() or need_t:
-            cdt = ops.compute_dtype
-            gx, gt = core_backward(
-                ops, grad.to(cdt), x.to(cdt), t.to(cdt), ops.kept_mask(), target_grad=need_t
-            )
-            return (
-                gx.to(x.dtype) if need_x else None,
-                None if gt is None else gt.to(t.dtype),
-                None,
-            )
-        if not need_x:
-            return (None, None, None)
-        return (kept.mul_(grad.to(kept.dtype)).to(x.dtype), None, None)
+        return _backward(ctx, grad)
 
 
 def _triton_forward(ops: LogitsOperands) -> Any:
