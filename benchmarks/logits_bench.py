@@ -393,12 +393,16 @@ def main_cuda(args: argparse.Namespace) -> None:
     }
     text = markdown_cuda(results, meta)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8"
-        )
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    _write(args.out, {"meta": meta, "results": results}, text)
+
+
+def _write(out: Path | None, data: dict[str, Any], text: str) -> None:
+    """Write ``OUT.json`` (``data``) and ``OUT.md`` (``text``), if ``--out`` was given."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -430,9 +434,7 @@ def main() -> None:
     if args.combine:
         data, text = combine(args.combine)
         print(text)
-        if args.out:
-            args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-            args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+        _write(args.out, data, text)
         return
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.vocab, args.repeats)))
@@ -448,12 +450,7 @@ def main() -> None:
     results = run_all(args.rows, args.vocab, args.repeats)
     text = markdown(results, meta)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(
-            json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8"
-        )
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    _write(args.out, {"meta": meta, "results": results}, text)
 
 
 if __name__ == "__main__":
