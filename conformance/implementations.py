@@ -99,6 +99,14 @@ class Implementation:
         The reductions ``gaussian`` can express.
     gaussian_priors : bool
         Whether it takes ``mu_prior`` and ``logvar_prior`` (else: the standard normal).
+    unsupported : callable, optional
+        ``unsupported(options) -> str | None``: why the implementation cannot take
+        one case (``options`` are the keywords of the call, ``reduction``,
+        ``temperature``, ``direction``, ``mask``, ...), or None when it can. Only
+        that case is n/a; the property's other cases still run. Raising
+        ``NotImplementedError`` from a call has the same effect for that call.
+    version : str
+        The library's version, for reports (``""``: not a library release).
     """
 
     name: str
@@ -121,6 +129,8 @@ class Implementation:
     gaussian_backward: Callable[..., Any] | None = None
     gaussian_reductions: tuple[str, ...] = REDUCTIONS
     gaussian_priors: bool = True
+    unsupported: Callable[[Mapping[str, Any]], str | None] | None = None
+    version: str = ""
 
     def __call__(self, input: Any, target: Any, /, **kwargs: Any) -> Any:
         """Call the wrapped ``kl_div`` function."""
