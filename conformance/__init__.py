@@ -18,18 +18,28 @@ from . import (
 )
 from .implementations import Implementation
 from .namespaces import load_backend
-from .properties import GROUPS, LEVELS, PROPERTIES, NotApplicable, Property, select
-from .runner import Outcome, Report, resolve, run
+from .properties import (
+    GROUPS,
+    LEVELS,
+    PROPERTIES,
+    CouldNotRun,
+    NotApplicable,
+    Property,
+    select,
+)
+from .runner import Outcome, Report, ResolveError, resolve, run
 
 __all__ = [
     "GROUPS",
     "LEVELS",
     "PROPERTIES",
+    "CouldNotRun",
     "Implementation",
     "NotApplicable",
     "Outcome",
     "Property",
     "Report",
+    "ResolveError",
     "load_backend",
     "resolve",
     "run",

@@ -1,10 +1,17 @@
 """``kldiv-spec check``: run the conformance suite from the command line.
 
-Exit status: 0 when every MUST property holds, 1 when one fails (or, with
-``--strict``, when a SHOULD property fails), 2 on a usage error. With no
-arguments it checks the reference on every installed backend. ``--kind`` says
-what a ``MODULE:CALLABLE`` is: a ``kl_div`` (the default), a from-logits
-function, a Gaussian KL, or a loss of the torchtune or Liger convention.
+Exit status: 0 when something was checked and every MUST property held; 1 when
+a MUST property failed (or, with ``--strict``, a SHOULD property); 2 when
+nothing could be judged: a usage error, an implementation that cannot be
+loaded, a backend or library that is not installed, or a machine that failed
+(no GPU driver, ...), each said in one line. With no arguments it checks the
+reference on every installed backend. ``--kind`` says what a
+``MODULE:CALLABLE`` is: a ``kl_div`` (the default), a from-logits function, a
+Gaussian KL, or a loss of the torchtune or Liger convention.
+
+Each implementation other than the built-in ones runs in a child process
+(:mod:`.isolation`), so that one which exits, crashes or hangs is a failure of
+the property it was called in, with a per-call time limit (``--timeout``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import adapters, isolation
 from .mutants import MUTANTS
 from .namespaces import (
     BACKENDS,
@@ -24,8 +32,16 @@ from .namespaces import (
     load_backend,
 )
 from .properties import GROUPS, select
-from .report import matrix_markdown, table, write_json
-from .runner import DEFAULT_MAX_EXAMPLES, KINDS, Outcome, Report, resolve, run
+from .report import matrix_markdown, summary, table, write_json, write_reproductions
+from .runner import (
+    DEFAULT_MAX_EXAMPLES,
+    KINDS,
+    Outcome,
+    Report,
+    ResolveError,
+    resolve,
+    run,
+)
 
 __all__ = ["main"]
 
@@ -60,8 +76,14 @@ kinds of MODULE:CALLABLE (--kind):
                    with beta 0 (forward KL) / 1 (reverse KL), as Liger-Kernel's
                    LigerJSD (a class is instantiated with beta=)
   Properties of a function the implementation lacks are n/a, and so are the
-  options it cannot express (the styles: forward only for torchtune, per-token
+  options it cannot express (the styles: one direction for torchtune, per-token
   means).
+
+exit status:
+  0  something was checked, and every MUST property held (--strict: every one)
+  1  a MUST property failed (--strict: any property)
+  2  nothing could be judged: usage error, IMPL cannot be loaded, a backend or
+     library is not installed, or the machine failed (no GPU driver, ...)
 """
 
 
@@ -124,6 +146,41 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 on SHOULD failures too (PyTorch's exact warnings and exception classes)",
     )
+    p.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="N",
+        help="the label of ignored tokens, for --kind torchtune-style and liger-style "
+        "(default -100)",
+    )
+    p.add_argument(
+        "--direction",
+        choices=["forward", "reverse"],
+        help="the direction a --kind torchtune-style loss computes (default forward)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=isolation.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"per-call time limit of the implementation (default {isolation.DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="run the implementation in this process (faster; one that exits or hangs "
+        "then ends the check)",
+    )
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="print the table and one line per cause, without counterexamples",
+    )
+    p.add_argument(
+        "--repro-dir",
+        metavar="DIR",
+        help="write one reproduction script per cause of failure into DIR",
+    )
     p.add_argument("--json", metavar="PATH", help="write a machine-readable report")
     p.add_argument("--markdown", metavar="PATH", help="write the conformance matrix as Markdown")
     p.add_argument("--list", action="store_true", help="list the properties and exit")
@@ -163,37 +220,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = args.impl or ([] if args.all_mutants else ["reference"])
     if args.all_mutants:
         specs += [f"mutant:{name}" for name in MUTANTS]
+    if args.backend:
+        missing = [b for b in args.backend if not _can_run(b)]
+        if missing:
+            why = _why_not(missing[0])
+            return _cannot(f"--backend {missing[0]} cannot run here: {why}")
     reports: list[Report] = []
+    problems: list[str] = []
+    render = summary if args.summary else table
     for spec in specs:
         # --kind says what a MODULE:CALLABLE is; named implementations know their own
-        kind = args.kind if ":" in spec and not spec.startswith("mutant:") else "kl-div"
+        own = ":" in spec and not spec.startswith(("mutant:", "peer:"))
+        kind = args.kind if own else "kl-div"
+        style_options = _style_options(args) if kind in adapters.STYLES else {}
+        isolate = own and not args.no_isolate
         try:
-            impl = resolve(spec, kind=kind)
-        except ImportError as exc:
-            reports.append(
-                Report(
-                    spec,
-                    ",".join(args.backend or ["-"]),
-                    0,
-                    args.seed,
-                    status="n/a",
-                    reason=f"not installed ({exc.name or exc})",
+            if isolate:  # loading it runs its code: in a child process too
+                impl = isolation.probe(
+                    spec, kind=kind, style_options=style_options, timeout=args.timeout
                 )
-            )
-            print(table(reports[-1]), end="")
+                name, impl_backends, inferred = impl.name, impl.backends, impl.backend
+            else:
+                implementation = resolve(spec, kind=kind, **style_options)
+                name, impl_backends = implementation.name, implementation.backends
+                inferred = infer_backend(implementation.primary) if own else None
+        except ResolveError as exc:
+            hint = f"; pip install {exc.missing}" if exc.missing else ""
+            problems.append(f"{exc}{hint}")
+            sys.stderr.write(f"kldiv-spec check: error: {exc}{hint}\n")
             continue
-        except ValueError as exc:
-            parser.print_usage(sys.stderr)
-            sys.stderr.write(f"kldiv-spec check: error: {exc}\n")
-            return 2
         if args.backend:
             backends = args.backend
-        elif impl.backends:
-            backends = [b for b in impl.backends if _can_run(b)] or list(impl.backends[:1])
+        elif impl_backends:
+            backends = [b for b in impl_backends if _can_run(b)]
+            if not backends:
+                why = _why_not(impl_backends[0])
+                problems.append(f"{spec} runs on {', '.join(impl_backends)}: {why}")
+                sys.stderr.write(f"kldiv-spec check: error: {problems[-1]}\n")
+                continue
         elif spec == "reference":
             backends = installed_backends()
-        elif ":" in spec and not spec.startswith("mutant:"):
-            inferred = infer_backend(impl.primary)
+        elif own:
             if inferred is None:
                 sys.stderr.write(
                     f"kldiv-spec check: error: cannot tell which array library {spec} takes: "
@@ -206,20 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             backends = ["numpy"]
         for be in backends:
-            report = run(
-                spec,
-                be,
-                groups=args.group,
-                names=args.property,
-                max_examples=args.max_examples,
-                seed=args.seed,
-                shrink=not args.no_shrink,
-                progress=_progress(args.quiet, f"{impl.name}/{be}"),
-                kind=kind,
-            )
+            report = _check(args, spec, be, kind, style_options, name, isolate=isolate)
+            if isinstance(report, str):
+                problems.append(report)
+                sys.stderr.write(f"kldiv-spec check: error: {report}\n")
+                continue
             report.impl = spec
             reports.append(report)
-            print(table(report), flush=True)
+            print(render(report), flush=True)
+            if args.repro_dir:
+                for path in write_reproductions(report, args.repro_dir):
+                    sys.stderr.write(f"wrote {path}\n")
     if args.json:
         write_json(reports, args.json)
     if args.markdown:
@@ -229,7 +293,74 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not a.startswith("--markdown") and a != args.markdown
         )
         Path(args.markdown).write_text(matrix_markdown(reports, command=command.strip()))
-    return 1 if any(r.rejected(strict=args.strict) for r in reports) else 0
+    return _exit_status(reports, problems, strict=args.strict)
+
+
+def _style_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {}
+    if args.ignore_index is not None:
+        options["ignore_index"] = args.ignore_index
+    if args.direction is not None:
+        options["direction"] = args.direction
+    return options
+
+
+def _check(
+    args: argparse.Namespace,
+    spec: str,
+    backend: str,
+    kind: str,
+    style_options: dict[str, object],
+    label: str,
+    *,
+    isolate: bool,
+) -> Report | str:
+    """Run one implementation on one backend; a string says why it could not be run."""
+    options = dict(
+        groups=args.group,
+        names=args.property,
+        max_examples=args.max_examples,
+        seed=args.seed,
+        shrink=not args.no_shrink,
+        progress=_progress(args.quiet, f"{label}/{backend}"),
+        kind=kind,
+        style_options=style_options,
+    )
+    if isolate:
+        try:
+            return isolation.run_isolated(spec, backend, timeout=args.timeout, **options)
+        except isolation.ResolveError as exc:
+            return str(exc)
+    return run(spec, backend, **options)
+
+
+def _why_not(backend: str) -> str:
+    try:
+        load_backend(backend)
+    except (ImportError, BackendUnavailable) as exc:
+        return str(exc).splitlines()[0]
+    return "it cannot run here"
+
+
+def _cannot(message: str) -> int:
+    sys.stderr.write(f"kldiv-spec check: error: {message}\n")
+    return 2
+
+
+def _exit_status(reports: Sequence[Report], problems: Sequence[str], *, strict: bool) -> int:
+    """1 on a MUST failure (strict: any); else 2 if anything could not be judged; else 0."""
+    if any(r.rejected(strict=False) for r in reports):
+        return 1
+    unjudged = [r for r in reports if r.status in ("n/a", "error")]
+    for r in unjudged:
+        sys.stderr.write(
+            f"kldiv-spec check: error: {r.impl} on {r.backend} could not be checked: {r.reason}\n"
+        )
+    if problems or unjudged:
+        return 2
+    if not any(r.checked for r in reports):
+        return _cannot("nothing was checked: every selected property is n/a")
+    return 1 if any(r.rejected(strict=strict) for r in reports) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ __all__ = [
     "LEVELS",
     "PROPERTIES",
     "SUBJECTS",
+    "CouldNotRun",
     "NotApplicable",
     "Property",
     "register",
@@ -50,6 +51,14 @@ SUBJECTS: tuple[str, ...] = ("kl_div", "from_logits", "gaussian")
 
 class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)
     """The property cannot be expressed for this implementation or backend."""
+
+
+class CouldNotRun(Exception):  # noqa: N818 (a verdict, not an error)
+    """The machine, not the implementation, failed: no GPU driver, a Triton interpreter error.
+
+    Raised by an adapter (or recognised by :func:`.runner.environment_failure`),
+    it makes the property ``could not run`` with its message, never a failure.
+    """
 
 
 @dataclass(frozen=True)

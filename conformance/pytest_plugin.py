@@ -19,9 +19,11 @@ import pytest
 from .context import Context
 from .namespaces import BackendUnavailable, load_backend
 from .properties import select
-from .runner import resolve, run_property
+from .runner import ResolveError, resolve, run_property
 
-__all__ = ["pytest_addoption"]
+__all__ = ["pytest_addoption", "pytest_configure"]
+
+_IMPLEMENTATION = pytest.StashKey[Any]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,11 +53,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Resolve an ``--kldiv-impl`` given on the command line once: a bad one is a usage error.
+
+    One line says why (a module that is not found, a library that is not
+    installed, an exception at import), instead of one failing test per property.
+    """
+    backend = config.getoption("--kldiv-backend", default="numpy")
+    if backend != "numpy":  # asked for: a backend that cannot run is not a skip
+        try:
+            load_backend(backend)
+        except (ImportError, BackendUnavailable) as exc:
+            msg = f"--kldiv-backend {backend} cannot run here: {str(exc).splitlines()[0]}"
+            raise pytest.UsageError(msg) from None
+    spec = config.getoption("--kldiv-impl", default="reference")
+    if spec == "reference":  # the default: resolved when a property runs
+        return
+    try:
+        config.stash[_IMPLEMENTATION] = resolve(spec, kind=config.getoption("--kldiv-kind"))
+    except ResolveError as exc:
+        msg = f"--kldiv-impl: {exc}"
+        raise pytest.UsageError(msg) from None
+
+
 def run_one(config: Any, name: str) -> None:
     """Run property ``name`` with the options of ``config``; fail or skip the test."""
     spec = config.getoption("--kldiv-impl")
     kind = config.getoption("--kldiv-kind")
-    impl = resolve(spec, kind=kind)
+    impl = config.stash.get(_IMPLEMENTATION, None) or resolve(spec, kind=kind)
     try:
         backend = load_backend(config.getoption("--kldiv-backend"))
     except BackendUnavailable as exc:
@@ -71,6 +96,8 @@ def run_one(config: Any, name: str) -> None:
     )
     if outcome.status == "n/a":
         pytest.skip(outcome.reason)
+    if outcome.status == "error":  # the machine failed: no verdict, and no pass either
+        pytest.fail(outcome.reason, pytrace=False)
     strict = config.getoption("--kldiv-strict")
     if outcome.status == "fail" and outcome.level == "SHOULD" and not strict:
         pytest.xfail(f"SHOULD: {outcome.reason}")

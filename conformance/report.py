@@ -7,6 +7,7 @@ the MUST properties and one ``SHOULD`` column the SHOULD ones.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Sequence
@@ -20,10 +21,13 @@ __all__ = [
     "cause",
     "causes",
     "group_summary",
+    "headline",
     "matrix_markdown",
     "should_summary",
+    "summary",
     "table",
     "write_json",
+    "write_reproductions",
 ]
 
 #: Properties from the most specific (a failure isolates one behaviour: fixed
@@ -128,7 +132,10 @@ def cause(outcome: Outcome, /) -> str:
         r"reduction='(\w+)'", outcome.reproduction
     )
     where = f", reduction={reduction.group(1)!r}" if reduction and kind != "dtype" else ""
-    return f"{kind} of the {what}{where}"
+    # A recognised mistake ("it matches the cross-entropy") is a cause of its own.
+    hint = re.search(r"\(it matches ([^)]*)\)", reason)
+    matches = f" (it matches {hint.group(1)})" if hint else ""
+    return f"{kind} of the {what}{where}{matches}"
 
 
 def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
@@ -141,9 +148,10 @@ def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
     :data:`SPECIFICITY`); the others fail most likely because of the same bug.
     """
     groups: dict[tuple[str, str], list[Outcome]] = {}
-    for o in report.outcomes:
-        if o.status == "fail":
-            groups.setdefault((o.level, cause(o)), []).append(o)
+    for each in report.outcomes:
+        if each.status == "fail":
+            for o in each.each_failure():
+                groups.setdefault((o.level, cause(o)), []).append(o)
     out = []
     for (_, key), outs in groups.items():
         outs = sorted(outs, key=lambda o: _rank(o.name))
@@ -159,39 +167,91 @@ def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
     return sorted(out, key=order)
 
 
-def table(report: Report, /) -> str:
-    """Return the report as a text table (property, group, status, examples) with failures."""
+def headline(report: Report, /) -> str:
+    """Return the report's first line: the verdict, MUST and SHOULD failures counted apart."""
     head = f"{report.impl} on {report.backend}"
+    if report.version:
+        head += f" ({report.version})"
     if report.status == "n/a":
-        return f"{head}: n/a ({report.reason})\n"
+        return f"{head}: n/a ({report.reason})"
+    n_must = sum(o.status == "fail" and o.level == "MUST" for o in report.outcomes)
+    n_should = sum(o.status == "fail" and o.level == "SHOULD" for o in report.outcomes)
+    n_error = sum(o.status == "error" for o in report.outcomes)
+    verdict = "FAIL" if n_must else "COULD NOT RUN" if n_error else "PASS"
+    counts = [
+        f"{n_must} MUST propert{'ies' if n_must != 1 else 'y'} failing",
+        f"{n_should} SHOULD failing",
+    ]
+    if n_error:
+        counts.append(f"{n_error} could not run")
+    return (
+        f"{head}: {verdict}: {', '.join(counts)} "
+        f"(up to {report.max_examples} examples per property)"
+    )
+
+
+_ABSENT = re.compile(r" has no (\w+) function$")
+
+
+def _rows(report: Report) -> list[str]:
+    # The properties of a function the implementation does not have: one line.
+    absent: dict[str, int] = {}
+    shown = []
+    for o in report.outcomes:
+        lacking = _ABSENT.search(o.reason) if o.status == "n/a" else None
+        if lacking is None:
+            shown.append(o)
+        else:
+            absent[lacking.group(1)] = absent.get(lacking.group(1), 0) + 1
     rows = [("property", "group", "level", "status", "examples")]
     rows += [
         (
             o.name,
             o.group,
             o.level,
-            o.status.upper() if o.status == "fail" else o.status,
+            o.status.upper() if o.status in ("fail", "error") else o.status,
             str(o.examples),
         )
-        for o in report.outcomes
+        for o in shown
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    verdict = report.status.upper()
-    n_should = sum(o.status == "fail" and o.level == "SHOULD" for o in report.outcomes)
-    if n_should:
-        verdict += f", {n_should} SHOULD failure{'s' if n_should > 1 else ''}"
-    lines = [f"{head}: {verdict} (up to {report.max_examples} examples per property)"]
+    lines = []
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    for o in report.outcomes:
+    if absent:
+        what = ", ".join(f"{n} of {subject}" for subject, n in absent.items())
+        lines.append(f"  n/a: the properties of functions it does not have ({what})")
+    for o in shown:
         if o.status == "n/a":
             lines.append(f"  n/a {o.name}: {o.reason}")
+        elif o.status == "error" or o.unsupported:
+            lines.append(f"  {o.name}: {o.reason}")
+    return lines
+
+
+def _cause_lines(report: Report) -> tuple[list[str], list[tuple[str, Outcome, list[Outcome]]]]:
     found = causes(report)
-    if found:
-        n = sum(1 + len(others) for _, _, others in found)
-        lines += ["", f"{n} failing propert{'ies' if n > 1 else 'y'}, {len(found)} cause(s):"]
+    if not found:
+        return [], found
+    n = len({(o.name, o.reason) for _, h, others in found for o in (h, *others)})
+    return [f"{n} failure(s), {len(found)} cause(s):"], found
+
+
+def table(report: Report, /) -> str:
+    """Return the report: its headline, a table of properties, and every cause of failure.
+
+    Each cause is shown once, headed by its most specific failing property, with
+    that failure's minimal counterexample and one reproduction; the other
+    failures of the same cause follow as one line each.
+    """
+    if report.status == "n/a":
+        return headline(report) + "\n"
+    lines = [headline(report), *_rows(report)]
+    intro, found = _cause_lines(report)
+    if intro:
+        lines += ["", *intro]
     for key, o, others in found:
         lines += ["", f"FAIL {o.name} [{o.level}] ({o.description})", f"  cause: {key}"]
         lines += [f"  {o.reason}"]
@@ -203,6 +263,39 @@ def table(report: Report, /) -> str:
             lines += [f"  same cause, also failing ({len(others)}):"]
             lines += [f"    {x.name}: {x.reason}" for x in others]
     return "\n".join(lines) + "\n"
+
+
+def summary(report: Report, /) -> str:
+    """Return the short form: the headline, the table, and one line per cause."""
+    if report.status == "n/a":
+        return headline(report) + "\n"
+    lines = [headline(report), *_rows(report)]
+    intro, found = _cause_lines(report)
+    if intro:
+        lines += ["", *intro]
+    for key, o, others in found:
+        also = f" (+{len(others)} more)" if others else ""
+        lines.append(f"  [{o.level}] {key}: {o.name}: {o.reason}{also}")
+    return "\n".join(lines) + "\n"
+
+
+def write_reproductions(report: Report, folder: str | Path, /) -> list[Path]:
+    """Write one reproduction per cause into ``folder``; return the files' paths.
+
+    Named ``<impl>-<backend>-<NN>-<property>.py``; each runs on its own (``python
+    FILE``) from any folder and ends with a ``verdict:`` line.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{report.impl}-{report.backend}")
+    written = []
+    for i, (key, o, _) in enumerate(causes(report), start=1):
+        if not o.reproduction:
+            continue
+        path = folder / f"{stem}-{i:02d}-{o.name}.py"
+        path.write_text(f"# {o.name} [{o.level}]: {key}\n# {o.reason}\n{o.reproduction}\n")
+        written.append(path)
+    return written
 
 
 def group_summary(report: Report, group: str, /, *, level: str = "MUST") -> str:
@@ -224,30 +317,46 @@ def _cell(outs: Sequence[Outcome], *, short: bool) -> str:
     if not outs:
         return ""
     fails = [o.name.split(".", 1)[1] if short else o.name for o in outs if o.status == "fail"]
+    errors = [o for o in outs if o.status == "error"]
     passed = sum(o.status == "pass" for o in outs)
     if fails:
         return "FAIL: " + ", ".join(fails)
+    if errors:
+        return f"could not run ({errors[0].reason.removeprefix('could not run: ')})"
     if passed == 0:
         return "n/a"
     na = sum(o.status == "n/a" for o in outs)
     return f"pass ({passed}/{len(outs)})" if na else "pass"
 
 
-def matrix_markdown(reports: Sequence[Report], /, *, command: str) -> str:
-    """Return the conformance matrix (implementation x property group) as Markdown."""
+def matrix_markdown(
+    reports: Sequence[Report],
+    /,
+    *,
+    command: str,
+    date: datetime.date | None = None,
+    details: bool = True,
+) -> str:
+    """Return the conformance matrix (implementation x property group) as Markdown.
+
+    A row names the implementation, the library's version when it is one, and
+    the backend. With ``details``, every distinct cause of failure of every row
+    that is not a ``mutant:`` (those fail by design) is listed below the table.
+    """
+    date = date or datetime.datetime.now(datetime.timezone.utc).date()
     lines = [
         "# Conformance matrix",
         "",
-        "Generated by `kldiv-spec check` (do not edit by hand):",
+        f"Generated by `kldiv-spec check` on {date.isoformat()} (do not edit by hand):",
         "",
         f"    {command}",
         "",
         "The group columns hold the MUST properties (a failure there is non-conformance:",
         "`kldiv-spec check` exits 1); the SHOULD column holds the SHOULD properties",
-        "(PyTorch's exact warnings and exception classes: reported, failing the check",
-        "only under `--strict`). Each cell: `pass`, `pass (k/n)` when n - k of its",
-        "properties are n/a for that implementation (it cannot express them), `n/a`,",
-        "or the failing properties.",
+        "(reported, failing the check only under `--strict`). Each cell: `pass`,",
+        "`pass (k/n)` when n - k of its properties are n/a for that implementation",
+        "(it cannot express them), `n/a`, `could not run (reason)` when the machine,",
+        "not the implementation, failed, or the failing properties.",
         "",
         "| implementation | backend | " + " | ".join(GROUPS) + " | SHOULD |",
         "|---|---|" + "---|" * (len(GROUPS) + 1),
@@ -256,7 +365,23 @@ def matrix_markdown(reports: Sequence[Report], /, *, command: str) -> str:
         cells = [group_summary(r, g) for g in GROUPS] + [should_summary(r)]
         if r.status == "n/a":
             cells = [f"n/a: {r.reason}"] + [""] * len(GROUPS)
-        lines.append(f"| {r.impl} | {r.backend} | " + " | ".join(cells) + " |")
+        name = f"{r.impl} ({r.version})" if r.version else r.impl
+        lines.append(f"| {name} | {r.backend} | " + " | ".join(cells) + " |")
+    failing = [r for r in reports if causes(r) and not r.impl.startswith("mutant:")]
+    if details and failing:
+        lines += ["", "## Every distinct failure", ""]
+        lines += [
+            "One line per cause: its level, what differs, the most specific failing",
+            "property and its reason (`kldiv-spec check --impl NAME` prints the",
+            "counterexample and a reproduction of each).",
+        ]
+        for r in failing:
+            version = f" ({r.version})" if r.version else ""
+            lines += ["", f"### {r.impl}{version} on {r.backend}", ""]
+            for key, o, others in causes(r):
+                also = f"; also {', '.join(sorted({x.name for x in others}))}" if others else ""
+                reason = o.reason.replace("|", "\\|")
+                lines.append(f"- **{o.level}** {key}: `{o.name}`: {reason}{also}")
     return "\n".join(lines) + "\n"
 
 
@@ -264,12 +389,23 @@ def write_json(reports: Sequence[Report], path: str | Path, /) -> None:
     """Write the reports as JSON."""
     data = {
         "reports": [r.as_dict() for r in reports],
-        "status": "fail" if any(r.failed for r in reports) else "pass",
+        "status": "fail"
+        if any(r.failed for r in reports)
+        else "error"
+        if any(r.status in ("error", "n/a") for r in reports)
+        else "pass",
         "should_status": "fail" if any(r.should_failed for r in reports) else "pass",
     }
     for r, d in zip(reports, data["reports"], strict=True):
         d["causes"] = [
-            {"cause": key, "headline": o.name, "also": [x.name for x in others]}
+            {
+                "cause": key,
+                "level": o.level,
+                "headline": o.name,
+                "reason": o.reason,
+                "reproduction": o.reproduction,
+                "also": [x.name for x in others],
+            }
             for key, o, others in causes(r)
         ]
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

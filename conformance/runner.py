@@ -8,9 +8,14 @@ counterexample and a copy-paste reproduction) or ``n/a`` (with the reason).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +26,21 @@ from . import adapters, checks_logits, mutants
 from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
-from .properties import NotApplicable, Property, select
+from .properties import CouldNotRun, NotApplicable, Property, select
 from .strategies import Case
 
-__all__ = ["KINDS", "Outcome", "Report", "reproduction", "resolve", "run", "run_property"]
+__all__ = [
+    "KINDS",
+    "Failure",
+    "Outcome",
+    "Report",
+    "ResolveError",
+    "environment_failure",
+    "reproduction",
+    "resolve",
+    "run",
+    "run_property",
+]
 
 DEFAULT_MAX_EXAMPLES = 15
 
@@ -34,13 +50,70 @@ DEFAULT_MAX_EXAMPLES = 15
 KINDS: tuple[str, ...] = ("kl-div", "from-logits", "gaussian", *adapters.STYLES)
 
 
-def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
+class ResolveError(ValueError):
+    """``--impl`` names nothing that can be checked: one line says why.
+
+    A :class:`ValueError`, so callers that caught the usage errors of earlier
+    versions still do. ``missing`` is the name of a module that is not installed,
+    when that is the reason.
+    """
+
+    def __init__(self, message: str, /, *, missing: str | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _import_target(spec: str, module_name: str) -> Any:
+    """Import ``module_name``: a ``.py`` file's path, or a module searched from the cwd first.
+
+    A path (it ends in ``.py`` or contains a path separator) is loaded from that
+    file, with its folder first on ``sys.path`` as ``python FILE`` has it. A module
+    name is searched in the current directory first, as ``python -m`` does.
+    """
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            msg = f"cannot load {spec!r}: no file {str(path)!r}"
+            raise ResolveError(msg)
+        folder = str(path.parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        name = f"_kldiv_impl_{path.stem}_{abs(hash(str(path))) % 10**8}"
+        if name in sys.modules:
+            return sys.modules[name]
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None:
+            msg = f"cannot load {spec!r}: {str(path)!r} is not a Python file"
+            raise ResolveError(msg)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module
+        try:
+            file_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(module_name)
+
+
+def resolve(spec: str, /, *, kind: str = "kl-div", **style_options: Any) -> Implementation:
     """Return the implementation named by ``spec``.
 
     ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
-    NumPy implementation), an adapter name (see :mod:`.adapters`), ``mutant:NAME``
-    (see :mod:`.mutants`) or ``MODULE:CALLABLE``. ``kind`` (one of ``KINDS``)
-    says what a ``MODULE:CALLABLE`` is:
+    NumPy implementation), an adapter name (see :mod:`.adapters`),
+    ``peer:NAME`` (a real library's function as installed, see :mod:`.peers`),
+    ``mutant:NAME`` (see :mod:`.mutants`) or ``MODULE:CALLABLE``, where
+    ``MODULE`` is a module (searched in the current directory first, as
+    ``python -m`` does) or the path of a ``.py`` file. ``kind`` (one of
+    ``KINDS``) says what a ``MODULE:CALLABLE`` is:
 
     - ``'kl-div'``: an :class:`Implementation`, or a function with PyTorch's
       functional signature (a ``backward`` attribute on it, if any, is used as
@@ -53,43 +126,84 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
       ``backward`` attribute: ``gaussian_kl_backward``'s);
     - ``'torchtune-style'``, ``'liger-style'``: a loss of that convention (a
       class is instantiated), wrapped by ``adapters.torchtune_style`` or
-      ``adapters.liger_style``.
+      ``adapters.liger_style``; ``style_options`` (``ignore_index``,
+      ``direction``) are passed to the wrapper.
 
     Raises
     ------
-    ValueError
-        If ``spec`` names nothing importable, or ``kind`` is unknown.
+    ResolveError
+        A :class:`ValueError` with one line: ``spec`` names nothing importable,
+        importing it raised, a library it needs is missing (``missing`` names
+        it), or ``kind`` is unknown.
     """
     if kind not in KINDS:
         msg = f"--kind must be one of {', '.join(KINDS)}, got {kind!r}"
-        raise ValueError(msg)
+        raise ResolveError(msg)
+    try:
+        return _resolve(spec, kind, style_options)
+    except ResolveError:
+        raise
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        msg = f"{spec} needs {missing!r}, which is not installed ({_one_line(exc)})"
+        raise ResolveError(msg, missing=missing) from None
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:  # SystemExit too: importing must not end the check
+        msg = f"cannot load {spec!r}: loading it raised {_one_line(exc)}"
+        raise ResolveError(msg) from None
+
+
+def _resolve(spec: str, kind: str, style_options: dict[str, Any]) -> Implementation:
     if spec in BUILTIN:
         return BUILTIN[spec]()
     if spec in adapters.ADAPTERS:
         return adapters.load(spec)
+    if spec.startswith("peer:"):
+        peers = importlib.import_module(f"{__package__}.peers")
+        name = spec.split(":", 1)[1]
+        if name not in peers.PEERS:
+            msg = f"unknown peer {name!r}; choose from {', '.join(peers.PEERS)}"
+            raise ResolveError(msg)
+        return peers.PEERS[name]()
     if spec.startswith("mutant:"):
         name = spec.split(":", 1)[1]
         if name not in mutants.MUTANTS:
             msg = f"unknown mutant {name!r}; choose from {', '.join(mutants.MUTANTS)}"
-            raise ValueError(msg)
+            raise ResolveError(msg)
         return mutants.MUTANTS[name]
     if ":" not in spec:
         known = ", ".join([*BUILTIN, *adapters.ADAPTERS])
-        msg = f"--impl must be one of {known}, mutant:NAME or MODULE:CALLABLE, got {spec!r}"
-        raise ValueError(msg)
-    module_name, _, attr = spec.partition(":")
+        msg = (
+            f"--impl must be one of {known}, peer:NAME, mutant:NAME, MODULE:CALLABLE or "
+            f"FILE.py:CALLABLE, got {spec!r}"
+        )
+        raise ResolveError(msg)
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        msg = f"--impl {spec!r}: give MODULE:CALLABLE or FILE.py:CALLABLE"
+        raise ResolveError(msg)
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
+        obj: Any = _import_target(spec, module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.split(".")[0] == exc.name.split(".")[0]:
+            msg = (
+                f"cannot load {spec!r}: no module named {exc.name!r} (searched the current "
+                "directory and sys.path; a file can be given as path/to/file.py:CALLABLE)"
+            )
+            raise ResolveError(msg) from None
+        raise
+    for part in attr.split("."):
+        try:
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        msg = f"cannot load {spec!r}: {exc}"
-        raise ValueError(msg) from None
+        except AttributeError:
+            msg = f"cannot load {spec!r}: {module_name} has no attribute {part!r}"
+            raise ResolveError(msg) from None
     if isinstance(obj, Implementation):
         return obj
     if not callable(obj):
         msg = f"{spec!r} is not callable"
-        raise ValueError(msg)
+        raise ResolveError(msg)
     backward = getattr(obj, "backward", None)
     if kind == "from-logits":
         return Implementation(
@@ -98,7 +212,7 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
     if kind == "gaussian":
         return Implementation(spec, gaussian=obj, gaussian_backward=backward, description=spec)
     if kind in adapters.STYLES:
-        return adapters.STYLES[kind](obj, name=spec)
+        return adapters.STYLES[kind](obj, name=spec, **style_options)
     from_logits = getattr(obj, "from_logits", None)
     gaussian = getattr(obj, "gaussian", None)
     return Implementation(
@@ -111,6 +225,55 @@ def resolve(spec: str, /, *, kind: str = "kl-div") -> Implementation:
         gaussian=gaussian,
         gaussian_backward=getattr(gaussian, "backward", None),
     )
+
+
+#: Messages and exception types that mean the machine, not the implementation,
+#: failed: no GPU driver, a CUDA runtime error, Triton's compiler or interpreter.
+_ENVIRONMENT_MESSAGES: tuple[str, ...] = (
+    "found no nvidia driver",
+    "no cuda gpus are available",
+    "cuda driver version is insufficient",
+    "torch not compiled with cuda enabled",
+    "cudaerrornodevice",
+    "cudaerrorinsufficientdriver",
+    "libcuda.so",
+    "cuda_error_no_device",
+)
+_ENVIRONMENT_MODULES: tuple[str, ...] = ("triton", "cupy_backends.cuda", "cupy.cuda")
+
+
+def environment_failure(exc: BaseException, /) -> str | None:
+    """Return why ``exc`` is a failure of the machine, not of the implementation, or None.
+
+    :class:`~.properties.CouldNotRun` (raised by an adapter that cannot run here),
+    a missing or too old GPU driver, a CUDA runtime error, and errors of
+    Triton's compiler or interpreter (its modules) are; the exception's causes
+    are looked at too. Such a property is reported as ``could not run``, not as
+    a failure of the implementation.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CouldNotRun):
+            return str(current) or type(current).__name__
+        module = type(current).__module__ or ""
+        if any(module == m or module.startswith(m + ".") for m in _ENVIRONMENT_MODULES):
+            return f"{module}.{type(current).__name__}: {_one_line(current)}"
+        text = str(current).lower()
+        if any(m in text for m in _ENVIRONMENT_MESSAGES):
+            return _one_line(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@dataclass
+class Failure:
+    """One distinct failure of a property: what differs, on which case, and how to replay it."""
+
+    reason: str
+    counterexample: str = ""
+    reproduction: str = ""
 
 
 @dataclass
@@ -127,6 +290,28 @@ class Outcome:
     reproduction: str = ""
     seconds: float = 0.0
     level: str = "MUST"  # the property's requirement level: "MUST" or "SHOULD"
+    #: Every distinct failure (the first is ``reason``, ``counterexample`` and
+    #: ``reproduction``): a property of fixed cases runs them all and keeps one
+    #: failure per cause; a hypothesis property keeps its minimal counterexample.
+    failures: list[Failure] = field(default_factory=list)
+    #: Cases that were n/a (the implementation declared them unsupported) while
+    #: others ran: how many, and the first reason.
+    unsupported: int = 0
+
+    def each_failure(self) -> list[Outcome]:
+        """Return one outcome per distinct failure (itself when it has at most one)."""
+        if len(self.failures) <= 1:
+            return [self]
+        return [
+            replace(
+                self,
+                reason=f.reason,
+                counterexample=f.counterexample,
+                reproduction=f.reproduction,
+                failures=[f],
+            )
+            for f in self.failures
+        ]
 
 
 @dataclass
@@ -138,9 +323,22 @@ class Report:
     max_examples: int
     seed: int | None
     outcomes: list[Outcome] = field(default_factory=list)
-    status: str = "pass"  # "pass", "fail" (a MUST failure), or "n/a" when it cannot run
+    #: "pass", "fail" (a MUST failure), "n/a" (nothing could be checked: the backend
+    #: or the library is missing) or "error" (the machine failed: no GPU driver, ...).
+    status: str = "pass"
     reason: str = ""
     should_status: str = "pass"  # "fail" when a SHOULD property failed
+    version: str = ""  # the checked library's version, if it is one
+
+    @property
+    def could_not_run(self) -> bool:
+        """Whether the machine failed for a property (status ``error``): not a verdict."""
+        return any(o.status == "error" for o in self.outcomes)
+
+    @property
+    def checked(self) -> bool:
+        """Whether at least one property passed or failed (something was checked)."""
+        return any(o.status in ("pass", "fail") for o in self.outcomes)
 
     @property
     def failed(self) -> bool:
@@ -514,6 +712,17 @@ def _gaussian_lines(record: Record, autograd: str | None) -> list[str]:
     return lines + _VERDICT.format(judge=judge).rstrip("\n").splitlines()
 
 
+def _portable_spec(spec: str, /) -> tuple[str, list[str]]:
+    """Return ``spec`` as a reproduction names it, and the lines that make it importable."""
+    named = spec in BUILTIN or spec in adapters.ADAPTERS
+    if named or spec.startswith(("mutant:", "peer:")) or ":" not in spec:
+        return spec, []
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        return f"{Path(module_name).expanduser().resolve()}:{attr}", []
+    return spec, ["import sys", f"sys.path.insert(0, {os.getcwd()!r})  # where --impl was found"]
+
+
 def reproduction(
     impl_spec: str,
     backend: str,
@@ -522,6 +731,7 @@ def reproduction(
     *,
     autograd: str | None = None,
     kind: str = "kl-div",
+    style_options: dict[str, Any] | None = None,
 ) -> str:
     """Return a Python snippet that replays the failing call and shows the discrepancy.
 
@@ -532,8 +742,10 @@ def reproduction(
     differs: ...``, judged as the property judges. ``case`` is the
     :class:`.context.Record` of the last call (a bare :class:`Case` is replayed
     as a forward call); ``autograd`` says how gradients are taken (``'torch'``,
-    ``'jax'``, or None for the implementation's ``backward``); ``kind`` is the
-    ``--kind`` the implementation was resolved with.
+    ``'jax'``, or None for the implementation's ``backward``); ``kind`` and
+    ``style_options`` are what the implementation was resolved with. The
+    snippet runs from any folder: a ``FILE.py`` is named by its absolute path,
+    and a ``MODULE`` is searched where it was found.
 
     From-logits failures replay a ``from_logits`` call (``x`` the student
     logits, ``t`` the teacher's, its options and mask) and Gaussian failures a
@@ -542,13 +754,15 @@ def reproduction(
     """
     record = case if isinstance(case, Record) else Record(case)
     c = record.case
-    resolved = (
-        f"resolve({impl_spec!r})"
-        if kind == "kl-div"
-        else (f"resolve({impl_spec!r}, kind={kind!r})")
-    )
+    spec, path_lines = _portable_spec(impl_spec)
+    arguments = [repr(spec)]
+    if kind != "kl-div":
+        arguments.append(f"kind={kind!r}")
+    arguments += [f"{k}={v!r}" for k, v in (style_options or {}).items()]
+    resolved = f"resolve({', '.join(arguments)})"
     if record.kind.startswith(("logits", "gaussian")):
         head = [
+            *path_lines,
             "import numpy as np",
             "from kldiv_spec.conformance import checks_logits as judge",
             "from kldiv_spec.conformance import load_backend, oracle_logits as oracle, resolve",
@@ -562,6 +776,7 @@ def reproduction(
             return "\n".join(head + _logits_lines(record, autograd))
         return "\n".join(head + _gaussian_lines(record, autograd))
     head = [
+        *path_lines,
         "import warnings",
         "import numpy as np",
         "from kldiv_spec.conformance import load_backend, oracle, resolve",
@@ -620,6 +835,7 @@ def run_property(
     seed: int | None = 0,
     shrink: bool = True,
     kind: str = "kl-div",
+    style_options: dict[str, Any] | None = None,
 ) -> Outcome:
     """Run one property and return its outcome.
 
@@ -640,7 +856,32 @@ def run_property(
     if reason is not None:
         outcome.status, outcome.reason = "n/a", reason
         return outcome
-    state: dict[str, Any] = {"n": 0, "last": None, "na": None}
+    state: dict[str, Any] = {"n": 0, "last": None, "na": None, "skipped": 0}
+    autograd = ctx.backend.autograd if ctx.impl.differentiable else None
+
+    def failure(exc: BaseException, drawn: Case | None) -> Failure:
+        # The failing call: the last one the property made (its reduction and
+        # log_target, not the drawn case's), else the drawn case.
+        found = Failure(_describe_failure(exc))
+        record = ctx.last if ctx.last is not None else drawn
+        if record is not None:
+            last = record.case if isinstance(record, Record) else record
+            if prop.subject == "kl_div":
+                found.counterexample = (
+                    f"{last.describe()}\n  input  = {last.input.tolist()!r}\n"
+                    f"  target = {last.target.tolist()!r}"
+                )
+            else:
+                found.counterexample = checks_logits.describe(last)
+            found.reproduction = reproduction(
+                impl_spec,
+                ctx.backend.name,
+                record,
+                autograd=autograd,
+                kind=kind,
+                style_options=style_options,
+            )
+        return found
 
     def once(case: Case) -> None:
         state["n"] += 1
@@ -649,45 +890,74 @@ def run_property(
         try:
             prop.check(ctx, case)
         except NotApplicable as exc:
-            state["na"] = str(exc)
+            state["na"] = state["na"] or str(exc)
+            state["skipped"] += 1
 
+    failures: list[Failure] = []
     try:
         if prop.strategy is not None:
             n = max(1, round(max_examples * prop.examples_scale))
             test = settings(_settings(n, shrink))(given(prop.strategy(ctx))(once))
             if seed is not None:
                 test = hypothesis_seed(seed)(test)
-            test()
+            try:
+                test()
+            except Exception as exc:
+                if environment_failure(exc) is not None:
+                    raise
+                failures.append(failure(exc, state["last"]))
         else:
             assert prop.cases is not None
+            # Every fixed case runs: one failure per distinct cause is kept.
+            seen: set[str] = set()
             for case in prop.cases(ctx):
-                once(case)
+                try:
+                    once(case)
+                except Exception as exc:
+                    if environment_failure(exc) is not None:
+                        raise
+                    found = failure(exc, case)
+                    key = _failure_key(found.reason, found.reproduction)
+                    if key not in seen:
+                        seen.add(key)
+                        failures.append(found)
     except NotApplicable as exc:  # raised while building the strategy or cases
         state["na"] = str(exc)
+        state["skipped"] = state["n"] = max(state["n"], 1)
     except Exception as exc:
+        why = environment_failure(exc)
+        if why is None:
+            failures.append(failure(exc, state["last"]))
+        else:
+            outcome.status, outcome.reason = "error", f"could not run: {why}"
+    if outcome.status != "error" and failures:
         outcome.status = "fail"
-        outcome.reason = _describe_failure(exc)
-        # The failing call: the last one the property made (its reduction and
-        # log_target, not the drawn case's), else the drawn case.
-        record = ctx.last if ctx.last is not None else state["last"]
-        if record is not None:
-            last = record.case if isinstance(record, Record) else record
-            if prop.subject == "kl_div":
-                outcome.counterexample = (
-                    f"{last.describe()}\n  input  = {last.input.tolist()!r}\n"
-                    f"  target = {last.target.tolist()!r}"
-                )
-            else:
-                outcome.counterexample = checks_logits.describe(last)
-            autograd = ctx.backend.autograd if ctx.impl.differentiable else None
-            outcome.reproduction = reproduction(
-                impl_spec, ctx.backend.name, record, autograd=autograd, kind=kind
-            )
-    outcome.examples = state["n"]
+        outcome.failures = failures
+        first = failures[0]
+        outcome.reason = first.reason
+        outcome.counterexample = first.counterexample
+        outcome.reproduction = first.reproduction
+    outcome.examples = state["n"] - state["skipped"]
     if outcome.status == "pass" and state["na"] is not None:
-        outcome.status, outcome.reason = "n/a", state["na"]
+        if outcome.examples <= 0:
+            outcome.status, outcome.reason = "n/a", state["na"]
+            outcome.examples = 0
+        else:
+            outcome.unsupported = state["skipped"]
+            outcome.reason = f"{state['skipped']} case(s) n/a: {state['na']}"
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _failure_key(reason: str, reproduction: str) -> str:
+    """Return what makes two failures of one property distinct: the reason without numbers.
+
+    The reduction named in the reason or in the reproduction's call is part of
+    it, so one wrong divisor under three reductions is three failures.
+    """
+    text = re.sub(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", "#", reason.splitlines()[0])
+    reduction = re.search(r"reduction='(\w+)'", reproduction)
+    return text + (f" [{reduction.group(1)}]" if reduction else "")
 
 
 def run(
@@ -702,6 +972,7 @@ def run(
     shrink: bool = True,
     progress: Callable[[str, Outcome | None], None] | None = None,
     kind: str = "kl-div",
+    style_options: dict[str, Any] | None = None,
 ) -> Report:
     """Run the selected properties for ``impl`` on ``backend`` and return the report.
 
@@ -710,10 +981,11 @@ def run(
     before and after each property.
     """
     if isinstance(impl, str):
-        spec, implementation = impl, resolve(impl, kind=kind)
+        spec, implementation = impl, resolve(impl, kind=kind, **(style_options or {}))
     else:
         spec, implementation = impl.name, impl
     report = Report(implementation.name, backend, max_examples, seed)
+    report.version = implementation.version
     if implementation.backends is not None and backend not in implementation.backends:
         report.status = "n/a"
         report.reason = f"{implementation.name} runs on {', '.join(implementation.backends)} only"
@@ -735,10 +1007,14 @@ def run(
             seed=seed,
             shrink=shrink,
             kind=kind if isinstance(impl, str) else "kl-div",
+            style_options=style_options,
         )
         report.outcomes.append(outcome)
         if progress is not None:
             progress(prop.name, outcome)
     report.status = "fail" if report.failed else "pass"
+    if report.status == "pass" and report.could_not_run:
+        report.status = "error"
+        report.reason = next(o.reason for o in report.outcomes if o.status == "error")
     report.should_status = "fail" if report.should_failed else "pass"
     return report

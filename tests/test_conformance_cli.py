@@ -201,7 +201,7 @@ def test_should_failures_are_reported_and_fail_only_under_strict(tmp_path, capsy
     argv += ["--no-shrink", "--quiet", "--json", str(path), "--markdown", str(md)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "PASS, 1 SHOULD failure" in out.splitlines()[0]
+    assert "PASS: 0 MUST properties failing, 1 SHOULD failing" in out.splitlines()[0]
     assert "FAIL semantics.mean_warning [SHOULD]" in out
     data = json.loads(path.read_text())
     assert (data["status"], data["should_status"]) == ("pass", "fail")
