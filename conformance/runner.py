@@ -22,7 +22,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from . import adapters, checks_logits, mutants
+from . import adapters, checks_logits, mutants, peers
 from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
@@ -160,7 +160,6 @@ def _resolve(spec: str, kind: str, style_options: dict[str, Any]) -> Implementat
     if spec in adapters.ADAPTERS:
         return adapters.load(spec)
     if spec.startswith("peer:"):
-        peers = importlib.import_module(f"{__package__}.peers")
         name = spec.split(":", 1)[1]
         if name not in peers.PEERS:
             msg = f"unknown peer {name!r}; choose from {', '.join(peers.PEERS)}"

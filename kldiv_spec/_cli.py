@@ -9,6 +9,9 @@ __all__ = ["main"]
 
 _USAGE = """usage: kldiv-spec check [options]
        kldiv-spec vectors {export,verify} ...
+       kldiv-spec --version
+
+  (also: python -m kldiv_spec ...)
 
   check   run the conformance suite against an implementation (default: the
           reference, on every installed backend); 'kldiv-spec check --help'
@@ -24,6 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from kldiv_spec import __version__
+
+        print(f"kldiv-spec {__version__}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "check":
         from kldiv_spec.conformance.cli import main as check_main

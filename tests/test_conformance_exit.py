@@ -97,9 +97,7 @@ def test_a_file_path_works(tmp_path, capsys):
     assert main(["--impl", f"{path}:my_kl", *NUMPY]) == 0
 
 
-def test_a_relative_file_path_and_a_module_in_the_current_directory(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_relative_file_path_and_a_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
     _write(tmp_path, "mykl_cwd.py", GOOD)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
@@ -291,3 +289,18 @@ def test_os_exit_at_import_is_not_a_pass(tmp_path, capsys):
     assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exit status 0" in err[0]
+
+
+def test_version_and_python_m():
+    import kldiv_spec
+    from kldiv_spec._cli import main as kldiv_spec_main
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kldiv_spec", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"kldiv-spec {kldiv_spec.__version__}"
+    assert kldiv_spec_main(["-V"]) == 0
