@@ -12,6 +12,15 @@ the conformance suite, the tests and the documentation tools goes through
    :math:`|\hat y_i - y_i| \le b_i`;
 5. optionally, the **sign of zero** where the oracle's value is a zero.
 
+In ``kldiv-spec check`` the sign of a zero is a SHOULD requirement: the MUST
+properties call these functions without ``signed_zeros`` (a ``-0.0`` for a
+``+0.0`` is never a MUST failure on its own), and ``semantics.signed_zeros``
+compares the signs on the rows of the edge-value table. The bounds are those of
+the ``dtype`` of the :class:`.oracle.Exact` given: the suite sets it to the
+precision of the result (:meth:`.context.Context.judge_at_result`), so a
+float32 result of float64 operands is judged against float32's bound, its
+dtype being the finding of ``semantics.dtypes``.
+
 A failure names what differs, how many elements, and the first index.
 :func:`assert_loss` and :func:`assert_gradients` take the oracle's own objects
 (:class:`.oracle.Exact`, the pairs of :func:`.oracle.gradients`) and supply the

@@ -17,12 +17,32 @@ with what common mistakes give (the other direction, a missing or extra
 :math:`T^2`, the cross-entropy :math:`-\sum_i p_i \log q_i` instead of the KL,
 masked rows counted in a divisor) and the message names the one it matches.
 
+Levels: PyTorch is the behavioural reference. What its own functions composed
+give, ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))`` with a mask treated
+as ``ignore_index`` treats dropped targets, is MUST: the MUST properties accept
+the composition's NaN where both distributions exclude a class (``0 * inf``)
+and for a fully masked mean (``0/0``), and 0 up to the bound at ``s == t``. The
+stricter guarantees of ``kl_div_from_logits`` (exactly 0 at identity, 0 in
+those two places) are the SHOULD properties ``math.logits_exact_zero_at_identity``,
+``semantics.logits_excluded_by_both`` and ``semantics.logits_fully_masked``.
+
+Precision: the result must have the logits' floating dtype
+(``semantics.logits_dtypes``, the one dtype finding); every value property
+judges the values, and the hints, at the precision the result has (its dtype,
+or a declared ``compute_dtype``), the gradient properties at that of the
+forward result. A result that is not an array of the backend with the expected
+shape fails naming what came back (:func:`check_result`); the operands must be
+unchanged (``hygiene.logits_inputs_unmodified``, ``hygiene.gaussian_inputs_unmodified``).
+
 The ``assert_*`` functions are the judgements the properties make; the
-reproduction snippets of failures call them too.
+reproduction snippets of failures call them too, with their defaults: the
+strict judgement (the SHOULD guarantees) and the dtype checked, so that a
+SHOULD or a dtype failure replays as a difference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -33,6 +53,7 @@ from hypothesis import strategies as st
 import kldiv_spec
 
 from . import oracle_logits as oracle
+from .assertions import dtype_name, to_numpy
 from .context import Context, fmt
 from .properties import NotApplicable, register
 from .strategies import Case
@@ -46,6 +67,7 @@ __all__ = [
     "assert_gaussian",
     "assert_gaussian_gradient",
     "assert_gaussian_zero",
+    "check_result",
     "compose",
     "composition_kl_div",
     "describe",
@@ -69,7 +91,12 @@ def _function(ctx: Context, subject: str) -> Any:
 
 
 def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
-    """Return why the implementation cannot express ``options``, or None if it can."""
+    """Return why the implementation cannot express ``options``, or None if it can.
+
+    The declared ``logits_*`` fields are consulted first, then the
+    implementation's per-case ``unsupported(options)`` (with the call's
+    keywords, ``mask`` included when the case has one).
+    """
     impl = ctx.impl
     if options["reduction"] not in impl.logits_reductions:
         return f"reduction {options['reduction']!r}"
@@ -81,6 +108,12 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
         return "temperatures other than 1"
     if options.get("mask") is not None and not impl.logits_masks:
         return "a mask"
+    unsupported = getattr(impl, "unsupported", None)
+    if unsupported is not None:
+        keywords = {k: options[k] for k in (*_OPTION_KEYS, "mask") if k in options}
+        why = unsupported(keywords)
+        if why:
+            return str(why)
     return None
 
 
@@ -91,6 +124,13 @@ def _expressible(ctx: Context, cases: list[Case]) -> list[Case]:
         why = _unexpressible(ctx, cases[0].extra) if cases else "no case"
         raise NotApplicable(f"{ctx.impl.name} cannot express the cases ({why})")
     return kept
+
+
+def _skip_unsupported(ctx: Context, case: Case) -> None:
+    """Raise NotApplicable for this case alone when the implementation cannot express it."""
+    why = _unexpressible(ctx, case.extra)
+    if why is not None:
+        raise NotApplicable(f"{ctx.impl.name} cannot express {why}")
 
 
 def _logits_case(s: np.ndarray, t: np.ndarray, **options: Any) -> Case:
@@ -122,23 +162,87 @@ def _options(case: Case) -> dict[str, Any]:
     return {k: case.extra[k] for k in _OPTION_KEYS if k in case.extra}
 
 
-def _call(ctx: Context, case: Case, /, kind: str = "logits") -> np.ndarray:
-    fn = _function(ctx, "from_logits")
-    ctx.record(case, kind)
-    be = ctx.backend
-    options = _options(case)
-    if case.extra.get("mask") is not None:
-        options["mask"] = be.asarray(case.extra["mask"])
+def check_result(ctx: Context, out: Any, shape: tuple[int, ...], /, what: str = "") -> None:
+    """Assert ``out`` is an array of the backend with ``shape``; name what came back if not.
+
+    Raises AssertionError such as ``from_logits: returned a tuple, expected a
+    numpy array of shape (1,)`` or ``returned shape (2,), expected shape ()``,
+    before any of the suite's code reshapes or reads the result (see
+    :meth:`.context.Context.check_result`).
+    """
     try:
-        out = fn(be.asarray(case.input), be.asarray(case.target), **options)
+        ctx.check_result(out, shape)
+    except AssertionError as exc:
+        msg = f"{what}: {exc}" if what else str(exc)
+        raise AssertionError(msg) from None
+
+
+def _numpy_result(ctx: Context, out: Any) -> np.ndarray:
+    """Return the result's values as NumPy, in its own dtype (float32 for bfloat16)."""
+    try:
+        return np.asarray(ctx.backend.to_numpy(out))
+    except TypeError:  # a dtype NumPy lacks (bfloat16)
+        return to_numpy(out).astype(np.float32)
+
+
+def _call_logits(ctx: Context, case: Case, x: Any, t: Any, mask: Any) -> Any:
+    """Call ``from_logits`` on backend arrays ``x``, ``t`` (and ``mask``): ``case``'s options."""
+    fn = _function(ctx, "from_logits")
+    _skip_unsupported(ctx, case)
+    options = _options(case)
+    if mask is not None:
+        options["mask"] = mask
+    try:
+        with warnings.catch_warnings(record=True):  # a composition's 'mean' UserWarning
+            warnings.simplefilter("always")
+            out = fn(x, t, **options)
     except NotImplementedError as exc:
         # the implementation says it does not offer this option (a mask, 'rowmean', ...)
         raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
-    return np.asarray(be.to_numpy(out), dtype=np.float64)
+    shape = case.input.shape if case.extra["reduction"] == "none" else ()
+    check_result(ctx, out, shape, "from_logits")
+    return out
+
+
+def _call(ctx: Context, case: Case, /, kind: str = "logits") -> np.ndarray:
+    """Call ``from_logits`` on ``case``; return the result as NumPy in the result's dtype."""
+    ctx.record(case, kind)
+    be = ctx.backend
+    mask = case.extra.get("mask")
+    out = _call_logits(
+        ctx,
+        case,
+        be.asarray(case.input),
+        be.asarray(case.target),
+        None if mask is None else be.asarray(mask),
+    )
+    return _numpy_result(ctx, out)
 
 
 def _exact(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> Any:
     return oracle.from_logits(s, t, mask=mask, **options)
+
+
+def _precision(got: Any, operands: np.dtype, compute_dtype: Any = None) -> np.dtype:
+    """Return the dtype whose bounds judge ``got``.
+
+    The least precise of the operands' dtype, the result's own (when it is a
+    floating dtype) and a declared ``compute_dtype``.
+    """
+    candidates = [np.dtype(operands)]
+    dtype = getattr(got, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind == "f":
+        candidates.append(np.dtype(dtype))
+    if compute_dtype is not None:
+        candidates.append(np.dtype(dtype_name(compute_dtype)))
+    return min(candidates, key=lambda d: (d.itemsize, d.name))
+
+
+def _at(exact: Any, dtype: np.dtype) -> Any:
+    """Return ``exact`` with its bounds those of ``dtype`` when that is less precise."""
+    if np.dtype(dtype).itemsize < np.dtype(exact.dtype).itemsize:
+        return dataclasses.replace(exact, dtype=np.dtype(dtype))
+    return exact
 
 
 def _want(exact: Any, reduction: str) -> tuple[np.ndarray, Any]:
@@ -160,11 +264,22 @@ def _message(head: str, what: str, *shown: tuple[str, Any]) -> str:
     return "\n".join(lines) + ("\n" + rest if rest else "")
 
 
-def _compare(got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "") -> None:
+def _compare(
+    got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "", nan_ok: Any = None
+) -> None:
+    """Compare values: the NaN/inf pattern exactly, finite values within ``tol``.
+
+    Where ``nan_ok`` is True a NaN is accepted in place of the expected value
+    (PyTorch's composition gives NaN there; see :func:`.oracle_logits.composition_nan`).
+    """
     got = np.asarray(got, dtype=np.float64)
     if got.shape != want.shape:
         msg = f"shape {got.shape}, expected {want.shape}: {what}"
         raise AssertionError(msg)
+    if nan_ok is not None:
+        accepted = np.broadcast_to(np.asarray(nan_ok, bool), got.shape) & np.isnan(got)
+        if accepted.any():
+            got = np.where(accepted, want, got)
     with np.errstate(invalid="ignore"):
         infinite = np.isinf(want)
         same_special = np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(
@@ -190,6 +305,17 @@ def _compare(got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "") ->
 
 def _what(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
     return describe(_logits_case(s, t, mask=mask, **options))
+
+
+def _check_dtype(got: Any, input: np.ndarray, target: np.ndarray, what: str) -> None:
+    """Assert the result has the operands' floating dtype (when ``got`` carries a dtype)."""
+    dtype = getattr(got, "dtype", None)
+    if dtype is None:
+        return
+    want = np.result_type(input.dtype, target.dtype).name
+    if dtype_name(dtype) != want:
+        head = f"result dtype {dtype_name(dtype)}, expected {want} (the logits' dtype)"
+        raise AssertionError(_message(head, what))
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -247,17 +373,36 @@ def _alternatives(
     return found
 
 
-def _hint(got: Any, s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
-    """Return ``' (it matches NAME)'`` when ``got`` is what a common mistake gives."""
+def _hint(
+    got: Any,
+    s: np.ndarray,
+    t: np.ndarray,
+    mask: Any,
+    options: dict[str, Any],
+    precision: Any = None,
+    tol: Any = 0.0,
+) -> str:
+    """Return ``' (it matches NAME)'`` when ``got`` is what a common mistake gives.
+
+    The match is judged at ``precision`` (the dtype the result is judged in:
+    by default the operands'): within 64 of its epsilons relative, plus ``tol``
+    (the oracle's bound at that precision) absolute.
+    """
     got = np.asarray(got, dtype=np.float64)
-    dtype = np.result_type(s.dtype, t.dtype)
+    dtype = np.dtype(np.result_type(s.dtype, t.dtype) if precision is None else precision)
     rtol = 64 * float(np.finfo(np.float32 if dtype.itemsize < 4 else dtype).eps)
     try:
         alternatives = _alternatives(s, t, mask, options)
     except Exception:
         return ""
     for name, value in alternatives:
-        if value.shape == got.shape and np.allclose(got, value, rtol=rtol, atol=0, equal_nan=True):
+        if value.shape != got.shape:
+            continue
+        atol = np.broadcast_to(np.nan_to_num(np.asarray(tol, np.float64)), got.shape)
+        with np.errstate(invalid="ignore"):
+            close = np.abs(got - value) <= rtol * np.abs(value) + atol
+        same = close | (np.isnan(got) & np.isnan(value)) | (got == value)
+        if same.all():
             return f" (it matches {name})"
     return ""
 
@@ -266,45 +411,118 @@ def _hint(got: Any, s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, 
 
 
 def assert_from_logits(
-    got: Any, input: np.ndarray, target: np.ndarray, /, *, mask: Any = None, **options: Any
+    got: Any,
+    input: np.ndarray,
+    target: np.ndarray,
+    /,
+    *,
+    mask: Any = None,
+    strict: bool = True,
+    check_dtype: bool = True,
+    compute_dtype: Any = None,
+    **options: Any,
 ) -> None:
     """Assert ``got`` (the result as NumPy) agrees with the oracle within its bound.
 
     ``options`` are ``kl_div_from_logits``'s keywords (``reduction``,
-    ``temperature``, ``direction``, ``scale_by_temperature_squared``). On a
-    mismatch the message says which common mistake the result matches, if any.
+    ``temperature``, ``direction``, ``scale_by_temperature_squared``). The
+    values are judged at the precision the result has (its dtype, when less
+    precise than the logits', or a declared ``compute_dtype``). ``strict``
+    (``kl_div_from_logits``'s guarantees) requires 0 where both distributions
+    exclude a class and for a fully masked mean; without it PyTorch's
+    composition's NaN is accepted there. ``check_dtype`` then requires the
+    logits' dtype. On a mismatch the message says which common mistake the
+    result matches, if any.
     """
-    want, tol = _want(_exact(input, target, mask, options), options["reduction"])
+    dtype = np.result_type(input.dtype, target.dtype)
+    precision = _precision(got, dtype, compute_dtype)
+    exact = _at(_exact(input, target, mask, options), precision)
+    reduction = options["reduction"]
+    want, tol = _want(exact, reduction)
+    nan_ok = None if strict else oracle.composition_nan(exact, reduction)
+    what = _what(input, target, mask, options)
     try:
-        _compare(got, want, tol, _what(input, target, mask, options))
+        _compare(got, want, tol, what, nan_ok=nan_ok)
     except AssertionError:
-        hint = _hint(got, input, target, mask, options)
-        _compare(got, want, tol, _what(input, target, mask, options), hint)
+        hint = _hint(got, input, target, mask, options, precision, tol)
+        _compare(got, want, tol, what, hint, nan_ok=nan_ok)
+    if check_dtype:
+        _check_dtype(got, input, target, what)
 
 
-def assert_from_logits_zero(got: Any, input: np.ndarray, /, **options: Any) -> None:
-    """Assert ``kl_div_from_logits(input, input)`` gave exactly 0 (every log-ratio is 0)."""
-    got = np.asarray(got, dtype=np.float64)
-    if not (np.abs(got) <= 0.0).all():
-        mask = options.pop("mask", None)
-        hint = _hint(got, input, input, mask, options)
-        head = f"kl_div_from_logits(s, s) is not 0{hint}"
-        raise AssertionError(_message(head, _what(input, input, mask, options), ("got", got)))
+def assert_from_logits_zero(
+    got: Any,
+    input: np.ndarray,
+    /,
+    *,
+    strict: bool = True,
+    compute_dtype: Any = None,
+    **options: Any,
+) -> None:
+    """Assert ``kl_div_from_logits(input, input)`` is 0 (every log-ratio is 0).
+
+    ``strict``: exactly 0 (``kl_div_from_logits``'s guarantee). Otherwise 0
+    within the oracle's bound at the result's precision (the rounding PyTorch's
+    composition makes), NaN accepted where the composition gives NaN (a fully
+    masked mean).
+    """
+    mask = options.pop("mask", None)
+    values = np.asarray(got, dtype=np.float64)
+    precision = _precision(got, input.dtype, compute_dtype)
+    exact = _at(_exact(input, input, mask, options), precision)
+    want, tol = _want(exact, options["reduction"])
+    if strict:
+        ok = bool((np.abs(values) <= 0.0).all())
+    else:
+        accepted = oracle.composition_nan(exact, options["reduction"]) & np.isnan(values)
+        with np.errstate(invalid="ignore"):
+            ok = bool((accepted | (np.abs(values - want) <= tol)).all())
+    if not ok:
+        with np.errstate(invalid="ignore"):
+            rounding = bool((np.isnan(values) | (np.abs(values - want) <= tol)).all())
+        if strict and rounding:  # within the bound: every mistake is 0 up to rounding too
+            hint = " (0 up to rounding, as PyTorch's composition gives)"
+        else:
+            hint = _hint(values, input, input, mask, options, precision, tol)
+        how = " exactly" if strict else " within the bound"
+        head = f"kl_div_from_logits(s, s) is not 0{how}{hint}"
+        shown = [("got", values)] if strict else [("got", values), ("bound", tol)]
+        raise AssertionError(_message(head, _what(input, input, mask, options), *shown))
 
 
 def assert_from_logits_non_negative(
-    got: Any, input: np.ndarray, target: np.ndarray, /, *, mask: Any = None, **options: Any
+    got: Any,
+    input: np.ndarray,
+    target: np.ndarray,
+    /,
+    *,
+    mask: Any = None,
+    strict: bool = True,
+    compute_dtype: Any = None,
+    **options: Any,
 ) -> None:
-    """Assert every reduction (each row of ``'none'`` summed) is at least minus the bound."""
-    got = np.asarray(got, dtype=np.float64)
-    exact = _exact(input, target, mask, options)
+    """Assert every reduction (each row of ``'none'`` summed) is at least minus the bound.
+
+    Without ``strict`` a NaN is accepted where PyTorch's composition gives one.
+    """
+    values = np.asarray(got, dtype=np.float64)
+    precision = _precision(got, np.result_type(input.dtype, target.dtype), compute_dtype)
+    exact = _at(_exact(input, target, mask, options), precision)
+    nan_ok = oracle.composition_nan(exact, options["reduction"])
     if options["reduction"] == "none":
-        lows = got.sum(axis=-1)
+        lows = values.sum(axis=-1)
         tol = oracle.pointwise_tolerance(exact).sum(axis=-1)
+        nan_ok = nan_ok.any(axis=-1)
     else:
-        lows, tol = got.reshape(1), np.asarray([oracle.reduce_logits(exact)[1]])
-    if not (lows >= -tol).all():
-        hint = _hint(got, input, target, mask, options)
+        lows, tol = values.reshape(1), np.asarray([oracle.reduce_logits(exact)[1]])
+        nan_ok = nan_ok.reshape(1)
+    ok = lows >= -tol
+    if not strict:
+        ok |= nan_ok & np.isnan(lows)
+    if not ok.all():
+        hint = _hint(
+            values, input, target, mask, options, precision, _want(exact, options["reduction"])[1]
+        )
         head = f"negative divergence{hint}"
         what = _what(input, target, mask, options)
         raise AssertionError(_message(head, what, ("got", lows), ("bound", -tol)))
@@ -345,16 +563,27 @@ def compose(
 
 
 def assert_composition(
-    got: Any, composed: Any, input: np.ndarray, target: np.ndarray, /, **options: Any
+    got: Any,
+    composed: Any,
+    input: np.ndarray,
+    target: np.ndarray,
+    /,
+    *,
+    compute_dtype: Any = None,
+    **options: Any,
 ) -> None:
-    """Assert ``got`` equals the composition :func:`compose` gave within the bound."""
+    """Assert ``got`` equals the composition :func:`compose` gave within the bound.
+
+    The bound is that of the result's precision (see :func:`assert_from_logits`).
+    """
     temp = options["temperature"]
     k = temp * temp if options["scale_by_temperature_squared"] else 1.0
     with np.errstate(all="ignore"):
         log_q = _log_softmax(input.astype(np.float64) / temp)
         p = np.exp(_log_softmax(target.astype(np.float64) / temp))
-    exact = _exact(input, target, None, options)
-    eps = float(np.finfo(input.dtype).eps)
+    precision = _precision(got, input.dtype, compute_dtype)
+    exact = _at(_exact(input, target, None, options), precision)
+    eps = float(np.finfo(precision).eps)
     # the composition's own xlogy(p, p) - p log q cancels: allow its scale too
     if options["reduction"] == "none":
         tol = 2 * oracle.pointwise_tolerance(exact) + 8 * eps * k * np.abs(p * log_q)
@@ -365,7 +594,8 @@ def assert_composition(
     try:
         _compare(got, composed, tol, what)
     except AssertionError:
-        _compare(got, composed, tol, what, _hint(got, input, target, None, options))
+        hint = _hint(got, input, target, None, options, precision, tol)
+        _compare(got, composed, tol, what, hint)
 
 
 def assert_from_logits_gradient(
@@ -376,11 +606,16 @@ def assert_from_logits_gradient(
     *,
     grad_output: Any,
     mask: Any = None,
+    compute_dtype: Any = None,
     **options: Any,
 ) -> None:
-    """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound."""
+    """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound.
+
+    The bound is that of the gradient's precision (its dtype, or ``compute_dtype``).
+    """
     exact = oracle.from_logits(input, target, grad_output=grad_output, mask=mask, **options)
-    tol, _ = oracle.gradient_tolerance(exact)
+    precision = _precision(grad, np.result_type(input.dtype, target.dtype), compute_dtype)
+    tol, _ = oracle.gradient_tolerance(_at(exact, precision))
     what = f"gradient w.r.t. the student logits, {_what(input, target, mask, options)}"
     _compare(grad, exact.grad_input, tol, what)
 
@@ -424,9 +659,28 @@ def _applies(subject: str) -> Any:
     return applies
 
 
-def _check_value(ctx: Context, case: Case) -> None:
+def _compute_dtype(ctx: Context) -> Any:
+    """Return the dtype the implementation declares it computes in (``compute_dtype``)."""
+    return getattr(ctx.impl, "compute_dtype", None)
+
+
+def _check_value(ctx: Context, case: Case, /, *, strict: bool = False) -> None:
+    """Judge one call's values at the precision of its result.
+
+    Without ``strict`` (MUST) PyTorch's composition's NaN is accepted where it
+    differs; the dtype is ``semantics.logits_dtypes``' finding, not this one's.
+    """
     got = _call(ctx, case)
-    assert_from_logits(got, case.input, case.target, mask=case.extra.get("mask"), **_options(case))
+    assert_from_logits(
+        got,
+        case.input,
+        case.target,
+        mask=case.extra.get("mask"),
+        strict=strict,
+        check_dtype=False,
+        compute_dtype=_compute_dtype(ctx),
+        **_options(case),
+    )
 
 
 @register(
@@ -517,7 +771,8 @@ def _logits_options(ctx: Context, case: Case) -> None:
 
 @register(
     "math.logits_zero_at_identity",
-    "kl_div_from_logits(s, s) is 0 in both directions (every term's log-ratio is 0)",
+    "kl_div_from_logits(s, s) is 0 within the oracle's bound in both directions (PyTorch's "
+    "composition rounds; a fully masked mean may be its 0/0 = NaN)",
     strategy=_strategy,
     applies=_applies("from_logits"),
     examples_scale=0.5,
@@ -526,7 +781,53 @@ def _logits_options(ctx: Context, case: Case) -> None:
 def _logits_zero(ctx: Context, case: Case) -> None:
     same = Case(case.input, case.input.copy(), case.reduction, False, extra=case.extra)
     got = _call(ctx, same, "logits_zero")
-    assert_from_logits_zero(got, same.input, mask=case.extra.get("mask"), **_options(case))
+    assert_from_logits_zero(
+        got,
+        same.input,
+        mask=case.extra.get("mask"),
+        strict=False,
+        compute_dtype=_compute_dtype(ctx),
+        **_options(case),
+    )
+
+
+def _identity_cases(ctx: Context) -> list[Case]:
+    """Return s = t on fixed logits: every reduction, both directions, T**2 on/off, a mask."""
+    cases = []
+    for k, (shape, seed, dtype) in enumerate(
+        (((3, 5), 21, np.float64), ((2, 7), 22, np.float32), ((2, 3, 4), 23, np.float64))
+    ):
+        rng = np.random.default_rng(seed)
+        s = rng.normal(0.0, (1.0, 5.0, 30.0)[k], size=shape).astype(dtype)
+        keep = np.ones(shape[:-1], bool)
+        keep.flat[0] = False  # some rows kept, one dropped
+        for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
+            if reduction == "batchmean" and len(shape) != 2:
+                mask = None
+            else:
+                mask = keep if i % 2 else None
+            direction, scaled = _COMBOS[(i + k) % 4]
+            options = {
+                "temperature": (1.0, 2.0, 0.5)[(i + k) % 3],
+                "direction": direction,
+                "scale_by_temperature_squared": scaled,
+            }
+            cases.append(_logits_case(s, s.copy(), reduction=reduction, mask=mask, **options))
+    return _expressible(ctx, cases)
+
+
+@register(
+    "math.logits_exact_zero_at_identity",
+    "kl_div_from_logits(s, s) is exactly 0, not 0 up to rounding (every log-ratio is 0; "
+    "PyTorch's composition gives about -1e-16)",
+    cases=_identity_cases,
+    applies=_applies("from_logits"),
+    level="SHOULD",
+    subject="from_logits",
+)
+def _logits_exact_zero(ctx: Context, case: Case) -> None:
+    got = _call(ctx, case, "logits_zero")
+    assert_from_logits_zero(got, case.input, mask=case.extra.get("mask"), **_options(case))
 
 
 @register(
@@ -540,7 +841,13 @@ def _logits_zero(ctx: Context, case: Case) -> None:
 def _logits_non_negative(ctx: Context, case: Case) -> None:
     got = _call(ctx, case, "logits_non_negative")
     assert_from_logits_non_negative(
-        got, case.input, case.target, mask=case.extra.get("mask"), **_options(case)
+        got,
+        case.input,
+        case.target,
+        mask=case.extra.get("mask"),
+        strict=False,
+        compute_dtype=_compute_dtype(ctx),
+        **_options(case),
     )
 
 
@@ -574,7 +881,9 @@ def _logits_composition(ctx: Context, case: Case) -> None:
     composed = compose(
         composition_kl_div(ctx.impl), ctx.backend, case.input, case.target, **options
     )
-    assert_composition(got, composed, case.input, case.target, **options)
+    assert_composition(
+        got, composed, case.input, case.target, compute_dtype=_compute_dtype(ctx), **options
+    )
 
 
 def _edge_cases(ctx: Context) -> list[Case]:
@@ -621,20 +930,141 @@ def _edge_cases(ctx: Context) -> list[Case]:
             "mask": np.asarray([True, False, False, False, False, True, False]),
         }
         cases.append(_logits_case(s, t, reduction="rowmean", **masked))
-        cases.append(_logits_case(s, t, reduction="sum", **{**masked, "mask": np.zeros(7, bool)}))
+        # every row dropped, each reduction: 0 (PyTorch's ignore_index means: 0/0 = NaN)
+        for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
+            dropped = {**masked, "mask": np.zeros(7, bool)}
+            cases.append(_logits_case(s, t, reduction=reduction, **dropped))
     return _expressible(ctx, cases)
 
 
 @register(
     "semantics.logits_edge_values",
     "excluded classes (-inf), rows without a softmax (NaN, +inf, all -inf), masked rows, "
-    "large float32 logits, one class",
+    "every reduction fully masked, large float32 logits, one class (PyTorch's composition's "
+    "NaN accepted where both distributions exclude a class and for a fully masked mean)",
     cases=_edge_cases,
     applies=_applies("from_logits"),
     subject="from_logits",
 )
 def _logits_edges(ctx: Context, case: Case) -> None:
     _check_value(ctx, case)
+
+
+def _composition_nan(case: Case) -> np.ndarray:
+    """Where PyTorch's composition gives NaN for ``case`` and the specification a number."""
+    exact = _exact(case.input, case.target, case.extra.get("mask"), _options(case))
+    return oracle.composition_nan(exact, case.extra["reduction"])
+
+
+def _excluded_by_both(ctx: Context) -> list[Case]:
+    """Return the edge cases with a class both distributions exclude (0 weight, -inf)."""
+    cases = [c for c in _edge_cases(ctx) if _composition_nan(c).any() and not _fully_masked(c)]
+    if not cases:
+        raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
+    return cases
+
+
+def _fully_masked(case: Case) -> bool:
+    mask = case.extra.get("mask")
+    return mask is not None and not np.asarray(mask, bool).any()
+
+
+@register(
+    "semantics.logits_excluded_by_both",
+    "a class both distributions exclude contributes exactly 0 (PyTorch's composition: "
+    "0 * inf = NaN), in 'none' and every reduction",
+    cases=_excluded_by_both,
+    applies=_applies("from_logits"),
+    level="SHOULD",
+    subject="from_logits",
+)
+def _logits_excluded_by_both(ctx: Context, case: Case) -> None:
+    _check_value(ctx, case, strict=True)
+
+
+def _masked_out(ctx: Context) -> list[Case]:
+    cases = [c for c in _edge_cases(ctx) if _fully_masked(c)]
+    if not cases:
+        raise NotApplicable(f"{ctx.impl.name} cannot express a mask")
+    return cases
+
+
+@register(
+    "semantics.logits_fully_masked",
+    "every row masked gives 0 for every reduction, the empty sum over no tokens (PyTorch's "
+    "ignore_index means: 0/0 = NaN for 'batchmean', 'rowmean', 'mean')",
+    cases=_masked_out,
+    applies=_applies("from_logits"),
+    level="SHOULD",
+    subject="from_logits",
+)
+def _logits_fully_masked(ctx: Context, case: Case) -> None:
+    _check_value(ctx, case, strict=True)
+
+
+def _dtype_cases(ctx: Context) -> list[Case]:
+    """float64 and float32 logits (and float16 where the library has it), each reduction."""
+    s, t = _grid_logits((3, 4), 31)
+    dtypes = [np.float64, np.float32]
+    if hasattr(ctx.backend.xp, "float16"):
+        dtypes.append(np.float16)
+    cases = []
+    for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
+        for j, dtype in enumerate(dtypes):
+            direction, scaled = _COMBOS[(i + j) % 4]
+            options = {"direction": direction, "scale_by_temperature_squared": scaled}
+            cases.append(
+                _logits_case(
+                    s.astype(dtype),
+                    t.astype(dtype),
+                    reduction=reduction,
+                    temperature=2.0,
+                    **options,
+                )
+            )
+    return _expressible(ctx, cases)
+
+
+@register(
+    "semantics.logits_dtypes",
+    "the result has the logits' floating dtype (float64 in, float64 out: not a float32 "
+    "result); its values are then judged at the precision the result has",
+    cases=_dtype_cases,
+    applies=_applies("from_logits"),
+    subject="from_logits",
+)
+def _logits_dtypes(ctx: Context, case: Case) -> None:
+    got = _call(ctx, case)
+    what = _what(case.input, case.target, case.extra.get("mask"), _options(case))
+    _check_dtype(got, case.input, case.target, what)
+
+
+@register(
+    "hygiene.logits_inputs_unmodified",
+    "from_logits (and its backward) leave the student and teacher logits and the mask unchanged",
+    strategy=_strategy,
+    applies=_applies("from_logits"),
+    examples_scale=0.5,
+    subject="from_logits",
+)
+def _logits_unmodified(ctx: Context, case: Case) -> None:
+    be = ctx.backend
+    mask = case.extra.get("mask")
+    x, t = be.asarray(case.input), be.asarray(case.target)
+    m = None if mask is None else be.asarray(mask)
+    ctx.record(case, "logits")
+    _call_logits(ctx, case, x, t, m)
+    backward = ctx.impl.from_logits_backward
+    if backward is not None and not be.autograd:
+        options = _options(case)
+        if m is not None:
+            options["mask"] = m
+        g = _grad_output(case)
+        backward(g if np.ndim(g) == 0 else be.asarray(np.asarray(g)), x, t, **options)
+    operands = [("student logits", x, case.input), ("teacher logits", t, case.target)]
+    if m is not None:
+        operands.append(("mask", m, mask))
+    _assert_unchanged(be, operands, "from_logits")
 
 
 def _grad_output(case: Case) -> Any:
@@ -644,8 +1074,35 @@ def _grad_output(case: Case) -> Any:
     return (0.5 + (np.arange(math.prod(shape)) % 3)).reshape(shape).astype(case.input.dtype)
 
 
+def _assert_unchanged(be: Any, operands: list[tuple[str, Any, np.ndarray]], fn: str) -> None:
+    """Assert each backend operand still holds its original values (NaN equal to NaN)."""
+    for name, arr, orig in operands:
+        now = np.asarray(be.to_numpy(arr))
+        if now.shape != orig.shape or not np.array_equal(
+            now, orig, equal_nan=orig.dtype.kind == "f"
+        ):
+            msg = f"the call of {fn} modified its {name}"
+            raise AssertionError(msg)
+
+
 def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
+    with warnings.catch_warnings(record=True):  # a composition's 'mean' UserWarning
+        warnings.simplefilter("always")
+        return _take_logits_gradient(ctx, case, g)
+
+
+def _forward_dtype(ctx: Context, case: Case, out: Any) -> None:
+    """Check the forward result of a gradient call and keep its dtype in ``ctx.result_dtype``."""
+    shape = case.input.shape if case.extra["reduction"] == "none" else ()
+    check_result(ctx, out, shape, "from_logits")
+    dtype = np.dtype(dtype_name(out.dtype)) if dtype_name(out.dtype) != "bfloat16" else None
+    ctx.result_dtype = dtype if dtype is not None and dtype.kind == "f" else None
+
+
+def _take_logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
+    ctx.result_dtype = None
     fn = _function(ctx, "from_logits")
+    _skip_unsupported(ctx, case)
     be = ctx.backend
     ctx.record(case, "logits_gradient", grad=g)
     options = _options(case)
@@ -657,9 +1114,10 @@ def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
 
             x = be.asarray(case.input).requires_grad_(True)
             out = fn(x, be.asarray(case.target), **options)
+            _forward_dtype(ctx, case, out)
             gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
             (gx,) = torch.autograd.grad(out, (x,), gout.expand(out.shape))
-            return gx.detach().cpu().numpy().astype(np.float64)
+            return np.asarray(gx.detach().cpu().numpy())
         if be.autograd == "jax" and ctx.impl.differentiable:
             import jax
             import jax.numpy as jnp
@@ -667,8 +1125,9 @@ def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
             out, vjp = jax.vjp(
                 lambda a: fn(a, be.asarray(case.target), **options), be.asarray(case.input)
             )
+            _forward_dtype(ctx, case, out)
             (gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
-            return np.asarray(gx, dtype=np.float64)
+            return np.asarray(gx)
         backward = ctx.impl.from_logits_backward
         if backward is None:
             raise NotApplicable(f"{ctx.impl.name} has no from-logits backward on {be.name}")
@@ -676,18 +1135,23 @@ def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
         gx = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)[0]
     except NotImplementedError as exc:
         raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
-    return np.asarray(be.to_numpy(gx), dtype=np.float64)
+    return _numpy_result(ctx, gx)
 
 
 def _check_gradient(ctx: Context, case: Case) -> None:
     g = _grad_output(case)
     got = _logits_gradient(ctx, case, g)
+    # judged at the forward's precision too: a float32 loss of float64 logits has a
+    # float64 gradient (autograd casts it back) computed in float32
+    declared = [_compute_dtype(ctx), ctx.result_dtype]
+    found = [np.dtype(dtype_name(d)) for d in declared if d is not None]
     assert_from_logits_gradient(
         got,
         case.input,
         case.target,
         grad_output=g,
         mask=case.extra.get("mask"),
+        compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
         **_options(case),
     )
 
@@ -753,14 +1217,34 @@ def _gaussian_strategy(ctx: Context) -> Any:
     return _gaussian_cases(ctx)
 
 
+def _gaussian_shape(case: Case) -> tuple[int, ...]:
+    """Return a Gaussian KL's result shape: the operands' broadcast for 'none', else ()."""
+    if case.extra["reduction"] != "none":
+        return ()
+    shapes = [case.input.shape, case.target.shape]
+    shapes += [np.shape(case.extra[k]) for k in ("mu_prior", "logvar_prior") if k in case.extra]
+    return tuple(np.broadcast_shapes(*shapes))
+
+
+def _call_gaussian(ctx: Context, case: Case, mu: Any, logvar: Any, options: dict[str, Any]) -> Any:
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out = _function(ctx, "gaussian")(mu, logvar, **options)
+    check_result(ctx, out, _gaussian_shape(case), "gaussian")
+    return out
+
+
+def _gaussian_options(ctx: Context, case: Case) -> dict[str, Any]:
+    be = ctx.backend
+    return {k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()}
+
+
 def _gaussian_call(ctx: Context, case: Case, kind: str = "gaussian") -> np.ndarray:
     be = ctx.backend
     ctx.record(case, kind)
-    options = {
-        k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()
-    }
-    out = _function(ctx, "gaussian")(be.asarray(case.input), be.asarray(case.target), **options)
-    return np.asarray(be.to_numpy(out), dtype=np.float64)
+    options = _gaussian_options(ctx, case)
+    out = _call_gaussian(ctx, case, be.asarray(case.input), be.asarray(case.target), options)
+    return np.asarray(to_numpy(out), dtype=np.float64)
 
 
 def _gaussian_what(mu: np.ndarray, logvar: np.ndarray, options: dict[str, Any]) -> str:
@@ -840,6 +1324,33 @@ def _gaussian_zero(ctx: Context, case: Case) -> None:
 def _gaussian_oracle(ctx: Context, case: Case) -> None:
     got = _gaussian_call(ctx, case)
     assert_gaussian(got, case.input, case.target, **case.extra)
+
+
+@register(
+    "hygiene.gaussian_inputs_unmodified",
+    "gaussian (and its backward) leave mu, logvar and the priors unchanged",
+    strategy=_gaussian_strategy,
+    applies=_applies("gaussian"),
+    examples_scale=0.5,
+    subject="gaussian",
+)
+def _gaussian_unmodified(ctx: Context, case: Case) -> None:
+    be = ctx.backend
+    ctx.record(case, "gaussian")
+    mu, logvar = be.asarray(case.input), be.asarray(case.target)
+    options = _gaussian_options(ctx, case)
+    _call_gaussian(ctx, case, mu, logvar, options)
+    backward = ctx.impl.gaussian_backward
+    if backward is not None and not be.autograd:
+        g = _grad_output(case)
+        backward(g if np.ndim(g) == 0 else be.asarray(np.asarray(g)), mu, logvar, **options)
+    operands = [("mu", mu, case.input), ("logvar", logvar, case.target)]
+    operands += [
+        (k, options[k], case.extra[k])
+        for k in ("mu_prior", "logvar_prior")
+        if isinstance(case.extra.get(k), np.ndarray)
+    ]
+    _assert_unchanged(be, operands, "gaussian")
 
 
 def exact_gaussian_gradients(

@@ -29,8 +29,16 @@ def _row_sums(values: np.ndarray) -> np.ndarray:
     return np.array([math.fsum(r) for r in flat])
 
 
-def _bound(case: Case, reduction: str) -> float:
+def _bound(case: Case, reduction: str, ctx: Context | None = None) -> float:
+    """Return the oracle's bound of ``case``'s ``reduction`` ('none': of its sum).
+
+    With ``ctx`` the bound is that of the precision of the last result
+    (:meth:`.context.Context.precision`): a float32 result of float64 operands
+    is held to float32's bound.
+    """
     exact = pointwise(case.input, case.target, log_target=case.log_target)
+    if ctx is not None:
+        exact.dtype = ctx.precision(exact.dtype)
     exact.floor = float(np.finfo(exact.dtype).smallest_normal)
     return reduce(exact, "sum" if reduction == "none" else reduction, case.input.shape)[1]
 
@@ -43,7 +51,7 @@ def _bound(case: Case, reduction: str) -> float:
 def _non_negative(ctx: Context, case: Case) -> None:
     for reduction in ctx.some("sum", "batchmean", "mean", "none"):
         got = ctx.value(case, reduction)
-        tol = _bound(case, reduction)
+        tol = _bound(case, reduction, ctx)
         lows = _row_sums(got) if reduction == "none" else got.reshape(1)
         if not (lows >= -tol).all():
             msg = f"reduction={reduction!r}: negative KL divergence {fmt(lows)} (bound {tol:.3g})"
@@ -69,10 +77,13 @@ def _zero_at_identity(ctx: Context, case: Case) -> None:
         if same.log_target:
             ok, tol = bool((got == 0).all()), 0.0
         else:
+            exact.dtype = ctx.precision(p.dtype)
             tol = (
                 reduce(exact, reduction, same.input.shape)[1]
                 if reduction != "none"
-                else float(np.max(exact.scale, initial=0.0)) * 8 * float(np.finfo(p.dtype).eps)
+                else float(np.max(exact.scale, initial=0.0))
+                * 8
+                * float(np.finfo(ctx.precision(p.dtype)).eps)
             )
             ok = bool((np.abs(got) <= tol).all())
         if not ok:
@@ -122,7 +133,7 @@ def _gibbs(ctx: Context, case: Case) -> None:
     rows_bound = _gibbs_bound(case)
     for reduction in ctx.some("none", "sum", "batchmean"):
         got = ctx.value(case, reduction)
-        tol = _bound(case, reduction)
+        tol = _bound(case, reduction, ctx)
         if reduction == "none":
             rows, bound = _row_sums(got), rows_bound
         else:
@@ -178,7 +189,9 @@ def _additivity(ctx: Context, case: Case) -> None:
         w = weights[reduction]
         whole = float(ctx.value(both, reduction)) * w(both)
         parts = float(ctx.value(case, reduction)) * w(case) + float(ctx.value(b, reduction)) * w(b)
-        tol = (_bound(both, reduction) + _bound(case, reduction) + _bound(b, reduction)) * w(both)
+        tol = (
+            _bound(both, reduction, ctx) + _bound(case, reduction, ctx) + _bound(b, reduction, ctx)
+        ) * w(both)
         if not abs(whole - parts) <= tol:
             msg = (
                 f"reduction={reduction!r}: whole batch gives {whole!r} (times its divisor), "
@@ -203,7 +216,7 @@ def _permutation(ctx: Context, case: Case) -> None:
             if not np.array_equal(a[..., perm], b, equal_nan=True):
                 msg = "reduction='none' is not permuted along with the support"
                 raise AssertionError(msg)
-        elif not abs(float(a) - float(b)) <= 2 * _bound(case, reduction):
+        elif not abs(float(a) - float(b)) <= 2 * _bound(case, reduction, ctx):
             msg = f"reduction={reduction!r}: {float(a)!r} before, {float(b)!r} after permuting"
             raise AssertionError(msg)
 

@@ -4,7 +4,8 @@ The edge-value table (zeros, negative and > 1 targets, +-inf, NaN), empty and
 0-d arrays, broadcasting (``batchmean`` divides by the *input's* first
 dimension), dtype promotion, the result's library/dtype/shape, the errors for
 a bad ``reduction`` and for integer arrays, and the ``mean`` warning.
-Signed zeros are not compared.
+The sign of a zero is compared by one SHOULD property only,
+``semantics.signed_zeros``: no MUST property fails on it alone.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from .checks_gradients import gradients_available, take_gradients
 from .context import Context, assert_pointwise, assert_reduced, check_against_oracle
 from .opinfo import samples
+from .oracle import pointwise
 from .properties import NotApplicable, register
 from .strategies import (
+    FLOATS,
+    SPEC_EDGE_TABLE,
     Case,
     broadcast_cases,
     divisor_cases,
@@ -235,6 +240,7 @@ def _dtypes(ctx: Context, case: Case) -> None:
     # values are held to the bound of the less precise of the two dtypes.
     exact = ctx.exact(case)
     exact.dtype = min((case.input.dtype, case.target.dtype), key=lambda d: d.itemsize)
+    ctx.judge_at_result(exact)
     if case.reduction == "none":
         assert_pointwise(call.value, exact)
     else:
@@ -409,7 +415,7 @@ def _layouts(ctx: Context, case: Case) -> None:
     be = ctx.backend
     x, t = _strided_view(be, case.input), _strided_view(be, case.target)
     got = ctx.call(case, input=x, target=t, kind="layout").value
-    exact = ctx.exact(case)
+    exact = ctx.judge_at_result(ctx.exact(case))
     try:
         if case.reduction == "none":
             assert_pointwise(got, exact)
@@ -418,3 +424,65 @@ def _layouts(ctx: Context, case: Case) -> None:
     except AssertionError as exc:
         msg = f"non-contiguous inputs: {exc}"
         raise AssertionError(msg) from None
+
+
+def _signed_zero_cases(ctx: Context) -> list[Case]:
+    """Return the rows of the specification's edge-value table: one 'none' call per form."""
+    if "none" not in ctx.reductions:
+        raise NotApplicable(f"{ctx.impl.name} cannot express reduction 'none'")
+    cases = []
+    for log_target in ctx.log_targets:
+        rows = [r for r in SPEC_EDGE_TABLE if r[4] == log_target]
+        for dtype in FLOATS:
+            x = np.array([r[1] for r in rows], dtype=dtype)
+            t = np.array([r[3] for r in rows], dtype=dtype)
+            cases.append(Case(x, t, "none", log_target))
+    return cases
+
+
+def _ieee_gradients(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """Return PyTorch's evaluation of both pointwise gradients (upstream 1) in the dtype.
+
+    Their zeros carry the sign PyTorch's order of operations gives: ``-(t g)``
+    for the input, ``(g (t - x)) e^t + g e^t`` for a log-target.
+    """
+    x, t = case.input, case.target
+    g = np.ones_like(x)
+    with np.errstate(all="ignore"):
+        if case.log_target:
+            e = np.exp(t)
+            return -(g * e), (g * (t - x)) * e + g * e
+        ok = (t > 0) & np.isfinite(t)
+        return -(t * g), np.where(ok, g * (np.log(np.where(ok, t, 1)) + 1 - x), np.nan)
+
+
+def _assert_zero_signs(got: np.ndarray, want: np.ndarray, what: str, case: Case) -> None:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    differ = (got == 0) & (want == 0) & (np.signbit(got) != np.signbit(want))
+    if differ.any():
+        i = int(np.argmax(differ))
+        msg = (
+            f"{what}: the sign of a zero differs in {int(differ.sum())} of {differ.size} "
+            f"elements; first at x = {case.input[i]!r}, t = {case.target[i]!r} "
+            f"(log_target={case.log_target}): got {got[i]!r}, expected {want[i]!r}"
+        )
+        raise AssertionError(msg)
+
+
+@register(
+    "semantics.signed_zeros",
+    "the zeros of the edge-value table carry PyTorch's sign (forward, and both gradients "
+    "where they can be taken): -0.0 where it gives -0.0",
+    cases=_signed_zero_cases,
+    level="SHOULD",
+)
+def _signed_zeros(ctx: Context, case: Case) -> None:
+    got = ctx.call(case).value
+    want = pointwise(case.input, case.target, log_target=case.log_target).value
+    _assert_zero_signs(got, want, "reduction='none'", case)
+    if not gradients_available(ctx):
+        return
+    grads = take_gradients(ctx, case, np.ones_like(case.input))
+    for name, g, w in zip(("input", "target"), grads, _ieee_gradients(case), strict=True):
+        _assert_zero_signs(g, w, f"gradient w.r.t. {name}", case)

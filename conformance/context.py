@@ -1,4 +1,17 @@
-"""What a property sees: the implementation, the backend, and helpers to call them."""
+"""What a property sees: the implementation, the backend, and helpers to call them.
+
+Two rules hold for every call made through :meth:`Context.call`:
+
+- the result must be an array of the backend with the expected shape (the
+  broadcast shape for ``'none'``, ``()`` for a reduction), else the call fails
+  with an AssertionError naming what came back (``returned a float, expected a
+  numpy array of shape ()``), before any of the suite's code reads it;
+- values are judged at the precision the result has: a result less precise
+  than the operands' dtype (float32 for float64 operands), or an
+  implementation that declares a ``compute_dtype``, is held to the bounds of
+  that dtype (:meth:`Context.precision`). The dtype itself is the finding of
+  ``semantics.dtypes`` and ``semantics.result``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .assertions import assert_loss
+from .assertions import assert_loss, dtype_name
 from .implementations import Implementation
 from .namespaces import Backend
 from .oracle import Exact, pointwise
@@ -60,6 +73,8 @@ class Context:
         self.impl = impl
         self.backend = backend
         self.last: Record | None = None
+        #: The floating dtype of the last result (None before a call, or for a non-float).
+        self.result_dtype: np.dtype | None = None
 
     @property
     def reductions(self) -> tuple[str, ...]:
@@ -102,7 +117,10 @@ class Context:
         """Call the implementation on ``case`` (on backend copies of its arrays).
 
         The call is recorded as :attr:`last` (see :class:`Record`: ``kind`` and
-        ``errors``) for the reproduction of a failure.
+        ``errors``) for the reproduction of a failure. Except for an invalid call
+        (``kind='error'``), the result must be an array of the backend of the
+        expected shape (:meth:`check_result`); its dtype is kept in
+        :attr:`result_dtype` (see :meth:`precision`).
         """
         x = self.asarray(case.input) if input is None else input
         t = self.asarray(case.target) if target is None else target
@@ -111,8 +129,52 @@ class Context:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = self.impl.fn(x, t, reduction=reduction, log_target=case.log_target)
+            if kind != "error":
+                self.check_result(out, _result_shape(case, reduction))
             value = self.backend.to_numpy(out)
+        dtype = getattr(value, "dtype", None)
+        self.result_dtype = np.dtype(dtype) if dtype is not None and dtype.kind == "f" else None
         return Call(out, value, list(caught), x, t)
+
+    def check_result(self, out: Any, shape: tuple[int, ...] | None, /) -> None:
+        """Assert ``out`` is an array of the backend with ``shape`` (None: any shape).
+
+        The AssertionError names what came back: ``returned a float`` (a
+        tuple, a list, ...) or ``returned shape (2,), expected shape ()``.
+        """
+        if not self.backend.is_array(out):
+            kind = type(out).__name__
+            if type(out).__module__ != "builtins":  # another library's array, say
+                kind = f"{type(out).__module__.split('.')[0]}.{kind}"
+            article = "an" if kind[:1].lower() in "aeiou" else "a"
+            want = "" if shape is None else f" of shape {tuple(shape)}"
+            msg = f"returned {article} {kind}, expected a {self.backend.name} array{want}"
+            raise AssertionError(msg)
+        if shape is not None and tuple(out.shape) != tuple(shape):
+            msg = f"returned shape {tuple(out.shape)}, expected shape {tuple(shape)}"
+            raise AssertionError(msg)
+
+    def precision(self, dtype: Any, /) -> np.dtype:
+        """Return the dtype whose bounds judge the last result, for operands of ``dtype``.
+
+        The least precise of ``dtype``, the last result's floating dtype and the
+        implementation's declared ``compute_dtype`` (an optional attribute).
+        """
+        found = [np.dtype(dtype)]
+        if self.result_dtype is not None:
+            found.append(self.result_dtype)
+        declared = getattr(self.impl, "compute_dtype", None)
+        if declared is not None:
+            found.append(np.dtype(dtype_name(declared)))
+        return min(found, key=lambda d: (d.itemsize, d.name))
+
+    def judge_at_result(self, exact: Exact, /) -> Exact:
+        """Hold ``exact``'s bounds to the precision of the last result (see :meth:`precision`)."""
+        dtype = self.precision(exact.dtype)
+        if dtype.itemsize < exact.dtype.itemsize:
+            exact.dtype = dtype
+            exact.floor = max(exact.floor, float(np.finfo(dtype).smallest_subnormal))
+        return exact
 
     def record(
         self,
@@ -143,6 +205,16 @@ class Context:
     def value(self, case: Case, /, reduction: str | None = None) -> np.ndarray:
         """Return the values of the implementation's result as a float64 NumPy array."""
         return np.asarray(self.call(case, reduction).value, dtype=np.float64)
+
+
+def _result_shape(case: Case, reduction: str) -> tuple[int, ...] | None:
+    """Return the shape of ``kl_div``'s result for ``case`` (None: no broadcast shape)."""
+    if reduction != "none":
+        return ()
+    try:
+        return tuple(np.broadcast_shapes(case.input.shape, case.target.shape))
+    except ValueError:
+        return None
 
 
 def _flush_subnormals(a: np.ndarray) -> np.ndarray:
@@ -176,10 +248,14 @@ def assert_reduced(
 
 
 def check_against_oracle(ctx: Context, case: Case, /, reduction: str | None = None) -> None:
-    """Call the implementation and compare with the oracle for ``case``'s reduction."""
+    """Call the implementation and compare with the oracle for ``case``'s reduction.
+
+    The values are judged at the precision of the result (:meth:`Context.precision`).
+    """
     reduction = case.reduction if reduction is None else reduction
     exact = ctx.exact(case)
     got = ctx.call(case, reduction).value
+    ctx.judge_at_result(exact)
     if reduction == "none":
         assert_pointwise(got, exact)
     else:

@@ -301,6 +301,14 @@ def _noisy(input: Any, target: Any, reduction: str = "mean", log_target: bool = 
     return numpy_impl.kl_div(input, target, reduction=reduction, log_target=log_target)
 
 
+def _positive_zero_grad(
+    g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    """Return the gradients with the input's computed as ``0 - t g``: its zeros are +0."""
+    gx, gt = numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+    return np.asarray(gx + 0.0).astype(gx.dtype), gt
+
+
 def _m(name: str, fn: Fn, backward: Fn | None = None, description: str = "") -> Implementation:
     return Implementation(
         name,
@@ -435,6 +443,12 @@ _LIST = [
         description="result always float64",
     ),
     _m(
+        "input_grad_positive_zero",
+        numpy_impl.kl_div,
+        _positive_zero_grad,
+        description="input gradient 0 - t * g: +0 where PyTorch's -(t * g) is -0",
+    ),
+    _m(
         "mean_by_input_numel",
         _forward(
             divisor=lambda r, x, t, s: x.size if r == "mean" else numpy_impl._divisor(r, x, s)
@@ -482,6 +496,8 @@ def np_from_logits(
     s, t = np.asarray(input), np.asarray(target)
     dtype = np.result_type(s.dtype, t.dtype)
     work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    if bug == "float32_result":  # the result cast to float32, whatever the logits' dtype
+        dtype = np.dtype(np.float32)
     s = np.moveaxis(s.astype(work), axis, -1)
     t = np.moveaxis(t.astype(work), axis, -1)
     naive = bug == "unstable_lse"
@@ -493,11 +509,13 @@ def np_from_logits(
         w = np.exp(log_w)
         if bug == "cross_entropy":
             terms = -(w * log_o)
+        elif bug == "composition":  # xlogy(w, w) - w * log o, as kl_div(log o, w)
+            terms = np.where(w == 0, 0, w * np.log(np.where(w == 0, 1, w))) - w * log_o
         elif bug == "log_ratio_flipped":
             terms = w * (log_o - log_w)
         else:
             terms = w * (log_w - log_o)
-        if bug != "excluded_class_nan":
+        if bug not in ("excluded_class_nan", "composition"):
             terms = np.where(w == 0, 0, terms)
         rows = s.shape[:-1]
         keep = (
@@ -514,7 +532,7 @@ def np_from_logits(
         if mask is not None and bug != "mask_in_divisor":
             n = int(keep.sum())
             d = {"sum": 1, "mean": n * vocab}.get(reduction, n)
-            if d == 0:
+            if d == 0 and bug != "composition":  # the composition: 0/0
                 return np.asarray(0, dtype)
         else:
             d = {
@@ -531,6 +549,22 @@ def _logits_bug(bug: str) -> Fn:
         return np_from_logits(input, target, bug=bug, **options)
 
     return from_logits
+
+
+def _zero_student_after(input: Any, target: Any, /, **options: Any) -> Any:
+    """Return the correct loss, then zero the student logits in place (a leaked buffer)."""
+    out = np_from_logits(input, target, **options)
+    if isinstance(input, np.ndarray) and input.flags.writeable:
+        input[...] = 0
+    return out
+
+
+def _zero_mu_after(mu: Any, logvar: Any, /, **options: Any) -> Any:
+    """Return the correct Gaussian KL, then zero ``mu`` in place."""
+    out = np_gaussian(mu, logvar, **options)
+    if isinstance(mu, np.ndarray) and mu.flags.writeable:
+        mu[...] = 0
+    return out
 
 
 def _logits_grad(*, sign: float = 1.0, times_temperature: bool = False) -> Fn:
@@ -653,6 +687,31 @@ _LIST += [
         "",
         "from logits: the student gradient misses the 1/T of d(s/T)/ds",
         _logits_grad(times_temperature=True),
+    ),
+    _logits_m(
+        "logits_composition",
+        "composition",
+        "from logits: PyTorch's composition T**2 * kl_div(log_softmax, softmax): rounding at "
+        "s = t, 0 * inf = NaN where both exclude a class, 0/0 for a fully masked mean",
+    ),
+    _logits_m(
+        "logits_float32_result",
+        "float32_result",
+        "from logits: the result cast to float32 (float64 logits give a float32 loss)",
+    ),
+    Implementation(
+        "logits_mutates_input",
+        backends=("numpy",),
+        description="from logits: zeroes the student logits in place (after computing the loss)",
+        from_logits=_zero_student_after,
+        from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
+    ),
+    Implementation(
+        "gaussian_mutates_input",
+        backends=("numpy",),
+        description="gaussian: zeroes mu in place (after computing the KL)",
+        gaussian=_zero_mu_after,
+        gaussian_backward=kldiv_spec.gaussian_kl_backward,
     ),
     _gaussian_m(
         "gaussian_prior_ignored",

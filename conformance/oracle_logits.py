@@ -14,6 +14,13 @@ Edge rules (per row, the row being the slice along the class axis):
   working dtype is 0, whatever the other distribution says there;
 - masked rows contribute 0 and get zero gradients; an empty class axis gives 0.
 
+PyTorch's composition ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))``
+differs from these rules in two places, which :attr:`ExactLogits.composition_nan`
+and :func:`composition_nan` record: a term of weight 0 whose other
+log-probability is ``-inf`` (both distributions exclude the class) or NaN is
+``0 * inf`` = NaN there, and a fully masked mean (every row dropped) is
+:math:`0/0` = NaN, as ``F.cross_entropy`` with every target ignored.
+
 Error bound
 -----------
 With :math:`\varepsilon` the unit roundoff of the working dtype (float32 for
@@ -53,6 +60,7 @@ __all__ = [
     "LOGITS_ULPS",
     "PRECISION",
     "ExactLogits",
+    "composition_nan",
     "from_logits",
     "gaussian",
     "reduce_logits",
@@ -91,7 +99,10 @@ class ExactLogits:
     rounded once; 0 in masked rows). ``scale``: :math:`k W_i` (float64).
     ``grad_input`` / ``grad_target`` and their ``*_scale``: exact gradients of
     the reduction given to :func:`from_logits`, rounded once, and their scales.
-    ``masked``: whether a mask was given.
+    ``masked``: whether a mask was given. ``composition_nan``: bool array of
+    the terms' shape, True where the term is 0 here but PyTorch's composition
+    gives ``0 * inf`` = NaN (a weight of 0 against a log-probability of
+    ``-inf`` or NaN), in kept rows.
     """
 
     terms: np.ndarray
@@ -104,6 +115,7 @@ class ExactLogits:
     grad_input_scale: np.ndarray
     grad_target_scale: np.ndarray
     masked: bool = False
+    composition_nan: np.ndarray | None = None
 
 
 def _scaled(v: float, temperature: Any, work: np.dtype) -> Any:
@@ -184,6 +196,7 @@ def from_logits(
     gtg = np.zeros((rows, vocab))
     gin_s = np.zeros((rows, vocab))
     gtg_s = np.zeros((rows, vocab))
+    comp_nan = np.zeros((rows, vocab), bool)
     total = mp.mpf(0)
     zero = mp.mpf(0)
     for i in range(rows):
@@ -204,6 +217,7 @@ def from_logits(
         row = []
         for j in range(vocab):
             if zero_w[j]:
+                comp_nan[i, j] = bool(mp.isnan(lo[j]) or lo[j] == -mp.inf)
                 row.append(zero)
             else:
                 row.append(w[j] * (lw[j] - lo[j]))
@@ -265,6 +279,7 @@ def from_logits(
         grad_input_scale=back(gin_s),
         grad_target_scale=back(gtg_s),
         masked=mask is not None,
+        composition_nan=back(comp_nan),
     )
 
 
@@ -298,6 +313,25 @@ def _divisor(reduction: str, shape: tuple[int, ...], ax: int, n_kept: int, maske
     if reduction == "batchmean":
         return shape[0]
     return math.prod(n for i, n in enumerate(shape) if i != ax)  # rowmean
+
+
+def composition_nan(exact: ExactLogits, /, reduction: str) -> np.ndarray:
+    """Return where PyTorch's composition gives NaN and this oracle a number.
+
+    For ``'none'`` a bool array of the terms' shape (:attr:`ExactLogits.composition_nan`);
+    for a reduction a 0-d bool: True when a kept term is such a ``0 * inf``, or
+    when every row is masked and the reduction divides by the kept rows
+    (``'batchmean'``, ``'rowmean'``, ``'mean'``: :math:`0/0`).
+    """
+    terms = (
+        np.zeros(exact.terms.shape, bool)
+        if exact.composition_nan is None
+        else np.asarray(exact.composition_nan, bool)
+    )
+    if reduction == "none":
+        return terms
+    fully_masked = exact.masked and exact.total[1] == 0
+    return np.asarray(bool(terms.any()) or fully_masked)
 
 
 def reduce_logits(exact: ExactLogits, /) -> tuple[float, float]:

@@ -34,12 +34,24 @@ def test_every_property_has_a_group_and_a_description():
 
 
 def test_every_property_has_a_requirement_level():
-    """MUST is the specification; SHOULD is PyTorch's warnings and exact exception classes."""
+    """MUST is what PyTorch does; SHOULD its warnings, exact exception classes and zero signs.
+
+    And, from logits, the guarantees of ``kl_div_from_logits`` beyond what
+    PyTorch's composition gives.
+    """
     from kldiv_spec.conformance.properties import LEVELS
 
     assert {p.level for p in PROPERTIES.values()} == set(LEVELS)
     should = {n for n, p in PROPERTIES.items() if p.level == "SHOULD"}
-    assert should == {"semantics.mean_warning", "semantics.error_class", "hygiene.silent"}
+    assert should == {
+        "semantics.mean_warning",
+        "semantics.error_class",
+        "hygiene.silent",
+        "semantics.signed_zeros",
+        "math.logits_exact_zero_at_identity",
+        "semantics.logits_excluded_by_both",
+        "semantics.logits_fully_masked",
+    }
 
 
 @pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax", "dask"])

@@ -307,10 +307,16 @@ def _exec_snippet(code: str) -> str:
     return out.getvalue()
 
 
+#: Mutants whose fault a replayed call does not show: writing to the operands after
+#: computing a correct result (the snippet calls on fresh copies) and the sign of a
+#: zero (the snippet judges values as the MUST properties do, signs not compared).
+NOT_REPLAYED = {"logits_mutates_input", "gaussian_mutates_input", "input_grad_positive_zero"}
+
+
 def _mutant_catchers() -> list[tuple[str, str]]:
     from test_mutants import CAUGHT_BY
 
-    return [(m, props[0]) for m, props in CAUGHT_BY.items()]
+    return [(m, props[0]) for m, props in CAUGHT_BY.items() if m not in NOT_REPLAYED]
 
 
 @pytest.mark.parametrize(("name", "prop"), _mutant_catchers())
@@ -376,7 +382,8 @@ def test_one_bug_one_headline(name, headline):
     found = causes(report)
     first = found[0][1]
     assert first.name == headline, [(k, o.name) for k, o, _ in found]
-    assert sum(1 + len(o) for _, _, o in found) == len(_failures(report))
+    distinct = [f for o in report.outcomes if o.status == "fail" for f in o.each_failure()]
+    assert sum(1 + len(o) for _, _, o in found) == len(distinct)
     text = table(report)
     assert text.index(f"FAIL {headline} ") < min(
         (text.index(f"FAIL {o.name} ") for _, o, _ in found[1:]), default=len(text)

@@ -45,6 +45,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "target_grad_zero_at_zero": ("gradients.target",),
     "float64_result": ("semantics.dtypes",),
     "mean_by_input_numel": ("semantics.broadcast_divisors",),
+    "input_grad_positive_zero": ("semantics.signed_zeros",),
     "result_on_default_device": ("hygiene.device",),
     "once_differentiable": ("gradients.double_backward",),
     # from logits and the Gaussian KL (a from_logits or gaussian function only)
@@ -57,6 +58,14 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "logits_log_ratio_flipped": ("math.logits_non_negative",),
     "logits_grad_sign": ("gradients.logits_oracle",),
     "logits_grad_missing_inverse_t": ("gradients.logits_options",),
+    "logits_composition": (
+        "math.logits_exact_zero_at_identity",
+        "semantics.logits_excluded_by_both",
+        "semantics.logits_fully_masked",
+    ),
+    "logits_float32_result": ("semantics.logits_dtypes",),
+    "logits_mutates_input": ("hygiene.logits_inputs_unmodified",),
+    "gaussian_mutates_input": ("hygiene.gaussian_inputs_unmodified",),
     "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
     "gaussian_logvar_sign": ("accuracy.gaussian_oracle",),
     "gaussian_grad_no_half": ("gradients.gaussian_oracle",),
@@ -75,6 +84,14 @@ def _backend(name):
     if backend not in installed_backends():
         pytest.skip(f"{backend} is not installed")
     return backend
+
+
+def test_the_sign_of_a_zero_fails_no_must_property():
+    """A mutant whose only difference is the sign of zero gradients fails one SHOULD property."""
+    report = run("mutant:input_grad_positive_zero", "numpy", max_examples=5, shrink=False)
+    fails = [(o.name, o.level) for o in report.outcomes if o.status == "fail"]
+    assert fails == [("semantics.signed_zeros", "SHOULD")], fails
+    assert not report.failed and report.rejected(strict=True)
 
 
 def test_every_mutant_has_an_expected_catcher():
