@@ -39,7 +39,7 @@ DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 
 @dataclass(frozen=True)
 class Implementation:
-    """A KL-divergence implementation under test.
+    r"""A KL-divergence implementation under test.
 
     Parameters
     ----------
@@ -71,7 +71,7 @@ class Implementation:
         ``kldiv_spec.kl_div_from_logits`` defines it (student logits first).
         ``mask`` is passed only when a case has one. Declare what it cannot
         express with the ``logits_*`` fields below: those cases are then not
-        drawn. Raising ``NotImplementedError`` instead makes the whole property n/a.
+        drawn. Raising ``NotImplementedError`` makes that case n/a.
     from_logits_backward : callable, optional
         ``from_logits_backward(grad_output, input, target, **options)`` returning
         ``(grad_input, grad_target)`` (``grad_target`` may be None), as
@@ -99,6 +99,27 @@ class Implementation:
         The reductions ``gaussian`` can express.
     gaussian_priors : bool
         Whether it takes ``mu_prior`` and ``logvar_prior`` (else: the standard normal).
+    logits_beta : bool
+        Whether ``from_logits`` takes ``beta=`` (the generalised Jensen-Shannon
+        divergence, :math:`0 \le \beta \le 1`); cases with a ``beta`` are
+        drawn only for one that does.
+    logits_axes : tuple of int
+        The class axes ``from_logits`` takes as ``axis=`` (``(-1,)``: the last
+        only); cases on another axis are drawn only for the ones listed.
+    from_hidden : callable, optional
+        ``from_hidden(student_hidden, student_weight, teacher_hidden,
+        teacher_weight, *, student_bias=..., teacher_bias=..., temperature,
+        reduction, direction, scale_by_temperature_squared, mask=...)``: the
+        from-logits divergence of the logits ``h @ W.T (+ b)`` of each model,
+        hidden states ``(..., H)`` and weights ``(V, H)`` as ``torch.nn.Linear``
+        holds them; the biases are passed only when a case has them. It shares
+        the ``logits_*`` declarations.
+    from_hidden_backward : callable, optional
+        ``from_hidden_backward(grad_output, *operands, **options)`` returning the
+        gradients w.r.t. the student's hidden states, weight and bias (the bias's
+        None without one); used on backends without autograd.
+    hidden_biases : bool
+        Whether ``from_hidden`` takes ``student_bias`` and ``teacher_bias``.
     unsupported : callable, optional
         ``unsupported(options) -> str | None``: why the implementation cannot take
         one case (``options`` are the keywords of the call, ``reduction``,
@@ -129,6 +150,11 @@ class Implementation:
     gaussian_backward: Callable[..., Any] | None = None
     gaussian_reductions: tuple[str, ...] = REDUCTIONS
     gaussian_priors: bool = True
+    logits_beta: bool = False
+    logits_axes: tuple[int, ...] = (-1,)
+    from_hidden: Callable[..., Any] | None = None
+    from_hidden_backward: Callable[..., Any] | None = None
+    hidden_biases: bool = True
     unsupported: Callable[[Mapping[str, Any]], str | None] | None = None
     version: str = ""
 
@@ -143,19 +169,22 @@ class Implementation:
         """Return the function a property of ``subject`` checks, or None.
 
         ``subject`` is one of ``properties.SUBJECTS``: ``'kl_div'``
-        (``fn``), ``'from_logits'`` or ``'gaussian'``.
+        (``fn``), ``'from_logits'``, ``'gaussian'`` or ``'from_hidden'``.
         """
-        return {"kl_div": self.fn, "from_logits": self.from_logits, "gaussian": self.gaussian}[
-            subject
-        ]
+        return {
+            "kl_div": self.fn,
+            "from_logits": self.from_logits,
+            "gaussian": self.gaussian,
+            "from_hidden": self.from_hidden,
+        }[subject]
 
     @property
     def primary(self) -> Callable[..., Any]:
-        """The first function it has (``fn``, else ``from_logits``, else ``gaussian``).
+        """The first function it has (``fn``, ``from_logits``, ``gaussian``, ``from_hidden``).
 
         What the backend is inferred from when none is given.
         """
-        for f in (self.fn, self.from_logits, self.gaussian):
+        for f in (self.fn, self.from_logits, self.gaussian, self.from_hidden):
             if f is not None:
                 return f
         msg = f"{self.name} has no function to check"

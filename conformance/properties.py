@@ -46,7 +46,7 @@ LEVELS: tuple[str, ...] = ("MUST", "SHOULD")
 #: What a property checks: which of an implementation's functions it calls
 #: (:class:`~.implementations.Implementation`'s ``fn``, ``from_logits`` or
 #: ``gaussian``). An implementation without that function gets n/a for it.
-SUBJECTS: tuple[str, ...] = ("kl_div", "from_logits", "gaussian")
+SUBJECTS: tuple[str, ...] = ("kl_div", "from_logits", "gaussian", "from_hidden")
 
 
 class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)

@@ -47,7 +47,7 @@ DEFAULT_MAX_EXAMPLES = 15
 #: What a ``MODULE:CALLABLE`` is (``--kind``): a ``kl_div`` with PyTorch's signature,
 #: a ``kl_div_from_logits``, a ``gaussian_kl``, or a loss of one of the two
 #: third-party conventions that :mod:`.adapters` maps onto ``from_logits``.
-KINDS: tuple[str, ...] = ("kl-div", "from-logits", "gaussian", *adapters.STYLES)
+KINDS: tuple[str, ...] = ("kl-div", "from-logits", "gaussian", "from-hidden", *adapters.STYLES)
 
 
 class ResolveError(ValueError):
@@ -124,6 +124,9 @@ def resolve(spec: str, /, *, kind: str = "kl-div", **style_options: Any) -> Impl
       options it cannot express, export an :class:`Implementation` instead;
     - ``'gaussian'``: a function with ``gaussian_kl``'s signature (a
       ``backward`` attribute: ``gaussian_kl_backward``'s);
+    - ``'from-hidden'``: a function of the hidden states and output weights
+      (``Implementation.from_hidden``'s signature; a ``backward`` attribute:
+      ``from_hidden_backward``'s);
     - ``'torchtune-style'``, ``'liger-style'``: a loss of that convention (a
       class is instantiated), wrapped by ``adapters.torchtune_style`` or
       ``adapters.liger_style``; ``style_options`` (``ignore_index``,
@@ -210,6 +213,10 @@ def _resolve(spec: str, kind: str, style_options: dict[str, Any]) -> Implementat
         )
     if kind == "gaussian":
         return Implementation(spec, gaussian=obj, gaussian_backward=backward, description=spec)
+    if kind == "from-hidden":
+        return Implementation(
+            spec, from_hidden=obj, from_hidden_backward=backward, description=spec
+        )
     if kind in adapters.STYLES:
         return adapters.STYLES[kind](obj, name=spec, **style_options)
     from_logits = getattr(obj, "from_logits", None)
