@@ -54,12 +54,18 @@ requirement levels:
           exception (AttributeError, IndexError, KeyError, ...) for an invalid
           call is a crash, not a refusal: a MUST failure.
   SHOULD  PyTorch's 'mean' UserWarning (and no other warning), silence about
-          floating-point warnings, and the exact exception class (ValueError for
+          floating-point warnings, the exact exception class (ValueError for
           shapes and reduction, TypeError for dtypes; PyTorch's RuntimeError is
-          accepted for shapes and dtypes). Raising another of TypeError,
-          ValueError, RuntimeError is a SHOULD failure. SHOULD failures are
+          accepted for shapes and dtypes; raising another of TypeError,
+          ValueError, RuntimeError is a SHOULD failure), the sign of a zero, and
+          the guarantees of kl_div_from_logits beyond what PyTorch's functions
+          composed give (exactly 0 at identity, 0 where both distributions
+          exclude a class, 0 for a fully masked reduction). SHOULD failures are
           reported (level column, SHOULD column of --markdown) and exit 1 only
           with --strict.
+  An implementation is judged at the precision it computes in: a float32
+  result for float64 input is one dtype failure, and its values are then held
+  to float32's bounds.
 
 kinds of MODULE:CALLABLE (--kind):
   kl-div           fn(input, target, reduction=..., log_target=...), PyTorch's
