@@ -8,6 +8,9 @@ optional library at all: it proves that every one of them is optional.
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -103,3 +106,61 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+def _peers_module() -> dict[str, object]:
+    """Read PINS, NO_DEPS and the PEERS names from conformance/peers.py, without importing it.
+
+    The session installs the pins before the package, so it cannot import them.
+    """
+    tree = ast.parse(Path("conformance/peers.py").read_text(encoding="utf-8"))
+    found: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name, value = node.target.id, node.value
+            if name in ("PINS", "NO_DEPS"):
+                found[name] = ast.literal_eval(value)
+            elif name == "PEERS" and isinstance(value, ast.Dict):
+                found[name] = tuple(ast.literal_eval(k) for k in value.keys if k is not None)
+    return found
+
+
+@nox.session
+def peers(session: nox.Session) -> None:
+    """The real KL libraries as installed (conformance/peers.py): hand checks and their matrix.
+
+    Installs torch==2.13.0 (CPU) first, then the pins of ``peers.PINS`` (those of
+    ``peers.NO_DEPS`` without their requirements: torchdistill would pull a CUDA
+    torchvision, and torch stays pinned in every install), runs
+    tests/test_peers.py and writes docs/conformance-peers.md with ``kldiv-spec
+    check --impl peer:NAME ...`` (exit 1 there is the expected verdict: some peers
+    fail MUST properties). TRITON_INTERPRET=1 runs Liger-Kernel's Triton kernel on
+    the CPU.
+    """
+    found = _peers_module()
+    pins, no_deps, names = found["PINS"], found["NO_DEPS"], found["PEERS"]
+    assert isinstance(pins, tuple) and isinstance(no_deps, tuple) and isinstance(names, tuple)
+    torch_pin = next(p for p in pins if p.split("==")[0] == "torch")
+    bare = [p for p in pins if p.split("==")[0] in no_deps]
+    session.install(torch_pin)
+    session.install("--no-deps", *bare)
+    session.install(*[p for p in pins if p not in bare])  # torch_pin among them: kept
+    session.install("-e", ".[test]", torch_pin)
+    env = {"TRITON_INTERPRET": "1", "KERAS_BACKEND": "jax", "HYPOTHESIS_PROFILE": "ci"}
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_peers.py", env=env)
+    session.run(
+        "kldiv-spec",
+        "check",
+        *[f"--impl=peer:{name}" for name in names],
+        "--max-examples",
+        "5",
+        "--no-shrink",
+        "--quiet",
+        "--markdown",
+        "docs/conformance-peers.md",
+        "--markdown-title",
+        "Conformance of the libraries, as installed",
+        *session.posargs,
+        env=env,
+        success_codes=[0, 1],
+    )

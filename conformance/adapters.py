@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .implementations import Implementation
+from .implementations import DIRECTIONS, Implementation
 
 __all__ = [
     "ADAPTERS",
@@ -280,6 +280,16 @@ def _check_options(
         raise ValueError(msg)
 
 
+def _one_direction(direction: str | None) -> str:
+    """Return the direction a one-direction convention declares (None: ``'forward'``)."""
+    if direction is None:
+        return "forward"
+    if direction not in DIRECTIONS:
+        msg = f"direction must be one of {', '.join(DIRECTIONS)} or None, not {direction!r}"
+        raise ValueError(msg)
+    return direction
+
+
 def _scaled(out: Any, temperature: float, scale: bool) -> Any:
     import torch
 
@@ -291,6 +301,7 @@ def torchtune_style(
     loss: Any,
     /,
     *,
+    direction: str | None = None,
     ignore_index: int = -100,
     name: str = "torchtune-style",
     description: str = "",
@@ -309,10 +320,19 @@ def torchtune_style(
     :math:`T^2` when asked (the convention has no temperature), turns the mask
     into labels (0 for a kept token, ``ignore_index`` for a dropped one) and
     maps ``reduction='sum'`` to ``normalize=False`` and ``'rowmean'`` (the
-    per-token mean) to ``normalize=True``. It expresses the forward direction
-    only.
+    per-token mean) to ``normalize=True``.
+
+    A loss of this convention computes one direction, which ``direction``
+    declares: ``'forward'`` (the default, as ``ForwardKLLoss``) or
+    ``'reverse'`` (as ``ReverseKLLoss``); a case of the other direction is not
+    drawn. A class is instantiated as ``loss(ignore_index=ignore_index)`` when
+    ``ignore_index`` is not the default -100, else with no argument.
     """
-    fn = loss() if isinstance(loss, type) else loss
+    one = _one_direction(direction)
+    if isinstance(loss, type):
+        fn = loss() if ignore_index == -100 else loss(ignore_index=ignore_index)
+    else:
+        fn = loss
     reductions = ("sum", "rowmean")
 
     def from_logits(
@@ -328,8 +348,8 @@ def torchtune_style(
         mask: Any = None,
     ) -> Any:
         _check_options(input, reduction, direction, axis, reductions)
-        if direction != "forward":
-            msg = "the convention computes the forward direction only"
+        if direction != one:
+            msg = f"the loss computes the {one} direction only"
             raise NotImplementedError(msg)
         s, t, labels = _rows_and_labels(input, target, mask, ignore_index)
         if labels is None:
@@ -346,7 +366,7 @@ def torchtune_style(
         description=description or f"{name}: loss(student_logits, teacher_logits, labels)",
         from_logits=from_logits,
         logits_reductions=reductions,
-        logits_directions=("forward",),
+        logits_directions=(one,),
     )
 
 
@@ -354,6 +374,7 @@ def liger_style(
     loss: Any,
     /,
     *,
+    direction: str | None = None,
     ignore_index: int = -100,
     name: str = "liger-style",
     description: str = "",
@@ -374,15 +395,22 @@ def liger_style(
     The adapter computes ``log_softmax(logits / T)`` of both logits, picks
     ``beta`` from the direction, passes the mask as labels, and multiplies by
     :math:`T^2` when asked. It expresses ``'rowmean'`` (the per-token mean);
-    the generalised JSD between the two KLs is not adapted.
+    the generalised JSD between the two KLs is not adapted. ``direction``
+    (``'forward'`` or ``'reverse'``) restricts it to one of the two; None
+    (the default) declares both. ``ignore_index`` is the label the adapter
+    gives a dropped row; a class is also instantiated with it when it is not
+    the default -100 (a function must ignore the same label).
     """
     import functools
 
     reductions = ("rowmean",)
+    directions = DIRECTIONS if direction is None else (_one_direction(direction),)
 
     def make(beta: float) -> Any:
         if isinstance(loss, type):
-            return loss(beta=beta)
+            if ignore_index == -100:
+                return loss(beta=beta)
+            return loss(beta=beta, ignore_index=ignore_index)
         return functools.partial(loss, beta=beta)
 
     def from_logits(
@@ -400,6 +428,9 @@ def liger_style(
         import torch
 
         _check_options(input, reduction, direction, axis, reductions)
+        if direction not in directions:
+            msg = f"the adapter was built for the {directions[0]} direction only"
+            raise NotImplementedError(msg)
         s, t, labels = _rows_and_labels(input, target, mask, ignore_index)
         log_q = torch.log_softmax(s / temperature, dim=-1)
         log_p = torch.log_softmax(t / temperature, dim=-1)
@@ -414,6 +445,7 @@ def liger_style(
         or f"{name}: jsd(student_log_probs, teacher_log_probs, shift_labels), beta 0 and 1",
         from_logits=from_logits,
         logits_reductions=reductions,
+        logits_directions=directions,
     )
 
 

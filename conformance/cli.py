@@ -189,6 +189,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="write a machine-readable report")
     p.add_argument("--markdown", metavar="PATH", help="write the conformance matrix as Markdown")
+    p.add_argument(
+        "--markdown-title",
+        default="Conformance matrix",
+        metavar="TEXT",
+        help="the title of the --markdown page (default: Conformance matrix)",
+    )
     p.add_argument("--list", action="store_true", help="list the properties and exit")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -293,12 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json(reports, args.json)
     if args.markdown:
-        command = "kldiv-spec check " + " ".join(
-            shlex.quote(a)
-            for a in (sys.argv[1:] if argv is None else argv)
-            if not a.startswith("--markdown") and a != args.markdown
-        )
-        Path(args.markdown).write_text(matrix_markdown(reports, command=command.strip()))
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = "kldiv-spec check " + " ".join(shlex.quote(a) for a in given)
+        text = matrix_markdown(reports, command=command.strip(), title=args.markdown_title)
+        Path(args.markdown).write_text(text)
     return _exit_status(reports, problems, strict=args.strict)
 
 
