@@ -186,6 +186,26 @@ def test_trl_nan_where_both_exclude_a_class():
 
 
 @_needs("trl")
+def test_trl_nan_where_the_weighting_distribution_alone_excludes_a_class():
+    # trl writes both directions with log_target=True: exp(log w) * (log w - log o), so a
+    # class of zero weight gives 0 * -inf = NaN. PyTorch's composition with a probability
+    # target, kl_div(log o, softmax(w)), gives 0 there, as the KL does (a top-k teacher).
+    s, t = _logits()
+    impl = peers.trl_generalized_jsd()
+    for direction in ("forward", "reverse"):
+        w, o = (t, s) if direction == "forward" else (s, t)
+        w[0, 1] = -math.inf  # the teacher (forward) or the student (reverse) excludes a class
+        got = _call(impl, s, t, reduction="sum", direction=direction)
+        assert math.isnan(float(got))
+        composed = F.kl_div(
+            torch.log_softmax(o, -1), torch.softmax(w, -1), reduction="sum", log_target=False
+        )
+        assert math.isfinite(float(composed))
+        assert float(composed) == pytest.approx(float(_kl_rows(w, o).sum()), rel=1e-12)
+        w[0, 1] = _T[0][1] if direction == "forward" else _S[0][1]
+
+
+@_needs("trl")
 def test_trl_fully_masked_mean_is_nan():
     s, t = _logits()
     impl = peers.trl_generalized_jsd()
@@ -387,11 +407,13 @@ FAILING: dict[str, set[str]] = {
     },
     "torchtune.ReverseKLLoss": {
         "semantics.logits_edge_values",  # finite where the teacher excludes a class
+        "semantics.logits_dtypes",  # float32 for float64 (checked above)
     },
     "torchtune.SymmetricKLLoss": set(),  # every property n/a
     "trl.generalized_jsd_loss": {
-        "semantics.logits_edge_values",
+        "semantics.logits_edge_values",  # NaN where the weighting side alone excludes a class
         "semantics.logits_excluded_by_both",  # NaN
+        "semantics.logits_fully_masked",  # NaN for a fully masked 'mean'
     },
     "torchdistill.KDLoss": {
         "semantics.logits_excluded_by_both",  # PyTorch's composition's NaN
