@@ -50,7 +50,9 @@ __all__ = [
     "torchdistill_kd_loss",
     "torchmetrics_kl_divergence",
     "torchtune_forward_kl",
+    "torchtune_forward_kl_chunked",
     "torchtune_reverse_kl",
+    "torchtune_reverse_kl_chunked",
     "torchtune_symmetric_kl",
     "trl_generalized_jsd",
 ]
@@ -219,6 +221,80 @@ def torchtune_forward_kl() -> Implementation:
 def torchtune_reverse_kl() -> Implementation:
     r"""Return torchtune's ``ReverseKLLoss``: :math:`\sum_i q_i (\log q_i - \log p_i)`, float32."""
     return _torchtune("ReverseKLLoss", "reverse", "reverse")
+
+
+#: How many chunks the chunked losses get: small cases then span several of them.
+_CHUNKS = 3
+
+
+def _torchtune_chunked(cls_name: str, direction: str) -> Implementation:
+    """Return a torchtune ``*WithChunkedOutputLoss``, fed the logits as lists of chunks.
+
+    The loss takes ``(batch, tokens, vocab)`` logits split along the tokens into
+    ``num_output_chunks`` pieces (as a model's output layer gives them, one chunk
+    of hidden states at a time) and ``(batch, tokens)`` labels; it returns the
+    mean over the kept tokens (``'rowmean'``). The adapter divides the logits by
+    the temperature, views rows of 2-d logits as one sequence, splits both with
+    ``torch.chunk`` into ``_CHUNKS`` pieces, and turns the mask into labels.
+    """
+    from torchtune.modules import loss
+
+    instance = getattr(loss, cls_name)(num_output_chunks=_CHUNKS)
+
+    def from_logits(
+        input: Any,
+        target: Any,
+        /,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "rowmean",
+        axis: int = -1,
+        direction: str = direction,
+        scale_by_temperature_squared: bool = False,
+        mask: Any = None,
+    ) -> Any:
+        import torch
+
+        _check_axis(input, axis)
+        options = {"temperature": temperature, "scale_by_temperature_squared": True}
+        if scale_by_temperature_squared:
+            _refuse(options, _no_t2)
+        if reduction != "rowmean" or direction != declared:
+            msg = f"the loss is the per-token mean of the {declared} direction only"
+            raise NotImplementedError(msg)
+        labels = _labels(input, mask)
+        if input.ndim != 3:  # rows of 2-d logits: one sequence
+            vocab = input.shape[-1]
+            input, target = (torch.reshape(a, (1, -1, vocab)) for a in (input, target))
+            labels = torch.reshape(labels, (1, -1))
+        student = list(torch.chunk(input / temperature, _CHUNKS, dim=1))
+        teacher = list(torch.chunk(target / temperature, _CHUNKS, dim=1))
+        return instance(student, teacher, labels)
+
+    declared = direction
+    return Implementation(
+        f"torchtune.{cls_name}",
+        backends=_TORCH,
+        description=(
+            f"torchtune.modules.loss.{cls_name}(num_output_chunks={_CHUNKS})(chunks of s / T, "
+            "chunks of t / T, labels): the per-token mean, logits split along the tokens"
+        ),
+        from_logits=from_logits,
+        logits_reductions=("rowmean",),
+        logits_directions=(direction,),
+        **_NO_T2,
+        version=_version("torchtune"),
+    )
+
+
+def torchtune_forward_kl_chunked() -> Implementation:
+    """Return torchtune's ``ForwardKLWithChunkedOutputLoss`` (chunks of the forward loss)."""
+    return _torchtune_chunked("ForwardKLWithChunkedOutputLoss", "forward")
+
+
+def torchtune_reverse_kl_chunked() -> Implementation:
+    """Return torchtune's ``ReverseKLWithChunkedOutputLoss`` (chunks of the reverse loss)."""
+    return _torchtune_chunked("ReverseKLWithChunkedOutputLoss", "reverse")
 
 
 _SYMMETRIC = (
@@ -597,6 +673,8 @@ PEERS: dict[str, Callable[[], Implementation]] = {
     "torchtune.ForwardKLLoss": torchtune_forward_kl,
     "torchtune.ReverseKLLoss": torchtune_reverse_kl,
     "torchtune.SymmetricKLLoss": torchtune_symmetric_kl,
+    "torchtune.ForwardKLWithChunkedOutputLoss": torchtune_forward_kl_chunked,
+    "torchtune.ReverseKLWithChunkedOutputLoss": torchtune_reverse_kl_chunked,
     "trl.generalized_jsd_loss": trl_generalized_jsd,
     "torchdistill.KDLoss": torchdistill_kd_loss,
     "liger.LigerFusedLinearJSDLoss": liger_fused_linear_jsd,

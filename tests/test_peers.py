@@ -125,6 +125,48 @@ def test_torchtune_reverse_kl_is_a_float32_reverse_kl_finite_where_the_teacher_e
 
 
 @_needs("torchtune")
+def test_torchtune_chunked_losses_equal_the_unchunked_ones():
+    # chunks of the tokens, as a model's output layer gives them, then the same per-token mean
+    s, t = _logits()
+    for name, plain in (
+        ("torchtune.ForwardKLWithChunkedOutputLoss", peers.torchtune_forward_kl),
+        ("torchtune.ReverseKLWithChunkedOutputLoss", peers.torchtune_reverse_kl),
+    ):
+        chunked = peers.PEERS[name]()
+        direction = chunked.logits_directions[0]
+        got = _call(chunked, s, t, reduction="rowmean", direction=direction)
+        want = _call(plain(), s, t, reduction="rowmean", direction=direction)
+        assert got.dtype == torch.float32  # float32 for float64 logits, as the plain losses
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+@_needs("torchtune")
+def test_torchtune_fully_masked_batches_have_no_gradient_or_nan():
+    from torchtune.modules.loss import (
+        ForwardKLLoss,
+        ForwardKLWithChunkedOutputLoss,
+        ReverseKLWithChunkedOutputLoss,
+    )
+
+    s = torch.tensor([[[0.1257, -0.1321]]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[[0.7662, -0.0272]]], dtype=torch.float64)
+    ignored = torch.tensor([[-100]])  # every token ignored: the spec's loss and gradient are 0
+    # the forward losses return a constant: backward() raises in a training step
+    for out in (
+        ForwardKLLoss()(s[0], t[0], ignored[0]),
+        ForwardKLWithChunkedOutputLoss(num_output_chunks=1)([s], [t], ignored),
+    ):
+        assert float(out) == 0.0 and not out.requires_grad
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            torch.autograd.grad(out, (s,))
+    # the chunked reverse loss divides 0 by 0 tokens: NaN, and NaN gradients
+    out = ReverseKLWithChunkedOutputLoss(num_output_chunks=1)([s], [t], ignored)
+    assert math.isnan(float(out.detach()))
+    (g,) = torch.autograd.grad(out, (s,))
+    assert torch.isnan(g).all()
+
+
+@_needs("torchtune")
 def test_torchtune_symmetric_kl_mixes_the_cross_entropy_and_is_declared_unsupported():
     from torchtune.modules.loss import SymmetricKLLoss
 
@@ -410,6 +452,16 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_dtypes",  # float32 for float64 (checked above)
     },
     "torchtune.SymmetricKLLoss": set(),  # every property n/a
+    "torchtune.ForwardKLWithChunkedOutputLoss": {
+        "accuracy.logits_options",  # the cross-entropy, as ForwardKLLoss
+        "semantics.logits_edge_values",
+        "semantics.logits_dtypes",
+    },
+    "torchtune.ReverseKLWithChunkedOutputLoss": {
+        "semantics.logits_edge_values",  # finite where the teacher alone excludes a class
+        "semantics.logits_dtypes",
+        "semantics.logits_fully_masked",  # NaN (checked above)
+    },
     "trl.generalized_jsd_loss": {
         "semantics.logits_edge_values",  # NaN where the weighting side alone excludes a class
         "semantics.logits_excluded_by_both",  # NaN
