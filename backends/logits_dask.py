@@ -97,6 +97,8 @@ def _with_mask(arrays: list[Any], mask: Any) -> list[Any]:
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the lazy loss, or NotImplemented for empty arrays."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     blocks = _blocks(ops)
     if blocks is None:
         return NotImplemented
@@ -131,6 +133,8 @@ def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
 
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return the lazy gradients of a reduction, or NotImplemented (``'none'``, empty)."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     blocks = _blocks(ops)
     if blocks is None or ops.reduction == "none":
         return NotImplemented

@@ -44,11 +44,15 @@ def _backward(g: Any, x: Any, t: Any, m: Any, static: Any, target_grad: bool) ->
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss from the compiled forward (differentiable by ``jax.grad``)."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     m, static = _autodiff_logits_jax.mask_and_static(ops)
     return _forward(ops.input, ops.target, m, static)
 
 
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return ``(grad_input, grad_target or None)`` from the compiled backward."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     m, static = _autodiff_logits_jax.mask_and_static(ops)
     return _backward(g, ops.input, ops.target, m, static, target_grad)

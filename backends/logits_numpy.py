@@ -119,6 +119,8 @@ def evaluate(
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss, or NotImplemented to defer to the reference."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     s, t = ops.input, ops.target
     if type(s) is not np.ndarray or type(t) is not np.ndarray:
         return NotImplemented
@@ -131,6 +133,8 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
 
     Taken for the reductions (a 0-d ``g``) without ``target_grad``.
     """
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     s, t = ops.input, ops.target
     if target_grad or ops.reduction == "none":
         return NotImplemented

@@ -295,6 +295,8 @@ def _triton_forward(ops: LogitsOperands) -> Any:
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss (with the fused gradient attached when needed), or NotImplemented."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     if _on_triton(ops):
         return _triton_forward(ops)
     if not _accepts(ops):
@@ -319,6 +321,8 @@ def _takes(ops: LogitsOperands) -> bool:
 
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return ``(grad_input, None)`` from one pass (one launch with Triton), or NotImplemented."""
+    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
+        return NotImplemented
     if target_grad or ops.reduction == "none":
         return NotImplemented
     if _on_triton(ops):

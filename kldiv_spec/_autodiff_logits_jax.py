@@ -28,6 +28,7 @@ class _Static(NamedTuple):
     reduction: str
     axis: int
     direction: str
+    beta: float | None = None
 
 
 def _options(static: _Static) -> dict[str, Any]:
@@ -38,6 +39,7 @@ def _options(static: _Static) -> dict[str, Any]:
         "axis": static.axis,
         "direction": static.direction,
         "xp": static.xp,
+        "beta": static.beta,
     }
 
 
@@ -88,6 +90,7 @@ def mask_and_static(ops: LogitsOperands, /) -> tuple[Any, _Static]:
         ops.reduction,
         ops.axis,
         ops.direction,
+        ops.beta,
     )
     return m, static
 

@@ -28,6 +28,19 @@ and the elementwise term of the forward divergence
 one whose probability underflows) contributes exactly 0, also where the
 student's :math:`\log q_i` is ``-inf``: the mathematical convention
 :math:`0 \log(0/q) = 0`, where ``kl_div``'s composite gives ``0 * inf = NaN``.
+
+The generalised Jensen-Shannon divergence (``beta``, :math:`0 < \beta < 1`)
+mixes the two distributions, :math:`m = \beta p + (1 - \beta) q`, and has the
+elementwise term
+
+.. math::
+
+    e_i = \beta\, p_i (\log p_i - \log m_i) + (1 - \beta)\, q_i (\log q_i - \log m_i),
+
+each product 0 where its weight is 0, so that
+:math:`\sum_i e_i = \beta\,\mathrm{KL}(p \,\|\, m) + (1 - \beta)\,\mathrm{KL}(q \,\|\, m)`.
+:math:`\beta = 0` and :math:`\beta = 1` are not the formula's limit (0) but,
+as in trl and Liger-Kernel, the forward and the reverse KL (:func:`resolve_beta`).
 """
 
 from __future__ import annotations
@@ -111,8 +124,26 @@ def log_probabilities(
 
 
 def _weighted(w: Array, d: Array, /, *, xp: Namespace) -> Array:
-    """Return ``w * d``, and 0 wherever ``w == 0`` (``d`` may be infinite or NaN there)."""
-    return xp.where(w == 0, xp.zeros_like(w), w * d)
+    """Return ``w * d``, and 0 wherever ``w == 0`` (``d`` may be infinite or NaN there).
+
+    ``d`` is replaced by 0 where ``w == 0`` before the product, so ``0 * inf`` is
+    never evaluated: no floating-point warning even where the evaluation is lazy
+    (Dask computes outside any ``errstate``), and no NaN in autograd's backward.
+    """
+    zero = w == 0
+    return w * xp.where(zero, xp.zeros_like(d), d)
+
+
+def _log_ratio(lw: Array, lo: Array, /, *, xp: Namespace) -> Array:
+    r"""Return :math:`\log w - \log o`, and 0 where :math:`\log w = -\infty` (weight 0).
+
+    Such a class contributes 0 whatever :math:`\log o` is, so ``-inf - -inf`` is
+    never evaluated (no floating-point warning, even where Dask evaluates
+    lazily outside any ``errstate``).
+    """
+    excluded = xp.isinf(lw) & (lw < 0)
+    zero = xp.zeros_like(lw)
+    return xp.where(excluded, zero, lw) - xp.where(excluded, zero, lo)
 
 
 def terms(lq: Array, lp: Array, /, *, direction: str, xp: Namespace) -> Array:
@@ -123,8 +154,64 @@ def terms(lq: Array, lp: Array, /, *, direction: str, xp: Namespace) -> Array:
     (:math:`p_i`, resp. :math:`q_i`) is 0.
     """
     if direction == "forward":
-        return _weighted(xp.exp(lp), lp - lq, xp=xp)
-    return _weighted(xp.exp(lq), lq - lp, xp=xp)
+        return _weighted(xp.exp(lp), _log_ratio(lp, lq, xp=xp), xp=xp)
+    return _weighted(xp.exp(lq), _log_ratio(lq, lp, xp=xp), xp=xp)
+
+
+def resolve_beta(beta: float | None, direction: str, /) -> tuple[str, float | None]:
+    r"""Return ``(direction, beta)`` as evaluated: the endpoints of ``beta`` are the two KLs.
+
+    ``beta=None`` keeps ``direction``; :math:`\beta = 0` is the forward
+    divergence :math:`\mathrm{KL}(p \,\|\, q)` and :math:`\beta = 1` the reverse
+    :math:`\mathrm{KL}(q \,\|\, p)` (trl's ``generalized_jsd_loss`` and
+    Liger-Kernel's ``LigerJSD`` convention, although the mixture formula tends
+    to 0 there); any other :math:`\beta` is returned for the mixture.
+    """
+    if beta is None:
+        return direction, None
+    if beta == 0.0:
+        return "forward", None
+    if beta == 1.0:
+        return "reverse", None
+    return direction, beta
+
+
+def log_mixture(lq: Array, lp: Array, beta: float, /, *, xp: Namespace) -> Array:
+    r"""Return :math:`\log m = \log(\beta p + (1 - \beta) q)` from the log-probabilities.
+
+    A two-term log-sum-exp of :math:`a = \log\beta + \log p` and
+    :math:`b = \log(1 - \beta) + \log q`:
+    :math:`\log m = h + \operatorname{log1p}(e^{l - h})` with :math:`h` the larger
+    and :math:`l` the smaller, so nothing overflows or underflows (a subnormal
+    :math:`m` keeps its full relative precision) and a class only one
+    distribution excludes has the other's finite log-weight. :math:`h` is
+    clipped below at ``-finfo.max``: a class both exclude then gives that very
+    negative finite value instead of ``-inf - -inf`` = NaN (its terms and
+    gradients are 0 whatever it is, having zero weights), and every derivative
+    stays finite for double backward. NaN propagates.
+    """
+    a = lp + math.log(beta)
+    b = lq + math.log1p(-beta)
+    floor = -float(xp.finfo(a.dtype).max)
+    hi = xp.clip(xp.maximum(a, b), min=floor)
+    return hi + xp.log1p(xp.exp(xp.minimum(a, b) - hi))
+
+
+def jsd_terms(lq: Array, lp: Array, beta: float, /, *, xp: Namespace) -> Array:
+    r"""Return the generalised Jensen-Shannon terms :math:`e_i` (without the factor :math:`k`).
+
+    :math:`\beta\,p_i(\log p_i - \log m_i) + (1 - \beta)\,q_i(\log q_i - \log m_i)`,
+    each product 0 where its weight is 0: the terms are finite wherever the
+    row has a softmax (:math:`\log p_i - \log m_i \le -\log\beta`).
+    """
+    lm = log_mixture(lq, lp, beta, xp=xp)
+    # A log-ratio is -inf only where its weight is exactly 0 (log p = -inf; m <= 1):
+    # clipped to -finfo.max there, the product is 0 (not 0 * -inf = NaN). One pass,
+    # where a comparison and a select would be two.
+    floor = -float(xp.finfo(lm.dtype).max)
+    teacher = xp.exp(lp) * xp.clip(lp - lm, min=floor)
+    student = xp.exp(lq) * xp.clip(lq - lm, min=floor)
+    return beta * teacher + (1.0 - beta) * student
 
 
 def _masked(a: Array, mask: Array | None, /, *, xp: Namespace) -> Array:
@@ -194,10 +281,13 @@ def from_logits(
     direction: str,
     mask: Array | None,
     xp: Namespace,
+    beta: float | None = None,
 ) -> Array:
     r"""Return the divergence from logits, reduced; ``mask``: ``s``'s shape, ``axis`` of size 1.
 
-    ``factor`` is :math:`k` (:math:`T^2` or 1). With :math:`S` the sum of the
+    ``factor`` is :math:`k` (:math:`T^2` or 1); ``beta`` (not None) gives the
+    generalised Jensen-Shannon terms (:func:`jsd_terms`, endpoints by
+    :func:`resolve_beta`) instead of the KL's. With :math:`S` the sum of the
     terms of the unmasked rows and :math:`D` the divisor: ``'none'`` returns
     :math:`k\,e` (0 in masked rows); the reductions return
     :math:`\operatorname{fl}(\operatorname{fl}(S / D)\cdot k)`, the rounding of
@@ -205,8 +295,13 @@ def from_logits(
     :func:`row_divisor`'s; with one, :func:`masked_divisor`'s (and the result
     is 0 when every row is masked).
     """
+    direction, beta = resolve_beta(beta, direction)
     lq, lp = log_probabilities(s, t, temperature=temperature, axis=axis, xp=xp)
-    e = _masked(terms(lq, lp, direction=direction, xp=xp), mask, xp=xp)
+    if beta is None:
+        e = terms(lq, lp, direction=direction, xp=xp)
+    else:
+        e = jsd_terms(lq, lp, beta, xp=xp)
+    e = _masked(e, mask, xp=xp)
     if reduction == "none":
         return e if factor == 1.0 else e * factor
     total = xp.sum(e)
@@ -257,6 +352,7 @@ def from_logits_backward(
     mask: Array | None,
     target_grad: bool,
     xp: Namespace,
+    beta: float | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Return the gradients w.r.t. the student and (if ``target_grad``) the teacher logits.
 
@@ -274,18 +370,25 @@ def from_logits_backward(
     :math:`c\,G\,(q - p)` and :math:`c\,G\,p \odot (r - \mathrm{KL})`, the
     forms evaluated then. The reverse divergence swaps :math:`p \leftrightarrow q`
     and :math:`s \leftrightarrow t`. Terms with weight :math:`p_j = 0` (resp.
-    :math:`q_j = 0`) are 0, as in the forward.
+    :math:`q_j = 0`) are 0, as in the forward. ``beta`` (not None, not an
+    endpoint) gives the gradients of the generalised Jensen-Shannon divergence
+    (:func:`jsd_backward`).
     """
     shape = tuple(s.shape)
+    direction, beta = resolve_beta(beta, direction)
     lq, lp = log_probabilities(s, t, temperature=temperature, axis=axis, xp=xp)
     gw = row_gradient_weight(g, reduction=reduction, shape=shape, axis=axis, mask=mask, xp=xp)
     c = factor / temperature
+    if beta is not None:
+        return jsd_backward(
+            gw, lq, lp, beta, c=c, axis=axis, mask=mask, target_grad=target_grad, xp=xp
+        )
     if direction == "forward":
         lw, lo = lp, lq  # the weighting distribution (p) and the other one (q)
     else:
         lw, lo = lq, lp
     w, o = xp.exp(lw), xp.exp(lo)
-    r = lw - lo
+    r = _log_ratio(lw, lo, xp=xp)
     if reduction == "none":
         # the general chain rule, G varying along the row
         weight_grad = _weighted(w, r + 1, xp=xp)
@@ -300,6 +403,62 @@ def from_logits_backward(
         grad_w, grad_o = grad_w * c, grad_o * c
     grad_s, grad_t = (grad_o, grad_w) if direction == "forward" else (grad_w, grad_o)
     return grad_s, (grad_t if target_grad else None)
+
+
+def _softmax_chain(
+    w: Array, h: Array, /, *, c: float, axis: int, mask: Array | None, xp: Namespace
+) -> Array:
+    r"""Return :math:`c\,w \odot (h - \sum_j w_j h_j)`, 0 in masked rows.
+
+    ``h`` is the upstream gradient w.r.t. the probabilities ``w`` (a softmax
+    along ``axis``); the result is the gradient w.r.t. its scaled logits, times ``c``.
+    """
+    out = w * (h - xp.sum(w * h, axis=axis, keepdims=True))
+    out = _masked(out, mask, xp=xp)
+    return out if c == 1.0 else out * c
+
+
+def jsd_backward(
+    gw: Array,
+    lq: Array,
+    lp: Array,
+    beta: float,
+    /,
+    *,
+    c: float,
+    axis: int,
+    mask: Array | None,
+    target_grad: bool,
+    xp: Namespace,
+) -> tuple[Array, Array | None]:
+    r"""Return the gradients of the generalised Jensen-Shannon divergence (``gw``: each term's).
+
+    Per element :math:`e_i = \beta p_i \log p_i + (1 - \beta) q_i \log q_i - m_i \log m_i`,
+    so :math:`\partial e_i / \partial q_i = (1 - \beta)(\log q_i - \log m_i)`
+    and :math:`\partial e_i / \partial p_i = \beta(\log p_i - \log m_i)` (the
+    :math:`+1`\ s cancel, and :math:`e_i` depends on no other class). With
+    :math:`h = G \odot \partial e / \partial q` the softmax's chain rule gives
+
+    .. math::
+
+        \nabla_s = c\,q \odot \Bigl(h - \sum_j q_j h_j\Bigr), \qquad
+        \nabla_t = c\,p \odot \Bigl(h' - \sum_j p_j h'_j\Bigr),
+        \quad h' = G \odot \beta(\log p - \log m),
+
+    :math:`c = k / T`. A class of zero weight gets a log-ratio factor of 0
+    (selected: its :math:`\log q_i - \log m_i` is ``-inf``), so its gradient is
+    0 and no ``0 * inf`` reaches the row sums.
+    """
+    lm = log_mixture(lq, lp, beta, xp=xp)
+    q = xp.exp(lq)
+    dq = xp.where(q == 0, xp.zeros_like(q), (1.0 - beta) * (lq - lm))
+    grad_s = _softmax_chain(q, gw * dq, c=c, axis=axis, mask=mask, xp=xp)
+    if not target_grad:
+        return grad_s, None
+    p = xp.exp(lp)
+    dp = xp.where(p == 0, xp.zeros_like(p), beta * (lp - lm))
+    grad_t = _softmax_chain(p, gw * dp, c=c, axis=axis, mask=mask, xp=xp)
+    return grad_s, grad_t
 
 
 # --------------------------------------------------------------------------- Gaussian KL

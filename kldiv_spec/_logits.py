@@ -35,7 +35,14 @@ import numpy as np
 from . import _core_logits
 from ._dispatch import reference_forced
 from ._floating_point import quiet
-from ._validation import _check_array, _check_floating, _unknown, broadcast_shape, check_reduction
+from ._validation import (
+    _check_array,
+    _check_floating,
+    _unknown,
+    broadcast_shape,
+    check_beta,
+    check_reduction,
+)
 
 __all__ = [
     "LOGITS_REDUCTIONS",
@@ -59,7 +66,7 @@ DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 
 @dataclass(frozen=True)
 class LogitsOperands:
-    """One validated call of :func:`kl_div_from_logits`, computed once.
+    r"""One validated call of :func:`kl_div_from_logits`, computed once.
 
     Attributes
     ----------
@@ -85,6 +92,10 @@ class LogitsOperands:
         ``'forward'`` (KL(teacher || student)) or ``'reverse'``.
     reduction : str
         One of :data:`LOGITS_REDUCTIONS`.
+    beta : float or None
+        The generalised Jensen-Shannon divergence's :math:`\beta \in [0, 1]`,
+        or None for the KL of ``direction``. Fast paths return
+        ``NotImplemented`` for any ``beta`` that is not None.
     """
 
     xp: Any
@@ -99,6 +110,7 @@ class LogitsOperands:
     factor: float
     direction: str
     reduction: str
+    beta: float | None = None
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -172,6 +184,22 @@ def check_axis(axis: object, ndim: int, /, name: str = "axis") -> int:
     return a % ndim
 
 
+def check_beta_direction(beta: object, direction: str, /) -> float | None:
+    """Return ``beta`` checked (:func:`~kldiv_spec._validation.check_beta`), with ``direction``.
+
+    ``beta`` chooses the divergence itself (0: forward KL, 1: reverse KL, in
+    between the mixture), so it is a ValueError together with ``direction='reverse'``.
+    """
+    value = check_beta(beta)
+    if value is not None and direction != "forward":
+        msg = (
+            f"beta={beta!r} with direction={direction!r}: beta chooses the divergence "
+            "(beta=0 is the forward KL, beta=1 the reverse KL); leave direction at 'forward'"
+        )
+        raise ValueError(msg)
+    return value
+
+
 def _namespace(arrays: dict[str, Any], /) -> Any:
     try:
         return array_api_compat.array_namespace(*arrays.values())
@@ -217,10 +245,12 @@ def logits_operands(
     direction: object,
     scale_by_temperature_squared: object,
     mask: object,
+    beta: object = None,
 ) -> LogitsOperands:
     """Check one call's arguments and return its :class:`LogitsOperands` (errors name them)."""
     reduction = _check_choice(reduction, "reduction", LOGITS_REDUCTIONS)
     direction = _check_choice(direction, "direction", DIRECTIONS)
+    beta_value = check_beta_direction(beta, direction)
     t_value = check_temperature(temperature)
     scale = _check_bool(scale_by_temperature_squared, "scale_by_temperature_squared")
     _check_array(input, "input")
@@ -274,6 +304,7 @@ def logits_operands(
         factor=t_value * t_value if scale else 1.0,
         direction=direction,
         reduction=reduction,
+        beta=beta_value,
     )
 
 
@@ -366,6 +397,7 @@ def core_forward(ops: LogitsOperands, s: Array, t: Array, mask: Array | None, /)
         direction=ops.direction,
         mask=mask,
         xp=ops.xp,
+        beta=ops.beta,
     )
 
 
@@ -385,6 +417,7 @@ def core_backward(
         mask=mask,
         target_grad=target_grad,
         xp=ops.xp,
+        beta=ops.beta,
     )
 
 
@@ -416,6 +449,7 @@ def kl_div_from_logits(
     direction: str = "forward",
     scale_by_temperature_squared: bool = True,
     mask: Array | None = None,
+    beta: float | None = None,
 ) -> Array:
     r"""KL divergence between the softmax distributions of two sets of logits (distillation).
 
@@ -432,7 +466,17 @@ def kl_div_from_logits(
     reduction=reduction)`` with a numerically stable log-softmax, and without
     materialising either distribution on the fast paths. ``direction='reverse'``
     gives :math:`\mathrm{KL}(q \,\|\, p)` instead (the student's distribution
-    weights the terms: mode-seeking).
+    weights the terms: mode-seeking). ``beta`` gives the generalised
+    Jensen-Shannon divergence instead (trl's ``GKDTrainer.generalized_jsd_loss``,
+    Liger-Kernel's ``LigerJSD``): with the mixture :math:`m = \beta p + (1 - \beta) q`,
+
+    .. math::
+
+        k \cdot \operatorname{reduce}_i \;
+        \beta\, p_i (\log p_i - \log m_i) + (1 - \beta)\, q_i (\log q_i - \log m_i),
+
+    whose row sums are
+    :math:`\beta\,\mathrm{KL}(p \,\|\, m) + (1 - \beta)\,\mathrm{KL}(q \,\|\, m)`.
 
     Parameters
     ----------
@@ -467,6 +511,13 @@ def kl_div_from_logits(
         number of kept rows, ``'mean'`` by that times the number of classes,
         and a batch with no kept row gives 0. With a mask, ``'batchmean'`` is
         only accepted for 2-d logits with the classes on axis 1.
+    beta : float, optional
+        :math:`\beta \in [0, 1]`, the teacher's weight in the mixture of the
+        generalised Jensen-Shannon divergence; None (the default) for the KL of
+        ``direction``. As in trl and Liger-Kernel, ``beta=0`` is exactly the
+        forward KL and ``beta=1`` exactly the reverse KL, although the mixture's
+        formula tends to 0 there (``docs/logits.md``). Always evaluated by the
+        reference (no fused kernel yet); not combinable with ``direction='reverse'``.
 
     Returns
     -------
@@ -482,7 +533,9 @@ def kl_div_from_logits(
     ValueError
         For unknown options, a temperature that is not positive and finite,
         an axis out of range, logits of two shapes, a mask that does not
-        broadcast to the rows, or arrays on two devices.
+        broadcast to the rows, arrays on two devices, or a ``beta`` that is not
+        a real number in :math:`[0, 1]` (NaN, a bool or an array included) or
+        comes with ``direction='reverse'``.
 
     Notes
     -----
@@ -501,6 +554,9 @@ def kl_div_from_logits(
     >>> loss = kldiv_spec.kl_div_from_logits(student, teacher, temperature=2.0)
     >>> round(float(loss), 6)
     0.034543
+    >>> jsd = kldiv_spec.kl_div_from_logits(student, teacher, temperature=2.0, beta=0.5)
+    >>> round(float(jsd), 6)
+    0.008539
     """
     ops = logits_operands(
         input,
@@ -511,6 +567,7 @@ def kl_div_from_logits(
         direction=direction,
         scale_by_temperature_squared=scale_by_temperature_squared,
         mask=mask,
+        beta=beta,
     )
     path = fast_path(ops.xp)
     if path is not None:
@@ -534,6 +591,7 @@ def kl_div_from_logits_backward(
     scale_by_temperature_squared: bool = True,
     mask: Array | None = None,
     target_grad: bool = False,
+    beta: float | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Gradients of :func:`kl_div_from_logits` w.r.t. the student (and teacher) logits.
 
@@ -548,7 +606,15 @@ def kl_div_from_logits_backward(
         \quad r = \log p - \log q,
 
     (the reverse direction swaps the roles), and 0 in masked rows; for
-    ``'none'`` the general chain rule (``docs/logits.md``).
+    ``'none'`` the general chain rule (``docs/logits.md``). With ``beta``
+    (:math:`0 < \beta < 1`) and :math:`G` each term's upstream gradient,
+
+    .. math::
+
+        \frac{\partial L}{\partial s} = c\,q \odot \Bigl(h - \sum_j q_j h_j\Bigr),
+        \quad h = G \odot (1 - \beta)(\log q - \log m),
+
+    and the teacher's with :math:`p` and :math:`h' = G \odot \beta(\log p - \log m)`.
 
     Parameters
     ----------
@@ -559,6 +625,8 @@ def kl_div_from_logits_backward(
         As for :func:`kl_div_from_logits`.
     target_grad : bool, default False
         Also compute the gradient w.r.t. the teacher logits (an extra pass).
+    beta : float, optional
+        As for :func:`kl_div_from_logits`.
 
     Returns
     -------
@@ -585,6 +653,7 @@ def kl_div_from_logits_backward(
         direction=direction,
         scale_by_temperature_squared=scale_by_temperature_squared,
         mask=mask,
+        beta=beta,
     )
     target_grad = _check_bool(target_grad, "target_grad")
     g = _grad_output(grad_output, ops.xp, ops.input, ops.output_shape, ops.dtype)

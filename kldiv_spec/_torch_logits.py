@@ -26,6 +26,7 @@ from ._logits import (
     LOGITS_REDUCTIONS,
     _check_bool,
     _check_choice,
+    check_beta_direction,
     check_temperature,
 )
 from ._logits import kl_div_from_logits as _kl_div_from_logits
@@ -42,13 +43,15 @@ def kl_div_from_logits(
     direction: str = "forward",
     scale_by_temperature_squared: bool = True,
     mask: torch.Tensor | None = None,
+    beta: float | None = None,
 ) -> torch.Tensor:
     """Distillation loss from student (``input``) and teacher (``target``) logits.
 
     ``T**2 * F.kl_div(F.log_softmax(input / T, dim), F.softmax(target / T, dim),
     reduction=reduction)`` by default; ``dim`` is the class dimension. See
     :func:`kldiv_spec.kl_div_from_logits` for every option (``direction``,
-    ``mask``, ``'rowmean'``, edge values).
+    ``mask``, ``'rowmean'``, ``beta`` for the generalised Jensen-Shannon
+    divergence, edge values).
     """
     return _kl_div_from_logits(
         input,
@@ -59,6 +62,7 @@ def kl_div_from_logits(
         direction=direction,
         scale_by_temperature_squared=scale_by_temperature_squared,
         mask=mask,
+        beta=beta,
     )
 
 
@@ -66,7 +70,8 @@ class KLDivFromLogitsLoss(torch.nn.Module):
     """The distillation loss as a module: ``criterion(student_logits, teacher_logits, mask=None)``.
 
     Parameters are those of :func:`kl_div_from_logits` (``dim`` the class
-    dimension), validated at construction.
+    dimension, ``beta`` the generalised Jensen-Shannon divergence's weight),
+    validated at construction.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class KLDivFromLogitsLoss(torch.nn.Module):
         dim: int = -1,
         direction: str = "forward",
         scale_by_temperature_squared: bool = True,
+        beta: float | None = None,
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
@@ -88,6 +94,7 @@ class KLDivFromLogitsLoss(torch.nn.Module):
         self.scale_by_temperature_squared = _check_bool(
             scale_by_temperature_squared, "scale_by_temperature_squared"
         )
+        self.beta = check_beta_direction(beta, self.direction)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
@@ -102,12 +109,14 @@ class KLDivFromLogitsLoss(torch.nn.Module):
             direction=self.direction,
             scale_by_temperature_squared=self.scale_by_temperature_squared,
             mask=mask,
+            beta=self.beta,
         )
 
     def extra_repr(self) -> str:
         """Return the options shown in the module's repr."""
-        return (
+        text = (
             f"temperature={self.temperature}, reduction={self.reduction!r}, dim={self.dim}, "
             f"direction={self.direction!r}, "
             f"scale_by_temperature_squared={self.scale_by_temperature_squared}"
         )
+        return text if self.beta is None else f"{text}, beta={self.beta}"

@@ -8,6 +8,7 @@ on lazy backends (Dask, JAX under ``jit``).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,32 @@ def check_log_target(log_target: object, /) -> bool:
         msg = f"log_target must be a bool, got {kind.__module__}.{kind.__qualname__}"
         raise TypeError(msg)
     return log_target
+
+
+def check_beta(beta: object, /) -> float | None:
+    r"""Return ``beta`` as a float if it is None or a real number in :math:`[0, 1]`, else raise.
+
+    ``beta`` is the weight of the teacher in the mixture
+    :math:`m = \beta p + (1 - \beta) q` of the generalised Jensen-Shannon
+    divergence (:func:`kldiv_spec.kl_div_from_logits`). Every invalid value
+    (a bool, an array, a string, NaN, a number outside :math:`[0, 1]`) raises
+    ValueError naming ``beta``: the check reads no array value, so it never
+    triggers computation on a lazy backend.
+    """
+    if beta is None:
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        kind = type(beta)
+        msg = (
+            "beta must be None or a real number in [0, 1] (a Python or NumPy scalar, not "
+            f"an array), got {kind.__module__}.{kind.__qualname__}"
+        )
+        raise ValueError(msg)
+    value = float(beta)
+    if not 0.0 <= value <= 1.0:  # False for NaN
+        msg = f"beta must be a real number in [0, 1], got {beta!r}"
+        raise ValueError(msg)
+    return value
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None, /) -> str:

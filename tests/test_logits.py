@@ -218,6 +218,23 @@ def test_gradients_with_a_mask_and_edges(xp, evaluation):
         check_gradients(xp, s, t, g, reduction="none", mask=mask, direction=direction)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_beta_values_and_gradients_match_the_exact_oracle(xp, evaluation, beta):
+    """The generalised Jensen-Shannon divergence on every library (tests/test_jsd.py: more)."""
+    s, t = logits((3, 5), 8)
+    s[0, 1] = -inf  # a class the student alone excludes
+    t[1, 2] = -inf  # one the teacher alone excludes
+    s[2, 3] = t[2, 3] = -inf  # one both exclude
+    mask = np.asarray([True, False, True])
+    for options in (
+        {"reduction": "none", "temperature": 2.0},
+        {"reduction": "rowmean", "mask": mask, "scale_by_temperature_squared": False},
+    ):
+        check_value(xp, s, t, beta=beta, **dict(options))
+        g = np.linspace(-1.0, 2.0, 15).reshape(3, 5) if options["reduction"] == "none" else 0.5
+        check_gradients(xp, s, t, g, beta=beta, **dict(options))
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("reduction", ["none", "rowmean"])
 def test_gradients_match_finite_differences(direction, reduction):
