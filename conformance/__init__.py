@@ -11,6 +11,7 @@ or from Python with :func:`run`.
 from . import (
     checks_accuracy,  # noqa: F401
     checks_gradients,  # noqa: F401
+    checks_hidden,  # noqa: F401
     checks_hygiene,  # noqa: F401
     checks_logits,  # noqa: F401
     checks_math,  # noqa: F401

@@ -17,6 +17,13 @@ with what common mistakes give (the other direction, a missing or extra
 :math:`T^2`, the cross-entropy :math:`-\sum_i p_i \log q_i` instead of the KL,
 masked rows counted in a divisor) and the message names the one it matches.
 
+``beta`` (the generalised Jensen-Shannon divergence) is passed only to an
+implementation that declares ``logits_beta``: then the option grids, the drawn
+cases and the edge cases also take 0, 0.3, 0.5, 1 (and a drawn value), where 0
+and 1 must be exactly the forward and the reverse KL (trl's and Liger's
+convention) and the mixture in between; ``"beta"`` is then one of the options a
+reproduction replays.
+
 Levels: PyTorch is the behavioural reference. What its own functions composed
 give, ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))`` with a mask treated
 as ``ignore_index`` treats dropped targets, is MUST: the MUST properties accept
@@ -43,6 +50,7 @@ SHOULD or a dtype failure replays as a difference.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from typing import Any
@@ -77,7 +85,11 @@ __all__ = [
 
 _TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
 #: The options of a from-logits call that a case carries (besides ``mask``).
-_OPTION_KEYS = ("reduction", "temperature", "direction", "scale_by_temperature_squared")
+_OPTION_KEYS = ("reduction", "temperature", "direction", "scale_by_temperature_squared", "beta")
+#: The values of ``beta`` the fixed cases take (for an implementation with ``logits_beta``):
+#: the two endpoints (the forward and the reverse KL), the symmetric mixture, and an
+#: asymmetric one (where swapping beta and 1 - beta in the mixture shows).
+_BETAS = (0.0, 0.5, 0.3, 1.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -108,6 +120,8 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
         return "temperatures other than 1"
     if options.get("mask") is not None and not impl.logits_masks:
         return "a mask"
+    if options.get("beta") is not None and not getattr(impl, "logits_beta", False):
+        return "beta (the generalised Jensen-Shannon divergence)"
     unsupported = getattr(impl, "unsupported", None)
     if unsupported is not None:
         keywords = {k: options[k] for k in (*_OPTION_KEYS, "mask") if k in options}
@@ -117,8 +131,26 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
     return None
 
 
+def _as_declared(ctx: Context, case: Case, /) -> Case:
+    """Return ``case`` with the T**2 setting the implementation declares, where T is 1.
+
+    At a temperature of 1 the factor :math:`T^2` is 1, so both values of
+    ``scale_by_temperature_squared`` give the same divergence: a case there is
+    expressible by an implementation of either convention, and is called with the
+    value it declares (the reproduction replays that call).
+    """
+    options = case.extra
+    scalings = ctx.impl.logits_scalings
+    scaled = options.get("scale_by_temperature_squared")
+    if options.get("temperature") != 1.0 or scaled is None or scaled in scalings or not scalings:
+        return case
+    extra = {**options, "scale_by_temperature_squared": scalings[0]}
+    return dataclasses.replace(case, extra=extra)
+
+
 def _expressible(ctx: Context, cases: list[Case]) -> list[Case]:
     """Keep the cases the implementation can express; NotApplicable if none."""
+    cases = [_as_declared(ctx, c) for c in cases]
     kept = [c for c in cases if _unexpressible(ctx, c.extra) is None]
     if not kept:
         why = _unexpressible(ctx, cases[0].extra) if cases else "no case"
@@ -335,6 +367,8 @@ def _alternatives(
     s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]
 ) -> list[tuple[str, np.ndarray]]:
     """Return what common mistakes give for this call: ``(name, value)`` pairs."""
+    if options.get("beta") is not None:
+        return _jsd_alternatives(s, t, mask, options)
     reduction, temperature = options["reduction"], options["temperature"]
     scaled = options["scale_by_temperature_squared"]
     out = []
@@ -373,6 +407,64 @@ def _alternatives(
     return found
 
 
+def _jsd_alternatives(
+    s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]
+) -> list[tuple[str, np.ndarray]]:
+    """Return what common mistakes give for a call with ``beta``: ``(name, value)`` pairs.
+
+    The two KLs (``beta`` taken for an endpoint, or ignored), the mixture's
+    weights swapped (``1 - beta``), and the :math:`T^2` factor left out or added.
+    """
+    beta = float(options["beta"])
+    plain = {k: v for k, v in options.items() if k != "beta"}
+    out = [
+        ("the forward KL (beta treated as the endpoint 0)", {**plain, "direction": "forward"}),
+        ("the reverse KL (beta treated as the endpoint 1)", {**plain, "direction": "reverse"}),
+    ]
+    if 0.0 < beta < 1.0:
+        name = "beta and 1 - beta swapped (the teacher's and the student's weights)"
+        out.append((name, {**options, "beta": 1 - beta}))
+    if options["temperature"] != 1.0:
+        scaled = options["scale_by_temperature_squared"]
+        name = "without the T**2 factor" if scaled else "with a T**2 factor"
+        out.append((name, {**options, "scale_by_temperature_squared": not scaled}))
+    found = []
+    for name, opts in out:
+        try:
+            found.append((name, _want(_exact(s, t, mask, opts), options["reduction"])[0]))
+        except Exception:
+            continue
+    if beta in (0.0, 1.0):
+        zero = np.zeros(s.shape if options["reduction"] == "none" else ())
+        found.append(("0, the mixture's formula at an endpoint (not the KL there)", zero))
+    else:
+        name = "the mixture with beta and 1 - beta swapped, (1 - beta) p + beta q"
+        found.append((name, _swapped_mixture(s, t, mask, options)))
+    return found
+
+
+def _swapped_mixture(
+    s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]
+) -> np.ndarray:
+    """Return, in float64, the divergence with the mixture's weights swapped (the rest kept)."""
+    beta, temperature = float(options["beta"]), options["temperature"]
+    p, log_p = _softmax64(t, temperature)
+    q, log_q = _softmax64(s, temperature)
+    with np.errstate(all="ignore"):
+        log_m = np.log((1.0 - beta) * p + beta * q)
+        terms = beta * np.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * np.where(
+            q > 0, q * (log_q - log_m), 0.0
+        )
+    terms = terms * (temperature**2 if options["scale_by_temperature_squared"] else 1.0)
+    if mask is not None:
+        rows = np.broadcast_to(np.asarray(mask, bool), s.shape[:-1])
+        terms = np.where(rows[..., None], terms, 0.0)
+    if options["reduction"] == "none":
+        return terms
+    d = _exact(s, t, mask, options).total[1]
+    return np.asarray(math.fsum(terms.ravel()) / d if d else math.nan)
+
+
 def _hint(
     got: Any,
     s: np.ndarray,
@@ -398,11 +490,16 @@ def _hint(
     for name, value in alternatives:
         if value.shape != got.shape:
             continue
-        atol = np.broadcast_to(np.nan_to_num(np.asarray(tol, np.float64)), got.shape)
+        # where the oracle's value is infinite so is its bound: no tolerance there (an
+        # infinite one would make every alternative "match" a finite result)
+        bound = np.asarray(tol, np.float64)
+        atol = np.broadcast_to(np.where(np.isfinite(bound), bound, 0.0), got.shape)
+        finite = np.isfinite(value) & np.isfinite(got)
         with np.errstate(invalid="ignore"):
-            close = np.abs(got - value) <= rtol * np.abs(value) + atol
+            close = finite & (np.abs(got - value) <= rtol * np.abs(value) + atol)
         same = close | (np.isnan(got) & np.isnan(value)) | (got == value)
-        if same.all():
+        # a match needs a number that agrees: NaN for NaN or inf for inf alone is no evidence
+        if same.all() and finite.any():
             return f" (it matches {name})"
     return ""
 
@@ -640,6 +737,11 @@ def _logits_cases(draw: Any, ctx: Context, spreads: tuple[float, ...] = (1.0, 5.
     }
     if impl.logits_masks and draw(st.booleans()):
         options["mask"] = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+    if getattr(impl, "logits_beta", False) and draw(st.booleans()):
+        # the endpoints (the two KLs), the symmetric mixture, or a drawn one in (0, 1)
+        drawn = st.floats(0.01, 0.99).map(lambda b: float(np.round(b, 6)))
+        options["beta"] = draw(st.one_of(st.sampled_from((0.0, 0.5, 1.0)), drawn))
+        options["direction"] = "forward"  # beta chooses the divergence
     return Case(s, t, options["reduction"], False, extra=options)
 
 
@@ -649,7 +751,7 @@ def _strategy(ctx: Context) -> Any:
         raise NotApplicable(f"{impl.name} has no from_logits function")
     if not (impl.logits_reductions and impl.logits_directions and impl.logits_scalings):
         raise NotApplicable(f"{impl.name} declares no from-logits option it can express")
-    return _logits_cases(ctx)
+    return _logits_cases(ctx).map(lambda case: _as_declared(ctx, case))
 
 
 def _applies(subject: str) -> Any:
@@ -754,7 +856,39 @@ def _option_cases(ctx: Context) -> list[Case]:
     ):
         options = _case_options(*_COMBOS[k % 4])
         cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
+    if getattr(ctx.impl, "logits_beta", False):
+        cases += _beta_option_cases(s, t, keep, s3, t3, keep3)
     return _expressible(ctx, cases)
+
+
+def _beta_option_cases(
+    s: np.ndarray,
+    t: np.ndarray,
+    keep: np.ndarray,
+    s3: np.ndarray,
+    t3: np.ndarray,
+    keep3: np.ndarray,
+) -> list[Case]:
+    """Return the fixed cases with ``beta``: each of :data:`_BETAS` with every reduction.
+
+    The endpoints 0 and 1 must be the forward and the reverse KL, 0.5 and 0.3 the
+    mixture's divergence; T = 2 with the T**2 factor on and off, masks, float32
+    and (batch, seq, vocab) logits.
+    """
+    cells = (("none", None), ("batchmean", keep), ("sum", None), ("rowmean", keep), ("mean", None))
+    cases = []
+    for k, beta in enumerate(_BETAS):
+        for j, (reduction, mask) in enumerate(cells):
+            options = {**_case_options("forward", (j + k) % 2 == 0), "beta": beta}
+            cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
+    for k, beta in enumerate(_BETAS):
+        options = {**_case_options("forward", k % 2 == 1), "beta": beta}
+        cases.append(_logits_case(s32, t32, reduction=cells[k][0], mask=cells[k][1], **options))
+    for k, (reduction, mask) in enumerate((("rowmean", keep3), ("batchmean", None))):
+        options = {**_case_options("forward", True), "beta": _BETAS[1 + k]}
+        cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
+    return cases
 
 
 @register(
@@ -874,7 +1008,8 @@ def _logits_composition(ctx: Context, case: Case) -> None:
     if ctx.impl.fn is not None and _kl_div_reduction(reduction) not in ctx.reductions:
         raise NotApplicable(f"{ctx.impl.name} cannot express reduction {reduction!r}")
     options = {**_options(case), "direction": "forward"}
-    plain = _logits_case(case.input, case.target, **options)
+    options.pop("beta", None)  # the composition is the KL's
+    plain = _as_declared(ctx, _logits_case(case.input, case.target, **options))
     if _unexpressible(ctx, plain.extra) is not None:
         raise NotApplicable(f"{ctx.impl.name} cannot express {options}")
     got = _call(ctx, plain, "logits_composition")
@@ -897,6 +1032,7 @@ def _edge_cases(ctx: Context) -> list[Case]:
             [0.0, inf, 1.0, 2.0],
             [1e300, -1e300, 0.0, 5.0],
             [0.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 1.0, 2.0],
         ]
     )
     t = np.asarray(
@@ -908,6 +1044,7 @@ def _edge_cases(ctx: Context) -> list[Case]:
             [1.0, 0.5, 0.0, 2.0],
             [1e300, -1e300, 1.0, 3.0],
             [-inf, -inf, -inf, -inf],
+            [1.0, -inf, 0.0, 2.0],  # the teacher alone excludes a class (a top-k teacher)
         ]
     )
     # large finite float32 logits: exp overflows unless the log-sum-exp is shifted
@@ -924,17 +1061,72 @@ def _edge_cases(ctx: Context) -> list[Case]:
                 )
             cases.append(_logits_case(big_s, big_t, reduction=reduction, **common))
             cases.append(_logits_case(one_s, one_t, reduction=reduction, **common))
+        # masked rows under both T**2 conventions (a loss without T**2 takes them too)
+        for scaled in (True, False):
+            masked = {
+                **common,
+                "temperature": 2.0,
+                "scale_by_temperature_squared": scaled,
+                "mask": np.asarray([True, False, False, False, False, True, False, True]),
+            }
+            cases.append(_logits_case(s, t, reduction="rowmean", **masked))
+            # every row dropped, each reduction: 0 (PyTorch's ignore_index means: 0/0 = NaN)
+            for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
+                dropped = {**masked, "mask": np.zeros(len(s), bool)}
+                cases.append(_logits_case(s, t, reduction=reduction, **dropped))
+    if getattr(ctx.impl, "logits_beta", False):
+        cases += _beta_edge_cases()
+    return _expressible(ctx, cases)
+
+
+def _beta_edge_cases() -> list[Case]:
+    r"""Return the edge cases of ``beta``: classes excluded by one side or both, masks.
+
+    At the endpoints they are the KLs' edges (``beta=0``: ``+inf`` where the
+    student alone excludes a class; ``beta=1``: where the teacher alone does);
+    in between the mixture keeps every term finite: a class one side excludes
+    has the other's finite log-ratio :math:`-\log \beta` or
+    :math:`-\log(1 - \beta)`, one both exclude contributes 0 (a composition
+    ``beta * kl_div(log m, p) + (1 - beta) * kl_div(log m, q)``: ``0 * inf`` = NaN,
+    accepted by the MUST properties), and a row without a softmax is NaN.
+    """
+    inf, nan = math.inf, math.nan
+    s = np.asarray(
+        [
+            [0.0, -inf, 1.0, 2.0],  # the student alone excludes class 1
+            [0.0, 1.0, 1.0, 2.0],  # the teacher alone excludes class 1
+            [0.0, -inf, 1.0, -inf],  # class 1: the student; class 3: both
+            [0.0, 1.0, nan, 2.0],  # no softmax
+            [120.0, 100.0, 0.0, -30.0],  # large logits
+        ]
+    )
+    t = np.asarray(
+        [
+            [1.0, 0.5, 0.0, 2.0],
+            [1.0, -inf, 0.0, 2.0],
+            [1.0, 0.5, -inf, -inf],
+            [1.0, 0.5, 0.0, 2.0],
+            [110.0, 115.0, -5.0, 0.0],
+        ]
+    )
+    cases = []
+    for beta in _BETAS:
+        common = {"temperature": 1.0, "direction": "forward", "beta": beta}
+        for reduction in ("none", "sum"):
+            for i in range(len(s)):
+                row = (s[i : i + 1], t[i : i + 1])
+                cases.append(_logits_case(*row, reduction=reduction, **common))
         masked = {
             **common,
             "temperature": 2.0,
-            "mask": np.asarray([True, False, False, False, False, True, False]),
+            "mask": np.asarray([True, False, True, False, True]),
         }
         cases.append(_logits_case(s, t, reduction="rowmean", **masked))
-        # every row dropped, each reduction: 0 (PyTorch's ignore_index means: 0/0 = NaN)
-        for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
-            dropped = {**masked, "mask": np.zeros(7, bool)}
-            cases.append(_logits_case(s, t, reduction=reduction, **dropped))
-    return _expressible(ctx, cases)
+    dropped = {"temperature": 2.0, "direction": "forward", "beta": 0.3}
+    for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
+        mask = np.zeros(len(s), bool)
+        cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **dropped))
+    return cases
 
 
 @register(
@@ -1009,9 +1201,10 @@ def _dtype_cases(ctx: Context) -> list[Case]:
     if hasattr(ctx.backend.xp, "float16"):
         dtypes.append(np.float16)
     cases = []
-    for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
-        for j, dtype in enumerate(dtypes):
-            direction, scaled = _COMBOS[(i + j) % 4]
+    # every combination (small calls): whatever an implementation declares, each of its
+    # reductions meets every dtype
+    for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
+        for dtype, (direction, scaled) in itertools.product(dtypes, _COMBOS):
             options = {"direction": direction, "scale_by_temperature_squared": scaled}
             cases.append(
                 _logits_case(
@@ -1177,6 +1370,13 @@ def _gradient_option_cases(ctx: Context) -> list[Case]:
         for j, mask in enumerate((None, keep)):
             options = _case_options(*_COMBOS[(2 * i + j) % 4])
             cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+    if getattr(ctx.impl, "logits_beta", False):
+        # each beta: 'none' (the general chain rule) with a mask, and two reductions
+        cells = (("none", keep), ("batchmean", None), ("sum", keep))
+        for k, beta in enumerate(_BETAS):
+            for j, (reduction, mask) in enumerate(cells):
+                options = {**_case_options("forward", (j + k) % 2 == 0), "beta": beta}
+                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
     return _expressible(ctx, cases)
 
 

@@ -440,16 +440,18 @@ def _signed_zero_cases(ctx: Context) -> list[Case]:
     return cases
 
 
-def _ieee_gradients(case: Case) -> tuple[np.ndarray, np.ndarray]:
+def ieee_gradients(
+    x: np.ndarray, t: np.ndarray, /, *, log_target: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Return PyTorch's evaluation of both pointwise gradients (upstream 1) in the dtype.
 
     Their zeros carry the sign PyTorch's order of operations gives: ``-(t g)``
-    for the input, ``(g (t - x)) e^t + g e^t`` for a log-target.
+    for the input, ``(g (t - x)) e^t + g e^t`` for a log-target. What
+    ``semantics.signed_zeros`` and its reproductions compare signs with.
     """
-    x, t = case.input, case.target
     g = np.ones_like(x)
     with np.errstate(all="ignore"):
-        if case.log_target:
+        if log_target:
             e = np.exp(t)
             return -(g * e), (g * (t - x)) * e + g * e
         ok = (t > 0) & np.isfinite(t)
@@ -478,11 +480,13 @@ def _assert_zero_signs(got: np.ndarray, want: np.ndarray, what: str, case: Case)
     level="SHOULD",
 )
 def _signed_zeros(ctx: Context, case: Case) -> None:
-    got = ctx.call(case).value
+    got = ctx.call(case, kind="signed_zeros").value
     want = pointwise(case.input, case.target, log_target=case.log_target).value
     _assert_zero_signs(got, want, "reduction='none'", case)
     if not gradients_available(ctx):
         return
     grads = take_gradients(ctx, case, np.ones_like(case.input))
-    for name, g, w in zip(("input", "target"), grads, _ieee_gradients(case), strict=True):
+    ctx.record(case, "signed_zeros_gradient", grad=np.ones_like(case.input))
+    signs = ieee_gradients(case.input, case.target, log_target=case.log_target)
+    for name, g, w in zip(("input", "target"), grads, signs, strict=True):
         _assert_zero_signs(g, w, f"gradient w.r.t. {name}", case)

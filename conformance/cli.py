@@ -76,6 +76,12 @@ kinds of MODULE:CALLABLE (--kind):
                    kldiv_spec.kl_div_from_logits
   gaussian         fn(mu, logvar, *, reduction, mu_prior, logvar_prior), as
                    kldiv_spec.gaussian_kl
+  from-hidden      fn(h_s, W_s, h_t, W_t, *, student_bias, teacher_bias,
+                   temperature, reduction, direction,
+                   scale_by_temperature_squared, mask=...): the from-logits KL
+                   of the logits h @ W.T + b, as fused linear losses compute it
+                   (Liger-Kernel's LigerFusedLinearJSDLoss); a backward attribute
+                   gives the student's gradients without autograd
   torchtune-style  loss(student_logits, teacher_logits, labels, normalize=True),
                    as torchtune's ForwardKLLoss (a class is instantiated)
   liger-style      jsd(student_log_probs, teacher_log_probs, shift_labels=None)

@@ -25,7 +25,7 @@ from typing import Any
 
 import kldiv_spec
 
-from . import numpy_impl
+from . import hidden_reference, numpy_impl
 
 __all__ = ["BUILTIN", "DIRECTIONS", "LOGITS_REDUCTIONS", "REDUCTIONS", "Implementation"]
 
@@ -206,11 +206,17 @@ def _reference() -> Implementation:
         "reference",
         fn,
         backward,
-        description="kldiv_spec.kl_div, kl_div_from_logits, gaussian_kl (+ their backward)",
+        description=(
+            "kldiv_spec.kl_div, kl_div_from_logits, gaussian_kl (+ their backward), "
+            "from_hidden (the logits composed)"
+        ),
         from_logits=kldiv_spec.kl_div_from_logits,
         from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
         gaussian=kldiv_spec.gaussian_kl,
         gaussian_backward=kldiv_spec.gaussian_kl_backward,
+        from_hidden=hidden_reference.from_hidden,
+        from_hidden_backward=hidden_reference.from_hidden_backward,
+        logits_beta=True,
     )
 
 

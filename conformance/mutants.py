@@ -26,7 +26,7 @@ import numpy as np
 
 import kldiv_spec
 
-from . import numpy_impl
+from . import hidden_reference, numpy_impl
 from .implementations import Implementation
 
 __all__ = ["MUTANTS", "np_from_logits", "np_gaussian"]
@@ -485,13 +485,16 @@ def np_from_logits(
     direction: str = "forward",
     scale_by_temperature_squared: bool = True,
     mask: Any = None,
+    beta: float | None = None,
     bug: str = "",
 ) -> np.ndarray:
     r"""``kl_div_from_logits`` in NumPy, with the ``bug`` named (``''``: none).
 
     :math:`k \cdot \operatorname{reduce} w_i (\log w_i - \log o_i)`, with
     :math:`(w, o) = (p, q)` forward and :math:`(q, p)` reverse, a term of zero
-    weight 0, masked rows 0, and the divisors of ``docs/logits.md``.
+    weight 0, masked rows 0, and the divisors of ``docs/logits.md``; with
+    ``beta`` the generalised Jensen-Shannon terms (:func:`_np_jsd_terms`),
+    ``beta=0`` the forward and ``beta=1`` the reverse KL.
     """
     s, t = np.asarray(input), np.asarray(target)
     dtype = np.result_type(s.dtype, t.dtype)
@@ -504,10 +507,15 @@ def np_from_logits(
     with np.errstate(all="ignore"):
         log_q = _np_log_softmax(s / temperature, naive=naive)
         log_p = _np_log_softmax(t / temperature, naive=naive)
+        jsd = beta is not None and (0.0 < beta < 1.0 or bug == "jsd_endpoints_formula")
+        if beta is not None and not jsd:
+            direction = "forward" if beta == 0.0 else "reverse"
         forward = (direction == "forward") != (bug == "direction_swapped")
         log_w, log_o = (log_p, log_q) if forward else (log_q, log_p)
         w = np.exp(log_w)
-        if bug == "cross_entropy":
+        if jsd:
+            terms = _np_jsd_terms(log_q, log_p, float(beta), bug)  # type: ignore[arg-type]
+        elif bug == "cross_entropy":
             terms = -(w * log_o)
         elif bug == "composition":  # xlogy(w, w) - w * log o, as kl_div(log o, w)
             terms = np.where(w == 0, 0, w * np.log(np.where(w == 0, 1, w))) - w * log_o
@@ -515,7 +523,7 @@ def np_from_logits(
             terms = w * (log_o - log_w)
         else:
             terms = w * (log_w - log_o)
-        if bug not in ("excluded_class_nan", "composition"):
+        if not jsd and bug not in ("excluded_class_nan", "composition"):
             terms = np.where(w == 0, 0, terms)
         rows = s.shape[:-1]
         keep = (
@@ -542,6 +550,34 @@ def np_from_logits(
                 "rowmean": math.prod(rows),
             }[reduction]
         return np.asarray(total * work.type(k) / work.type(d)).astype(dtype)
+
+
+def _np_jsd_terms(log_q: np.ndarray, log_p: np.ndarray, beta: float, bug: str) -> np.ndarray:
+    r"""Return :math:`\beta p (\log p - \log m) + (1 - \beta) q (\log q - \log m)`, with ``bug``.
+
+    :math:`m = \beta p + (1 - \beta) q` by ``np.logaddexp``; a product of zero
+    weight is 0. Bugs: ``'jsd_beta_swapped'`` mixes :math:`(1 - \beta) p + \beta q`;
+    ``'jsd_endpoints_formula'`` gives the formula's 0 at ``beta`` 0 and 1 (not the
+    KLs); ``'jsd_excluded_nan'`` leaves ``0 * -inf`` = NaN where one side excludes a class.
+    """
+    if bug == "jsd_endpoints_formula" and beta in (0.0, 1.0):
+        return np.zeros_like(log_q)
+    wp, wq = (1.0 - beta, beta) if bug == "jsd_beta_swapped" else (beta, 1.0 - beta)
+    log_m = np.logaddexp(log_p + math.log(wp), log_q + math.log(wq))
+    p, q = np.exp(log_p), np.exp(log_q)
+    tp, tq = p * (log_p - log_m), q * (log_q - log_m)
+    if bug != "jsd_excluded_nan":
+        tp, tq = np.where(p == 0, 0, tp), np.where(q == 0, 0, tq)
+    return beta * tp + (1.0 - beta) * tq
+
+
+def _logits_jsd_grad_no_factor(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+    """Return the student gradient of the mixture without its factor ``1 - beta``."""
+    gx, gt = kldiv_spec.kl_div_from_logits_backward(g, input, target, **options)
+    beta = options.get("beta")
+    if beta is not None and 0.0 < beta < 1.0:
+        gx = np.asarray(gx / (1.0 - beta)).astype(gx.dtype)
+    return gx, gt
 
 
 def _logits_bug(bug: str) -> Fn:
@@ -622,13 +658,16 @@ def _gaussian_grad_no_half(g: Any, mu: Any, logvar: Any, /, **options: Any) -> A
     return g_mu, np.asarray(2 * g_lv).astype(g_lv.dtype), g_mp, g_lp
 
 
-def _logits_m(name: str, bug: str, description: str, backward: Fn | None = None) -> Implementation:
+def _logits_m(
+    name: str, bug: str, description: str, backward: Fn | None = None, *, beta: bool = False
+) -> Implementation:
     return Implementation(
         name,
         backends=("numpy",),
         description=description,
         from_logits=_logits_bug(bug),
         from_logits_backward=backward or kldiv_spec.kl_div_from_logits_backward,
+        logits_beta=beta,
     )
 
 
@@ -699,6 +738,31 @@ _LIST += [
         "float32_result",
         "from logits: the result cast to float32 (float64 logits give a float32 loss)",
     ),
+    _logits_m(
+        "logits_jsd_beta_swapped",
+        "jsd_beta_swapped",
+        "from logits, beta: the mixture is (1 - beta) p + beta q instead of beta p + (1 - beta) q",
+        beta=True,
+    ),
+    _logits_m(
+        "logits_jsd_endpoints_formula",
+        "jsd_endpoints_formula",
+        "from logits, beta: beta = 0 and 1 evaluate the mixture's formula (0), not the KLs",
+        beta=True,
+    ),
+    _logits_m(
+        "logits_jsd_excluded_nan",
+        "jsd_excluded_nan",
+        "from logits, beta: p * (log p - log m) unmasked: a class one side excludes gives NaN",
+        beta=True,
+    ),
+    _logits_m(
+        "logits_jsd_grad_no_factor",
+        "",
+        "from logits, beta: the student gradient misses the factor (1 - beta) of d/dq",
+        _logits_jsd_grad_no_factor,
+        beta=True,
+    ),
     Implementation(
         "logits_mutates_input",
         backends=("numpy",),
@@ -749,3 +813,143 @@ _LIST += [
 
 #: Every mutant, by name.
 MUTANTS: dict[str, Implementation] = {m.name: m for m in _LIST}
+
+
+# --------------------------------------------------------------------------- from hidden states
+# ``from_hidden`` mutants: kldiv_spec.conformance.hidden_reference with one change each.
+
+
+def _hidden_bias_grad_dropped(g: Any, *operands: Any, **options: Any) -> Any:
+    """Return the reference's student gradients with the bias's zeroed."""
+    grad_h, grad_w, grad_b = hidden_reference.from_hidden_backward(g, *operands, **options)
+    return grad_h, grad_w, None if grad_b is None else np.zeros_like(grad_b)
+
+
+def _chunk_divisor(reduction: str, lead: tuple[int, ...], vocab: int, kept: np.ndarray) -> int:
+    """Return the divisor of ``reduction`` over rows ``kept`` (of leading shape ``lead``)."""
+    if reduction == "mean":
+        return int(kept.sum()) * vocab
+    if reduction == "batchmean" and len(lead) > 1:  # (B, S, V), no mask: the batch
+        return lead[0]
+    return int(kept.sum())
+
+
+def _hidden_chunked(
+    h_s: Any,
+    w_s: Any,
+    h_t: Any,
+    w_t: Any,
+    /,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    reduction: str = "batchmean",
+    mask: Any = None,
+    **options: Any,
+) -> Any:
+    """Two chunks of rows; the second's sum is divided by its own count, not the total's."""
+    s = hidden_reference.logits(h_s, w_s, student_bias)
+    t = hidden_reference.logits(h_t, w_t, teacher_bias)
+    lead, vocab = tuple(s.shape[:-1]), s.shape[-1]
+    rows = math.prod(lead)
+    whole = kldiv_spec.kl_div_from_logits(s, t, reduction=reduction, mask=mask, **options)
+    if reduction in ("none", "sum") or rows < 2:
+        return whole
+    keep = np.ones(rows, bool)
+    if mask is not None:
+        keep = np.broadcast_to(np.asarray(mask, bool), lead).reshape(rows)
+    s2, t2 = s.reshape(rows, vocab), t.reshape(rows, vocab)
+    total = _chunk_divisor(reduction, lead, vocab, keep)
+    if total == 0:
+        return whole
+    value = 0.0
+    for k, chunk in enumerate((slice(0, rows // 2), slice(rows // 2, rows))):
+        part = kldiv_spec.kl_div_from_logits(
+            s2[chunk], t2[chunk], reduction="sum", mask=keep[chunk], **options
+        )
+        own = _chunk_divisor(reduction, (chunk.stop - chunk.start,), vocab, keep[chunk])
+        divisor = total if k == 0 else own
+        value += float(part) / divisor if divisor else 0.0
+    return np.asarray(value, dtype=s.dtype)
+
+
+def _hidden_float32(*operands: Any, **options: Any) -> Any:
+    """Return the reference computed (and returned) in float32."""
+
+    def cast(a: Any) -> Any:
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            return a.astype(np.float32)
+        return a
+
+    return hidden_reference.from_hidden(
+        *(cast(a) for a in operands), **{k: cast(v) for k, v in options.items()}
+    )
+
+
+def _hidden_zero_student_after(h_s: Any, *operands: Any, **options: Any) -> Any:
+    """Return the correct loss, then zero the student's hidden states in place."""
+    out = hidden_reference.from_hidden(h_s, *operands, **options)
+    if isinstance(h_s, np.ndarray) and h_s.flags.writeable:
+        h_s[...] = 0
+    return out
+
+
+def _hidden_teacher_gradient(
+    h_s: Any,
+    w_s: Any,
+    h_t: Any,
+    w_t: Any,
+    /,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    **options: Any,
+) -> Any:
+    """Return the reference's value without freezing the teacher (its operands get gradients)."""
+    s = hidden_reference.logits(h_s, w_s, student_bias)
+    t = hidden_reference.logits(h_t, w_t, teacher_bias)
+    return kldiv_spec.kl_div_from_logits(s, t, **options)
+
+
+def _hidden_m(name: str, fn: Fn, description: str, backward: Fn | None = None) -> Implementation:
+    return Implementation(
+        name,
+        backends=("numpy",),
+        description=description,
+        from_hidden=fn,
+        from_hidden_backward=backward or hidden_reference.from_hidden_backward,
+    )
+
+
+_HIDDEN = [
+    _hidden_m(
+        "hidden_bias_grad_dropped",
+        hidden_reference.from_hidden,
+        "from hidden states: the backward returns zeros for the student bias's gradient",
+        _hidden_bias_grad_dropped,
+    ),
+    _hidden_m(
+        "hidden_chunk_divisor",
+        _hidden_chunked,
+        "from hidden states: rows in two chunks, the second's sum divided by its own count "
+        "(a chunked mean gone wrong)",
+    ),
+    _hidden_m(
+        "hidden_float32_result",
+        _hidden_float32,
+        "from hidden states: computed and returned in float32 (float64 operands, float32 loss)",
+    ),
+    _hidden_m(
+        "hidden_mutates_input",
+        _hidden_zero_student_after,
+        "from hidden states: zeroes the student's hidden states in place (after the loss)",
+    ),
+    Implementation(
+        "hidden_teacher_gradient",
+        backends=("torch",),
+        description="from hidden states: the teacher is not frozen (its operands get gradients)",
+        from_hidden=_hidden_teacher_gradient,
+    ),
+]
+_LIST += _HIDDEN
+MUTANTS.update({m.name: m for m in _HIDDEN})

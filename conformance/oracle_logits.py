@@ -45,6 +45,12 @@ of order :math:`\varepsilon W_i` in term :math:`i`. The bounds are
 
 with :math:`C` = :data:`LOGITS_ULPS`. The measured ratio
 :math:`|\hat L - L| / (\varepsilon \sum W)` is reported in ``docs/logits.md``.
+
+The generalised Jensen-Shannon divergence (``beta`` strictly between 0 and 1;
+0 and 1 are the forward and the reverse KL) has the same bounds with its own
+scale :math:`W_j` (:func:`_jsd_row`): the mixture's terms weighted by
+:math:`1 + |\log p_j - \log m_j|` and :math:`1 + |\log q_j - \log m_j|`, times
+:math:`A_j + |\log m_j| + |\log \beta| + |\log(1 - \beta)|`.
 """
 
 from __future__ import annotations
@@ -158,12 +164,20 @@ def from_logits(
     scale_by_temperature_squared: bool = True,
     mask: np.ndarray | None = None,
     grad_output: np.ndarray | float = 1.0,
+    beta: float | None = None,
 ) -> ExactLogits:
     """Return the exact terms and gradients of ``kl_div_from_logits`` for NumPy logits.
 
     ``grad_output`` is the upstream gradient of the gradients (0-d for the
-    reductions, broadcastable to the logits' shape for ``'none'``).
+    reductions, broadcastable to the logits' shape for ``'none'``). ``beta``
+    (not None) gives the generalised Jensen-Shannon divergence
+    (:func:`_jsd_row`); ``beta=0`` is the forward KL and ``beta=1`` the reverse
+    KL, whatever ``direction`` says.
     """
+    if beta is not None:
+        beta = float(beta)
+        if beta in (0.0, 1.0):
+            direction, beta = ("forward" if beta == 0.0 else "reverse"), None
     mp = _mp()
     dtype = np.result_type(input.dtype, target.dtype)
     work = _working(dtype)
@@ -204,6 +218,22 @@ def from_logits(
             continue
         lq, lse_s = _log_softmax_row(list(s2[i]), temp, work)
         lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
+        if beta is not None:
+            if reduction == "none":
+                gg = [mp.mpf(float(v)) for v in g2[i]]  # type: ignore[index]
+            else:
+                gg = [mp.mpf(float(g_full)) / d if d != 0 else zero] * vocab
+            out = _jsd_row(
+                lq, lp, (lse_s, lse_t), (list(s2[i]), list(t2[i])), mp.mpf(beta), temp, k, gg, work
+            )
+            row_terms, row_scale, g_s, g_t, g_scale, nan_row = out
+            for j in range(vocab):
+                terms[i, j], scale[i, j] = float(row_terms[j]), float(row_scale[j])
+                gin[i, j], gtg[i, j] = float(g_s[j]), float(g_t[j])
+                gin_s[i, j] = gtg_s[i, j] = float(g_scale[j])
+                comp_nan[i, j] = nan_row[j]
+            total += _fsum_special(row_terms) / k
+            continue
         if direction == "forward":
             lw, lo = lp, lq
         else:
@@ -281,6 +311,108 @@ def from_logits(
         masked=mask is not None,
         composition_nan=back(comp_nan),
     )
+
+
+def _jsd_row(
+    lq: list[Any],
+    lp: list[Any],
+    lses: tuple[Any, Any],
+    logits: tuple[list[float], list[float]],
+    beta: Any,
+    temp: Any,
+    k: Any,
+    gg: list[Any],
+    work: np.dtype,
+) -> tuple[list[Any], list[Any], list[Any], list[Any], list[Any], list[bool]]:
+    r"""Return one row of the generalised Jensen-Shannon divergence, exactly, with its bounds.
+
+    With :math:`m = \beta p + (1 - \beta) q` (in mpmath), the terms
+    :math:`k\,e_j`, :math:`e_j = \beta p_j (\log p_j - \log m_j) + (1 - \beta) q_j
+    (\log q_j - \log m_j)`, each product 0 where its weight is 0 in the working
+    dtype; the gradients :math:`c\,q \odot (h - \sum q h)`,
+    :math:`h = G (1 - \beta)(\log q - \log m)` (the student's) and
+    :math:`c\,p \odot (h' - \sum p h')`, :math:`h' = G \beta (\log p - \log m)`,
+    :math:`c = k / T`. The error scale of term :math:`j` is
+
+    .. math::
+
+        W_j = \bigl(\beta p_j (1 + |\log p_j - \log m_j|)
+              + (1 - \beta) q_j (1 + |\log q_j - \log m_j|)\bigr)
+              \bigl(A_j + |\log m_j| + |\log\beta| + |\log(1 - \beta)|\bigr),
+
+    :math:`A_j` the KL's (module docstring): the probabilities carry relative
+    errors of order :math:`\varepsilon A_j`, the log-ratios absolute ones, and
+    the mixture's log-sum-exp adds those of :math:`\log m_j` and of the two
+    logarithms of the weights. Also returns where a torch composition
+    ``beta * kl_div(log m, p) + (1 - beta) * kl_div(log m, q)`` gives ``0 * inf``
+    = NaN: a class both distributions exclude.
+    """
+    mp = _mp()
+    zero = mp.mpf(0)
+    vocab = len(lq)
+    p = [mp.exp(v) for v in lp]
+    q = [mp.exp(v) for v in lq]
+
+    def rounds_to_zero(v: Any) -> bool:
+        return (not mp.isnan(v)) and np.asarray(float(v), np.float64).astype(work) == 0
+
+    zero_p = [rounds_to_zero(v) for v in p]
+    zero_q = [rounds_to_zero(v) for v in q]
+    lm = []
+    for j in range(vocab):
+        if mp.isnan(p[j]) or mp.isnan(q[j]):
+            lm.append(mp.mpf("nan"))
+        else:
+            mix = beta * p[j] + (1 - beta) * q[j]
+            lm.append(mp.log(mix) if mix > 0 else -mp.inf)
+    rp = [zero if zero_p[j] else lp[j] - lm[j] for j in range(vocab)]
+    rq = [zero if zero_q[j] else lq[j] - lm[j] for j in range(vocab)]
+    e = [
+        beta * (zero if zero_p[j] else p[j] * rp[j])
+        + (1 - beta) * (zero if zero_q[j] else q[j] * rq[j])
+        for j in range(vocab)
+    ]
+    terms = [k * v for v in e]
+    nan_row = [zero_p[j] and zero_q[j] for j in range(vocab)]
+    c = k / temp
+    hq = [gg[j] * (1 - beta) * rq[j] for j in range(vocab)]
+    hp = [gg[j] * beta * rp[j] for j in range(vocab)]
+    sum_q = _fsum_special([q[j] * hq[j] for j in range(vocab)])
+    sum_p = _fsum_special([p[j] * hp[j] for j in range(vocab)])
+    g_s = [c * q[j] * (hq[j] - sum_q) for j in range(vocab)]
+    g_t = [c * p[j] * (hp[j] - sum_p) for j in range(vocab)]
+    scale = [zero] * vocab
+    g_scale = [zero] * vocab
+    lse_s, lse_t = lses
+    if not all(mp.isfinite(v) for v in (lse_s, lse_t)):
+        return terms, scale, g_s, g_t, g_scale, nan_row
+    tb = [abs(mp.mpf(v) / temp) if math.isfinite(v) else zero for v in logits[1]]
+    sb = [abs(mp.mpf(v) / temp) if math.isfinite(v) else zero for v in logits[0]]
+    extra = (
+        1
+        + abs(lse_t)
+        + abs(lse_s)
+        + mp.fsum(pj * tj for pj, tj in zip(p, tb, strict=True))
+        + mp.fsum(qj * sj for qj, sj in zip(q, sb, strict=True))
+        + abs(mp.log(beta))
+        + abs(mp.log(1 - beta))
+    )
+    a_row = [
+        extra + tb[j] + sb[j] + (abs(lm[j]) if mp.isfinite(lm[j]) else zero) for j in range(vocab)
+    ]
+    ratio = [1 + abs(rp[j]) + abs(rq[j]) for j in range(vocab)]
+    scale = [
+        k * (beta * p[j] * (1 + abs(rp[j])) + (1 - beta) * q[j] * (1 + abs(rq[j]))) * a_row[j]
+        for j in range(vocab)
+    ]
+    gmax = max((abs(v) for v in gg), default=zero)
+    value = abs(mp.fsum(e))
+    sum_w = mp.fsum(abs(gg[j]) * (p[j] + q[j]) * ratio[j] * a_row[j] for j in range(vocab))
+    g_scale = [
+        abs(c) * (p[j] + q[j]) * ((ratio[j] + value) * a_row[j] * gmax + sum_w)
+        for j in range(vocab)
+    ]
+    return terms, scale, g_s, g_t, g_scale, nan_row
 
 
 def _fsum_special(values: list[Any]) -> Any:

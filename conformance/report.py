@@ -75,6 +75,15 @@ SPECIFICITY: tuple[str, ...] = (
     "accuracy.logits_oracle",
     "accuracy.gaussian_oracle",
     "math.logits_composition",
+    # from hidden states: side effects and dtype, the frozen teacher, fixed options, then
+    # the drawn cases
+    "hygiene.hidden_inputs_unmodified",
+    "semantics.hidden_dtypes",
+    "gradients.hidden_teacher_frozen",
+    "accuracy.hidden_options",
+    "gradients.hidden_oracle",
+    "accuracy.hidden_oracle",
+    "math.hidden_composition",
 )
 _BROAD: tuple[str, ...] = (
     "math.non_negative",

@@ -22,7 +22,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
-from . import adapters, checks_logits, mutants, peers
+from . import adapters, checks_hidden, checks_logits, mutants, peers
 from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
@@ -582,6 +582,31 @@ else:
 """
 
 
+#: The signs of the gradients' zeros against PyTorch's order of operations.
+_SIGN_LINES = """\
+from kldiv_spec.conformance.checks_semantics import ieee_gradients
+signs = ieee_gradients(x, t, log_target=kw['log_target'])
+print('expected: zeros signed as grad_input', show(signs[0]), 'grad_target', show(signs[1]))
+flipped = [name for name, g, w in zip(('input', 'target'), (gx, gt), signs)
+           if np.any((g == 0) & (w == 0) & (np.signbit(g) != np.signbit(w)))]
+if values != 'agree':
+    print('verdict:  differs: the values', values)
+elif flipped:
+    print('verdict:  differs: the sign of a zero of the gradient w.r.t.', ', '.join(flipped))
+else:
+    print('verdict:  agrees')
+"""
+
+#: The call of a replay, then whether it left its two operands as they were.
+_UNCHANGED = """\
+xb, tb = backend.asarray(x), backend.asarray(t)
+got = call(xb, tb)
+for name, now, was in (('{a}', xb, x), ('{b}', tb, t)):
+    if not np.array_equal(backend.to_numpy(now), was, equal_nan=True):
+        got = AssertionError(f'the call modified its {{name}}')
+"""
+
+
 def _grad_code(g: Any) -> str:
     return repr(float(g)) if np.ndim(g) == 0 else _literal(np.asarray(g))
 
@@ -590,7 +615,11 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
     """Return the body of a from-logits reproduction: the call, what is expected, the verdict."""
     c = record.case
     mask = c.extra.get("mask")
-    options = {k: c.extra[k] for k in ("temperature", "direction", "scale_by_temperature_squared")}
+    options = {
+        k: c.extra[k]
+        for k in ("temperature", "direction", "scale_by_temperature_squared", "beta")
+        if k in c.extra
+    }
     lines = [
         "mask = "
         + ("None" if mask is None else f"np.array({np.asarray(mask).tolist()!r}, dtype=bool)")
@@ -643,7 +672,7 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
         "        return impl.from_logits(*args, **kw, **masked)",
         "    except Exception as exc:  # a crash is a result too",
         "        return exc",
-        "got = call(backend.asarray(x), backend.asarray(t))",
+        *_UNCHANGED.format(a="student logits", b="teacher logits").splitlines(),
         *_LOGITS_EXPECTED[record.kind].splitlines(),
     ]
     return lines + _VERDICT.format(judge=_LOGITS_JUDGE[record.kind]).rstrip("\n").splitlines()
@@ -712,7 +741,7 @@ def _gaussian_lines(record: Record, autograd: str | None) -> list[str]:
         "        return impl.gaussian(*args, **kwb)",
         "    except Exception as exc:  # a crash is a result too",
         "        return exc",
-        "got = call(backend.asarray(x), backend.asarray(t))",
+        *_UNCHANGED.format(a="mu", b="logvar").splitlines(),
         expected,
     ]
     return lines + _VERDICT.format(judge=judge).rstrip("\n").splitlines()
@@ -766,6 +795,15 @@ def reproduction(
         arguments.append(f"kind={kind!r}")
     arguments += [f"{k}={v!r}" for k, v in (style_options or {}).items()]
     resolved = f"resolve({', '.join(arguments)})"
+    if record.kind.startswith("hidden"):
+        head = [
+            *path_lines,
+            "import numpy as np",
+            "from kldiv_spec.conformance import load_backend, resolve",
+            f"backend = load_backend({backend!r})",
+            f"impl = {resolved}",
+        ]
+        return "\n".join(head + checks_hidden.reproduction_lines(record, autograd))
     if record.kind.startswith(("logits", "gaussian")):
         head = [
             *path_lines,
@@ -802,6 +840,20 @@ def reproduction(
         body = _error_lines(record)
     elif record.kind == "warning":
         body = _warning_lines()
+    elif record.kind == "signed_zeros":  # values as the forward replay, and their zeros' signs
+        judged = "dtype=np.result_type(x, t))"
+        body = [
+            line.replace(judged, "dtype=np.result_type(x, t), signed_zeros=True)")
+            for line in _forward_lines(record)
+        ]
+    elif record.kind == "signed_zeros_gradient":  # one verdict: the values, then the signs
+        body = [
+            line.replace("print('verdict:  agrees')", "values = 'agree'").replace(
+                "print('verdict:  differs:', exc)", "values = f'differ: {exc}'"
+            )
+            for line in _gradient_lines(record, autograd)
+        ]
+        body += _SIGN_LINES.rstrip("\n").splitlines()
     else:
         body = _forward_lines(record)
     return "\n".join(head + body)

@@ -23,6 +23,11 @@ tolerances:
   :math:`\mathrm{atol} = b + |e - y|`, rounded up to float64. By the triangle
   inequality, every result the suite accepts (:math:`|r - y| \le b`) satisfies
   :math:`|r - e| \le \mathrm{atol}`.
+
+The from-logits cases of the generalised Jensen-Shannon divergence (``beta``) are
+golden data of their own, not part of the exported document (whose format is
+unchanged): :func:`logits_specs` and :func:`logits_expected`, from the exact oracle
+of :mod:`.oracle_logits`.
 """
 
 from __future__ import annotations
@@ -38,16 +43,21 @@ from typing import Any
 
 import numpy as np
 
-from . import oracle
+from . import oracle, oracle_logits
 from .properties import PROPERTIES
 from .strategies import SPEC_EDGE_TABLE
 
 __all__ = [
     "EDGE_TABLE",
+    "LOGITS_BETAS",
     "PROPERTY_INFO",
     "Expected",
+    "LogitsExpected",
+    "LogitsSpec",
     "Spec",
     "expected",
+    "logits_expected",
+    "logits_specs",
     "property_info",
     "round_exact",
     "round_to_dtype",
@@ -952,3 +962,200 @@ def expected(spec: Spec, /) -> Expected | tuple[Expected, Expected] | None:
     if spec.function == "kl_div":
         return _forward(spec)
     return _backward(spec)
+
+
+# --------------------------------------------------------------------------------------
+# From logits: the generalised Jensen-Shannon divergence (beta)
+#
+# The exported document (``specs``, ``"format": "kldiv-spec-vectors"``) holds ``kl_div``
+# and ``kl_div_backward`` cases only, and is unchanged. The from-logits cases with a
+# ``beta`` are golden data of their own, built and judged the same way (data from the
+# id alone, expected values from the exact oracle, per-element tolerances): Python
+# ports and the tests use them through :func:`logits_specs` and :func:`logits_expected`.
+
+#: The values of ``beta`` the golden from-logits cases take: the endpoints (the forward
+#: and the reverse KL), the symmetric mixture and an asymmetric one.
+LOGITS_BETAS: tuple[float, ...] = (0.0, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class LogitsSpec:
+    """One golden call of ``kl_div_from_logits`` (and its backward) with ``beta``.
+
+    ``options`` are the keywords (``beta``, ``temperature``, ``reduction``,
+    ``direction``, ``scale_by_temperature_squared``); ``mask`` the row mask or
+    None; ``grad_output`` the upstream gradient of the backward (0-d for the
+    reductions).
+    """
+
+    id: str
+    property: str
+    input: np.ndarray
+    target: np.ndarray
+    options: dict[str, Any]
+    grad_output: np.ndarray
+    mask: np.ndarray | None = None
+    description: str = ""
+
+
+@dataclass
+class LogitsExpected:
+    """The expected value and gradients (student, teacher) of a :class:`LogitsSpec`."""
+
+    value: Expected
+    grad_input: Expected
+    grad_target: Expected
+
+
+def _logits_data(case_id: str, shape: tuple[int, ...], dtype: str) -> tuple[Any, Any]:
+    """Return student and teacher logits from the id: Gaussian-like, spread 3, in ``dtype``."""
+    r = _rng(case_id)
+    n = math.prod(shape)
+    s = np.asarray([3.0 * r.gauss(0.0, 1.0) for _ in range(n)]).reshape(shape)
+    t = s + np.asarray([3.0 * r.gauss(0.0, 1.0) for _ in range(n)]).reshape(shape)
+    return s.astype(dtype), t.astype(dtype)
+
+
+def _logits_grad_output(
+    case_id: str, shape: tuple[int, ...], reduction: str, dtype: str
+) -> np.ndarray:
+    if reduction != "none":
+        return np.asarray(0.75, dtype)
+    r = _rng(case_id + "/g")
+    return np.asarray([0.5 + r.random() for _ in range(math.prod(shape))], dtype).reshape(shape)
+
+
+def logits_specs() -> list[LogitsSpec]:
+    """Return the golden from-logits cases with ``beta``, in a fixed order.
+
+    Every beta of :data:`LOGITS_BETAS` in float32 and float64 with each
+    reduction (T = 2, the T**2 factor on and off), masked rows, and the edges:
+    a class the student alone excludes (``+inf`` at ``beta=0``, finite in
+    between), one the teacher alone excludes (``+inf`` at ``beta=1``), one both
+    exclude (0), a row without a softmax (NaN), every row masked (0).
+    """
+    out: list[LogitsSpec] = []
+    reductions = ("none", "sum", "batchmean", "rowmean", "mean")
+    for k, beta in enumerate(LOGITS_BETAS):
+        for dtype in ("float32", "float64"):
+            for j, reduction in enumerate(reductions):
+                cid = f"logits/beta={beta}/{dtype}/{reduction}"
+                s, t = _logits_data(cid, (3, 6), dtype)
+                options = {
+                    "beta": beta,
+                    "temperature": 2.0,
+                    "reduction": reduction,
+                    "direction": "forward",
+                    "scale_by_temperature_squared": (j + k) % 2 == 0,
+                }
+                mask = np.asarray([True, False, True]) if reduction in ("rowmean", "sum") else None
+                out.append(
+                    LogitsSpec(
+                        cid,
+                        "accuracy.logits_options",
+                        s,
+                        t,
+                        options,
+                        _logits_grad_output(cid, s.shape, reduction, dtype),
+                        mask,
+                        f"beta={beta}, {reduction}, {dtype}",
+                    )
+                )
+    inf, nan = math.inf, math.nan
+    s_edge = np.asarray(
+        [
+            [0.0, -inf, 1.0, 2.0],
+            [0.0, 1.0, 1.0, 2.0],
+            [0.0, -inf, 1.0, -inf],
+            [0.0, 1.0, nan, 2.0],
+        ]
+    )
+    t_edge = np.asarray(
+        [
+            [1.0, 0.5, 0.0, 2.0],
+            [1.0, -inf, 0.0, 2.0],
+            [1.0, 0.5, -inf, -inf],
+            [1.0, 0.5, 0.0, 2.0],
+        ]
+    )
+    for beta in LOGITS_BETAS:
+        options = {
+            "beta": beta,
+            "temperature": 1.0,
+            "reduction": "none",
+            "direction": "forward",
+            "scale_by_temperature_squared": True,
+        }
+        cid = f"logits/beta={beta}/edges"
+        out.append(
+            LogitsSpec(
+                cid,
+                "semantics.logits_edge_values",
+                s_edge,
+                t_edge,
+                options,
+                _logits_grad_output(cid, s_edge.shape, "none", "float64"),
+                None,
+                "excluded by the student, the teacher, both; no softmax",
+            )
+        )
+    for reduction in ("sum", "rowmean"):
+        cid = f"logits/beta=0.3/fully_masked/{reduction}"
+        options = {
+            "beta": 0.3,
+            "temperature": 2.0,
+            "reduction": reduction,
+            "direction": "forward",
+            "scale_by_temperature_squared": True,
+        }
+        out.append(
+            LogitsSpec(
+                cid,
+                "semantics.logits_fully_masked",
+                s_edge,
+                t_edge,
+                options,
+                np.asarray(0.75),
+                np.zeros(4, bool),
+                "every row masked: 0",
+            )
+        )
+    return out
+
+
+def _logits_exact(spec: LogitsSpec) -> Any:
+    return oracle_logits.from_logits(
+        spec.input, spec.target, mask=spec.mask, grad_output=spec.grad_output, **spec.options
+    )
+
+
+def _expected_array(exact: np.ndarray, tol: np.ndarray, dtype: np.dtype) -> Expected:
+    """Return ``exact`` (float64, rounded once from the oracle) in ``dtype`` with its atol."""
+    with np.errstate(all="ignore"):
+        value = np.asarray(exact, np.float64).astype(dtype)
+    return Expected(value, _widen(np.asarray(tol, np.float64), value, np.asarray(exact)))
+
+
+def logits_expected(spec: LogitsSpec, /) -> LogitsExpected:
+    """Return the expected value and gradients of ``spec`` with per-element tolerances.
+
+    The values are the exact oracle's (:mod:`.oracle_logits`, float64 rounded
+    once), rounded to the logits' dtype; the tolerance of an element is the
+    suite's bound (:func:`.oracle_logits.reduce_logits`,
+    :func:`~.oracle_logits.pointwise_tolerance`,
+    :func:`~.oracle_logits.gradient_tolerance`) widened by the distance of the
+    stated value from the exact one, as for the exported vectors.
+    """
+    exact = _logits_exact(spec)
+    dtype = np.result_type(spec.input.dtype, spec.target.dtype)
+    if spec.options["reduction"] == "none":
+        value = _expected_array(exact.terms, oracle_logits.pointwise_tolerance(exact), dtype)
+    else:
+        v, tol = oracle_logits.reduce_logits(exact)
+        value = _expected_array(np.asarray(v), np.asarray(tol), dtype)
+    tol_s, tol_t = oracle_logits.gradient_tolerance(exact)
+    return LogitsExpected(
+        value,
+        _expected_array(exact.grad_input, tol_s, dtype),
+        _expected_array(exact.grad_target, tol_t, dtype),
+    )

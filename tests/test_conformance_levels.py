@@ -170,7 +170,7 @@ def test_pytorchs_composition_passes_every_must_and_fails_exactly_the_stricter_s
     assert "is not 0 exactly" in failed["math.logits_exact_zero_at_identity"][1]
     assert "NaN/inf pattern differs" in failed["semantics.logits_excluded_by_both"][1]
     reason = failed["semantics.logits_fully_masked"][1]
-    assert "mask=[False, False, False, False, False, False, False]" in reason
+    assert "mask=[False, False, False, False, False, False, False, False]" in reason
 
 
 def test_the_reference_passes_every_level_on_torch():

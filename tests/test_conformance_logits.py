@@ -51,6 +51,10 @@ CAUGHT_BY = {
         "semantics.logits_fully_masked",
     ),
     "logits_float32_result": ("semantics.logits_dtypes",),
+    "logits_jsd_beta_swapped": ("accuracy.logits_options",),
+    "logits_jsd_endpoints_formula": ("accuracy.logits_options", "semantics.logits_edge_values"),
+    "logits_jsd_excluded_nan": ("semantics.logits_edge_values",),
+    "logits_jsd_grad_no_factor": ("gradients.logits_options",),
     "logits_mutates_input": ("hygiene.logits_inputs_unmodified",),
     "gaussian_mutates_input": ("hygiene.gaussian_inputs_unmodified",),
     "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
@@ -99,7 +103,8 @@ def _numpy_impl(**fields: Any) -> Implementation:
 def test_every_logits_and_gaussian_property_is_declared_with_its_subject():
     assert {"accuracy.logits_options", "gradients.logits_options"} <= set(LOGITS)
     assert "gradients.gaussian_oracle" in GAUSSIAN
-    assert {p.subject for p in PROPERTIES.values()} == {"kl_div", "from_logits", "gaussian"}
+    subjects = {"kl_div", "from_logits", "gaussian", "from_hidden"}
+    assert {p.subject for p in PROPERTIES.values()} == subjects
     reference = resolve("reference")
     assert reference.from_logits is kldiv_spec.kl_div_from_logits
     assert reference.gaussian is kldiv_spec.gaussian_kl
@@ -193,6 +198,8 @@ def test_each_mutant_is_rejected_on_every_seed(name):
         ("logits_direction_swapped", "it matches direction="),
         ("logits_mask_in_divisor", "it matches masked rows counted in the divisor"),
         ("logits_cross_entropy", "it matches the cross-entropy"),
+        ("logits_jsd_beta_swapped", "it matches the mixture with beta and 1 - beta swapped"),
+        ("logits_jsd_endpoints_formula", "it matches 0, the mixture's formula"),
     ],
 )
 def test_a_wrong_value_is_named_when_it_matches_a_common_mistake(name, words):
@@ -201,12 +208,7 @@ def test_a_wrong_value_is_named_when_it_matches_a_common_mistake(name, words):
     assert outcome.status == "fail" and words in outcome.reason, outcome.reason
 
 
-#: Mutants whose only fault is writing to their operands after computing a correct
-#: result: the replayed call (on fresh copies) shows correct values.
-IN_PLACE = {"logits_mutates_input", "gaussian_mutates_input"}
-
-
-@pytest.mark.parametrize("name", sorted(set(CAUGHT_BY) - IN_PLACE))
+@pytest.mark.parametrize("name", sorted(CAUGHT_BY))
 def test_the_reproduction_of_every_logits_mutant_replays_the_call(name):
     """The snippet calls from_logits/gaussian with the failing options, shape, dtype and mask.
 
@@ -378,3 +380,39 @@ def test_resolve_wraps_a_callable_by_kind(user_module):
     assert gaussian.fn is None and gaussian.from_logits is None and gaussian.gaussian is not None
     with pytest.raises(ValueError, match="--kind"):
         resolve(f"{user_module}:good_logits", kind="logits")
+
+
+# -- beta: the generalised Jensen-Shannon divergence ---------------------------------------------
+
+
+def test_beta_cases_reach_only_implementations_that_declare_it():
+    """Without ``logits_beta`` no call carries ``beta``; with it, every beta of the grid does."""
+    seen: list[dict[str, Any]] = []
+
+    def spy(input: Any, target: Any, /, **options: Any) -> Any:
+        seen.append(options)
+        return kldiv_spec.kl_div_from_logits(input, target, **options)
+
+    names = ["accuracy.logits_options", "accuracy.logits_oracle", "semantics.logits_edge_values"]
+    plain = Implementation("spy", backends=("numpy",), from_logits=spy)
+    report = run(plain, "numpy", names=names, max_examples=10, shrink=False)
+    assert not report.failed and seen and all("beta" not in o for o in seen)
+    seen.clear()
+    with_beta = Implementation("spy", backends=("numpy",), from_logits=spy, logits_beta=True)
+    report = run(with_beta, "numpy", names=names, max_examples=10, shrink=False)
+    assert not report.failed, _failures(report)
+    betas = {o.get("beta") for o in seen}
+    assert {0.0, 0.3, 0.5, 1.0, None} <= betas
+    assert all(o["direction"] == "forward" for o in seen if o.get("beta") is not None)
+
+
+def test_an_independent_numpy_jsd_passes_every_logits_property():
+    report = run(_numpy_impl(logits_beta=True), "numpy", names=LOGITS, max_examples=10)
+    assert not report.failed and not report.should_failed, _failures(report)
+
+
+def test_the_reproduction_replays_beta():
+    report = run("mutant:logits_jsd_beta_swapped", "numpy", names=["accuracy.logits_options"])
+    (outcome,) = report.outcomes
+    assert "beta=0.3" in outcome.reproduction
+    assert "verdict:  differs" in _exec(outcome.reproduction)

@@ -64,18 +64,32 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
         "semantics.logits_fully_masked",
     ),
     "logits_float32_result": ("semantics.logits_dtypes",),
+    "logits_jsd_beta_swapped": ("accuracy.logits_options",),
+    "logits_jsd_endpoints_formula": ("accuracy.logits_options", "semantics.logits_edge_values"),
+    "logits_jsd_excluded_nan": ("semantics.logits_edge_values",),
+    "logits_jsd_grad_no_factor": ("gradients.logits_options",),
     "logits_mutates_input": ("hygiene.logits_inputs_unmodified",),
     "gaussian_mutates_input": ("hygiene.gaussian_inputs_unmodified",),
     "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
     "gaussian_logvar_sign": ("accuracy.gaussian_oracle",),
     "gaussian_grad_no_half": ("gradients.gaussian_oracle",),
+    # from hidden states and output weights (a from_hidden function only)
+    "hidden_bias_grad_dropped": ("gradients.hidden_oracle",),
+    "hidden_chunk_divisor": (
+        "accuracy.hidden_oracle",
+        "accuracy.hidden_options",
+        "math.hidden_composition",
+    ),
+    "hidden_float32_result": ("semantics.hidden_dtypes",),
+    "hidden_mutates_input": ("hygiene.hidden_inputs_unmodified",),
+    "hidden_teacher_gradient": ("gradients.hidden_teacher_frozen",),
 }
 
 #: The modules whose properties this table must cover (the suite's own checks;
 #: modules added by other work bring their own mutants and tests).
 SUITE_CHECKS = {
     f"kldiv_spec.conformance.checks_{g}"
-    for g in ("math", "accuracy", "semantics", "gradients", "hygiene", "logits")
+    for g in ("math", "accuracy", "semantics", "gradients", "hygiene", "logits", "hidden")
 }
 
 

@@ -609,3 +609,90 @@ def test_the_javascript_port_can_skip_float16(exported: Path, tmp_path: Path) ->
     report = v.verify(json.loads(exported.read_text()), results)
     skipped = [o for o in report.outcomes if o.status == "skipped"]
     assert skipped and not report.failed()
+
+
+# -- from logits: the generalised Jensen-Shannon divergence (beta) -----------------------------
+
+
+def _holds(got: Any, want: Any) -> bool:
+    from kldiv_spec.conformance.vectors_cases import Expected
+
+    assert isinstance(want, Expected)
+    got = np.asarray(got, dtype=np.float64)
+    e = want.value.astype(np.float64)
+    assert got.shape == e.shape
+    with np.errstate(invalid="ignore"):
+        ok = np.where(
+            np.isnan(e),
+            np.isnan(got),
+            np.where(np.isinf(e), got == e, np.abs(got - e) <= want.atol),
+        )
+    return bool(ok.all())
+
+
+def _logits_call(spec: Any, fn: Any = None) -> tuple[Any, Any, Any]:
+    options = dict(spec.options)
+    if spec.mask is not None:
+        options["mask"] = spec.mask
+    value = (fn or kldiv_spec.kl_div_from_logits)(spec.input, spec.target, **options)
+    g = spec.grad_output if spec.options["reduction"] == "none" else float(spec.grad_output)
+    gs, gt = kldiv_spec.kl_div_from_logits_backward(
+        g, spec.input, spec.target, target_grad=True, **options
+    )
+    return value, gs, gt
+
+
+def test_logits_beta_vectors_are_deterministic_and_cover_every_beta():
+    from kldiv_spec.conformance.vectors_cases import LOGITS_BETAS, logits_specs
+
+    first, second = logits_specs(), logits_specs()
+    assert [s.id for s in first] == [s.id for s in second]
+    assert len({s.id for s in first}) == len(first)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.input, b.input)
+        np.testing.assert_array_equal(a.target, b.target)
+    assert {s.options["beta"] for s in first} == set(LOGITS_BETAS)
+    assert {s.input.dtype.name for s in first} == {"float32", "float64"}
+    # the exported document is unchanged: no from-logits case in it
+    assert all(spec.function in ("kl_div", "kl_div_backward") for spec in v.specs())
+
+
+def test_the_reference_holds_every_logits_beta_vector():
+    from kldiv_spec.conformance.vectors_cases import logits_expected, logits_specs
+
+    for spec in logits_specs():
+        want = logits_expected(spec)
+        value, gs, gt = _logits_call(spec)
+        assert _holds(value, want.value), spec.id
+        assert _holds(gs, want.grad_input), spec.id
+        assert _holds(gt, want.grad_target), spec.id
+
+
+def test_the_logits_beta_vectors_state_the_edges():
+    from kldiv_spec.conformance.vectors_cases import logits_expected, logits_specs
+
+    edges = {
+        s.options["beta"]: logits_expected(s).value.value
+        for s in logits_specs()
+        if s.id.endswith("/edges")
+    }
+    assert edges[0.0][0, 1] == math.inf and edges[1.0][1, 1] == math.inf  # the KLs' +inf
+    for beta in (0.3, 0.5):
+        assert np.isfinite(edges[beta][:3]).all() and edges[beta][2, 3] == 0.0
+        assert np.isnan(edges[beta][3]).all()
+
+
+def test_a_swapped_mixture_fails_the_logits_beta_vectors():
+    from kldiv_spec.conformance.mutants import np_from_logits
+    from kldiv_spec.conformance.vectors_cases import logits_expected, logits_specs
+
+    def swapped(s: Any, t: Any, **options: Any) -> Any:
+        return np_from_logits(s, t, bug="jsd_beta_swapped", **options)
+
+    failed = {
+        spec.id
+        for spec in logits_specs()
+        if not _holds(_logits_call(spec, swapped)[0], logits_expected(spec).value)
+    }
+    assert failed and all("beta=0.3" in cid for cid in failed)
+    assert any("/float32/" in cid for cid in failed) and any("/float64/" in cid for cid in failed)
