@@ -392,10 +392,10 @@ def liger_style(
     (``liger_kernel.transformers.LigerJSD``), or a function called with a
     ``beta=`` keyword.
 
-    The adapter computes ``log_softmax(logits / T)`` of both logits, picks
-    ``beta`` from the direction, passes the mask as labels, and multiplies by
-    :math:`T^2` when asked. It expresses ``'rowmean'`` (the per-token mean);
-    the generalised JSD between the two KLs is not adapted. ``direction``
+    The adapter computes ``log_softmax(logits / T)`` of both logits, passes a
+    case's ``beta`` (the generalised JSD) or picks it from the direction (0 or
+    1), passes the mask as labels, and multiplies by :math:`T^2` when asked. It
+    expresses ``'rowmean'`` (the per-token mean). ``direction``
     (``'forward'`` or ``'reverse'``) restricts it to one of the two; None
     (the default) declares both. ``ignore_index`` is the label the adapter
     gives a dropped row; a class is also instantiated with it when it is not
@@ -424,6 +424,7 @@ def liger_style(
         direction: str = "forward",
         scale_by_temperature_squared: bool = True,
         mask: Any = None,
+        beta: float | None = None,
     ) -> Any:
         import torch
 
@@ -434,7 +435,7 @@ def liger_style(
         s, t, labels = _rows_and_labels(input, target, mask, ignore_index)
         log_q = torch.log_softmax(s / temperature, dim=-1)
         log_p = torch.log_softmax(t / temperature, dim=-1)
-        jsd = make(0.0 if direction == "forward" else 1.0)
+        jsd = make(beta if beta is not None else (0.0 if direction == "forward" else 1.0))
         out = jsd(log_q, log_p) if labels is None else jsd(log_q, log_p, labels)
         return _scaled(out, temperature, scale_by_temperature_squared)
 
@@ -442,9 +443,10 @@ def liger_style(
         name,
         backends=backends,
         description=description
-        or f"{name}: jsd(student_log_probs, teacher_log_probs, shift_labels), beta 0 and 1",
+        or f"{name}: jsd(student_log_probs, teacher_log_probs, shift_labels), beta in [0, 1]",
         from_logits=from_logits,
         logits_reductions=reductions,
+        logits_beta=True,
         logits_directions=directions,
     )
 
@@ -480,13 +482,15 @@ def cross_entropy_model(
 
 
 class GeneralisedJSDModel:
-    r"""A model of Liger-Kernel's documented ``LigerJSD`` at ``beta`` 0 and 1.
+    r"""A model of Liger-Kernel's documented ``LigerJSD``: the generalised JSD, any ``beta``.
 
     Called as ``jsd(student_log_probs, teacher_log_probs, shift_labels=None)``:
-    per token :math:`\sum_i p_i (\log p_i - \log q_i)` for ``beta=0`` (the
-    forward KL) and :math:`\sum_i q_i (\log q_i - \log p_i)` for ``beta=1`` (the
-    reverse KL), a term of zero weight being 0; the mean over the tokens whose
-    label is not ``ignore_index``. Other ``beta`` raise NotImplementedError.
+    per token, with :math:`m = \beta p + (1 - \beta) q`,
+    :math:`\beta\,\mathrm{KL}(p \,\|\, m) + (1 - \beta)\,\mathrm{KL}(q \,\|\, m)`
+    for :math:`0 < \beta < 1`, the forward KL :math:`\mathrm{KL}(p \,\|\, q)` for
+    ``beta=0`` and the reverse :math:`\mathrm{KL}(q \,\|\, p)` for ``beta=1`` (the
+    endpoints as the library special-cases them), a term of zero weight being 0;
+    the mean over the tokens whose label is not ``ignore_index``.
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100) -> None:
@@ -494,16 +498,25 @@ class GeneralisedJSDModel:
         self.ignore_index = ignore_index
 
     def __call__(self, log_q: Any, log_p: Any, shift_labels: Any = None) -> Any:
-        """Return the mean KL over the kept tokens."""
+        """Return the mean divergence over the kept tokens."""
         import torch
 
-        if self.beta not in (0.0, 1.0):
-            msg = "the model covers beta 0 (forward KL) and 1 (reverse KL) only"
-            raise NotImplementedError(msg)
-        log_w, log_o = (log_p, log_q) if self.beta == 0.0 else (log_q, log_p)
-        w = torch.exp(log_w)
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        per_token = torch.sum(torch.where(w == 0, zero, w * (log_w - log_o)), dim=-1)
+        def kl(log_w: Any, log_o: Any) -> Any:
+            w = torch.exp(log_w)
+            zero = torch.zeros((), dtype=w.dtype, device=w.device)
+            safe = torch.where(w == 0, zero, log_w - torch.where(w == 0, zero, log_o))
+            return torch.sum(w * safe, dim=-1)
+
+        beta = float(self.beta)
+        if beta == 0.0:
+            per_token = kl(log_p, log_q)
+        elif beta == 1.0:
+            per_token = kl(log_q, log_p)
+        else:
+            mixed = torch.stack((log_p + math.log(beta), log_q + math.log1p(-beta)))
+            log_m = torch.logsumexp(mixed, dim=0)
+            per_token = beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
+        zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
         if shift_labels is None:
             return torch.sum(per_token) / per_token.shape[0]
         keep = shift_labels != self.ignore_index
@@ -528,7 +541,7 @@ def _liger_model() -> Implementation:
     return liger_style(
         GeneralisedJSDModel,
         name="liger-style",
-        description="a model of Liger-Kernel's LigerJSD at beta 0 and 1, from its docs",
+        description="a model of Liger-Kernel's LigerJSD (any beta), from its docs",
     )
 
 

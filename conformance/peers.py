@@ -348,7 +348,7 @@ _trl_unsupported = _either(_no_t2, _trl_none_masked)
 
 
 def trl_generalized_jsd() -> Implementation:
-    """Return trl's ``GKDTrainer.generalized_jsd_loss`` at ``beta`` 0 (forward) and 1 (reverse).
+    """Return trl's ``GKDTrainer.generalized_jsd_loss``: any ``beta``, 0 (forward) and 1 (reverse).
 
     The library divides by the temperature itself and applies no :math:`T^2`;
     its reductions are ``kl_div``'s (on the elementwise terms), and a mask is
@@ -371,6 +371,7 @@ def trl_generalized_jsd() -> Implementation:
         direction: str = "forward",
         scale_by_temperature_squared: bool = False,
         mask: Any = None,
+        beta: float | None = None,
     ) -> Any:
         _check_axis(input, axis)
         options = {
@@ -388,7 +389,7 @@ def trl_generalized_jsd() -> Implementation:
             input,
             target,
             labels=labels,
-            beta=_beta(direction),
+            beta=_beta(direction) if beta is None else beta,
             temperature=temperature,
             reduction=reduction,
         )
@@ -397,13 +398,14 @@ def trl_generalized_jsd() -> Implementation:
         "trl.generalized_jsd_loss",
         backends=_TORCH,
         description=(
-            "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(s, t, labels, beta=0|1, "
+            "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss(s, t, labels, beta, "
             "temperature=T, reduction) (no T**2)"
         ),
         from_logits=from_logits,
         logits_reductions=("none", "batchmean", "sum", "mean"),
         logits_scalings=(False,),
         unsupported=_trl_unsupported,
+        logits_beta=True,
         version=_version("trl"),
     )
 
@@ -477,17 +479,18 @@ def torchdistill_kd_loss() -> Implementation:
 
 
 def liger_fused_linear_jsd() -> Implementation:
-    r"""Return Liger-Kernel's ``LigerFusedLinearJSDLoss`` on identity weights (plain PyTorch).
+    r"""Return Liger-Kernel's ``LigerFusedLinearJSDLoss`` (plain PyTorch): hidden states, logits.
 
-    The loss takes hidden states :math:`h` and weights :math:`W` and forms
-    the logits :math:`h W^\top`; the adapter passes the logits as :math:`h`
-    and the identity as :math:`W`, so that :math:`h W^\top` equals them
-    exactly for finite logits. Non-finite logits cannot cross the product
-    (``inf * 0`` is NaN), so those cases are n/a (``NotImplementedError``).
-    ``weight_hard_loss=0``, ``weight_soft_loss=1``, ``beta`` 0 or 1, the
-    temperature passed as is (the library applies no :math:`T^2`),
-    ``compiled=False`` (no C++ compiler needed), the mask as labels; it
-    divides by the kept tokens: ``'rowmean'``.
+    The loss takes hidden states :math:`h` and weights :math:`W` (and biases)
+    and forms the logits :math:`h W^\top + b` a chunk of rows at a time
+    (:func:`_fused_linear`): its ``from_hidden`` passes them as they are (the
+    ``from-hidden`` properties). Its ``from_logits`` passes logits as :math:`h`
+    and the identity as :math:`W`, so that :math:`h W^\top` equals them exactly
+    for finite logits; non-finite logits cannot cross the product (``inf * 0``
+    is NaN), so those cases are n/a (``NotImplementedError``). ``beta`` any
+    value (0 and 1 for the directions), the temperature passed as is (the
+    library applies no :math:`T^2`), the mask as labels; it divides by the
+    kept tokens: ``'rowmean'``.
     """
     import torch
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -503,6 +506,7 @@ def liger_fused_linear_jsd() -> Implementation:
         direction: str = "forward",
         scale_by_temperature_squared: bool = False,
         mask: Any = None,
+        beta: float | None = None,
     ) -> Any:
         _check_axis(input, axis)
         _refuse(
@@ -522,14 +526,40 @@ def liger_fused_linear_jsd() -> Implementation:
         h_s, h_t = torch.reshape(input, (-1, vocab)), torch.reshape(target, (-1, vocab))
         labels = torch.reshape(_labels(input, mask), (-1,))
         eye = torch.eye(vocab, dtype=input.dtype, device=input.device)
-        fn = LigerFusedLinearJSDLoss(
-            weight_hard_loss=0.0,
-            weight_soft_loss=1.0,
-            beta=_beta(direction),
-            temperature=temperature,
-            compiled=False,
-        )
+        fn = _fused_linear(LigerFusedLinearJSDLoss, direction, beta, temperature)
         return fn(h_s, eye, h_t, eye.to(target.dtype), labels)
+
+    def from_hidden(
+        student_hidden: Any,
+        student_weight: Any,
+        teacher_hidden: Any,
+        teacher_weight: Any,
+        /,
+        *,
+        student_bias: Any = None,
+        teacher_bias: Any = None,
+        temperature: float = 1.0,
+        reduction: str = "rowmean",
+        direction: str = "forward",
+        scale_by_temperature_squared: bool = False,
+        mask: Any = None,
+    ) -> Any:
+        _refuse(
+            {
+                "temperature": temperature,
+                "scale_by_temperature_squared": scale_by_temperature_squared,
+            },
+            _no_t2,
+        )
+        if reduction != "rowmean":
+            msg = "LigerFusedLinearJSDLoss averages over the kept tokens ('rowmean')"
+            raise NotImplementedError(msg)
+        h_s = torch.reshape(student_hidden, (-1, student_hidden.shape[-1]))
+        h_t = torch.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
+        rows = student_hidden[..., 0]
+        labels = torch.reshape(_labels(rows[..., None], mask), (-1,))
+        fn = _fused_linear(LigerFusedLinearJSDLoss, direction, None, temperature)
+        return fn(h_s, student_weight, h_t, teacher_weight, labels, student_bias, teacher_bias)
 
     return Implementation(
         "liger.LigerFusedLinearJSDLoss",
@@ -540,9 +570,32 @@ def liger_fused_linear_jsd() -> Implementation:
             "identity weights (finite logits only; no T**2)"
         ),
         from_logits=from_logits,
+        from_hidden=from_hidden,
         logits_reductions=("rowmean",),
+        logits_beta=True,
         **_NO_T2,
         version=_version("liger-kernel"),
+    )
+
+
+#: Rows per chunk of the fused linear loss: small cases then span several chunks.
+_LIGER_CHUNK = 2
+
+
+def _fused_linear(cls: Any, direction: str, beta: float | None, temperature: float) -> Any:
+    """Return ``LigerFusedLinearJSDLoss`` as the adapters call it: the soft loss alone.
+
+    ``weight_hard_loss=0``, ``weight_soft_loss=1``, ``beta`` (or 0 / 1 for the
+    direction), the temperature as is (no :math:`T^2`), ``compiled=False`` (no
+    C++ compiler needed) and ``chunk_size=_LIGER_CHUNK`` rows.
+    """
+    return cls(
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=_beta(direction) if beta is None else beta,
+        temperature=temperature,
+        compiled=False,
+        chunk_size=_LIGER_CHUNK,
     )
 
 

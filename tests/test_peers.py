@@ -337,6 +337,49 @@ def test_liger_fused_linear_jsd_no_temperature_squared_float32_result():
         _call(impl, s, t, reduction="rowmean")
 
 
+def _jsd_rows(s: torch.Tensor, t: torch.Tensor, beta: float, temperature: float = 1.0):
+    """Per row, beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, float64."""
+    p = torch.softmax(t / temperature, dim=-1)
+    q = torch.softmax(s / temperature, dim=-1)
+    m = beta * p + (1 - beta) * q
+    kl_p, kl_q = (p * (p.log() - m.log())).sum(-1), (q * (q.log() - m.log())).sum(-1)
+    return beta * kl_p + (1 - beta) * kl_q
+
+
+@_needs("trl")
+def test_trl_generalised_jsd_between_the_endpoints():
+    s, t = _logits()
+    impl = peers.trl_generalized_jsd()
+    for beta in (0.1, 0.5, 0.9):
+        got = _call(impl, s, t, temperature=2.0, reduction="batchmean", beta=beta)
+        want = _jsd_rows(s, t, beta, 2.0).mean()  # no T**2
+        assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+@_needs("liger_kernel")
+def test_liger_fused_linear_jsd_from_hidden_states_in_chunks():
+    gen = torch.Generator().manual_seed(3)
+    h_s, h_t = torch.randn(5, 3, generator=gen), torch.randn(5, 2, generator=gen)
+    w_s, w_t = torch.randn(6, 3, generator=gen), torch.randn(6, 2, generator=gen)
+    b_s, b_t = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    impl = peers.liger_fused_linear_jsd()
+    assert impl.from_hidden is not None
+    options = {"temperature": 2.0, "reduction": "rowmean", "scale_by_temperature_squared": False}
+    for direction, beta in (("forward", 0.0), ("reverse", 1.0)):
+        got = impl.from_hidden(
+            h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, direction=direction, **options
+        )
+        s = (h_s @ w_s.T + b_s).double()  # the logits it never holds, in float64
+        t = (h_t @ w_t.T + b_t).double()
+        weights, others = (t, s) if beta == 0.0 else (s, t)
+        want = _kl_rows(weights, others, 2.0)
+        assert got.dtype == torch.float32
+        assert float(got) == pytest.approx(float(want.mean()), rel=1e-5)  # 5 rows, chunks of 2
+    # float64 operands: a float32 result (semantics.hidden_dtypes)
+    got = impl.from_hidden(h_s.double(), w_s.double(), h_t.double(), w_t.double(), **options)
+    assert got.dtype == torch.float32
+
+
 @_needs("liger_kernel", "triton")
 @pytest.mark.skipif(not _INTERPRET, reason="LigerJSD on CPU needs TRITON_INTERPRET=1")
 def test_liger_jsd_float32_kernel_and_nan_edges():
@@ -471,7 +514,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_excluded_by_both",  # PyTorch's composition's NaN
         "math.logits_exact_zero_at_identity",
     },
-    "liger.LigerFusedLinearJSDLoss": {"semantics.logits_dtypes"},  # float32
+    "liger.LigerFusedLinearJSDLoss": {"semantics.logits_dtypes", "semantics.hidden_dtypes"},
     "liger.LigerJSD": {
         "accuracy.logits_options",  # float32 kernel
         "gradients.logits_options",
