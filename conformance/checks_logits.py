@@ -85,7 +85,14 @@ __all__ = [
 
 _TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
 #: The options of a from-logits call that a case carries (besides ``mask``).
-_OPTION_KEYS = ("reduction", "temperature", "direction", "scale_by_temperature_squared", "beta")
+_OPTION_KEYS = (
+    "reduction",
+    "temperature",
+    "direction",
+    "scale_by_temperature_squared",
+    "beta",
+    "axis",
+)
 #: The values of ``beta`` the fixed cases take (for an implementation with ``logits_beta``):
 #: the two endpoints (the forward and the reverse KL), the symmetric mixture, and an
 #: asymmetric one (where swapping beta and 1 - beta in the mixture shows).
@@ -120,6 +127,8 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
         return "temperatures other than 1"
     if options.get("mask") is not None and not impl.logits_masks:
         return "a mask"
+    if options.get("axis", -1) not in (-1, *impl.logits_axes):
+        return f"axis={options['axis']}"
     if options.get("beta") is not None and not getattr(impl, "logits_beta", False):
         return "beta (the generalised Jensen-Shannon divergence)"
     unsupported = getattr(impl, "unsupported", None)
@@ -480,6 +489,8 @@ def _hint(
     by default the operands'): within 64 of its epsilons relative, plus ``tol``
     (the oracle's bound at that precision) absolute.
     """
+    if options.get("axis", -1) % s.ndim != s.ndim - 1:
+        return ""  # the alternatives take the classes on the last axis
     got = np.asarray(got, dtype=np.float64)
     dtype = np.dtype(np.result_type(s.dtype, t.dtype) if precision is None else precision)
     rtol = 64 * float(np.finfo(np.float32 if dtype.itemsize < 4 else dtype).eps)
@@ -1358,6 +1369,65 @@ def _check_gradient(ctx: Context, case: Case) -> None:
     subject="from_logits",
 )
 def _logits_gradients(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case)
+
+
+def _axis_cases(ctx: Context) -> list[Case]:
+    """Return cases with the classes on another axis than the last, for each one declared.
+
+    2-d logits with the classes on axis 0 and 3-d ones on axis 0 or 1 (as
+    torchdistill's ``KDLoss`` takes them, the softmax over dim 1), each reduction
+    in both directions, a row mask of the rows' shape (the logits' shape
+    without ``axis``) where the reduction takes one.
+    """
+    declared = [a for a in ctx.impl.logits_axes if a != -1]
+    if not declared:
+        raise NotApplicable(f"{ctx.impl.name} takes the classes on the last axis only")
+    impl = ctx.impl
+    # the (direction, T**2) settings it declares (each reduction meets every axis)
+    combos = [
+        c for c in _COMBOS if c[0] in impl.logits_directions and c[1] in impl.logits_scalings
+    ] or list(_COMBOS)
+    cases = []
+    for shape, seed in (((4, 3), 41), ((2, 5, 3), 43)):
+        s, t = _grid_logits(shape, seed)
+        for axis in declared:
+            if not -len(shape) <= axis < len(shape) or axis % len(shape) == len(shape) - 1:
+                continue
+            rows = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+            keep = (np.arange(math.prod(rows)) % 3 != 1).reshape(rows)
+            for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
+                for j, mask in enumerate((None, keep)):
+                    if mask is not None and reduction == "batchmean":
+                        continue  # with a mask, 'batchmean' takes 2-d logits on axis 1 only
+                    options = _case_options(*combos[(i + 2 * j) % len(combos)])
+                    case = _logits_case(s, t, reduction=reduction, mask=mask, axis=axis, **options)
+                    cases.append(case)
+    if not cases:
+        raise NotApplicable(f"no case for the axes {ctx.impl.name} declares ({declared})")
+    return _expressible(ctx, cases)
+
+
+@register(
+    "accuracy.logits_axis",
+    "the classes on another axis than the last (as the implementation declares in "
+    "logits_axes): the oracle's value, each reduction, masks of the rows' shape",
+    cases=_axis_cases,
+    applies=_applies("from_logits"),
+    subject="from_logits",
+)
+def _logits_axis(ctx: Context, case: Case) -> None:
+    _check_value(ctx, case)
+
+
+@register(
+    "gradients.logits_axis",
+    "the student gradient with the classes on another axis than the last agrees with the oracle",
+    cases=_axis_cases,
+    applies=_applies("from_logits"),
+    subject="from_logits",
+)
+def _logits_axis_gradient(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
 
 

@@ -211,6 +211,7 @@ def _reference() -> Implementation:
             "from_hidden (the logits composed)"
         ),
         from_logits=kldiv_spec.kl_div_from_logits,
+        logits_axes=(-1, 0, 1, -2),
         from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
         gaussian=kldiv_spec.gaussian_kl,
         gaussian_backward=kldiv_spec.gaussian_kl_backward,

@@ -595,6 +595,17 @@ def _zero_student_after(input: Any, target: Any, /, **options: Any) -> Any:
     return out
 
 
+def _last_axis_always(input: Any, target: Any, /, *, axis: int = -1, **options: Any) -> Any:
+    """Return ``kl_div_from_logits`` with the classes on the last axis, whatever ``axis`` says."""
+    return kldiv_spec.kl_div_from_logits(input, target, **options)
+
+
+def _last_axis_always_backward(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+    """Return the gradient of :func:`_last_axis_always` (``axis`` dropped too)."""
+    options.pop("axis", None)
+    return kldiv_spec.kl_div_from_logits_backward(g, input, target, **options)
+
+
 def _zero_mu_after(mu: Any, logvar: Any, /, **options: Any) -> Any:
     """Return the correct Gaussian KL, then zero ``mu`` in place."""
     out = np_gaussian(mu, logvar, **options)
@@ -769,6 +780,14 @@ _LIST += [
         description="from logits: zeroes the student logits in place (after computing the loss)",
         from_logits=_zero_student_after,
         from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
+    ),
+    Implementation(
+        "logits_axis_ignored",
+        backends=("numpy",),
+        description="from logits: the classes on the last axis, whatever axis= says",
+        from_logits=_last_axis_always,
+        from_logits_backward=_last_axis_always_backward,
+        logits_axes=(-1, 0, 1, -2),
     ),
     Implementation(
         "gaussian_mutates_input",

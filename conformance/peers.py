@@ -419,9 +419,10 @@ def torchdistill_kd_loss() -> Implementation:
     ``KDLoss`` documents :math:`\alpha L_{CE} + (1 - \alpha) T^2 L_{KL}`, but
     with ``alpha=0`` it returns the plain ``nn.KLDivLoss`` of
     ``log_softmax(s / T, dim=1)`` and ``softmax(t / T, dim=1)``, without
-    :math:`T^2` (``scale_by_temperature_squared=True`` only at :math:`T = 1`). It takes the classes
-    on axis 1, so the adapter moves the last axis there (and back for
-    ``'none'``); it has no mask.
+    :math:`T^2` (``scale_by_temperature_squared=True`` only at :math:`T = 1`). It takes the
+    classes on axis 1: ``axis=1`` (or its negative form) is passed as it is, and
+    for the last axis the adapter moves it there (and back for ``'none'``); it
+    has no mask.
     """
     import torch
     from torchdistill.losses.mid_level import KDLoss
@@ -438,7 +439,6 @@ def torchdistill_kd_loss() -> Implementation:
         scale_by_temperature_squared: bool = False,
         mask: Any = None,
     ) -> Any:
-        _check_axis(input, axis)
         _refuse(
             {
                 "temperature": temperature,
@@ -452,24 +452,29 @@ def torchdistill_kd_loss() -> Implementation:
         if input.ndim < 2:
             msg = "KDLoss takes the classes on axis 1: at least 2-d logits"
             raise NotImplementedError(msg)
+        native = axis % input.ndim == 1  # KDLoss's own axis: passed as it is
+        if not native and axis % input.ndim != input.ndim - 1:
+            msg = "KDLoss takes the classes on axis 1 (the adapter moves the last axis there)"
+            raise NotImplementedError(msg)
         fn = KDLoss(
             "student", "output", "teacher", "output", temperature, alpha=0, reduction=reduction
         )
-        s, t = torch.movedim(input, -1, 1), torch.movedim(target, -1, 1)
+        s, t = (input, target) if native else (torch.movedim(a, -1, 1) for a in (input, target))
         out = fn({"student": {"output": s}}, {"teacher": {"output": t}})
-        return torch.movedim(out, 1, -1) if reduction == "none" else out
+        return torch.movedim(out, 1, -1) if reduction == "none" and not native else out
 
     return Implementation(
         "torchdistill.KDLoss",
         backends=_TORCH,
         description=(
             "torchdistill.losses.mid_level.KDLoss(temperature=T, alpha=0, reduction) on "
-            "{'student': {'output': s}}, classes moved to axis 1 (no T**2 at alpha=0)"
+            "{'student': {'output': s}}, classes on axis 1 (no T**2 at alpha=0)"
         ),
         from_logits=from_logits,
         logits_reductions=("none", "batchmean", "sum", "mean"),
         logits_directions=("forward",),
         logits_masks=False,
+        logits_axes=(-1, 1, -2),
         **_NO_T2,
         version=_version("torchdistill"),
     )

@@ -69,6 +69,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "logits_jsd_excluded_nan": ("semantics.logits_edge_values",),
     "logits_jsd_grad_no_factor": ("gradients.logits_options",),
     "logits_mutates_input": ("hygiene.logits_inputs_unmodified",),
+    "logits_axis_ignored": ("accuracy.logits_axis", "gradients.logits_axis"),
     "gaussian_mutates_input": ("hygiene.gaussian_inputs_unmodified",),
     "gaussian_prior_ignored": ("math.gaussian_zero_at_identity",),
     "gaussian_logvar_sign": ("accuracy.gaussian_oracle",),

@@ -281,6 +281,18 @@ def test_trl_none_with_a_mask_is_declared_unsupported():
 
 
 @_needs("torchdistill")
+def test_torchdistill_is_checked_natively_on_axis_1():
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)  # (batch, classes, positions)
+    t = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    impl = peers.torchdistill_kd_loss()
+    got = _call(impl, s, t, temperature=2.0, reduction="sum", axis=1)
+    p, log_q = torch.softmax(t / 2.0, dim=1), torch.log_softmax(s / 2.0, dim=1)
+    want = torch.sum(p * (torch.log(p) - log_q))  # the KL over dim 1, no T**2
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+@_needs("torchdistill")
 def test_torchdistill_alpha_none_without_beta_fails_in_init():
     from torchdistill.losses.mid_level import KDLoss
 
