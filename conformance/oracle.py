@@ -306,18 +306,23 @@ def gradients(
     is summed back to its argument's shape. Values are computed in float64
     (with extended precision for the logarithm terms) and the bounds are
     :data:`GRADIENT_ULPS` ULPs of the summed term magnitudes in the result dtype
-    (with an absolute floor of the smallest normal number when ``flush``).
-    Where PyTorch's evaluation in the dtype overflows (with ``log_target``, its
-    product rule :math:`g (t - x) e^t + g e^t`, NaN where ``e^t`` is infinite and
-    ``t = x``) its non-finite value is the gradient, and a finite gradient
-    beyond the dtype's range is an infinity.
+    (with an absolute floor of the smallest normal number when ``flush``; the
+    upstream gradient's subnormal numbers are then zeros, as a backend that
+    flushes them reads it). Where PyTorch's evaluation in the dtype overflows
+    (with ``log_target``, its product rule :math:`g (t - x) e^t + g e^t`, NaN
+    where ``e^t`` is infinite and ``t = x``) its non-finite value is the
+    gradient, and a finite gradient beyond the dtype's range is an infinity.
     """
     dtype = np.result_type(x.dtype, t.dtype)
     out_shape = np.broadcast_shapes(x.shape, t.shape)
     d = divisor(reduction, x.shape, out_shape)
     xb, tb = (np.broadcast_to(a, out_shape).astype(np.float64) for a in (x, t))
     # d == 0 only for an empty batch, where there is nothing to divide
-    gb = np.broadcast_to(np.asarray(g, dtype=np.float64), out_shape) / (d or 1)
+    g = np.asarray(g, dtype=np.float64)
+    if flush:  # the backend reads a subnormal upstream gradient as a zero of its sign
+        tiny = float(np.finfo(dtype).smallest_normal)
+        g = np.where(np.abs(g) < tiny, np.copysign(0.0, g), g)
+    gb = np.broadcast_to(g, out_shape) / (d or 1)
     with np.errstate(all="ignore"):
         if log_target:
             e = np.exp(tb.astype(dtype)).astype(np.float64)

@@ -56,7 +56,7 @@ class NotApplicable(Exception):  # noqa: N818 (a verdict, not an error)
 class CouldNotRun(Exception):  # noqa: N818 (a verdict, not an error)
     """The machine, not the implementation, failed: no GPU driver, a Triton interpreter error.
 
-    Raised by an adapter (or recognised by :func:`.runner.environment_failure`),
+    Raised by an adapter (or recognised by ``runner.environment_failure``),
     it makes the property ``could not run`` with its message, never a failure.
     """
 

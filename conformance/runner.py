@@ -109,7 +109,7 @@ def resolve(spec: str, /, *, kind: str = "kl-div", **style_options: Any) -> Impl
 
     ``spec`` is ``reference``, ``torch``, ``numpy`` (the suite's independent
     NumPy implementation), an adapter name (see :mod:`.adapters`),
-    ``peer:NAME`` (a real library's function as installed, see :mod:`.peers`),
+    ``peer:NAME`` (a real library's function as installed, see ``kldiv_spec.conformance.peers``),
     ``mutant:NAME`` (see :mod:`.mutants`) or ``MODULE:CALLABLE``, where
     ``MODULE`` is a module (searched in the current directory first, as
     ``python -m`` does) or the path of a ``.py`` file. ``kind`` (one of
