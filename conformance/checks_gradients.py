@@ -57,8 +57,14 @@ def _grad_output(case: Case) -> Any:
 
 
 def take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Return the implementation's ``(grad_input, grad_target)`` for upstream gradient ``g``."""
+    """Return the implementation's ``(grad_input, grad_target)`` for upstream gradient ``g``.
+
+    Through autograd the forward result's dtype is kept in ``ctx.result_dtype``:
+    a float32 loss of float64 operands has float64 gradients computed in
+    float32, judged at float32's bound (:func:`at_result_precision`).
+    """
     ctx.record(case, "gradient", grad=g)
+    ctx.result_dtype = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the 'mean' warning
         return _take_gradients(ctx, case, g)
@@ -73,6 +79,7 @@ def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.nd
         x = be.asarray(case.input).requires_grad_(True)
         t = be.asarray(case.target).requires_grad_(True)
         out = impl.fn(x, t, **kw)
+        _note_result(ctx, out)
         if not getattr(out, "requires_grad", False):
             msg = "the result does not require grad: autograd cannot differentiate it"
             raise AssertionError(msg)
@@ -90,6 +97,7 @@ def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.nd
         out, vjp = jax.vjp(
             lambda a, b: impl.fn(a, b, **kw), be.asarray(case.input), be.asarray(case.target)
         )
+        _note_result(ctx, out)
         gx, gt = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
         return np.asarray(gx), np.asarray(gt)
     if impl.backward is None:
@@ -104,6 +112,33 @@ def _take_gradients(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.nd
             msg = f"the gradient w.r.t. {name} is {grad.dtype}, its argument {arg.dtype}"
             raise AssertionError(msg)
     return be.to_numpy(gx), be.to_numpy(gt)
+
+
+def _note_result(ctx: Context, out: Any) -> None:
+    """Keep the floating dtype of the forward result ``out`` in ``ctx.result_dtype``."""
+    name = str(getattr(out, "dtype", "")).replace("torch.", "")
+    try:
+        dtype = np.dtype(name)
+    except TypeError:  # bfloat16 and other names NumPy does not know
+        dtype = None
+    ctx.result_dtype = dtype if dtype is not None and dtype.kind == "f" else None
+
+
+def at_result_precision(ctx: Context, want: Any, dtype: Any, /) -> Any:
+    """Return the oracle's ``((value, bound), ...)`` with bounds at the result's precision.
+
+    Where the forward result (or a declared ``compute_dtype``) is less precise
+    than the operands' ``dtype``, each bound grows by the ratio of the two
+    epsilons, with that precision's floor: the values are judged at the
+    precision the implementation computes in.
+    """
+    dtype = np.dtype(dtype)
+    judged = ctx.precision(dtype)
+    if judged.itemsize >= dtype.itemsize:
+        return want
+    ratio = float(np.finfo(judged).eps / np.finfo(dtype).eps)
+    floor = float(np.finfo(judged).smallest_subnormal)
+    return tuple((value, np.maximum(np.asarray(tol) * ratio, floor)) for value, tol in want)
 
 
 def _cases(ctx: Context) -> Any:
@@ -127,6 +162,7 @@ def _compare_one(ctx: Context, case: Case, which: int) -> None:
         log_target=case.log_target,
         flush=not ctx.backend.subnormals,
     )
+    want = at_result_precision(ctx, want, np.result_type(case.input, case.target))
     assert_gradients(got, want, which=(which,))
 
 
@@ -163,6 +199,7 @@ def _compare_both(ctx: Context, case: Case) -> None:
         flush=not ctx.backend.subnormals,
     )
     what = f"reduction={case.reduction!r}, log_target={case.log_target}"
+    want = at_result_precision(ctx, want, np.result_type(case.input, case.target))
     assert_gradients(got, want, dtypes=(case.input.dtype, case.target.dtype), what=what)
 
 

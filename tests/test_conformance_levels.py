@@ -333,3 +333,21 @@ def test_an_unsupported_case_is_skipped_alone():
     assert any("mask" in c for c in calls)
     options = next(o for o in report.outcomes if o.name == "accuracy.logits_options")
     assert options.status == "pass", options  # its other cases ran
+
+
+def test_kl_div_gradients_are_judged_at_the_precision_of_the_result():
+    """A float32 loss of float64 operands: one dtype finding; its gradients pass at float32."""
+    functional = _torch().nn.functional
+
+    def in_float32(input, target, reduction="mean", log_target=False):
+        return functional.kl_div(
+            input.float(), target.float(), reduction=reduction, log_target=log_target
+        )
+
+    names = ["semantics.dtypes", "gradients.input", "gradients.target"]
+    names += ["gradients.broadcast_divisors"]
+    report = run(Implementation("float32-kl", in_float32), "torch", names=names, max_examples=5)
+    status = {o.name: (o.status, o.reason) for o in report.outcomes}
+    assert status["semantics.dtypes"][0] == "fail", status
+    for name in names[1:]:
+        assert status[name][0] == "pass", (name, status[name])

@@ -387,9 +387,10 @@ def test_liger_fused_linear_jsd_from_hidden_states_in_chunks():
         want = _kl_rows(weights, others, 2.0)
         assert got.dtype == torch.float32
         assert float(got) == pytest.approx(float(want.mean()), rel=1e-5)  # 5 rows, chunks of 2
-    # float64 operands: a float32 result (semantics.hidden_dtypes)
-    got = impl.from_hidden(h_s.double(), w_s.double(), h_t.double(), w_t.double(), **options)
-    assert got.dtype == torch.float32
+    # float64 and float16 operands: a float32 result (semantics.hidden_dtypes)
+    for dtype in (torch.float64, torch.float16):
+        operands = (a.to(dtype) for a in (h_s, w_s, h_t, w_t))
+        assert impl.from_hidden(*operands, **options).dtype == torch.float32
 
 
 @_needs("liger_kernel", "triton")
@@ -475,6 +476,60 @@ def test_keras_clips_both_distributions_and_returns_float32():
     assert float(ref) == pytest.approx(2.0 * math.log(4.0), rel=1e-12)
 
 
+@_needs("keras", "jax")
+def test_keras_takes_integers_and_keeps_an_empty_batch_axis():
+    import jax.numpy as jnp
+
+    impl = peers.keras_kl_divergence()
+    # an int64 input is a number, not a refusal (F.kl_div refuses integer input)
+    got = impl(jnp.asarray([1, 0]), jnp.asarray([0.25, 0.75]), reduction="sum")
+    assert math.isfinite(float(got))
+    with pytest.raises(RuntimeError):
+        F.kl_div(torch.tensor([1, 0]), torch.tensor([0.25, 0.75]), reduction="sum")
+    # 'sum' of an empty (0, 3) batch: shape (0,), where PyTorch's sum is a 0-d 0
+    empty = jnp.zeros((0, 3))
+    assert tuple(impl(empty, empty, reduction="sum").shape) == (0,)
+    assert tuple(F.kl_div(torch.zeros(0, 3), torch.zeros(0, 3), reduction="sum").shape) == ()
+
+
+@_needs("torchmetrics")
+def test_torchmetrics_takes_integers():
+    from torchmetrics.functional import kl_divergence
+
+    got = kl_divergence(torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    assert math.isfinite(float(got))  # renormalised counts, no refusal
+
+
+@_needs("torchtune")
+def test_torchtune_ignored_rows_leak_their_nan():
+    from torchtune.modules.loss import ForwardKLLoss, ReverseKLLoss
+
+    s, t = _logits()
+    s[1, 2] = math.nan  # a padding row holding garbage
+    ignored = torch.tensor([0, -100])
+    for cls in (ForwardKLLoss, ReverseKLLoss):
+        got = cls()(s, t, ignored, normalize=False)
+        assert math.isnan(float(got))  # 0 * NaN: the dropped row is multiplied, not skipped
+    # PyTorch's own ignore_index skips such a row
+    ce = F.cross_entropy(s, torch.tensor([0, -100]), ignore_index=-100, reduction="sum")
+    assert math.isfinite(float(ce))
+
+
+@_needs("torchdistill")
+def test_torchdistill_is_pytorchs_composition():
+    from torchdistill.losses.mid_level import KDLoss
+
+    s, t = _logits()
+    s[:, 2] = t[:, 2] = -math.inf
+    kd = KDLoss("s", "output", "t", "output", 1.0, alpha=0, reduction="sum")
+    got = kd({"s": {"output": s}}, {"t": {"output": t}})
+    composed = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="sum")
+    assert math.isnan(float(got)) and math.isnan(float(composed))  # excluded by both
+    s, t = _logits()
+    same = kd({"s": {"output": s}}, {"t": {"output": s}})
+    assert float(same) != 0.0 and abs(float(same)) < 1e-15  # 0 up to rounding, not exactly
+
+
 # --------------------------------------------------------------------------- PyTorch
 
 
@@ -496,6 +551,7 @@ def test_torch_composition_nan_where_both_exclude_a_class():
 #: ``*_oracle`` depend on the draws; new properties are added): these must fail.
 FAILING: dict[str, set[str]] = {
     "torchtune.ForwardKLLoss": {
+        "semantics.logits_fully_masked",  # NaN of ignored rows leaks (checked above)
         "accuracy.logits_options",  # the cross-entropy
         "semantics.logits_edge_values",  # finite where the student excludes a class
         "semantics.logits_dtypes",  # float32 for float64
@@ -505,6 +561,7 @@ FAILING: dict[str, set[str]] = {
     "torchtune.ReverseKLLoss": {
         "semantics.logits_edge_values",  # finite where the teacher excludes a class
         "semantics.logits_dtypes",  # float32 for float64 (checked above)
+        "semantics.logits_fully_masked",  # NaN of ignored rows leaks (checked above)
     },
     "torchtune.SymmetricKLLoss": set(),  # every property n/a
     "torchtune.ForwardKLWithChunkedOutputLoss": {
@@ -546,8 +603,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.dtypes",  # float32
         "semantics.empty",
         "semantics.non_float_input",
-        "gradients.edge_values",
-        "gradients.broadcast_divisors",
+        "gradients.edge_values",  # its gradients are judged at float32, as its loss
     },
     "torch.composition": {
         "semantics.logits_excluded_by_both",
