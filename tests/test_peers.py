@@ -614,7 +614,6 @@ FAILING: dict[str, set[str]] = {
         "semantics.empty",
         "semantics.non_float_input",
         "gradients.edge_values",  # its gradients are judged at float32, as its loss
-        "gradients.input",  # halved at the clip's bound (checked above)
     },
     "torch.composition": {
         "semantics.logits_excluded_by_both",
