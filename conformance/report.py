@@ -162,8 +162,10 @@ def _matched_mistake(reason: str) -> str:
 def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
     """Group the failures by :func:`cause`: ``(cause, headline, others)``.
 
-    MUST causes first; among them, errors, warnings, side effects, the result's
-    type, dtype and shape; then NaN/inf patterns and values, by headline.
+    MUST causes first; among them, those matching a known mistake (the
+    cross-entropy, the other direction, ...), then errors, warnings, side
+    effects, the result's type, dtype and shape; then NaN/inf patterns and
+    values, by headline.
 
     The headline is the most specific failing property of the cause (see
     :data:`SPECIFICITY`); the others fail most likely because of the same bug.
@@ -177,13 +179,15 @@ def causes(report: Report, /) -> list[tuple[str, Outcome, list[Outcome]]]:
     for (_, key), outs in groups.items():
         outs = sorted(outs, key=lambda o: _rank(o.name))
         out.append((key, outs[0], outs[1:]))
-    # A wrong type, dtype or shape explains wrong values (a float32 result is
-    # rounded), not the other way round: those causes come first.
+    # A cause whose values match a known mistake (the cross-entropy, the other
+    # direction, a missing T**2) is the headline: values are judged at the
+    # precision of the result, so rounding does not hide it. Then a wrong type,
+    # dtype or shape, which explains other differences, and the rest.
     kinds = [k for _, k in _KINDS if k != "NaN/inf pattern"]
 
-    def order(c: tuple[str, Outcome, list[Outcome]]) -> tuple[bool, int, tuple[int, int]]:
+    def order(c: tuple[str, Outcome, list[Outcome]]) -> tuple[bool, bool, int, tuple[int, int]]:
         kind = next((i for i, k in enumerate(kinds) if c[0].startswith(k)), len(kinds))
-        return (c[1].level != "MUST", kind, _rank(c[1].name))
+        return (c[1].level != "MUST", "(it matches " not in c[0], kind, _rank(c[1].name))
 
     return sorted(out, key=order)
 

@@ -28,6 +28,7 @@ from kldiv_spec.conformance.context import Context
 from kldiv_spec.conformance.implementations import Implementation
 from kldiv_spec.conformance.mutants import np_from_logits, np_gaussian
 from kldiv_spec.conformance.namespaces import installed_backends, load_backend
+from kldiv_spec.conformance.report import causes, table
 
 LOGITS = sorted(n for n, p in PROPERTIES.items() if p.subject == "from_logits")
 GAUSSIAN = sorted(n for n, p in PROPERTIES.items() if p.subject == "gaussian")
@@ -218,6 +219,10 @@ def test_a_float32_cross_entropy_is_a_dtype_finding_and_a_named_mistake():
     assert dtype_failures == ["semantics.logits_dtypes"], failed
     # its gradient (float64, computed in float32) is the KL's: judged at float32, it agrees
     assert not {"gradients.logits_oracle", "gradients.logits_options"} & set(failed), failed
+    # the report's headline (its first cause, and the table's first failure) is the mistake
+    first_cause = causes(report)[0][0]
+    assert "it matches the cross-entropy" in first_cause, first_cause
+    assert "cause: " + first_cause in table(report).split("FAIL ", 1)[1]
 
 
 def test_a_cast_to_float32_fails_the_dtype_property_only():
