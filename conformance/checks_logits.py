@@ -92,6 +92,7 @@ _OPTION_KEYS = (
     "scale_by_temperature_squared",
     "beta",
     "axis",
+    "symmetric",
 )
 #: The values of ``beta`` the fixed cases take (for an implementation with ``logits_beta``):
 #: the two endpoints (the forward and the reverse KL), the symmetric mixture, and an
@@ -129,6 +130,8 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
         return "a mask"
     if options.get("axis", -1) not in (-1, *impl.logits_axes):
         return f"axis={options['axis']}"
+    if options.get("symmetric") is not None and not impl.logits_symmetric:
+        return "the symmetric mix of the two directions"
     if options.get("beta") is not None and not getattr(impl, "logits_beta", False):
         return "beta (the generalised Jensen-Shannon divergence)"
     unsupported = getattr(impl, "unsupported", None)
@@ -489,8 +492,8 @@ def _hint(
     by default the operands'): within 64 of its epsilons relative, plus ``tol``
     (the oracle's bound at that precision) absolute.
     """
-    if options.get("axis", -1) % s.ndim != s.ndim - 1:
-        return ""  # the alternatives take the classes on the last axis
+    if options.get("axis", -1) % s.ndim != s.ndim - 1 or options.get("symmetric") is not None:
+        return ""  # the alternatives take one direction, the classes on the last axis
     got = np.asarray(got, dtype=np.float64)
     dtype = np.dtype(np.result_type(s.dtype, t.dtype) if precision is None else precision)
     rtol = 64 * float(np.finfo(np.float32 if dtype.itemsize < 4 else dtype).eps)
@@ -869,7 +872,33 @@ def _option_cases(ctx: Context) -> list[Case]:
         cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
     if getattr(ctx.impl, "logits_beta", False):
         cases += _beta_option_cases(s, t, keep, s3, t3, keep3)
+    if ctx.impl.logits_symmetric:
+        cases += _symmetric_cases(s, t, keep, s3, t3, keep3)
     return _expressible(ctx, cases)
+
+
+#: Ratios of the symmetric mix r KL(p || q) + (1 - r) KL(q || p) (torchtune's default 0.5).
+_RATIOS = (0.5, 0.25, 1.0)
+
+
+def _symmetric_cases(
+    s: np.ndarray,
+    t: np.ndarray,
+    keep: np.ndarray,
+    s3: np.ndarray,
+    t3: np.ndarray,
+    keep3: np.ndarray,
+) -> list[Case]:
+    """Return the symmetric mix's cases: each ratio, each reduction, a mask, 3-d logits."""
+    cases = []
+    for k, ratio in enumerate(_RATIOS):
+        for j, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
+            for m, (a, b, mask) in enumerate(((s, t, None), (s, t, keep), (s3, t3, keep3))):
+                if mask is not None and reduction == "batchmean":
+                    continue
+                options = {**_case_options("forward", (j + k + m) % 2 == 0), "symmetric": ratio}
+                cases.append(_logits_case(a, b, reduction=reduction, mask=mask, **options))
+    return cases
 
 
 def _beta_option_cases(
@@ -1446,6 +1475,12 @@ def _gradient_option_cases(ctx: Context) -> list[Case]:
         for k, beta in enumerate(_BETAS):
             for j, (reduction, mask) in enumerate(cells):
                 options = {**_case_options("forward", (j + k) % 2 == 0), "beta": beta}
+                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+    if ctx.impl.logits_symmetric:
+        cells = (("none", keep), ("batchmean", None), ("rowmean", keep))
+        for k, ratio in enumerate(_RATIOS):
+            for j, (reduction, mask) in enumerate(cells):
+                options = {**_case_options("forward", (j + k) % 2 == 0), "symmetric": ratio}
                 cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
     return _expressible(ctx, cases)
 

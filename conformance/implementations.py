@@ -103,6 +103,11 @@ class Implementation:
         Whether ``from_logits`` takes ``beta=`` (the generalised Jensen-Shannon
         divergence, :math:`0 \le \beta \le 1`); cases with a ``beta`` are
         drawn only for one that does.
+    logits_symmetric : bool
+        Whether ``from_logits`` takes ``symmetric=r``: torchtune's mix
+        :math:`r\,\mathrm{KL}(p \,\|\, q) + (1 - r)\,\mathrm{KL}(q \,\|\, p)`
+        (``direction`` is then ignored); cases with a ratio are drawn only for one
+        that does. ``kldiv_spec.kl_div_from_logits`` has no such option.
     logits_axes : tuple of int
         The class axes ``from_logits`` takes as ``axis=`` (``(-1,)``: the last
         only); cases on another axis are drawn only for the ones listed.
@@ -152,6 +157,7 @@ class Implementation:
     gaussian_priors: bool = True
     logits_beta: bool = False
     logits_axes: tuple[int, ...] = (-1,)
+    logits_symmetric: bool = False
     from_hidden: Callable[..., Any] | None = None
     from_hidden_backward: Callable[..., Any] | None = None
     hidden_biases: bool = True

@@ -297,36 +297,67 @@ def torchtune_reverse_kl_chunked() -> Implementation:
     return _torchtune_chunked("ReverseKLWithChunkedOutputLoss", "reverse")
 
 
-_SYMMETRIC = (
-    "SymmetricKLLoss(sym_kd_ratio=0.5) is 0.5 * ForwardKLLoss + 0.5 * ReverseKLLoss, "
-    "neither direction; the suite has no option for the mix"
-)
-
-
 def torchtune_symmetric_kl() -> Implementation:
-    """Return torchtune's ``SymmetricKLLoss`` (default ratio 0.5), every case declared unsupported.
+    r"""Return torchtune's ``SymmetricKLLoss``: the mix :math:`r F + (1 - r) R` of its two losses.
 
-    The loss mixes the two directions and ``kl_div_from_logits`` has no such
-    option, so the adapter declares no direction and ``unsupported`` gives
-    the reason for every case: its properties are n/a, never verdicts on a
-    value the suite cannot state. ``tests/test_peers.py`` checks the mix by hand.
+    ``SymmetricKLLoss(sym_kd_ratio=r)`` returns ``r`` times its forward loss plus
+    ``1 - r`` times its reverse loss; the suite's ``symmetric=r`` option states
+    :math:`r\,\mathrm{KL}(p \,\|\, q) + (1 - r)\,\mathrm{KL}(q \,\|\, p)`
+    (``logits_symmetric``). The adapter divides the logits by the temperature
+    (no :math:`T^2`), passes the mask as labels, ``'sum'`` as
+    ``normalize=False``; the cases without a ratio are not its convention.
     """
     from torchtune.modules.loss import SymmetricKLLoss
 
-    def from_logits(input: Any, target: Any, /, **options: Any) -> Any:
-        raise NotImplementedError(_SYMMETRIC)
+    def from_logits(
+        input: Any,
+        target: Any,
+        /,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "rowmean",
+        axis: int = -1,
+        direction: str = "forward",
+        scale_by_temperature_squared: bool = False,
+        mask: Any = None,
+        symmetric: float | None = None,
+    ) -> Any:
+        import torch
 
-    def unsupported(options: Mapping[str, Any]) -> str:
-        return _SYMMETRIC
+        _check_axis(input, axis)
+        why = unsupported(
+            {
+                "symmetric": symmetric,
+                "reduction": reduction,
+                "temperature": temperature,
+                "scale_by_temperature_squared": scale_by_temperature_squared,
+            }
+        )
+        if why is not None:
+            raise NotImplementedError(why)
+        vocab = input.shape[-1]
+        s, t = (torch.reshape(a, (-1, vocab)) / temperature for a in (input, target))
+        labels = torch.reshape(_labels(input, mask), (-1,))
+        loss = SymmetricKLLoss(sym_kd_ratio=symmetric)
+        return loss(s, t, labels, normalize=reduction == "rowmean")
+
+    def unsupported(options: Mapping[str, Any]) -> str | None:
+        if options.get("symmetric") is None:
+            return "SymmetricKLLoss mixes the two directions: a case without a ratio"
+        return _no_t2(options)
 
     return Implementation(
         "torchtune.SymmetricKLLoss",
         backends=_TORCH,
-        description=f"torchtune.modules.loss.{SymmetricKLLoss.__name__}: " + _SYMMETRIC,
+        description=(
+            "torchtune.modules.loss.SymmetricKLLoss(sym_kd_ratio=r)(s / T, t / T, labels): "
+            "r * its forward loss + (1 - r) * its reverse loss"
+        ),
         from_logits=from_logits,
         logits_reductions=("sum", "rowmean"),
-        logits_directions=(),
+        logits_directions=("forward",),
         logits_scalings=(False,),
+        logits_symmetric=True,
         unsupported=unsupported,
         version=_version("torchtune"),
     )

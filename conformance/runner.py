@@ -617,7 +617,14 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
     mask = c.extra.get("mask")
     options = {
         k: c.extra[k]
-        for k in ("temperature", "direction", "scale_by_temperature_squared", "beta", "axis")
+        for k in (
+            "temperature",
+            "direction",
+            "scale_by_temperature_squared",
+            "beta",
+            "axis",
+            "symmetric",
+        )
         if k in c.extra
     }
     lines = [

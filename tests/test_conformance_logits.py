@@ -428,3 +428,43 @@ def test_the_reproduction_replays_beta():
     (outcome,) = report.outcomes
     assert "beta=0.3" in outcome.reproduction
     assert "verdict:  differs" in _exec(outcome.reproduction)
+
+
+def _symmetric_model(swap: bool = False) -> Implementation:
+    """A from-logits function of torchtune's symmetric mix, in plain PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    def from_logits(
+        s: Any, t: Any, /, *, temperature=1.0, reduction="rowmean", direction="forward",
+        scale_by_temperature_squared=True, mask=None, symmetric=None,
+    ) -> Any:  # fmt: skip
+        if symmetric is None or reduction not in ("sum", "rowmean"):
+            raise NotImplementedError("the mix, per-token mean or sum")
+        ratio = 1 - symmetric if swap else symmetric
+        lq, lp = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+        zero = torch.zeros((), dtype=s.dtype)
+        fwd = torch.where(lp.exp() == 0, zero, lp.exp() * (lp - lq)).sum(-1)
+        rev = torch.where(lq.exp() == 0, zero, lq.exp() * (lq - lp)).sum(-1)
+        rows = ratio * fwd + (1 - ratio) * rev
+        if mask is not None:
+            rows = torch.where(torch.as_tensor(mask), rows, zero)
+        n = rows.numel() if mask is None else int(torch.as_tensor(mask).sum())
+        total = rows.sum() if reduction == "sum" else rows.sum() / max(n, 1)
+        return total * (temperature**2 if scale_by_temperature_squared else 1.0)
+
+    return Implementation(
+        "symmetric-mix", backends=("torch",), from_logits=from_logits, logits_symmetric=True,
+        logits_reductions=("sum", "rowmean"), logits_directions=("forward",),
+        unsupported=lambda o: None if o.get("symmetric") is not None else "the mix only",
+    )  # fmt: skip
+
+
+def test_the_symmetric_mix_is_checked_against_its_oracle():
+    _torch()
+    names = ["accuracy.logits_options", "gradients.logits_options"]
+    good = run(_symmetric_model(), "torch", names=names, max_examples=3)
+    assert {o.status for o in good.outcomes} == {"pass"}, _failures(good)
+    assert all(o.examples >= 3 for o in good.outcomes)  # a ratio case in each
+    bad = run(_symmetric_model(swap=True), "torch", names=names[:1], max_examples=3)
+    assert bad.failed and "symmetric=0.25" in bad.outcomes[0].reason
