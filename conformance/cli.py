@@ -266,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; pip install {exc.missing}" if exc.missing else ""
             problems.append(f"{exc}{hint}")
             sys.stderr.write(f"kldiv-spec check: error: {exc}{hint}\n")
+            reports.append(_not_checked(args, spec, "-", f"{exc}{hint}"))
             continue
         if args.backend:
             backends = args.backend
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 why = _why_not(impl_backends[0])
                 problems.append(f"{spec} runs on {', '.join(impl_backends)}: {why}")
                 sys.stderr.write(f"kldiv-spec check: error: {problems[-1]}\n")
+                reports.append(_not_checked(args, spec, impl_backends[0], why))
                 continue
         elif spec == "reference":
             backends = installed_backends()
@@ -295,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(report, str):
                 problems.append(report)
                 sys.stderr.write(f"kldiv-spec check: error: {report}\n")
+                reports.append(_not_checked(args, spec, be, report))
                 continue
             report.impl = spec
             reports.append(report)
@@ -310,6 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = matrix_markdown(reports, command=command.strip(), title=args.markdown_title)
         Path(args.markdown).write_text(text)
     return _exit_status(reports, problems, strict=args.strict)
+
+
+def _not_checked(args: argparse.Namespace, spec: str, backend: str, why: str) -> Report:
+    """Return the n/a report of an implementation that could not be checked.
+
+    Its reason was said on stderr when it happened (``reason`` starts with that
+    line), so :func:`_exit_status` does not say it again.
+    """
+    return Report(spec, backend, args.max_examples, args.seed, status="n/a", reason=why)
 
 
 def _style_options(args: argparse.Namespace) -> dict[str, object]:
@@ -369,9 +381,11 @@ def _exit_status(reports: Sequence[Report], problems: Sequence[str], *, strict: 
         return 1
     unjudged = [r for r in reports if r.status in ("n/a", "error")]
     for r in unjudged:
-        sys.stderr.write(
-            f"kldiv-spec check: error: {r.impl} on {r.backend} could not be checked: {r.reason}\n"
-        )
+        if not any(r.reason in said for said in problems):  # not said when it happened
+            sys.stderr.write(
+                f"kldiv-spec check: error: {r.impl} on {r.backend} could not be checked: "
+                f"{r.reason}\n"
+            )
     if problems or unjudged:
         return 2
     if not any(r.checked for r in reports):
