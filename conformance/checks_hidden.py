@@ -86,8 +86,8 @@ import kldiv_spec
 
 from . import oracle_logits as oracle
 from .assertions import dtype_name, to_numpy
-from .checks_logits import check_result
-from .context import Context, fmt
+from .checks_logits import check_result, compare_values, failure_message, undeclared
+from .context import Context
 from .properties import NotApplicable, register
 from .strategies import Case
 
@@ -207,26 +207,18 @@ def _operand_dtype(arrays: list[Any]) -> np.dtype:
 def _unexpressible(ctx: Context, keywords: dict[str, Any]) -> str | None:
     """Return why the implementation cannot express ``keywords``, or None if it can.
 
-    The ``logits_*`` declarations first (as the from-logits properties), then
+    The ``logits_*`` declarations first (:func:`.checks_logits.undeclared`), then
     ``hidden_biases``, then the implementation's ``unsupported(keywords)`` (the
     call's keywords: the options, and ``mask`` and the biases when given).
     """
     impl = ctx.impl
-    if keywords["reduction"] not in impl.logits_reductions:
-        return f"reduction {keywords['reduction']!r}"
-    if keywords["direction"] not in impl.logits_directions:
-        return f"direction {keywords['direction']!r}"
-    if keywords["scale_by_temperature_squared"] not in impl.logits_scalings:
-        return f"scale_by_temperature_squared={keywords['scale_by_temperature_squared']}"
-    if keywords["temperature"] != 1.0 and not impl.logits_temperature:
-        return "temperatures other than 1"
-    if keywords.get("mask") is not None and not impl.logits_masks:
-        return "a mask"
+    why = undeclared(impl, keywords)
+    if why is not None:
+        return why
     if any(keywords.get(b) is not None for b in _BIASES) and not impl.hidden_biases:
         return "biases"
-    unsupported = getattr(impl, "unsupported", None)
-    if unsupported is not None:
-        why = unsupported(dict(keywords))
+    if impl.unsupported is not None:
+        why = impl.unsupported(dict(keywords))
         if why:
             return str(why)
     return None
@@ -434,51 +426,6 @@ def hidden_expected(
 # --------------------------------------------------------------------------- comparison
 
 
-def _message(head: str, what: str, *shown: tuple[str, Any]) -> str:
-    first, _, rest = what.partition("\n")
-    lines = [f"{head}: {first}"]
-    lines += [f"  {name:<8} {fmt(np.asarray(a))}" for name, a in shown]
-    return "\n".join(lines) + ("\n" + rest if rest else "")
-
-
-def _compare(
-    got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "", nan_ok: Any = None
-) -> None:
-    """Compare values: the NaN/inf pattern exactly, finite values within ``tol``.
-
-    Where ``nan_ok`` is True a NaN is accepted in place of the expected value.
-    """
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        msg = f"shape {got.shape}, expected {want.shape}: {what}"
-        raise AssertionError(msg)
-    if nan_ok is not None:
-        accepted = np.broadcast_to(np.asarray(nan_ok, bool), got.shape) & np.isnan(got)
-        got = np.where(accepted, want, got)
-    with np.errstate(invalid="ignore"):
-        infinite = np.isinf(want)
-        same_special = np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(
-            got[infinite], want[infinite]
-        )
-        finite = np.isfinite(want)
-        err = np.where(finite, np.abs(got - want), 0.0)
-    if not same_special:
-        head = f"NaN/inf pattern differs{hint}"
-        raise AssertionError(_message(head, what, ("got", got), ("expected", want)))
-    bound = np.broadcast_to(tol, err.shape)
-    bad = finite & ~(err <= bound)
-    if bad.any():
-        worst = int(np.argmax(np.where(bad, err, -1.0)))
-        head = (
-            f"{int(bad.sum())} of {bad.size} value(s) off, by up to {err.flat[worst]:.6g} "
-            f"(bound {bound.flat[worst]:.3g}){hint}"
-        )
-        raise AssertionError(
-            _message(head, what, ("got", got[bad]), ("expected", want[bad]), ("error", err[bad]))
-        )
-
-
 def _what(arrays: tuple[np.ndarray, ...], keywords: dict[str, Any]) -> str:
     """Describe a call in one line: shapes, dtype, options, which biases and mask."""
     h_s, w_s, h_t, w_t = arrays
@@ -533,7 +480,7 @@ def _check_dtype(got: Any, arrays: list[Any], what: str) -> None:
     want = _operand_dtype(arrays).name
     if dtype_name(dtype) != want:
         head = f"result dtype {dtype_name(dtype)}, expected {want} (the hidden states' dtype)"
-        raise AssertionError(_message(head, what))
+        raise AssertionError(failure_message(head, what))
 
 
 def assert_from_hidden(
@@ -564,10 +511,10 @@ def assert_from_hidden(
     what = _what(arrays, keywords)
     values = np.asarray(got, dtype=np.float64)
     try:
-        _compare(values, want, tol, what, nan_ok=nan_ok)
+        compare_values(values, want, tol, what, nan_ok=nan_ok)
     except AssertionError:
         hint = _hint(values, arrays, keywords, precision, tol)
-        _compare(values, want, tol, what, hint, nan_ok=nan_ok)
+        compare_values(values, want, tol, what, hint, nan_ok=nan_ok)
     if check_dtype:
         _check_dtype(got, operands, what)
 
@@ -631,10 +578,10 @@ def assert_hidden_composition(
     what = "against kl_div_from_logits of the logits h @ W.T + b, " + _what(arrays, keywords)
     values = np.asarray(got, dtype=np.float64)
     try:
-        _compare(values, composed, 2 * tol, what, nan_ok=accepted)
+        compare_values(values, composed, 2 * tol, what, nan_ok=accepted)
     except AssertionError:
         hint = _hint(values, arrays, keywords, precision, 2 * tol)
-        _compare(values, composed, 2 * tol, what, hint, nan_ok=accepted)
+        compare_values(values, composed, 2 * tol, what, hint, nan_ok=accepted)
 
 
 def exact_hidden_gradients(
@@ -726,8 +673,8 @@ def assert_from_hidden_gradient(
         value, tol = want[name]
         if got is None:
             head = f"no gradient w.r.t. the student {name} (None)"
-            raise AssertionError(_message(head, what, ("expected", value)))
-        _compare(np.asarray(got), value, tol, f"gradient w.r.t. the student {name}, {what}")
+            raise AssertionError(failure_message(head, what, ("expected", value)))
+        compare_values(np.asarray(got), value, tol, f"gradient w.r.t. the student {name}, {what}")
 
 
 def assert_teacher_frozen(grads: dict[str, Any], /) -> None:

@@ -53,6 +53,7 @@ import dataclasses
 import itertools
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -76,11 +77,14 @@ __all__ = [
     "assert_gaussian_gradient",
     "assert_gaussian_zero",
     "check_result",
+    "compare_values",
     "compose",
     "composition_kl_div",
     "describe",
     "exact_gaussian_gradients",
+    "failure_message",
     "gaussian_expected",
+    "undeclared",
 ]
 
 _TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
@@ -110,14 +114,13 @@ def _function(ctx: Context, subject: str) -> Any:
     return fn
 
 
-def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
-    """Return why the implementation cannot express ``options``, or None if it can.
+def undeclared(impl: Any, options: Mapping[str, Any], /) -> str | None:
+    """Return which of ``options`` the implementation's ``logits_*`` fields do not declare.
 
-    The declared ``logits_*`` fields are consulted first, then the
-    implementation's per-case ``unsupported(options)`` (with the call's
-    keywords, ``mask`` included when the case has one).
+    None when they declare all of them: the reduction, direction, T**2 setting,
+    temperature, mask, class axis, symmetric mix and ``beta``. The from-logits
+    and from-hidden properties share these declarations.
     """
-    impl = ctx.impl
     if options["reduction"] not in impl.logits_reductions:
         return f"reduction {options['reduction']!r}"
     if options["direction"] not in impl.logits_directions:
@@ -132,12 +135,25 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
         return f"axis={options['axis']}"
     if options.get("symmetric") is not None and not impl.logits_symmetric:
         return "the symmetric mix of the two directions"
-    if options.get("beta") is not None and not getattr(impl, "logits_beta", False):
+    if options.get("beta") is not None and not impl.logits_beta:
         return "beta (the generalised Jensen-Shannon divergence)"
-    unsupported = getattr(impl, "unsupported", None)
-    if unsupported is not None:
+    return None
+
+
+def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
+    """Return why the implementation cannot express ``options``, or None if it can.
+
+    The declared ``logits_*`` fields are consulted first (:func:`undeclared`),
+    then the implementation's per-case ``unsupported(options)`` (with the call's
+    keywords, ``mask`` included when the case has one).
+    """
+    impl = ctx.impl
+    why = undeclared(impl, options)
+    if why is not None:
+        return why
+    if impl.unsupported is not None:
         keywords = {k: options[k] for k in (*_OPTION_KEYS, "mask") if k in options}
-        why = unsupported(keywords)
+        why = impl.unsupported(keywords)
         if why:
             return str(why)
     return None
@@ -296,7 +312,7 @@ def _want(exact: Any, reduction: str) -> tuple[np.ndarray, Any]:
     return np.asarray(value), np.asarray(tol)
 
 
-def _message(head: str, what: str, *shown: tuple[str, Any]) -> str:
+def failure_message(head: str, what: str, *shown: tuple[str, Any]) -> str:
     """Return ``head: <what's first line>``, then the arrays ``shown``, then the rest of ``what``.
 
     The first line is the report's reason: it holds what differs and the
@@ -308,15 +324,17 @@ def _message(head: str, what: str, *shown: tuple[str, Any]) -> str:
     return "\n".join(lines) + ("\n" + rest if rest else "")
 
 
-def _compare(
+def compare_values(
     got: Any, want: np.ndarray, tol: Any, what: str, hint: str = "", nan_ok: Any = None
 ) -> None:
     """Compare values: the NaN/inf pattern exactly, finite values within ``tol``.
 
     Where ``nan_ok`` is True a NaN is accepted in place of the expected value
-    (PyTorch's composition gives NaN there; see :func:`.oracle_logits.composition_nan`).
+    (PyTorch's composition gives NaN there; see ``oracle_logits.composition_nan``).
+    The message (:func:`failure_message`) names ``what`` and ends with ``hint``.
     """
     got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
         msg = f"shape {got.shape}, expected {want.shape}: {what}"
         raise AssertionError(msg)
@@ -333,7 +351,7 @@ def _compare(
         err = np.where(finite, np.abs(got - want), 0.0)
     if not same_special:
         head = f"NaN/inf pattern differs{hint}"
-        raise AssertionError(_message(head, what, ("got", got), ("expected", want)))
+        raise AssertionError(failure_message(head, what, ("got", got), ("expected", want)))
     bound = np.broadcast_to(tol, err.shape)
     bad = finite & ~(err <= bound)
     if bad.any():
@@ -342,9 +360,8 @@ def _compare(
             f"{int(bad.sum())} of {bad.size} value(s) off, by up to {err.flat[worst]:.6g} "
             f"(bound {bound.flat[worst]:.3g}){hint}"
         )
-        raise AssertionError(
-            _message(head, what, ("got", got[bad]), ("expected", want[bad]), ("error", err[bad]))
-        )
+        shown = (("got", got[bad]), ("expected", want[bad]), ("error", err[bad]))
+        raise AssertionError(failure_message(head, what, *shown))
 
 
 def _what(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
@@ -359,7 +376,7 @@ def _check_dtype(got: Any, input: np.ndarray, target: np.ndarray, what: str) -> 
     want = np.result_type(input.dtype, target.dtype).name
     if dtype_name(dtype) != want:
         head = f"result dtype {dtype_name(dtype)}, expected {want} (the logits' dtype)"
-        raise AssertionError(_message(head, what))
+        raise AssertionError(failure_message(head, what))
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -553,10 +570,10 @@ def assert_from_logits(
     nan_ok = None if strict else oracle.composition_nan(exact, reduction)
     what = _what(input, target, mask, options)
     try:
-        _compare(got, want, tol, what, nan_ok=nan_ok)
+        compare_values(got, want, tol, what, nan_ok=nan_ok)
     except AssertionError:
         hint = _hint(got, input, target, mask, options, precision, tol)
-        _compare(got, want, tol, what, hint, nan_ok=nan_ok)
+        compare_values(got, want, tol, what, hint, nan_ok=nan_ok)
     if check_dtype:
         _check_dtype(got, input, target, what)
 
@@ -598,7 +615,7 @@ def assert_from_logits_zero(
         how = " exactly" if strict else " within the bound"
         head = f"kl_div_from_logits(s, s) is not 0{how}{hint}"
         shown = [("got", values)] if strict else [("got", values), ("bound", tol)]
-        raise AssertionError(_message(head, _what(input, input, mask, options), *shown))
+        raise AssertionError(failure_message(head, _what(input, input, mask, options), *shown))
 
 
 def assert_from_logits_non_negative(
@@ -636,7 +653,7 @@ def assert_from_logits_non_negative(
         )
         head = f"negative divergence{hint}"
         what = _what(input, target, mask, options)
-        raise AssertionError(_message(head, what, ("got", lows), ("bound", -tol)))
+        raise AssertionError(failure_message(head, what, ("got", lows), ("bound", -tol)))
 
 
 def _log_softmax(a: np.ndarray) -> np.ndarray:
@@ -703,10 +720,10 @@ def assert_composition(
     what = f"against the composition, {_what(input, target, None, options)}"
     composed = np.asarray(composed, dtype=np.float64)
     try:
-        _compare(got, composed, tol, what)
+        compare_values(got, composed, tol, what)
     except AssertionError:
         hint = _hint(got, input, target, None, options, precision, tol)
-        _compare(got, composed, tol, what, hint)
+        compare_values(got, composed, tol, what, hint)
 
 
 def assert_from_logits_gradient(
@@ -728,7 +745,7 @@ def assert_from_logits_gradient(
     precision = _precision(grad, np.result_type(input.dtype, target.dtype), compute_dtype)
     tol, _ = oracle.gradient_tolerance(_at(exact, precision))
     what = f"gradient w.r.t. the student logits, {_what(input, target, mask, options)}"
-    _compare(grad, exact.grad_input, tol, what)
+    compare_values(grad, exact.grad_input, tol, what)
 
 
 # --------------------------------------------------------------------------- from logits
@@ -870,7 +887,7 @@ def _option_cases(ctx: Context) -> list[Case]:
     ):
         options = _case_options(*_COMBOS[k % 4])
         cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
-    if getattr(ctx.impl, "logits_beta", False):
+    if ctx.impl.logits_beta:
         cases += _beta_option_cases(s, t, keep, s3, t3, keep3)
     if ctx.impl.logits_symmetric:
         cases += _symmetric_cases(s, t, keep, s3, t3, keep3)
@@ -901,6 +918,30 @@ def _symmetric_cases(
     return cases
 
 
+def _each_value(
+    s: np.ndarray,
+    t: np.ndarray,
+    cells: tuple[tuple[str, Any], ...],
+    key: str,
+    values: tuple[float, ...],
+) -> list[Case]:
+    """Return a forward case for each of ``values`` of option ``key`` in each (reduction, mask).
+
+    T = 2, with the :math:`T^2` factor on and off in turn.
+    """
+    return [
+        _logits_case(
+            s,
+            t,
+            reduction=reduction,
+            mask=mask,
+            **{**_case_options("forward", (j + k) % 2 == 0), key: value},
+        )
+        for k, value in enumerate(values)
+        for j, (reduction, mask) in enumerate(cells)
+    ]
+
+
 def _beta_option_cases(
     s: np.ndarray,
     t: np.ndarray,
@@ -916,11 +957,7 @@ def _beta_option_cases(
     and (batch, seq, vocab) logits.
     """
     cells = (("none", None), ("batchmean", keep), ("sum", None), ("rowmean", keep), ("mean", None))
-    cases = []
-    for k, beta in enumerate(_BETAS):
-        for j, (reduction, mask) in enumerate(cells):
-            options = {**_case_options("forward", (j + k) % 2 == 0), "beta": beta}
-            cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+    cases = _each_value(s, t, cells, "beta", _BETAS)
     s32, t32 = s.astype(np.float32), t.astype(np.float32)
     for k, beta in enumerate(_BETAS):
         options = {**_case_options("forward", k % 2 == 1), "beta": beta}
@@ -1114,7 +1151,7 @@ def _edge_cases(ctx: Context) -> list[Case]:
             for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
                 dropped = {**masked, "mask": np.zeros(len(s), bool)}
                 cases.append(_logits_case(s, t, reduction=reduction, **dropped))
-    if getattr(ctx.impl, "logits_beta", False):
+    if ctx.impl.logits_beta:
         cases += _beta_edge_cases()
     return _expressible(ctx, cases)
 
@@ -1469,19 +1506,13 @@ def _gradient_option_cases(ctx: Context) -> list[Case]:
         for j, mask in enumerate((None, keep)):
             options = _case_options(*_COMBOS[(2 * i + j) % 4])
             cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
-    if getattr(ctx.impl, "logits_beta", False):
+    if ctx.impl.logits_beta:
         # each beta: 'none' (the general chain rule) with a mask, and two reductions
         cells = (("none", keep), ("batchmean", None), ("sum", keep))
-        for k, beta in enumerate(_BETAS):
-            for j, (reduction, mask) in enumerate(cells):
-                options = {**_case_options("forward", (j + k) % 2 == 0), "beta": beta}
-                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+        cases += _each_value(s, t, cells, "beta", _BETAS)
     if ctx.impl.logits_symmetric:
         cells = (("none", keep), ("batchmean", None), ("rowmean", keep))
-        for k, ratio in enumerate(_RATIOS):
-            for j, (reduction, mask) in enumerate(cells):
-                options = {**_case_options("forward", (j + k) % 2 == 0), "symmetric": ratio}
-                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
+        cases += _each_value(s, t, cells, "symmetric", _RATIOS)
     return _expressible(ctx, cases)
 
 
@@ -1561,7 +1592,8 @@ def assert_gaussian_zero(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **opti
     got = np.asarray(got, dtype=np.float64)
     if not (got == 0).all():
         head = "the KL of a Gaussian from itself is not exactly 0"
-        raise AssertionError(_message(head, _gaussian_what(mu, logvar, options), ("got", got)))
+        what = _gaussian_what(mu, logvar, options)
+        raise AssertionError(failure_message(head, what, ("got", got)))
 
 
 def gaussian_expected(
@@ -1596,9 +1628,9 @@ def assert_gaussian(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: 
         ignored = gaussian_expected(mu, logvar, **plain)[0]
         if ignored.shape == got.shape and np.allclose(got, ignored, rtol=1e-5, atol=0):
             hint = " (it matches the standard normal prior: the prior is ignored)"
-    _compare(got, want, tol, what, hint)
+    compare_values(got, want, tol, what, hint)
     if not (got >= 0).all():
-        raise AssertionError(_message("negative Gaussian KL", what, ("got", got)))
+        raise AssertionError(failure_message("negative Gaussian KL", what, ("got", got)))
 
 
 @register(
@@ -1722,7 +1754,7 @@ def assert_gaussian_gradient(
         with np.errstate(over="ignore"):
             ulp = np.spacing(np.abs(want).astype(mu.dtype)).astype(np.float64)
         tol = oracle.GAUSSIAN_ULPS * eps * scale + 2 * ulp + floor
-        _compare(got, want, tol, f"gradient w.r.t. {name}, gaussian_kl, {what}")
+        compare_values(got, want, tol, f"gradient w.r.t. {name}, gaussian_kl, {what}")
 
 
 def _gaussian_gradient(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:

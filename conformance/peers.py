@@ -168,6 +168,15 @@ def _refuse(
         raise NotImplementedError(why)
 
 
+def _refuse_t2(temperature: float, scale_by_temperature_squared: bool) -> None:
+    """Raise NotImplementedError for a :math:`T^2` the library does not apply (:func:`_no_t2`)."""
+    options = {
+        "temperature": temperature,
+        "scale_by_temperature_squared": scale_by_temperature_squared,
+    }
+    _refuse(options, _no_t2)
+
+
 #: What every distillation loss here declares about :math:`T^2` (see :func:`_no_t2`).
 _NO_T2: dict[str, Any] = {"logits_scalings": (False,), "unsupported": _no_t2}
 
@@ -256,9 +265,7 @@ def _torchtune_chunked(cls_name: str, direction: str) -> Implementation:
         import torch
 
         _check_axis(input, axis)
-        options = {"temperature": temperature, "scale_by_temperature_squared": True}
-        if scale_by_temperature_squared:
-            _refuse(options, _no_t2)
+        _refuse_t2(temperature, scale_by_temperature_squared)
         if reduction != "rowmean" or direction != declared:
             msg = f"the loss is the per-token mean of the {declared} direction only"
             raise NotImplementedError(msg)
@@ -470,13 +477,7 @@ def torchdistill_kd_loss() -> Implementation:
         scale_by_temperature_squared: bool = False,
         mask: Any = None,
     ) -> Any:
-        _refuse(
-            {
-                "temperature": temperature,
-                "scale_by_temperature_squared": scale_by_temperature_squared,
-            },
-            _no_t2,
-        )
+        _refuse_t2(temperature, scale_by_temperature_squared)
         if mask is not None or direction != "forward":
             msg = "KDLoss: the forward direction, without a mask"
             raise NotImplementedError(msg)
@@ -545,13 +546,7 @@ def liger_fused_linear_jsd() -> Implementation:
         beta: float | None = None,
     ) -> Any:
         _check_axis(input, axis)
-        _refuse(
-            {
-                "temperature": temperature,
-                "scale_by_temperature_squared": scale_by_temperature_squared,
-            },
-            _no_t2,
-        )
+        _refuse_t2(temperature, scale_by_temperature_squared)
         if reduction != "rowmean":
             msg = "LigerFusedLinearJSDLoss averages over the kept tokens ('rowmean')"
             raise NotImplementedError(msg)
@@ -580,13 +575,7 @@ def liger_fused_linear_jsd() -> Implementation:
         scale_by_temperature_squared: bool = False,
         mask: Any = None,
     ) -> Any:
-        _refuse(
-            {
-                "temperature": temperature,
-                "scale_by_temperature_squared": scale_by_temperature_squared,
-            },
-            _no_t2,
-        )
+        _refuse_t2(temperature, scale_by_temperature_squared)
         if reduction != "rowmean":
             msg = "LigerFusedLinearJSDLoss averages over the kept tokens ('rowmean')"
             raise NotImplementedError(msg)
