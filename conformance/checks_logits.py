@@ -68,6 +68,7 @@ from .properties import NotApplicable, register
 from .strategies import Case
 
 __all__ = [
+    "OPTION_KEYS",
     "assert_composition",
     "assert_from_logits",
     "assert_from_logits_gradient",
@@ -88,8 +89,9 @@ __all__ = [
 ]
 
 _TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
-#: The options of a from-logits call that a case carries (besides ``mask``).
-_OPTION_KEYS = (
+#: The options of a from-logits call that a case carries (besides ``mask``), in the
+#: order reproductions show them.
+OPTION_KEYS = (
     "reduction",
     "temperature",
     "direction",
@@ -152,7 +154,7 @@ def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
     if why is not None:
         return why
     if impl.unsupported is not None:
-        keywords = {k: options[k] for k in (*_OPTION_KEYS, "mask") if k in options}
+        keywords = {k: options[k] for k in (*OPTION_KEYS, "mask") if k in options}
         why = impl.unsupported(keywords)
         if why:
             return str(why)
@@ -219,7 +221,7 @@ def describe(case: Case, /) -> str:
 
 
 def _options(case: Case) -> dict[str, Any]:
-    return {k: case.extra[k] for k in _OPTION_KEYS if k in case.extra}
+    return {k: case.extra[k] for k in OPTION_KEYS if k in case.extra}
 
 
 def check_result(ctx: Context, out: Any, shape: tuple[int, ...], /, what: str = "") -> None:

@@ -256,12 +256,14 @@ def _rows(report: Report) -> list[str]:
     return lines
 
 
-def _cause_lines(report: Report) -> tuple[list[str], list[tuple[str, Outcome, list[Outcome]]]]:
+def _opening(report: Report) -> tuple[list[str], list[tuple[str, Outcome, list[Outcome]]]]:
+    """Return the lines both forms open with (headline, table, count of causes) and the causes."""
+    lines = [headline(report), *_rows(report)]
     found = causes(report)
-    if not found:
-        return [], found
-    n = len({(o.name, o.reason) for _, h, others in found for o in (h, *others)})
-    return [f"{n} failure(s), {len(found)} cause(s):"], found
+    if found:
+        n = len({(o.name, o.reason) for _, h, others in found for o in (h, *others)})
+        lines += ["", f"{n} failure(s), {len(found)} cause(s):"]
+    return lines, found
 
 
 def table(report: Report, /) -> str:
@@ -273,10 +275,7 @@ def table(report: Report, /) -> str:
     """
     if report.status == "n/a":
         return headline(report) + "\n"
-    lines = [headline(report), *_rows(report)]
-    intro, found = _cause_lines(report)
-    if intro:
-        lines += ["", *intro]
+    lines, found = _opening(report)
     for key, o, others in found:
         lines += ["", f"FAIL {o.name} [{o.level}] ({o.description})", f"  cause: {key}"]
         lines += [f"  {o.reason}"]
@@ -294,10 +293,7 @@ def summary(report: Report, /) -> str:
     """Return the short form: the headline, the table, and one line per cause."""
     if report.status == "n/a":
         return headline(report) + "\n"
-    lines = [headline(report), *_rows(report)]
-    intro, found = _cause_lines(report)
-    if intro:
-        lines += ["", *intro]
+    lines, found = _opening(report)
     for key, o, others in found:
         also = f" (+{len(others)} more)" if others else ""
         lines.append(f"  [{o.level}] {key}: {o.name}: {o.reason}{also}")

@@ -615,18 +615,8 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
     """Return the body of a from-logits reproduction: the call, what is expected, the verdict."""
     c = record.case
     mask = c.extra.get("mask")
-    options = {
-        k: c.extra[k]
-        for k in (
-            "temperature",
-            "direction",
-            "scale_by_temperature_squared",
-            "beta",
-            "axis",
-            "symmetric",
-        )
-        if k in c.extra
-    }
+    keys = [k for k in checks_logits.OPTION_KEYS if k != "reduction"]  # kw's first entry
+    options = {k: c.extra[k] for k in keys if k in c.extra}
     lines = [
         "mask = "
         + ("None" if mask is None else f"np.array({np.asarray(mask).tolist()!r}, dtype=bool)")
