@@ -67,19 +67,7 @@ from .implementations import Implementation
 from .namespaces import infer_backend
 from .properties import PROPERTIES
 from .properties import select as select_properties
-from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report
-
-try:  # one line for --impl that names nothing loadable (the CLI's exit 2)
-    from .runner import ResolveError
-except ImportError:  # pragma: no cover - a runner without it
-
-    class ResolveError(ValueError):  # type: ignore[no-redef]
-        """``--impl`` names nothing that can be checked: one line says why."""
-
-        def __init__(self, message: str, /, *, missing: str | None = None) -> None:
-            super().__init__(message)
-            self.missing = missing
-
+from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, ResolveError
 
 __all__ = [
     "CALLABLES",
