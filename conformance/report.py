@@ -362,8 +362,10 @@ def matrix_markdown(
     """Return the conformance matrix (implementation x property group) as Markdown.
 
     A row names the implementation, the library's version when it is one, and
-    the backend. With ``details``, every distinct cause of failure of every row
-    that is not a ``mutant:`` (those fail by design) is listed below the table.
+    the backend. The ``mutant:`` rows, when there are others, are a second table
+    under ``## Mutants``, so that the implementations' table stays short. With
+    ``details``, every distinct cause of failure of every row that is not a
+    ``mutant:`` (those fail by design) is listed below the tables.
     """
     date = date or datetime.datetime.now(datetime.timezone.utc).date()
     lines = [
@@ -388,17 +390,20 @@ def matrix_markdown(
             "them, runs `tests/test_peers.py` (which recomputes the known differences with",
             "plain PyTorch or NumPy on the failing inputs) and regenerates this page.",
         ]
-    lines += [
-        "",
-        "| implementation | backend | " + " | ".join(GROUPS) + " | SHOULD |",
-        "|---|---|" + "---|" * (len(GROUPS) + 1),
-    ]
-    for r in reports:
-        cells = [group_summary(r, g) for g in GROUPS] + [should_summary(r)]
-        if r.status == "n/a":
-            cells = [f"n/a: {r.reason}"] + [""] * len(GROUPS)
-        name = f"{r.impl} ({r.version})" if r.version else r.impl
-        lines.append(f"| {name} | {r.backend} | " + " | ".join(cells) + " |")
+    mutants = [r for r in reports if r.impl.startswith("mutant:")]
+    others = [r for r in reports if not r.impl.startswith("mutant:")]
+    lines += ["", *_matrix_table(others or mutants)]
+    if others and mutants:
+        lines += [
+            "",
+            "## Mutants",
+            "",
+            "Deliberately broken implementations (`kldiv_spec.conformance.mutants`), one bug",
+            "each: the cells name the properties that catch it. Every mutant must fail at",
+            "least one MUST property (a SHOULD-level bug: exactly its SHOULD property).",
+            "",
+            *_matrix_table(mutants),
+        ]
     failing = [r for r in reports if causes(r) and not r.impl.startswith("mutant:")]
     if details and failing:
         lines += ["", "## Every distinct failure", ""]
@@ -415,6 +420,21 @@ def matrix_markdown(
                 reason = o.reason.replace("|", "\\|")
                 lines.append(f"- **{o.level}** {key}: `{o.name}`: {reason}{also}")
     return "\n".join(lines) + "\n"
+
+
+def _matrix_table(reports: Sequence[Report]) -> list[str]:
+    """Return the lines of one Markdown table of the matrix: a row per report."""
+    lines = [
+        "| implementation | backend | " + " | ".join(GROUPS) + " | SHOULD |",
+        "|---|---|" + "---|" * (len(GROUPS) + 1),
+    ]
+    for r in reports:
+        cells = [group_summary(r, g) for g in GROUPS] + [should_summary(r)]
+        if r.status == "n/a":
+            cells = [f"n/a: {r.reason}"] + [""] * len(GROUPS)
+        name = f"{r.impl} ({r.version})" if r.version else r.impl
+        lines.append(f"| {name} | {r.backend} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_json(reports: Sequence[Report], path: str | Path, /) -> None:

@@ -9,10 +9,15 @@ from the docstrings, ``sphinx.ext.doctest`` runs their examples, and a small
 local extension (``docs/_ext/kldiv_docs.py``) generates every table, plot,
 command-line help text and example output from the code and the stored results.
 
-The build needs no network: no intersphinx (the references to NumPy, PyTorch,
-JAX and Dask objects stay plain text, see ``nitpick_ignore_regex``), no remote
-images, the theme's assets are bundled. Warnings are errors (``-W --keep-going``)
-and every cross-reference must resolve (``-n``).
+The build needs no network, and neither does the site: no intersphinx (the
+references to NumPy, PyTorch, JAX and Dask objects stay plain text, see
+``nitpick_ignore_regex``), no remote images, the theme's assets are bundled, and
+so is MathJax (``sphinx-mathjax-offline`` copies MathJax 3 into ``_static/mathjax``):
+the formulas render from a copy of the site opened as files, behind a firewall or
+offline. Warnings are errors (``-W --keep-going``), every cross-reference must
+resolve (``-n``), and ``kldiv_docs`` fails the build on a broken link (between
+pages, to an anchor, or to a file of this repository that the checkout lacks) and
+on any script or stylesheet loaded from the network.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+
+from sphinx.application import Sphinx
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
@@ -44,6 +51,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
     "numpydoc",
     "kldiv_docs",
 ]
@@ -75,13 +83,22 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(numpy|np|torch|jax|jnp|dask|cupy|array_api_strict|hypothesis)(\..*)?"),
 ]
 
+# Math: MathJax 3 from the site's own _static/mathjax/ (sphinx-mathjax-offline ships it),
+# never from a CDN. Its SVG output needs no web fonts, which a browser may refuse to load
+# for a page opened as a file; the TeX extensions it loads on demand are local scripts.
+# sphinx-mathjax-offline sets its own mathjax_path (CHTML) when it loads: setup() below
+# puts this one back.
+mathjax_path = "mathjax/tex-svg.js"
+
 # Docstring examples run as doctests (sphinx-build -b doctest), with the same warnings policy.
 doctest_global_setup = "import warnings\nwarnings.simplefilter('error')\n"
 doctest_test_doctest_blocks = "default"
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"kldiv-spec {release}"
-html_static_path: list[str] = []
+# kldiv.css: the conformance matrices' sticky header and first column (kldiv_docs marks them).
+html_static_path = ["_static"]
+html_css_files = ["kldiv.css"]
 html_show_sourcelink = False
 html_theme_options = {
     "github_url": repository,
@@ -96,3 +113,8 @@ html_theme_options = {
 # the page gets the width (the examples' outputs and the benchmark tables are wide).
 html_sidebars = {"*": [], "api/*": ["sidebar-nav-bs"]}
 html_context = {"default_mode": "light"}
+
+
+def setup(app: Sphinx) -> None:
+    """Load MathJax from ``mathjax_path`` above (sphinx-mathjax-offline's setup sets its own)."""
+    app.config.mathjax_path = mathjax_path

@@ -28,10 +28,36 @@ the edge-value table of ``spec.md`` (between its ``edge-table`` markers)
 the backend matrix of ``backends.md`` (between its ``backend-table`` markers)
     regenerated from the backend registry by ``docs/_tools/backend_table.py``.
 
-Links from a page to files of the repository outside ``docs/`` (``../benchmarks/...``)
-work on GitHub but not on the site; they are rewritten to the repository's
-URL (``kldiv_repository_url``). Generated files (PNGs) go to a folder of the
-build directory, never into the source tree.
+Links from a page to files of the repository outside ``docs/`` (``../benchmarks/...``
+from ``docs/``, ``../../examples/`` from ``docs/api/``) work on GitHub but not on
+the site; they are rewritten to the repository's URL (``kldiv_repository_url``:
+``blob/`` for a file, ``tree/`` for a folder). A relative link that stays inside
+``docs/`` (``../vectors.md`` from ``docs/api/``) is left to MyST, which makes it a
+link between pages. Generated files (PNGs) go to a folder of the build
+directory, never into the source tree.
+
+Broken links fail the build. Once the HTML pages are written (``build-finished``),
+every link and asset of every page is checked, and each problem is a warning
+(an error under ``-W``):
+
+* a relative link whose file does not exist in the build, or whose ``#anchor``
+  is no id of the page it names;
+* a URL into the project's repository (the owner and name of
+  ``kldiv_repository_url``) under ``blob/``, ``tree/`` or ``raw/`` whose path is
+  not in the checkout (the folder above the documentation's source), or, for a
+  Markdown file, whose ``#anchor`` is none of its headings (GitHub's slugs) and,
+  for any file, whose ``#Lnn`` line is past its end;
+* a script, stylesheet, preload or image loaded from the network (``http:``,
+  ``https:`` or ``//``), and an ``@import`` or ``url()`` of a remote file in a
+  stylesheet of ``_static/``: the site must work offline (MathJax is bundled by
+  ``sphinx-mathjax-offline``).
+
+Other external URLs are not fetched: the build needs no network.
+
+Tables whose first two header cells read ``implementation`` and ``backend`` (the
+conformance matrices) get the class ``kldiv-matrix``: ``_static/kldiv.css``
+keeps their header and first column in view while they scroll, inside a box
+no taller than the window, so that the horizontal scrollbar is always in reach.
 """
 
 from __future__ import annotations
@@ -48,10 +74,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from html.parser import HTMLParser
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
+from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.util import logging
 
@@ -65,8 +94,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 PLACEHOLDER = re.compile(r"^<!-- kldiv:([\w-]+)(?:[ \t]+(.*?))?[ \t]*-->[ \t]*$", re.MULTILINE)
 EDGE = re.compile(r"(<!-- edge-table:start -->\n)(.*?)(<!-- edge-table:end -->)", re.DOTALL)
-# A Markdown link (not an image) to a file of the repository outside docs/.
-OUTSIDE_LINK = re.compile(r"(?<!!)(\[[^\]]*\])\(\.\./([^)\s#]+)(#[^)\s]*)?\)")
+# A Markdown link (not an image) with a path and an optional anchor.
+RELATIVE_LINK = re.compile(r"(?<!!)(\[[^\]]*\])\(([^)\s#<>]+)(#[^)\s]*)?\)")
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# A URL into a GitHub repository: owner, name, and what follows.
+GITHUB = re.compile(r"^https://github\.com/([^/?#]+)/([^/?#]+)(/[^?#]*)?(?:\?[^#]*)?(?:#(.*))?$")
+WARN_LINK: dict[str, Any] = {"type": "kldiv", "subtype": "link"}
+LINE_ANCHOR = re.compile(r"^L(\d+)(?:C\d+)?(?:-L(\d+)(?:C\d+)?)?$")
+REMOTE = re.compile(r"^(?:https?:)?//", re.IGNORECASE)
+CSS_REMOTE = re.compile(r"(?:@import\s+|url\(\s*)['\"]?((?:https?:)?//[^'\")\s]+)", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -336,8 +372,235 @@ def backend_table(text: str) -> str:
 # ----------------------------------------------------------------------------- Sphinx glue
 
 
-def _outside_links(text: str, base: str) -> str:
-    return OUTSIDE_LINK.sub(lambda m: f"{m[1]}({base}{m[2]}{m[3] or ''})", text)
+def _unfenced(text: str, change: Callable[[str], str]) -> str:
+    """Return ``text`` with ``change`` applied to every part outside fenced code blocks."""
+    parts: list[str] = []
+    chunk: list[str] = []
+    fence = ""
+    for line in text.splitlines(keepends=True):
+        opening = FENCE.match(line)
+        if not fence and opening:
+            parts += [change("".join(chunk)), line]
+            chunk, fence = [], opening[1]
+        elif fence:
+            parts.append(line)
+            closing = FENCE.match(line)
+            # A closing fence: the same character, at least as long, nothing after it.
+            if closing and closing[1][0] == fence[0] and len(closing[1]) >= len(fence):
+                fence = "" if not line.strip().lstrip(fence[0]) else fence
+        else:
+            chunk.append(line)
+    parts.append(change("".join(chunk)))
+    return "".join(parts)
+
+
+def outside_links(text: str, docname: str, srcdir: Path, base: str) -> str:
+    """Rewrite the relative links of a page that leave the documentation to repository URLs.
+
+    ``docname`` is the page's name (``api/cli``), ``srcdir`` the documentation's
+    source folder, whose parent is the checkout, and ``base`` the repository's
+    ``.../blob/BRANCH/`` URL. A link whose target stays under ``srcdir`` is kept
+    (MyST resolves it); one that leaves it becomes ``base`` plus its path from the
+    checkout (``tree/`` for a folder); one that leaves the checkout is kept as it is.
+    Links in fenced code blocks are not touched.
+    """
+    folder = Path(os.path.normpath(srcdir / docname)).parent
+    source = Path(os.path.normpath(srcdir))
+    checkout = source.parent
+
+    def rewrite(match: re.Match[str]) -> str:
+        path = match[2]
+        if ":" in path or path.startswith("/"):  # a URL (scheme:) or an absolute path
+            return match[0]
+        target = Path(os.path.normpath(folder / unquote(path)))
+        if target == source or source in target.parents or checkout not in target.parents:
+            return match[0]
+        url = base
+        if target.is_dir():
+            url = re.sub(r"/blob/([^/]+)/$", r"/tree/\1/", base)
+        return f"{match[1]}({url}{target.relative_to(checkout).as_posix()}{match[3] or ''})"
+
+    return _unfenced(text, lambda chunk: RELATIVE_LINK.sub(rewrite, chunk))
+
+
+# ----------------------------------------------------------------------------- link check
+
+
+class _Page(HTMLParser):
+    """The ids of an HTML page, and its links and loaded assets as ``(tag, attribute, URL)``."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.ids: set[str] = set()
+        self.links: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v for k, v in attrs if v is not None}
+        if values.get("id"):
+            self.ids.add(values["id"])
+        if tag == "a" and values.get("name"):
+            self.ids.add(values["name"])
+        for key in ("href", "src"):
+            if values.get(key) is not None:
+                rel = values.get("rel", "").lower() if tag == "link" else ""
+                self.links.append((f"{tag}[{rel}]" if rel else tag, key, values[key]))
+
+
+def _parse_html(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8", errors="replace"))
+    page.close()
+    return page
+
+
+def github_slug(heading: str) -> str:
+    """Return the anchor GitHub gives a Markdown heading (its text, lowercased, dashed)."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links: their text
+    text = re.sub(r"<[^>]+>", "", text).strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """Return the anchors of a Markdown file: its headings' slugs (``-1``... for repeats), ids."""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    prose: list[str] = []  # the text outside fenced code blocks
+    _unfenced(text, lambda chunk: prose.append(chunk) or chunk)
+    for heading in re.findall(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", "".join(prose), re.M):
+        slug = github_slug(heading)
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    found.update(re.findall(r"""<a\s[^>]*(?:name|id)=["']([^"']+)["']""", text))
+    return found
+
+
+def check_repository_url(url: str, repository: str, checkout: Path) -> str | None:
+    """Return what is wrong with ``url``, a URL into ``repository``, or None.
+
+    ``repository`` is ``https://github.com/OWNER/NAME``. Only ``blob/``, ``tree/``
+    and ``raw/`` URLs name a file or folder; the others (issues, pulls, the
+    repository's page) are not checked. The branch is not checked.
+    """
+    match, home = GITHUB.match(url), GITHUB.match(repository)
+    if match is None or home is None or match.group(1, 2) != home.group(1, 2):
+        return None
+    rest, anchor = (match[3] or "").strip("/"), unquote(match[4] or "")
+    kind, _, rest = rest.partition("/")
+    if kind not in ("blob", "tree", "raw"):
+        return None
+    _branch, _, path = rest.partition("/")
+    target = checkout / unquote(path) if path else checkout
+    if not target.exists():
+        return f"{unquote(path) or '.'} is not in the checkout"
+    if kind == "tree" and not target.is_dir():
+        return f"{path} is a file, not a folder (tree/ URL)"
+    if not anchor or target.is_dir():
+        return None
+    text = target.read_text(encoding="utf-8", errors="replace")
+    lines = LINE_ANCHOR.match(anchor)
+    if lines is not None:
+        last = max(int(n) for n in lines.groups() if n)
+        count = len(text.splitlines())
+        return None if last <= count else f"{path} has {count} lines, not {last}"
+    if target.suffix.lower() in (".md", ".markdown") and anchor not in markdown_anchors(text):
+        return f"{path} has no heading or anchor #{anchor}"
+    return None
+
+
+def _remote_asset(kind: str, key: str, url: str) -> bool:
+    """Whether ``url`` is a resource the page loads (not a link to follow) from the network."""
+    if not REMOTE.match(url):
+        return False
+    if kind in ("script", "img", "iframe", "source", "audio", "video", "embed"):
+        return True
+    rels = set(kind.partition("[")[2].rstrip("]").split())
+    return kind.startswith("link") and bool(
+        rels & {"stylesheet", "preload", "modulepreload", "icon", "prefetch"}
+    )
+
+
+def check_links(
+    outdir: Path, pages: dict[str, Path], repository: str, checkout: Path
+) -> list[tuple[str, str]]:
+    """Return ``(page, problem)`` for every broken link and remote asset of the built site.
+
+    ``pages`` maps each page's name to its HTML file under ``outdir``.
+    """
+    parsed: dict[Path, _Page] = {}
+
+    def page_of(path: Path) -> _Page:
+        if path not in parsed:
+            parsed[path] = _parse_html(path)
+        return parsed[path]
+
+    problems: list[tuple[str, str]] = []
+    for name, path in sorted(pages.items()):
+        for kind, key, url in page_of(path).links:
+            parts = urlsplit(url)
+            if _remote_asset(kind, key, url):
+                problems.append((name, f"loads {url} from the network ({kind} {key})"))
+                continue
+            if parts.scheme in ("http", "https"):
+                wrong = check_repository_url(url, repository, checkout)
+                if wrong:
+                    problems.append((name, f"broken link {url}: {wrong}"))
+                continue
+            if parts.scheme or parts.netloc:
+                continue  # mailto:, data:, javascript: ...
+            target = (
+                path
+                if not parts.path
+                else Path(os.path.normpath(path.parent / unquote(parts.path)))
+            )
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                problems.append((name, f"broken link {url}: no such file in the build"))
+                continue
+            fragment = unquote(parts.fragment)
+            if fragment and target.suffix == ".html" and fragment not in page_of(target).ids:
+                problems.append((name, f"broken link {url}: no anchor #{fragment} there"))
+    static = outdir / "_static"
+    for css in sorted(static.rglob("*.css")) if static.is_dir() else []:
+        text = css.read_text(encoding="utf-8", errors="replace")
+        for url in CSS_REMOTE.findall(text):
+            problems.append((css.relative_to(outdir).as_posix(), f"loads {url} from the network"))
+    return problems
+
+
+def _on_build_finished(app: Sphinx, exception: BaseException | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    if app.builder.name not in ("html", "dirhtml"):
+        return
+    builder = app.builder
+    outdir = Path(builder.outdir)
+    names = [*app.env.all_docs, "genindex", "py-modindex", "search"]
+    pages = {n: Path(builder.get_outfilename(n)) for n in names}  # type: ignore[attr-defined]
+    pages = {n: p for n, p in pages.items() if p.is_file()}
+    home = GITHUB.match(app.config.kldiv_repository_url)
+    repository = f"https://github.com/{home[1]}/{home[2]}" if home else ""
+    checkout = Path(app.srcdir).resolve().parent
+    for name, problem in check_links(outdir, pages, repository, checkout):
+        if name in app.env.all_docs:  # the warning names the page's source
+            LOG.warning("kldiv_docs: %s", problem, location=(name, None), **WARN_LINK)
+        else:  # genindex, search, a stylesheet of _static/
+            LOG.warning("kldiv_docs: %s: %s", name, problem, **WARN_LINK)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _mark_matrix_tables(app: Sphinx, doctree: nodes.document) -> None:
+    """Give the conformance matrices' tables the class ``kldiv-matrix`` (see the CSS)."""
+    for table in doctree.findall(nodes.table):
+        head = next(iter(table.findall(nodes.thead)), None)
+        row = next(iter(head.findall(nodes.row)), None) if head is not None else None
+        cells = [entry.astext().strip() for entry in row.children] if row is not None else []
+        if cells[:2] == ["implementation", "backend"]:
+            table["classes"].append("kldiv-matrix")
 
 
 def _on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
@@ -368,11 +631,13 @@ def _on_source_read(app: Sphinx, docname: str, source: list[str]) -> None:
         raise ValueError(msg)
 
     text = PLACEHOLDER.sub(replace, text)
-    source[0] = _outside_links(text, app.config.kldiv_repository_url)
+    source[0] = outside_links(text, docname, srcdir, app.config.kldiv_repository_url)
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
-    """Register the ``source-read`` handler and the ``kldiv_repository_url`` setting."""
+    """Register the handlers (placeholders, links, matrix tables) and ``kldiv_repository_url``."""
     app.add_config_value("kldiv_repository_url", "", "env", types=(str,))
     app.connect("source-read", _on_source_read)
+    app.connect("doctree-read", _mark_matrix_tables)
+    app.connect("build-finished", _on_build_finished)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
