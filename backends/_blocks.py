@@ -35,8 +35,6 @@ accumulated in float64.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 import threading
@@ -46,16 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from kldiv_spec._dispatch import getenv
+from kldiv_spec import _settings
 
-# The compiled fused float32 sum (backends/_fused.c), where it was built: an install
-# without a C compiler, or a source checkout not built in place, has none. A build that
-# exists but fails to load raises.
-_fused: Any = (
-    importlib.import_module(f"{__package__}._fused")
-    if importlib.util.find_spec(f"{__package__}._fused") is not None
-    else None
-)
+from . import _compiled
+
+# The compiled kernel where it was built, else None (see :mod:`._compiled`).
+_fused: Any = _compiled.fused
 
 __all__: list[str] = []
 
@@ -63,7 +57,7 @@ __all__: list[str] = []
 BLOCK_ELEMENTS = 1 << 16
 
 #: Below this many elements a call is left to the reference (no threading overhead).
-MIN_ELEMENTS = 1 << 16
+MIN_ELEMENTS = _settings.NUMPY_MIN_ELEMENTS
 
 #: Environment variable that sets the number of worker threads.
 THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
@@ -76,7 +70,6 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 #: non-0-d call through the blocked kernels: for running the conformance suite on them).
 MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
 
-_MAX_DEFAULT_THREADS = 8
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 _pool_lock = threading.Lock()
@@ -94,39 +87,22 @@ def supported_dtype(dtype: Any, /) -> bool:
     return np.dtype(dtype) in _DTYPES
 
 
-def _positive_int(name: str, value: str, /, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = minimum - 1
-    if n < minimum:
-        msg = f"{name} must be an integer >= {minimum}, got {value!r}"
-        raise ValueError(msg)
-    return n
-
-
 def min_elements() -> int:
-    """Return the size below which calls go to the reference: ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS``.
+    """Return the size below which NumPy calls go to the reference (``numpy_min_elements``).
 
-    Defaults to :data:`MIN_ELEMENTS`.
+    :data:`MIN_ELEMENTS` unless ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS`` says otherwise
+    (:mod:`kldiv_spec._settings`).
     """
-    value = os.environ.get(MIN_ELEMENTS_ENV, "").strip()
-    return _positive_int(MIN_ELEMENTS_ENV, value, 0) if value else MIN_ELEMENTS
+    return _settings.current.numpy_min_elements
 
 
 def num_threads() -> int:
     """Return the number of worker threads: ``$KLDIV_SPEC_NUM_THREADS`` or the usable cores.
 
-    The default is the number of cores this process may run on, at most 8.
+    The default is the number of cores this process may run on, at most 8
+    (:mod:`kldiv_spec._settings`).
     """
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if value:
-        return _positive_int(THREADS_ENV, value, 1)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, _MAX_DEFAULT_THREADS))
+    return _settings.current.threads()
 
 
 def _executor(n: int, /) -> ThreadPoolExecutor:
@@ -293,9 +269,9 @@ def _fused_sum() -> Callable[[Any, Any], Any] | None:
     """Return the compiled fused float32 sum, or None (not built, no AVX2/FMA, turned off).
 
     Cheap enough for every small call (the NumPy front asks on each one): the CPU's
-    answer is read once, and the environment variable without ``os.environ.get``.
+    answer and the setting (``$KLDIV_SPEC_NUMPY_FUSED``) are read once.
     """
-    if not _FUSED_RUNS or getenv(FUSED_ENV).strip() == "0":
+    if not _FUSED_RUNS or not _settings.current.numpy_fused:
         return None
     return _fused.loss_sum_f32
 

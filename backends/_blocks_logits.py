@@ -56,27 +56,18 @@ reference gives.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from kldiv_spec import _core_logits
+from kldiv_spec import _core_logits, _settings
 
-from . import _blocks
+from . import _blocks, _compiled
 
-# The compiled float32 kernel (backends/_fused_logits.c), where it was built: an install
-# without a C compiler, or a source checkout not built in place, has none. A build that
-# exists but fails to load raises.
-_fused_logits: Any = (
-    importlib.import_module(f"{__package__}._fused_logits")
-    if importlib.util.find_spec(f"{__package__}._fused_logits") is not None
-    else None
-)
+# The compiled kernel where it was built, else None (see :mod:`._compiled`).
+_fused_logits: Any = _compiled.fused_logits
 
 __all__: list[str] = []
 
@@ -101,7 +92,7 @@ def supported(*arrays: Any) -> bool:
 
 def _kernel() -> Callable[..., Any] | None:
     """Return the compiled float32 kernel, or None (not built, no AVX2/FMA, turned off)."""
-    if os.environ.get(_blocks.FUSED_ENV, "").strip() == "0" or _fused_logits is None:
+    if not _settings.current.numpy_fused or _fused_logits is None:
         return None
     return _fused_logits.rows_f32 if _fused_logits.available() else None
 

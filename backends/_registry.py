@@ -41,8 +41,11 @@ class BackendSpec:
         The importable module whose presence means the library is installed.
     is_namespace : callable
         ``is_namespace(xp) -> bool``: whether an array API namespace is this library's.
-    fast_path : bool
-        Whether ``kldiv_spec.backends.<name>`` holds a fast path for it.
+    fast_paths : tuple of str
+        The families of functions it has fast paths for: ``"kl_div"`` (module
+        ``kldiv_spec.backends.<name>``: ``kl_div`` and its backward) and ``"logits"``
+        (module ``kldiv_spec.backends.logits_<name>``: the from-logits functions).
+        The dispatcher reads this, and nothing else, to find them.
     dtypes : tuple of str
         The floating dtypes ``kl_div`` accepts for it.
     fast_dtypes : tuple of str
@@ -60,13 +63,16 @@ class BackendSpec:
     read_only : bool
         Whether read-only arrays are supported (inputs are never written anyway;
         this says the library can make them, and the tests cover them).
+    front : bool
+        Whether its ``kl_div`` fast path exports a front for its array types (registered
+        when the library is imported: :mod:`kldiv_spec.backends._protocol`).
     """
 
     name: str
     title: str
     module: str
     is_namespace: Callable[[Any], bool]
-    fast_path: bool
+    fast_paths: tuple[str, ...]
     dtypes: tuple[str, ...]
     fast_dtypes: tuple[str, ...]
     devices: tuple[str, ...]
@@ -74,6 +80,12 @@ class BackendSpec:
     traced: str = ""
     autograd: str | None = None
     read_only: bool = False
+    front: bool = False
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether ``kl_div`` has a fast path for it (``"kl_div"`` in :attr:`fast_paths`)."""
+        return "kl_div" in self.fast_paths
 
     def installed(self) -> bool:
         """Return whether the library can be imported here (without importing it)."""
@@ -94,18 +106,19 @@ BACKENDS: tuple[BackendSpec, ...] = (
         title="NumPy",
         module="numpy",
         is_namespace=array_api_compat.is_numpy_namespace,
-        fast_path=True,
+        fast_paths=("kl_div", "logits"),
         dtypes=_HALF_TO_DOUBLE,
         fast_dtypes=_HALF_TO_DOUBLE,
         devices=("cpu",),
         read_only=True,
+        front=True,
     ),
     BackendSpec(
         name="array_api_strict",
         title="array-api-strict",
         module="array_api_strict",
         is_namespace=array_api_compat.is_array_api_strict_namespace,
-        fast_path=False,
+        fast_paths=(),
         dtypes=("float32", "float64"),
         fast_dtypes=(),
         devices=("cpu",),
@@ -115,19 +128,20 @@ BACKENDS: tuple[BackendSpec, ...] = (
         title="PyTorch",
         module="torch",
         is_namespace=array_api_compat.is_torch_namespace,
-        fast_path=True,
+        fast_paths=("kl_div", "logits"),
         dtypes=("float16", "bfloat16", "float32", "float64"),
         fast_dtypes=("float32", "float64"),
         devices=("cpu", "cuda"),
         traced="torch.compile, torch.export, torch.func",
         autograd="torch",
+        front=True,
     ),
     BackendSpec(
         name="jax",
         title="JAX",
         module="jax.numpy",
         is_namespace=array_api_compat.is_jax_namespace,
-        fast_path=True,
+        fast_paths=("kl_div", "logits"),
         dtypes=("float16", "bfloat16", "float32", "float64"),
         fast_dtypes=("float32", "float64"),
         devices=("cpu", "gpu"),
@@ -139,7 +153,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         title="Dask",
         module="dask.array",
         is_namespace=array_api_compat.is_dask_namespace,
-        fast_path=True,
+        fast_paths=("kl_div", "logits"),
         dtypes=_HALF_TO_DOUBLE,
         fast_dtypes=_HALF_TO_DOUBLE,
         devices=("cpu",),
@@ -150,7 +164,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         title="CuPy",
         module="cupy",
         is_namespace=array_api_compat.is_cupy_namespace,
-        fast_path=True,
+        fast_paths=("kl_div",),
         dtypes=_HALF_TO_DOUBLE,
         fast_dtypes=("float32", "float64"),
         devices=("cuda",),

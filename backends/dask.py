@@ -1,8 +1,8 @@
 r"""The Dask fast path: every chunk through the chunk library's own path, still lazy.
 
 ``kl_div`` broadcasts and rechunks both operands to the output's shape and
-chunks, then maps each pair of chunks through :func:`kldiv_spec.kl_div` on the
-chunk's array library (so NumPy chunks take the blocked NumPy fast path, CuPy
+chunks, then maps each pair of chunks through the dispatcher on the chunk's array
+library (:func:`connect`) (so NumPy chunks take the blocked NumPy fast path, CuPy
 chunks the CuPy one, small chunks the reference), inside that library's
 floating-point error state: computing the result emits no ``RuntimeWarning``
 for NaN-producing values, as in PyTorch. Reductions are a lazy tree: one
@@ -27,35 +27,62 @@ import dask.array as da
 import numpy as np
 
 from kldiv_spec._core import divide_total, sum_to_shape
-from kldiv_spec._functional import forward
-from kldiv_spec._functional import kl_div_backward as _kl_div_backward
-from kldiv_spec._validation import Operands
+from kldiv_spec._validation import Operands, grad_output_array, operands
 
-__all__ = ["kl_div", "kl_div_backward"]
+from ._protocol import Evaluate
+
+__all__ = ["connect", "kl_div", "kl_div_backward"]
+
+#: The dispatcher's ``evaluate`` (:func:`connect`): a chunk is evaluated as any call of
+#: its own library is.
+_evaluate: Evaluate | None = None
 
 
-def _chunk_library_kl_div(x: Any, t: Any, /, *, reduction: str, log_target: bool) -> Any:
+def connect(evaluate: Evaluate, /) -> None:
+    """Receive the dispatcher's ``evaluate`` (:mod:`kldiv_spec.backends._protocol`)."""
+    global _evaluate
+    _evaluate = evaluate
+
+
+def _connected() -> Evaluate:
+    """Return the dispatcher's ``evaluate``, which travels with each task of the graph.
+
+    Passed to the chunk functions as an argument (a module-level function, pickled by
+    name), so that a Dask worker in another process, which imports this module without
+    the dispatcher having loaded it, evaluates chunks as this process would.
+    """
+    if _evaluate is None:
+        msg = "the Dask fast path was imported but not loaded by kldiv_spec's dispatcher"
+        raise RuntimeError(msg)
+    return _evaluate
+
+
+def _chunk_library_kl_div(
+    x: Any, t: Any, /, *, reduction: str, log_target: bool, evaluate: Evaluate
+) -> Any:
     """Evaluate one chunk with the chunk's own library (fast path or reference)."""
-    return forward(x, t, reduction=reduction, log_target=log_target, stacklevel=2, warn_mean=False)
+    ops = operands(x, t, reduction=reduction, log_target=log_target)
+    return evaluate("kl_div", ops.xp, ops)
 
 
-def _chunk_none(x: Any, t: Any, /, *, log_target: bool) -> Any:
-    return _chunk_library_kl_div(x, t, reduction="none", log_target=log_target)
+def _chunk_none(x: Any, t: Any, /, *, log_target: bool, evaluate: Evaluate) -> Any:
+    return _chunk_library_kl_div(x, t, reduction="none", log_target=log_target, evaluate=evaluate)
 
 
-def _chunk_sum(x: Any, t: Any, /, *, log_target: bool) -> Any:
+def _chunk_sum(x: Any, t: Any, /, *, log_target: bool, evaluate: Evaluate) -> Any:
     """Return the chunk's loss sum as a float64 array of shape ``(1,) * ndim``."""
     xp = array_api_compat.array_namespace(x)
     if x.size == 0:
         return xp.zeros((1,) * x.ndim, dtype=xp.float64)
-    total = _chunk_library_kl_div(x, t, reduction="sum", log_target=log_target)
+    total = _chunk_library_kl_div(x, t, reduction="sum", log_target=log_target, evaluate=evaluate)
     return xp.reshape(xp.asarray(total, dtype=xp.float64), (1,) * x.ndim)
 
 
-def _chunk_gradients(g: Any, x: Any, t: Any, /, *, log_target: bool) -> Any:
+def _chunk_gradients(g: Any, x: Any, t: Any, /, *, log_target: bool, evaluate: Evaluate) -> Any:
     """Return both gradients of one chunk stacked along a new leading axis of size 2."""
     xp = array_api_compat.array_namespace(x)
-    grad_x, grad_t = _kl_div_backward(g, x, t, reduction="none", log_target=log_target)
+    ops = operands(x, t, reduction="none", log_target=log_target)
+    grad_x, grad_t = evaluate("kl_div_backward", ops.xp, grad_output_array(g, ops), ops)
     return xp.stack([grad_x, grad_t])
 
 
@@ -90,13 +117,20 @@ def kl_div(ops: Operands, /) -> Any:
     xb, tb = _aligned(ops, ops.input, ops.target)
     if ops.reduction == "none":
         return da.map_blocks(
-            _chunk_none, xb, tb, log_target=log_target, dtype=dt, meta=_meta(xb, dt)
+            _chunk_none,
+            xb,
+            tb,
+            log_target=log_target,
+            evaluate=_connected(),
+            dtype=dt,
+            meta=_meta(xb, dt),
         )
     partials = da.map_blocks(
         _chunk_sum,
         xb,
         tb,
         log_target=log_target,
+        evaluate=_connected(),
         chunks=tuple((1,) * len(c) for c in xb.chunks),
         dtype=np.float64,
         meta=_meta(xb, np.float64),
@@ -117,6 +151,7 @@ def kl_div_backward(g: Any, ops: Operands, /) -> Any:
         xb,
         tb,
         log_target=ops.log_target,
+        evaluate=_connected(),
         new_axis=0,
         chunks=((2,), *xb.chunks),
         dtype=dt,

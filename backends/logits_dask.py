@@ -31,11 +31,50 @@ import numpy as np
 from kldiv_spec import _core_logits
 from kldiv_spec._core import divide_total
 from kldiv_spec._floating_point import quiet
-from kldiv_spec._logits import LogitsOperands
-from kldiv_spec._logits import kl_div_from_logits as _from_logits
-from kldiv_spec._logits import kl_div_from_logits_backward as _from_logits_backward
+from kldiv_spec._validation import LogitsOperands, check_grad_output, logits_operands
 
-__all__ = ["kl_div_from_logits", "kl_div_from_logits_backward"]
+from ._protocol import Evaluate
+
+__all__ = ["connect", "kl_div_from_logits", "kl_div_from_logits_backward"]
+
+#: The dispatcher's ``evaluate`` (:func:`connect`): a block of rows is evaluated as any
+#: call of its own library is.
+_evaluate: Evaluate | None = None
+
+
+def connect(evaluate: Evaluate, /) -> None:
+    """Receive the dispatcher's ``evaluate`` (:mod:`kldiv_spec.backends._protocol`)."""
+    global _evaluate
+    _evaluate = evaluate
+
+
+def _connected() -> Evaluate:
+    """Return the dispatcher's ``evaluate``, which travels with each task of the graph.
+
+    As in :mod:`kldiv_spec.backends.dask`: passed to the block functions as an argument,
+    so that workers in other processes evaluate blocks as this process would.
+    """
+    if _evaluate is None:
+        msg = "the Dask fast path was imported but not loaded by kldiv_spec's dispatcher"
+        raise RuntimeError(msg)
+    return _evaluate
+
+
+def _from_logits(s: Any, t: Any, /, *, mask: Any, evaluate: Evaluate, **options: Any) -> Any:
+    """``kl_div_from_logits`` of one block, through its library's fast path or reference."""
+    ops = logits_operands(s, t, mask=mask, **options)
+    result = evaluate("kl_div_from_logits", ops.xp, ops)
+    return np.asarray(result) if isinstance(result, np.generic) else result
+
+
+def _from_logits_backward(
+    g: Any, s: Any, t: Any, /, *, mask: Any, target_grad: bool, evaluate: Evaluate, **options: Any
+) -> Any:
+    """``kl_div_from_logits_backward`` of one block, as :func:`_from_logits`."""
+    ops = logits_operands(s, t, mask=mask, **options)
+    g = check_grad_output(g, xp=ops.xp, like=s, output_shape=ops.output_shape, dtype=ops.dtype)
+    g = ops.xp.astype(g, ops.dtype, copy=False)
+    return evaluate("kl_div_from_logits_backward", ops.xp, g, ops, target_grad)
 
 
 def _blocks(ops: LogitsOperands) -> tuple[Any, Any, Any] | None:
@@ -68,26 +107,30 @@ def _row_mask(m: Any, axis: int) -> Any:
     return xp.squeeze(m, axis=axis)
 
 
-def _terms_block(s: Any, t: Any, *rest: Any, ops: LogitsOperands) -> Any:
+def _terms_block(s: Any, t: Any, *rest: Any, ops: LogitsOperands, evaluate: Evaluate) -> Any:
     mask = _row_mask(rest[0], ops.axis) if rest else None
     options = {**_options(ops, "none"), "scale_by_temperature_squared": ops.factor != 1.0}
     with quiet(array_api_compat.array_namespace(s)):
-        return _from_logits(s, t, mask=mask, **options)
+        return _from_logits(s, t, mask=mask, evaluate=evaluate, **options)
 
 
-def _sum_block(s: Any, t: Any, *rest: Any, ops: LogitsOperands) -> Any:
+def _sum_block(s: Any, t: Any, *rest: Any, ops: LogitsOperands, evaluate: Evaluate) -> Any:
     mask = _row_mask(rest[0], ops.axis) if rest else None
     xp = array_api_compat.array_namespace(s)
     with quiet(xp):
-        total = _from_logits(s, t, mask=mask, **_options(ops, "sum"))
+        total = _from_logits(s, t, mask=mask, evaluate=evaluate, **_options(ops, "sum"))
         return xp.reshape(xp.astype(total, xp.float64), (1,) * s.ndim)
 
 
-def _grad_block(s: Any, t: Any, g: Any, *rest: Any, ops: LogitsOperands, which: int) -> Any:
+def _grad_block(
+    s: Any, t: Any, g: Any, *rest: Any, ops: LogitsOperands, which: int, evaluate: Evaluate
+) -> Any:
     mask = _row_mask(rest[0], ops.axis) if rest else None
     options = {**_options(ops, "sum"), "scale_by_temperature_squared": ops.factor != 1.0}
     with quiet(array_api_compat.array_namespace(s)):
-        grads = _from_logits_backward(g, s, t, mask=mask, target_grad=which == 1, **options)
+        grads = _from_logits_backward(
+            g, s, t, mask=mask, target_grad=which == 1, evaluate=evaluate, **options
+        )
     return grads[which]
 
 
@@ -106,13 +149,19 @@ def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     xp = ops.xp
     if ops.reduction == "none":
         out = da.map_blocks(
-            _terms_block, *_with_mask([s, t], mask), ops=ops, dtype=s.dtype, meta=s._meta
+            _terms_block,
+            *_with_mask([s, t], mask),
+            ops=ops,
+            evaluate=_connected(),
+            dtype=s.dtype,
+            meta=s._meta,
         )
         return xp.astype(out, ops.dtype, copy=False)
     partials = da.map_blocks(
         _sum_block,
         *_with_mask([s, t], mask),
         ops=ops,
+        evaluate=_connected(),
         chunks=tuple((1,) * len(c) for c in s.chunks),
         dtype=np.float64,
         meta=np.empty((0,) * s.ndim, np.float64),
@@ -158,6 +207,7 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
             _grad_block,
             *_with_mask([s, t, g], mask),
             ops=ops,
+            evaluate=_connected(),
             which=which,
             dtype=s.dtype,
             meta=s._meta,

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from kldiv_spec import _autodiff_logits_jax, _core_logits
-from kldiv_spec._logits import LogitsOperands
+from kldiv_spec._validation import LogitsOperands
 
 __all__ = ["kl_div_from_logits", "kl_div_from_logits_backward"]
 

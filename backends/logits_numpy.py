@@ -23,7 +23,7 @@ import numpy as np
 
 from kldiv_spec import _core_logits
 from kldiv_spec._core import divide_total
-from kldiv_spec._logits import LogitsOperands
+from kldiv_spec._validation import LogitsOperands
 
 from . import _blocks, _blocks_logits
 

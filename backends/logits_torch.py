@@ -35,16 +35,16 @@ import dataclasses
 import functools
 import importlib.util
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from torch.autograd import forward_ad
 
-from kldiv_spec import _core_logits
+from kldiv_spec import _core_logits, _settings
 from kldiv_spec._core import divide_total
-from kldiv_spec._logits import LogitsOperands, core_backward
+from kldiv_spec._reference_logits import core_backward
+from kldiv_spec._validation import LogitsOperands
 
 from . import _blocks
 from .logits_numpy import evaluate
@@ -96,7 +96,7 @@ def _triton_importable() -> bool:
 @functools.cache
 def _interpreted() -> bool:
     """Return whether CPU tensors go to the Triton kernels (Triton's interpreter is on)."""
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ("1", "true", "on", "yes"):
+    if not _settings.current.triton_interpret:
         return False
     if not _triton_importable():
         return False
@@ -136,7 +136,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     The forward keeps the student gradient of a unit upstream gradient (``ctx.grad``);
     it serves one backward. A second backward, a graph being built through it
     (double backward) or a target that needs a gradient recompute with
-    :func:`kldiv_spec._logits.core_backward`. Gradients come back in the operands'
+    :func:`kldiv_spec._reference_logits.core_backward`. Gradients come back in the operands'
     dtypes.
     """
     x, t = ctx.saved_tensors

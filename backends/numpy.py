@@ -12,13 +12,16 @@ dtype); sums are accumulated blockwise in float64 (see the error bound in
 ``log`` is within 0.8265 ulp of the exact value over every positive finite float32
 (AVX2 and FMA; ``benchmarks/log_sweep.py``).
 
-Smaller arrays, 0-d and empty arrays, ndarray subclasses, dtypes other than
-float16/32/64, and broadcast operands in ``kl_div_backward`` are left to the
-reference (``NotImplemented``). The number of threads is
-``$KLDIV_SPEC_NUM_THREADS`` or the number of usable cores (at most 8); the size
-threshold is ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS`` (``0`` sends every non-empty,
-non-0-d call through the blocked kernels, e.g. to run the conformance suite on
-them). NumPy's BLAS is not used, so its threads do not compete with these.
+Smaller calls on plain ndarrays of one shape and dtype are evaluated by :func:`front`,
+before any validation, with the reference's operations (the per-call cost of a small
+NumPy call is mostly Python). Other small arrays, 0-d and empty arrays, ndarray
+subclasses, dtypes other than float16/32/64, and broadcast operands in
+``kl_div_backward`` are left to the reference (``NotImplemented``). The settings
+(:mod:`kldiv_spec._settings`, read when kldiv_spec is imported): the number of threads
+is ``$KLDIV_SPEC_NUM_THREADS`` or the number of usable cores (at most 8); the size
+threshold is ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS`` (``0`` sends every non-empty, non-0-d
+call through the blocked kernels, e.g. to run the conformance suite on them). NumPy's
+BLAS is not used, so its threads do not compete with these.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from kldiv_spec import _settings
 from kldiv_spec._core import divide_total
+from kldiv_spec._validation import REDUCTIONS as _REDUCTIONS
 from kldiv_spec._validation import Operands
 
 from . import _blocks
 
-__all__ = ["kl_div", "kl_div_backward"]
+__all__ = ["FRONTS", "front", "kl_div", "kl_div_backward"]
 
 
 def _handles(ops: Operands, /, *arrays: Any) -> bool:
@@ -83,3 +88,83 @@ def kl_div_backward(g: Any, ops: Operands, /) -> Any:
         with np.errstate(all="ignore"):
             g = divide_total(np.asarray(g, dtype=dt), ops.divisor, xp=np)
     return _blocks.gradients(g, x, t, shape=ops.output_shape, dtype=dt, log_target=ops.log_target)
+
+
+# --- the front: the common small call without the validation and dispatch --------------
+
+_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def front(x: Any, t: Any, reduction: object, log_target: object, /) -> Any:
+    r"""Evaluate a small NumPy call without the dispatch, as the fast path or the reference would.
+
+    Taken only for plain ``ndarray`` operands of one shape (not 0-d) and one dtype
+    (float32 or float64) below the NumPy fast path's size threshold, a valid ``reduction`` and a
+    bool ``log_target``: exactly the calls on which :func:`kldiv_spec._validation.operands`
+    passes with nothing to promote or broadcast.
+
+    A float32 reduction without ``log_target`` is the NumPy fast path's fused pass
+    (:func:`kldiv_spec.backends._blocks.fused_available`: one compiled call, terms
+    accumulated in float64), the same kernel and the same answer as on a large array:
+
+    .. math::
+
+        \operatorname{fl}_{32}\Bigl(\operatorname{fl}_{32}\bigl(\textstyle\sum_{64} \ell\bigr)
+        / D\Bigr), \qquad \ell = [t = 0\ ?\ 0 : t \log t] - t x.
+
+    Everything else is :mod:`kldiv_spec._core`'s operations, in its order and dtype,
+    so the result is the reference's bit for bit:
+
+    .. math::
+
+        \ell = [t = 0\ ?\ 0 : t \log t] - t x \quad\text{or}\quad e^{t}(t - x),
+        \qquad \operatorname{fl}\Bigl(\operatorname{fl}\bigl(\textstyle\sum \ell\bigr) / D\Bigr).
+
+    Anything else returns ``NotImplemented`` and takes the full route.
+    """
+    if type(t) is not np.ndarray or type(log_target) is not bool:
+        return NotImplemented
+    dt = x.dtype
+    if dt not in _NUMPY_DTYPES or t.dtype != dt or type(reduction) is not str:
+        return NotImplemented
+    if reduction not in _REDUCTIONS or x.shape != t.shape or x.ndim == 0:
+        return NotImplemented
+    n = x.size
+    if n >= max(_settings.current.numpy_min_elements, 1):
+        return NotImplemented  # the blocked fast path takes it
+    d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
+    if reduction != "none" and not log_target and dt == _FLOAT32:
+        fused = _blocks._fused_sum()
+        if fused is not None and x.flags.c_contiguous and t.flags.c_contiguous:
+            wide = fused(x, t) + 0.0  # + 0.0: a sum of zeros is +0.0
+            if -_FLOAT32_MAX <= wide <= _FLOAT32_MAX:
+                total = np.float32(wide)
+            else:  # rounds to +-inf or the largest float32; NaN stays NaN
+                with np.errstate(over="ignore"):
+                    total = np.float32(wide)
+            if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
+                return np.full((), np.nan, dtype=dt)
+            return np.asarray(total if d == 1 else total / np.float32(d))
+    with np.errstate(all="ignore"):
+        if log_target:
+            loss = np.exp(t)
+            loss *= t - x
+        else:
+            loss = np.log(t)
+            np.multiply(t, loss, out=loss)
+            np.copyto(loss, 0.0, where=t == 0)  # xlogy's 0 log 0 = 0 (+0.0, as the core's)
+            loss -= np.multiply(t, x)
+        if reduction == "none":
+            return loss
+        total = np.add.reduce(loss, axis=None)
+        if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
+            return np.full((), np.nan, dtype=dt)
+        return np.asarray(total if d == 1 else total / d)
+
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+#: The front of plain ndarrays (:mod:`kldiv_spec.backends._protocol`).
+FRONTS = {np.ndarray: front}

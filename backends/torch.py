@@ -1,9 +1,10 @@
 r"""PyTorch fast path: ATen's kernel for small calls; NumPy's blocked kernels, or Triton on CUDA.
 
-Three routes, chosen per call by :func:`front` (registered for tensors in
-:data:`kldiv_spec._dispatch.FRONTS`) and :func:`kl_div`:
+Three routes, chosen per call by :func:`front` (exported in :data:`FRONTS` for the
+dispatcher) and :func:`kl_div`:
 
-- **Small calls** (fewer than :data:`MIN_ELEMENTS` elements) **and everything under
+- **Small calls** (fewer than ``$KLDIV_SPEC_TORCH_MIN_ELEMENTS``, by default
+  :data:`MIN_ELEMENTS`, elements) **and everything under
   torch.compile**: ATen's own ``torch.kl_div`` (``'sum'`` or ``'none'``, then the
   divisor), the kernel ``torch.nn.functional.kl_div`` runs, when the operands share
   one dtype (float32, float64), shape and device and the target needs no gradient.
@@ -39,8 +40,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -48,20 +47,29 @@ import array_api_compat.torch as _xp
 import torch
 from torch.autograd import forward_ad
 
-from kldiv_spec import _core, _dispatch, _functional, _torch_loss
+from kldiv_spec import _core, _settings
 from kldiv_spec._validation import Operands
 
 from . import _blocks
+from ._protocol import CompilerHooks, Recast
 
-__all__ = ["MIN_ELEMENTS", "MIN_ELEMENTS_ENV", "front", "kl_div", "kl_div_backward"]
+__all__ = [
+    "COMPILER",
+    "FRONTS",
+    "MIN_ELEMENTS",
+    "MIN_ELEMENTS_ENV",
+    "front",
+    "kl_div",
+    "kl_div_backward",
+]
 
-#: Environment variable that overrides :data:`MIN_ELEMENTS` when this module is imported
-#: (``0`` sends every call the front takes through the blocked or Triton kernels: for
+#: Environment variable that overrides :data:`MIN_ELEMENTS` (:mod:`kldiv_spec._settings`:
+#: ``0`` sends every call the front takes through the blocked or Triton kernels, for
 #: running the conformance suite on them).
 MIN_ELEMENTS_ENV = "KLDIV_SPEC_TORCH_MIN_ELEMENTS"
-#: Smaller calls go to ATen's own ``kl_div`` (through :func:`front`), whose per-call cost
-#: is lower.
-MIN_ELEMENTS = int(os.environ.get(MIN_ELEMENTS_ENV, "").strip() or 1 << 15)
+#: By default, smaller calls go to ATen's own ``kl_div`` (through :func:`front`), whose
+#: per-call cost is lower.
+MIN_ELEMENTS = _settings.TORCH_MIN_ELEMENTS
 
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -77,7 +85,7 @@ def _accepts(ops: Operands) -> bool:
     if x.layout != torch.strided or not (x.is_contiguous() and t.is_contiguous()):
         return False
     n = x.numel()
-    if n < MIN_ELEMENTS or n == 0 or x.ndim == 0:
+    if n < _settings.current.torch_min_elements or n == 0 or x.ndim == 0:
         return False
     if x.device.type == "cuda":
         if not _triton_available():
@@ -252,11 +260,11 @@ _any_autocast = torch._C._is_any_autocast_enabled
 def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
     r"""Evaluate the common call on tensors cheaply, or return ``NotImplemented``.
 
-    Registered in :data:`kldiv_spec._dispatch.FRONTS` for ``torch.Tensor`` and
-    ``torch.nn.Parameter``. It takes plain tensors of one dtype (float32 or float64),
-    shape, layout (strided) and device, a valid ``reduction`` and a bool
-    ``log_target``: the calls on which :func:`kldiv_spec._validation.operands` passes
-    with nothing to promote or broadcast, so no check is skipped. Anything else goes
+    Exported in :data:`FRONTS` for ``torch.Tensor`` and ``torch.nn.Parameter``. It
+    takes plain tensors of one dtype (float32 or float64), shape, layout (strided) and
+    device, a valid ``reduction`` and a bool ``log_target``: the calls on which
+    :func:`kldiv_spec._validation.operands` passes with nothing to promote or broadcast,
+    so no check is skipped. Anything else goes
     back (``NotImplemented``) to the full route, which raises the specified errors.
 
     Under autocast (``torch.autocast``, CPU or CUDA) the operands are first cast as
@@ -265,8 +273,8 @@ def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
 
     Routes, each giving the specified values and analytic gradients:
 
-    - large CPU and CUDA tensors (:data:`MIN_ELEMENTS` and more), eagerly: the blocked
-      (CPU) or Triton (CUDA) kernels of :func:`kl_div`;
+    - large CPU and CUDA tensors (``$KLDIV_SPEC_TORCH_MIN_ELEMENTS`` and more),
+      eagerly: the blocked (CPU) or Triton (CUDA) kernels of :func:`kl_div`;
     - everything else it takes, and everything under ``torch.compile``: ATen's own
       ``torch.kl_div`` with ``reduction='sum'`` (or ``'none'``), divided by the
       divisor :math:`D` with the one rounding rule (:func:`_core.divide_total`),
@@ -289,7 +297,7 @@ def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
 def traced_front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
     """:func:`front` in code ``torch.compile`` traces: ATen's kernel, or ``NotImplemented``.
 
-    Registered with :func:`kldiv_spec._dispatch.use_torch_compiler`. Traced operands
+    Exported in :data:`COMPILER` for the dispatcher. Traced operands
     are fake or functional tensors (subclasses), and traced calls always take ATen's
     kernel, which Inductor compiles with its neighbours: what
     ``torch.nn.functional.kl_div`` runs for any tensor type. So the type is not
@@ -309,7 +317,7 @@ def _with_autocast(
     """Return ``route``'s result, on the operands autocast would cast, if it is on.
 
     Under autocast, the operands are cast as autocast casts ``kl_div``'s, and a call
-    ``route`` declines takes the full route on them.
+    ``route`` declines takes the full route on them (a :class:`Recast`).
     """
     if not _any_autocast():
         return route(input, target, reduction, log_target)
@@ -317,14 +325,7 @@ def _with_autocast(
     result = route(input, target, reduction, log_target)
     if result is not NotImplemented:
         return result
-    return _functional.full_route(
-        input,
-        target,
-        reduction=reduction,
-        log_target=log_target,
-        stacklevel=2,
-        warn_mean=False,  # the caller warns once it has the result
-    )
+    return Recast(input, target)
 
 
 def _eager(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
@@ -337,7 +338,9 @@ def _eager(x: Any, t: Any, reduction: Any, log_target: Any, /) -> Any:
         return NotImplemented
     if forward_ad._current_level >= 0 or _is_wrapped(x) or _is_wrapped(t):
         return NotImplemented
-    if x.numel() >= MIN_ELEMENTS and _aten_takes(x, t, reduction, log_target):
+    if x.numel() >= _settings.current.torch_min_elements and _aten_takes(
+        x, t, reduction, log_target
+    ):
         result = kl_div(_operands(x, t, reduction, log_target))
         if result is not NotImplemented:
             return result
@@ -426,16 +429,19 @@ def _autocast(a: Any) -> Any:
     return a
 
 
-_dispatch._LOADED.setdefault("torch", sys.modules[__name__])  # however this was imported
-_dispatch.FRONTS[torch.Tensor] = front
-_dispatch.FRONTS[torch.nn.Parameter] = front
-_dispatch.use_torch_compiler(
-    torch.compiler.is_compiling, traced_front, torch.compiler.assume_constant_result
+#: The fronts of tensors (:mod:`kldiv_spec.backends._protocol`).
+FRONTS = {torch.Tensor: front, torch.nn.Parameter: front}
+
+#: What the dispatcher needs from ``torch.compile``. It records the public entry points
+#: as calls in its graph (``allow_in_graph``), as it records
+#: ``torch.nn.functional.kl_div``, instead of tracing their Python; AOTAutograd then
+#: traces them (to :func:`traced_front`'s ATen operations) when it compiles the graph.
+#: Dynamo traces the Python it enters, and guards the compiled code on every function
+#: and global it reads: about 40 checks of this package's modules on every call, 3-4% of
+#: a compiled 8x10 training step.
+COMPILER = CompilerHooks(
+    is_compiling=torch.compiler.is_compiling,
+    traced_front=traced_front,
+    constant_result=torch.compiler.assume_constant_result,
+    allow_in_graph=torch.compiler.allow_in_graph,
 )
-# torch.compile records these entry points as calls in its graph, as it records
-# torch.nn.functional.kl_div, instead of tracing their Python; AOTAutograd then traces them
-# (to traced_front's ATen operations) when it compiles the graph. Dynamo traces the Python
-# it enters, and guards the compiled code on every function and global it reads: about 40
-# checks of this package's modules on every call, 3-4% of a compiled 8x10 training step.
-for _entry in (_functional.kl_div, _functional.forward, _torch_loss.kl_div):
-    torch.compiler.allow_in_graph(_entry)

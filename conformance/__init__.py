@@ -7,13 +7,26 @@ plugin (``pytest --pyargs kldiv_spec.conformance --kldiv-impl MODULE:CALLABLE``)
 or from Python with :func:`run`.
 """
 
-# Importing the checks_* modules registers their properties in PROPERTIES.
+if (
+    __name__ != "kldiv_spec.conformance"
+):  # the folder conformance/ imported by its own name, from a checkout's root
+    msg = (
+        "conformance/ is the package kldiv_spec.conformance: import it by that name (a "
+        "second copy under the name 'conformance' would hold a second copy of every module)"
+    )
+    raise ImportError(msg)
+
+
+# Importing the checks_* modules registers their properties in PROPERTIES, in the order
+# of these imports (the report's order within a group): the from-logits properties, then
+# the Gaussian KL's, then the from-hidden ones.
+from . import checks_accuracy, checks_gradients, checks_logits  # noqa: F401
+
+# isort: split
 from . import (
-    checks_accuracy,  # noqa: F401
-    checks_gradients,  # noqa: F401
+    checks_gaussian,  # noqa: F401
     checks_hidden,  # noqa: F401
     checks_hygiene,  # noqa: F401
-    checks_logits,  # noqa: F401
     checks_math,  # noqa: F401
     checks_semantics,  # noqa: F401
 )

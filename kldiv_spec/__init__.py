@@ -7,23 +7,12 @@ the Python array API standard; ``kl_div_backward`` gives the analytic gradients.
 checks any implementation against the specification.
 """
 
-from pathlib import Path as _Path
-
-from . import _source_tree
-
-_source_tree.install(_Path(__file__).resolve().parent)
-
-from ._dispatch import use_reference  # noqa: E402
-from ._functional import kl_div, kl_div_backward  # noqa: E402
-from ._logits import (  # noqa: E402
-    LOGITS_REDUCTIONS,
-    gaussian_kl,
-    gaussian_kl_backward,
-    kl_div_from_logits,
-    kl_div_from_logits_backward,
-)
-from ._loss import KLDivLoss  # noqa: E402
-from ._validation import REDUCTIONS  # noqa: E402
+from ._dispatch import use_reference
+from ._functional import kl_div, kl_div_backward
+from ._gaussian import gaussian_kl, gaussian_kl_backward
+from ._logits import LOGITS_REDUCTIONS, kl_div_from_logits, kl_div_from_logits_backward
+from ._loss import KLDivLoss
+from ._validation import REDUCTIONS
 
 __all__ = [
     "LOGITS_REDUCTIONS",

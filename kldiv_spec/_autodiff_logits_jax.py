@@ -1,4 +1,4 @@
-"""The logits and Gaussian references on JAX: the core's forward, its backward a ``custom_vjp``.
+"""The from-logits reference on JAX: the core's forward, its backward a ``custom_vjp``.
 
 ``jax.grad`` then gives the specified gradients, edge values included, eagerly
 and under ``jax.jit``. The row mask travels as a float array of 0s and 1s (a
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 
 from . import _core_logits
-from ._logits import GaussianOperands, LogitsOperands
+from ._validation import LogitsOperands
 
 __all__: list[str] = []
 
@@ -99,36 +99,3 @@ def from_logits_with_gradient(ops: LogitsOperands, /) -> Any:
     """Evaluate the reference on JAX arrays with the analytic gradients attached."""
     m, static = mask_and_static(ops)
     return _from_logits(ops.input, ops.target, m, static)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gaussian(mu: Any, lv: Any, mu_p: Any, lv_p: Any, static: Any) -> Any:
-    xp, dtype, reduction, batch_size, _ = static
-    args = (xp.astype(a, dtype) for a in (mu, lv, mu_p, lv_p))
-    return _core_logits.gaussian_kl(*args, reduction=reduction, batch_size=batch_size, xp=xp)
-
-
-def _gaussian_forward(mu: Any, lv: Any, mu_p: Any, lv_p: Any, static: Any) -> Any:
-    return _gaussian(mu, lv, mu_p, lv_p, static), (mu, lv, mu_p, lv_p)
-
-
-def _gaussian_backward(static: Any, saved: Any, g: Any) -> Any:
-    xp, dtype, reduction, batch_size, output_shape = static
-    grads = _core_logits.gaussian_kl_backward(
-        g,
-        *(xp.astype(a, dtype) for a in saved),
-        reduction=reduction,
-        batch_size=batch_size,
-        output_shape=output_shape,
-        xp=xp,
-    )
-    return tuple(xp.astype(gr, a.dtype) for gr, a in zip(grads, saved, strict=True))
-
-
-_gaussian.defvjp(_gaussian_forward, _gaussian_backward)
-
-
-def gaussian_with_gradient(ops: GaussianOperands, /) -> Any:
-    """Evaluate the Gaussian KL on JAX arrays with the analytic gradients attached."""
-    static = (ops.xp, ops.dtype, ops.reduction, ops.batch_size, ops.output_shape)
-    return _gaussian(ops.mu, ops.logvar, ops.mu_prior, ops.logvar_prior, static)

@@ -1,8 +1,8 @@
-r"""The executable specification of the KL divergence from logits, and of the Gaussian KL.
+r"""The executable specification of the KL divergence from logits.
 
 Like :mod:`kldiv_spec._core`, everything here uses only functions of the Python
 array API standard, reached through the namespace ``xp`` the caller passes in,
-holds no argument checking (see :mod:`kldiv_spec._logits`) and no backend
+holds no argument checking (see :mod:`kldiv_spec._validation`) and no backend
 branches. Reductions end with the one rounding rule of
 :func:`kldiv_spec._core.divide_total`.
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._core import divide_total, divisor, reduce_loss, sum_to_shape
+from ._core import divide_total, divisor
 
 Array = Any
 Namespace = Any
@@ -459,82 +459,3 @@ def jsd_backward(
     dp = xp.where(p == 0, xp.zeros_like(p), beta * (lp - lm))
     grad_t = _softmax_chain(p, gw * dp, c=c, axis=axis, mask=mask, xp=xp)
     return grad_s, grad_t
-
-
-# --------------------------------------------------------------------------- Gaussian KL
-
-
-def gaussian_terms(
-    mu: Array, logvar: Array, mu_p: Array, logvar_p: Array, /, *, xp: Namespace
-) -> Array:
-    r"""Return the elementwise KL between diagonal Gaussians, broadcast.
-
-    .. math::
-
-        \mathrm{KL}\bigl(\mathcal N(\mu, \sigma^2) \,\|\, \mathcal N(\mu_0, \sigma_0^2)\bigr)
-        = \tfrac12 \Bigl( \bigl(e^{d} - 1 - d\bigr) + \frac{(\mu - \mu_0)^2}{e^{\lambda_0}} \Bigr),
-        \qquad d = \lambda - \lambda_0,
-
-    with :math:`\lambda = \log \sigma^2`. :math:`e^d - 1` is ``expm1(d)``, so
-    the term is accurate for small :math:`d` and exactly 0 at the identity
-    (``expm1(0) - 0 = 0``, ``0 * 0 / e^{λ0} = 0``).
-    """
-    d = logvar - logvar_p
-    diff = mu - mu_p
-    return 0.5 * ((xp.expm1(d) - d) + diff * diff / xp.exp(logvar_p))
-
-
-def gaussian_kl(
-    mu: Array,
-    logvar: Array,
-    mu_p: Array,
-    logvar_p: Array,
-    /,
-    *,
-    reduction: str,
-    batch_size: int | None,
-    xp: Namespace,
-) -> Array:
-    """Return the Gaussian KL reduced like ``kl_div`` (divisor: 1, numel or ``batch_size``)."""
-    loss = gaussian_terms(mu, logvar, mu_p, logvar_p, xp=xp)
-    return reduce_loss(loss, reduction=reduction, batch_size=batch_size, xp=xp)
-
-
-def gaussian_kl_backward(
-    g: Array,
-    mu: Array,
-    logvar: Array,
-    mu_p: Array,
-    logvar_p: Array,
-    /,
-    *,
-    reduction: str,
-    batch_size: int | None,
-    output_shape: tuple[int, ...],
-    xp: Namespace,
-) -> tuple[Array, Array, Array, Array]:
-    r"""Return the gradients w.r.t. ``mu``, ``logvar``, ``mu_p``, ``logvar_p``, each to its shape.
-
-    .. math::
-
-        \partial_\mu = \frac{\mu - \mu_0}{e^{\lambda_0}}, \quad
-        \partial_\lambda = \tfrac12 (e^{d} - 1), \quad
-        \partial_{\mu_0} = -\partial_\mu, \quad
-        \partial_{\lambda_0}
-            = -\tfrac12 \Bigl((e^{d} - 1) + \frac{(\mu - \mu_0)^2}{e^{\lambda_0}}\Bigr),
-
-    times :math:`g / D`.
-    """
-    d = divisor(reduction, output_shape=output_shape, batch_size=batch_size)
-    g = divide_total(g, d, xp=xp)
-    diff = mu - mu_p
-    var_p = xp.exp(logvar_p)
-    em1 = xp.expm1(logvar - logvar_p)
-    g_mu = g * (diff / var_p)
-    g_lv = g * (0.5 * em1)
-    g_lvp = -(g * (0.5 * (em1 + diff * diff / var_p)))
-    out = []
-    for grad, like in ((g_mu, mu), (g_lv, logvar), (-g_mu, mu_p), (g_lvp, logvar_p)):
-        full = xp.broadcast_to(grad, output_shape)
-        out.append(sum_to_shape(full, tuple(like.shape), xp=xp))
-    return out[0], out[1], out[2], out[3]

@@ -1,4 +1,10 @@
-"""The public functions: validate, pick a fast path, fall back to the reference."""
+"""``kl_div`` and its backward: validate, then the dispatcher (a fast path or the reference).
+
+The common call first asks the input type's *front* (:func:`kldiv_spec._dispatch.front`),
+which evaluates plain arrays of one dtype and shape with a few attribute checks; anything
+else takes the full route: :func:`kldiv_spec._validation.operands`, then
+:func:`kldiv_spec._dispatch.evaluate`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from kldiv_spec.backends import _blocks
-
-from . import _reference
-from ._dispatch import FRONTS, compiling, fast_path, front, getenv
-from ._floating_point import quiet
-from ._validation import REDUCTIONS, grad_output_array, operands
+from . import _dispatch
+from ._dispatch import compiling, front
+from ._validation import grad_output_array, operands
+from .backends._protocol import Recast
 
 __all__ = ["kl_div", "kl_div_backward"]
 
@@ -121,10 +125,13 @@ def forward(
     if handler is not None:
         result = handler(input, target, reduction, log_target)
         if result is not NotImplemented:
-            # The front took the call only if every check below would have passed.
-            if reduction == "mean" and warn_mean:
-                _warn_mean(stacklevel + 1)
-            return result
+            if type(result) is Recast:  # the front changed the operands (autocast)
+                input, target = result.input, result.target
+            else:
+                # The front took the call only if every check below would have passed.
+                if reduction == "mean" and warn_mean:
+                    _warn_mean(stacklevel + 1)
+                return result
     return full_route(
         input,
         target,
@@ -147,22 +154,14 @@ def full_route(
 ) -> Array:
     """Validate, then evaluate with the namespace's fast path or the reference (no front).
 
-    For :func:`forward`, and for a front handing a call back on operands it has changed
-    (autocast's casts).
+    NumPy's reductions return scalars (``np.float64``), which are not arrays: they come
+    back as 0-d arrays, as the array API specifies.
     """
     ops = operands(input, target, reduction=reduction, log_target=log_target)
     if reduction == "mean" and warn_mean:
         _warn_mean(stacklevel + 1)
-    path = fast_path(ops.xp)
-    if path is not None:
-        with quiet(ops.xp):
-            result = path.kl_div(ops)
-        if result is not NotImplemented:
-            return _zero_dim_array(result)
-    return _zero_dim_array(_reference.forward(ops))
-
-
-_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+    result = _dispatch.evaluate("kl_div", ops.xp, ops)
+    return np.asarray(result) if isinstance(result, np.generic) else result
 
 
 def _warn_mean(stacklevel: int, /) -> None:
@@ -174,99 +173,6 @@ def _warn_mean(stacklevel: int, /) -> None:
     """
     if not compiling():
         warnings.warn(MEAN_WARNING, UserWarning, stacklevel=stacklevel)
-
-
-def _numpy_front(x: Array, t: Array, reduction: object, log_target: object) -> Array:
-    r"""Evaluate a small NumPy call without the dispatch, as the fast path or the reference would.
-
-    Taken only for plain ``ndarray`` operands of one shape (not 0-d) and one dtype
-    (float32 or float64) below the NumPy fast path's size threshold, a valid ``reduction`` and a
-    bool ``log_target``: exactly the calls on which :func:`kldiv_spec._validation.operands`
-    passes with nothing to promote or broadcast.
-
-    A float32 reduction without ``log_target`` is the NumPy fast path's fused pass
-    (:func:`kldiv_spec.backends._blocks.fused_available`: one compiled call, terms
-    accumulated in float64), the same kernel and the same answer as on a large array:
-
-    .. math::
-
-        \operatorname{fl}_{32}\Bigl(\operatorname{fl}_{32}\bigl(\textstyle\sum_{64} \ell\bigr)
-        / D\Bigr), \qquad \ell = [t = 0\ ?\ 0 : t \log t] - t x.
-
-    Everything else is :mod:`kldiv_spec._core`'s operations, in its order and dtype,
-    so the result is the reference's bit for bit:
-
-    .. math::
-
-        \ell = [t = 0\ ?\ 0 : t \log t] - t x \quad\text{or}\quad e^{t}(t - x),
-        \qquad \operatorname{fl}\Bigl(\operatorname{fl}\bigl(\textstyle\sum \ell\bigr) / D\Bigr).
-
-    Anything else returns ``NotImplemented`` and takes the full route.
-    """
-    if type(t) is not np.ndarray or type(log_target) is not bool:
-        return NotImplemented
-    dt = x.dtype
-    if dt not in _NUMPY_DTYPES or t.dtype != dt or type(reduction) is not str:
-        return NotImplemented
-    if reduction not in REDUCTIONS or x.shape != t.shape or x.ndim == 0:
-        return NotImplemented
-    n = x.size
-    if n >= _numpy_fast_threshold():
-        return NotImplemented  # the blocked fast path takes it
-    d = n if reduction == "mean" else x.shape[0] if reduction == "batchmean" else 1
-    if reduction != "none" and not log_target and dt == _FLOAT32:
-        fused = _blocks._fused_sum()
-        if fused is not None and x.flags.c_contiguous and t.flags.c_contiguous:
-            wide = fused(x, t) + 0.0  # + 0.0: a sum of zeros is +0.0
-            if -_FLOAT32_MAX <= wide <= _FLOAT32_MAX:
-                total = np.float32(wide)
-            else:  # rounds to +-inf or the largest float32; NaN stays NaN
-                with np.errstate(over="ignore"):
-                    total = np.float32(wide)
-            if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
-                return np.full((), np.nan, dtype=dt)
-            return np.asarray(total if d == 1 else total / np.float32(d))
-    with np.errstate(all="ignore"):
-        if log_target:
-            loss = np.exp(t)
-            loss *= t - x
-        else:
-            loss = np.log(t)
-            np.multiply(t, loss, out=loss)
-            np.copyto(loss, 0.0, where=t == 0)  # xlogy's 0 log 0 = 0 (+0.0, as the core's)
-            loss -= np.multiply(t, x)
-        if reduction == "none":
-            return loss
-        total = np.add.reduce(loss, axis=None)
-        if d == 0:  # an empty mean: NaN, as _core.divide_total builds it
-            return np.full((), np.nan, dtype=dt)
-        return np.asarray(total if d == 1 else total / d)
-
-
-_FLOAT32 = np.dtype(np.float32)
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _numpy_fast_threshold() -> int:
-    """Return the size from which the NumPy fast path takes a call (and the front does not).
-
-    :func:`kldiv_spec.backends._blocks.min_elements`, whose environment variable is read
-    here the cheap way first (it is usually unset).
-    """
-    if getenv(_blocks.MIN_ELEMENTS_ENV).strip():
-        return max(_blocks.min_elements(), 1)
-    return max(_blocks.MIN_ELEMENTS, 1)
-
-
-FRONTS[np.ndarray] = _numpy_front
-
-
-def _zero_dim_array(result: Array) -> Array:
-    """Return NumPy's reduction results as 0-d arrays, as the array API specifies.
-
-    NumPy's reductions return scalars (``np.float64``), which are not arrays.
-    """
-    return np.asarray(result) if isinstance(result, np.generic) else result
 
 
 def kl_div_backward(
@@ -320,10 +226,8 @@ def kl_div_backward(
     """
     ops = operands(input, target, reduction=reduction, log_target=log_target)
     g = grad_output_array(grad_output, ops)
-    path = fast_path(ops.xp)
-    if path is not None:
-        with quiet(ops.xp):
-            result = path.kl_div_backward(g, ops)
-        if result is not NotImplemented:
-            return result
-    return _reference.backward(g, ops)
+    return _dispatch.evaluate("kl_div_backward", ops.xp, g, ops)
+
+
+for _entry in (kl_div, forward):
+    _dispatch.register_entry_point(_entry)

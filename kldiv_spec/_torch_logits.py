@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from ._logits import (
+from ._logits import kl_div_from_logits as _kl_div_from_logits
+from ._validation import (
     DIRECTIONS,
     LOGITS_REDUCTIONS,
-    _check_bool,
-    _check_choice,
     check_beta_direction,
+    check_bool,
+    check_choice,
     check_temperature,
 )
-from ._logits import kl_div_from_logits as _kl_div_from_logits
 
 __all__ = ["KLDivFromLogitsLoss", "kl_div_from_logits"]
 
@@ -85,13 +85,13 @@ class KLDivFromLogitsLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.reduction = _check_choice(reduction, "reduction", LOGITS_REDUCTIONS)
+        self.reduction = check_choice(reduction, "reduction", LOGITS_REDUCTIONS)
         if isinstance(dim, bool) or not isinstance(dim, int):
             msg = f"dim must be an int, got {type(dim).__qualname__}"
             raise TypeError(msg)
         self.dim = dim
-        self.direction = _check_choice(direction, "direction", DIRECTIONS)
-        self.scale_by_temperature_squared = _check_bool(
+        self.direction = check_choice(direction, "direction", DIRECTIONS)
+        self.scale_by_temperature_squared = check_bool(
             scale_by_temperature_squared, "scale_by_temperature_squared"
         )
         self.beta = check_beta_direction(beta, self.direction)

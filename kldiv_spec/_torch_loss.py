@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from . import _dispatch
 from ._functional import forward as _forward
 from ._loss import LEGACY_WARNING
 from ._validation import check_log_target, check_reduction, legacy_reduction
@@ -82,3 +83,5 @@ class KLDivLoss(torch.nn.Module):
 
 # Their public home (pickles of a module holding the loss, the documentation, reprs).
 kl_div.__module__ = KLDivLoss.__module__ = "kldiv_spec.torch"
+
+_dispatch.register_entry_point(kl_div)

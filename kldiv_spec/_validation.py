@@ -1,6 +1,10 @@
-"""Argument checks shared by the public functions.
+"""The argument checks of every public function, and the operands they hand on.
 
-Every error names the argument at fault. Nothing here looks at array *values*
+Each public function validates its arguments here, into one frozen operands object
+(:class:`Operands` for ``kl_div``, :class:`LogitsOperands` for the from-logits
+functions, :class:`GaussianOperands` for the Gaussian KL) that the dispatcher, the
+fast paths and the reference receive; nothing is re-derived elsewhere. Every error
+names the argument at fault. Nothing here looks at array *values*
 (only types, dtypes, shapes and devices), so checks never trigger computation
 on lazy backends (Dask, JAX under ``jit``).
 """
@@ -221,16 +225,7 @@ def operands(
         raise TypeError(msg) from None
     _check_floating(xp, input, "input")
     _check_floating(xp, target, "target")
-    device_in = array_api_compat.device(input)
-    device_tg = array_api_compat.device(target)
-    # A device of None is unknown (JAX tracers under jax.grad): nothing to compare.
-    if (
-        device_in is not None
-        and device_tg is not None
-        and _devices(device_in) != _devices(device_tg)
-    ):
-        msg = f"input and target must be on the same device, got {device_in} and {device_tg}"
-        raise ValueError(msg)
+    _same_device({"input": input, "target": target})
     shape = broadcast_shape(input.shape, target.shape)
     if any(_unknown(n) for n in shape):
         msg = (
@@ -268,22 +263,42 @@ def _devices(device: Any, /) -> frozenset[Any]:
 
 
 def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
-    """Check ``grad_output`` against the output of the forward and return it as an array.
+    """Check ``grad_output`` against the output of ``kl_div``; return it as an array.
 
     A Python real number is accepted and placed on the operands' device.
     """
     out_shape = ops.output_shape if ops.reduction == "none" else ()
-    xp = ops.xp
+    return check_grad_output(
+        grad_output, xp=ops.xp, like=ops.input, output_shape=out_shape, dtype=ops.dtype
+    )
+
+
+def check_grad_output(
+    grad_output: object,
+    /,
+    *,
+    xp: Namespace,
+    like: Array,
+    output_shape: tuple[int, ...],
+    dtype: Any,
+) -> Array:
+    """Check the upstream gradient of any function against its output; return an array.
+
+    A Python real number becomes a 0-d array of ``dtype`` on ``like``'s device; an
+    array must come from ``like``'s library, be real floating, lie on (a subset of)
+    ``like``'s devices and broadcast to ``output_shape``. It is returned as passed (the
+    callers cast it to the dtype they compute in).
+    """
     if isinstance(grad_output, (int, float)) and not isinstance(grad_output, bool):
-        device = array_api_compat.device(ops.input)
+        device = array_api_compat.device(like)
         if device is not None and len(_devices(device)) > 1:
             # A placement over several devices (a JAX sharding) does not apply to a 0-d
             # array: the library places the number, as it does any scalar beside them.
             device = None
-        return xp.asarray(grad_output, dtype=ops.dtype, device=device)
+        return xp.asarray(grad_output, dtype=dtype, device=device)
     _check_array(grad_output, "grad_output")
     try:
-        array_api_compat.array_namespace(ops.input, grad_output)
+        array_api_compat.array_namespace(like, grad_output)
     except TypeError:
         msg = (
             "grad_output must come from the same array library as input, got "
@@ -291,18 +306,359 @@ def grad_output_array(grad_output: object, ops: Operands, /) -> Array:
         )
         raise TypeError(msg) from None
     _check_floating(xp, grad_output, "grad_output")
-    device_g, device_in = array_api_compat.device(grad_output), array_api_compat.device(ops.input)
+    device_g, device_in = array_api_compat.device(grad_output), array_api_compat.device(like)
     if (
         device_g is not None
         and device_in is not None
         and not _devices(device_g) <= _devices(device_in)
     ):
-        msg = "grad_output must be on the same device as input"
+        msg = f"grad_output must be on the same device as input, got {device_g} and {device_in}"
         raise ValueError(msg)
-    if broadcast_shape(grad_output.shape, out_shape, ("grad_output", "the output")) != out_shape:
+    g_shape = _known_shape(tuple(grad_output.shape), "grad_output")
+    if broadcast_shape(g_shape, output_shape, ("grad_output", "the output")) != output_shape:
         msg = (
-            f"grad_output of shape {tuple(grad_output.shape)} does not broadcast to the "
-            f"output's shape {out_shape}"
+            f"grad_output of shape {g_shape} does not broadcast to the output's shape "
+            f"{output_shape}"
         )
         raise ValueError(msg)
     return grad_output
+
+
+# --------------------------------------------------------------------------- from logits
+
+LOGITS_REDUCTIONS: tuple[str, ...] = ("none", "batchmean", "sum", "mean", "rowmean")
+
+#: The directions of :func:`kl_div_from_logits`.
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
+
+
+@dataclass(frozen=True)
+class LogitsOperands:
+    r"""One validated call of :func:`kl_div_from_logits`, computed once.
+
+    Attributes
+    ----------
+    xp : namespace
+        The array API namespace of the operands.
+    input, target : array
+        Student and teacher logits, as passed (same shape).
+    mask : array or None
+        The row mask as passed (True keeps a row), broadcastable to :attr:`row_shape`.
+    dtype : dtype
+        The result's dtype: the common dtype of ``input`` and ``target``.
+    compute_dtype : dtype
+        The dtype the values are computed in: ``dtype``, or float32 for half precision.
+    shape : tuple of int
+        The logits' shape.
+    axis : int
+        The class axis, non-negative.
+    temperature : float
+        :math:`T > 0`.
+    factor : float
+        :math:`T^2`, or 1 without the scaling.
+    direction : str
+        ``'forward'`` (KL(teacher || student)) or ``'reverse'``.
+    reduction : str
+        One of :data:`LOGITS_REDUCTIONS`.
+    beta : float or None
+        The generalised Jensen-Shannon divergence's :math:`\beta \in [0, 1]`,
+        or None for the KL of ``direction``. Fast paths return
+        ``NotImplemented`` for any ``beta`` that is not None.
+    """
+
+    xp: Any
+    input: Array
+    target: Array
+    mask: Array | None
+    dtype: Any
+    compute_dtype: Any
+    shape: tuple[int, ...]
+    axis: int
+    temperature: float
+    factor: float
+    direction: str
+    reduction: str
+    beta: float | None = None
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The shape of the rows: the logits' shape without ``axis``."""
+        return tuple(n for i, n in enumerate(self.shape) if i != self.axis)
+
+    @property
+    def vocab(self) -> int:
+        """The number of classes (the length of ``axis``)."""
+        return self.shape[self.axis]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The result's shape: the logits' for ``'none'``, else ``()``."""
+        return self.shape if self.reduction == "none" else ()
+
+    def kept_mask(self) -> Array | None:
+        """Return the mask with ``axis`` restored (size 1), broadcast to the rows, or None."""
+        if self.mask is None:
+            return None
+        xp = self.xp
+        rows = xp.broadcast_to(self.mask, self.row_shape)
+        return xp.expand_dims(rows, axis=self.axis)
+
+
+def check_temperature(temperature: object, /) -> float:
+    """Return ``temperature`` as a float if it is a positive finite real number, else raise."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        kind = type(temperature)
+        msg = (
+            "temperature must be a positive finite real number, got "
+            f"{kind.__module__}.{kind.__qualname__}"
+        )
+        raise TypeError(msg)
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        msg = f"temperature must be a positive finite real number, got {temperature!r}"
+        raise ValueError(msg)
+    return value
+
+
+def check_bool(value: object, name: str, /) -> bool:
+    if not isinstance(value, bool):
+        kind = type(value)
+        msg = f"{name} must be a bool, got {kind.__module__}.{kind.__qualname__}"
+        raise TypeError(msg)
+    return value
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...], /) -> str:
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        msg = f"{value!r} is not a valid value for {name}: expected one of {valid}"
+        raise ValueError(msg)
+    return value
+
+
+def check_axis(axis: object, ndim: int, /, name: str = "axis") -> int:
+    """Return ``axis`` normalised to ``0 <= axis < ndim``, or raise naming ``name``."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        kind = type(axis)
+        msg = f"{name} must be an int, got {kind.__module__}.{kind.__qualname__}"
+        raise TypeError(msg)
+    a = int(axis)
+    if ndim == 0:
+        msg = f"input must have at least one dimension (the class {name}), got a 0-d array"
+        raise ValueError(msg)
+    if not -ndim <= a < ndim:
+        msg = f"{name} {a} is out of range for input of {ndim} dimensions"
+        raise ValueError(msg)
+    return a % ndim
+
+
+def check_beta_direction(beta: object, direction: str, /) -> float | None:
+    """Return ``beta`` checked (:func:`~kldiv_spec._validation.check_beta`), with ``direction``.
+
+    ``beta`` chooses the divergence itself (0: forward KL, 1: reverse KL, in
+    between the mixture), so it is a ValueError together with ``direction='reverse'``.
+    """
+    value = check_beta(beta)
+    if value is not None and direction != "forward":
+        msg = (
+            f"beta={beta!r} with direction={direction!r}: beta chooses the divergence "
+            "(beta=0 is the forward KL, beta=1 the reverse KL); leave direction at 'forward'"
+        )
+        raise ValueError(msg)
+    return value
+
+
+def _namespace(arrays: dict[str, Any], /) -> Any:
+    try:
+        return array_api_compat.array_namespace(*arrays.values())
+    except TypeError:
+        kinds = ", ".join(f"{type(a).__module__}.{type(a).__name__}" for a in arrays.values())
+        msg = f"{' and '.join(arrays)} must come from the same array library, got {kinds}"
+        raise TypeError(msg) from None
+
+
+def _same_device(arrays: dict[str, Any], /) -> None:
+    """Raise ValueError naming two of ``arrays`` on different devices (unknown: skipped).
+
+    Placements compare by the devices they span (:func:`_devices`), as in :func:`operands`.
+    """
+    first: tuple[str, Any] | None = None
+    for name, a in arrays.items():
+        d = array_api_compat.device(a)
+        if d is None:  # unknown (a JAX tracer under jax.grad): nothing to compare
+            continue
+        if first is None:
+            first = (name, d)
+        elif _devices(d) != _devices(first[1]):
+            msg = f"{first[0]} and {name} must be on the same device, got {first[1]} and {d}"
+            raise ValueError(msg)
+
+
+def _known_shape(shape: tuple[Any, ...], name: str, /) -> tuple[int, ...]:
+    if any(_unknown(n) for n in shape):
+        msg = (
+            f"{name} of shape {shape} has dimensions of unknown size; compute them "
+            "first (for Dask: compute_chunk_sizes())"
+        )
+        raise ValueError(msg)
+    return tuple(int(n) for n in shape)
+
+
+def _compute_dtype(xp: Any, dtype: Any, /) -> Any:
+    """Return float32 for half-precision dtypes (float16, bfloat16), else ``dtype``."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+
+
+def logits_operands(
+    input: object,
+    target: object,
+    /,
+    *,
+    temperature: object,
+    reduction: object,
+    axis: object,
+    direction: object,
+    scale_by_temperature_squared: object,
+    mask: object,
+    beta: object = None,
+) -> LogitsOperands:
+    """Check one call's arguments and return its :class:`LogitsOperands` (errors name them)."""
+    reduction = check_choice(reduction, "reduction", LOGITS_REDUCTIONS)
+    direction = check_choice(direction, "direction", DIRECTIONS)
+    beta_value = check_beta_direction(beta, direction)
+    t_value = check_temperature(temperature)
+    scale = check_bool(scale_by_temperature_squared, "scale_by_temperature_squared")
+    _check_array(input, "input")
+    _check_array(target, "target")
+    arrays = {"input": input, "target": target}
+    if mask is not None:
+        _check_array(mask, "mask")
+        arrays["mask"] = mask
+    xp = _namespace(arrays)
+    _check_floating(xp, input, "input")
+    _check_floating(xp, target, "target")
+    _same_device(arrays)
+    shape = _known_shape(tuple(input.shape), "input")
+    if _known_shape(tuple(target.shape), "target") != shape:
+        msg = (
+            f"input of shape {shape} and target of shape {tuple(target.shape)} must have "
+            "the same shape (student and teacher logits)"
+        )
+        raise ValueError(msg)
+    ax = check_axis(axis, len(shape))
+    row_shape = tuple(n for i, n in enumerate(shape) if i != ax)
+    if mask is not None:
+        if not xp.isdtype(mask.dtype, "bool"):
+            msg = f"mask must be a boolean array (True keeps a row), got dtype {mask.dtype}"
+            raise TypeError(msg)
+        mask_shape = _known_shape(tuple(mask.shape), "mask")
+        if broadcast_shape(mask_shape, row_shape, ("mask", "the rows")) != row_shape:
+            msg = (
+                f"mask of shape {mask_shape} does not broadcast to the rows' shape {row_shape} "
+                f"(input's shape {shape} without axis {ax})"
+            )
+            raise ValueError(msg)
+        if reduction == "batchmean" and not (len(shape) == 2 and ax == 1):
+            msg = (
+                "reduction='batchmean' with a mask is defined for 2-d logits with the classes "
+                f"on axis 1 (rows = batch), got shape {shape} and axis {ax}: use "
+                "reduction='rowmean' for the mean over unmasked rows (tokens), or 'sum'"
+            )
+            raise ValueError(msg)
+    dtype = xp.result_type(input.dtype, target.dtype)
+    return LogitsOperands(
+        xp=xp,
+        input=input,
+        target=target,
+        mask=mask,
+        dtype=dtype,
+        compute_dtype=_compute_dtype(xp, dtype),
+        shape=shape,
+        axis=ax,
+        temperature=t_value,
+        factor=t_value * t_value if scale else 1.0,
+        direction=direction,
+        reduction=reduction,
+        beta=beta_value,
+    )
+
+
+# --------------------------------------------------------------------------- Gaussian
+
+
+@dataclass(frozen=True)
+class GaussianOperands:
+    """One validated call of :func:`gaussian_kl`: four arrays of one library, dtype and device.
+
+    ``mu_prior`` / ``logvar_prior`` given as Python numbers are 0-d arrays here,
+    and ``prior_is_array`` says which were arrays (only those get gradients).
+    """
+
+    xp: Any
+    mu: Array
+    logvar: Array
+    mu_prior: Array
+    logvar_prior: Array
+    prior_is_array: tuple[bool, bool]
+    dtype: Any
+    output_shape: tuple[int, ...]
+    reduction: str
+    batch_size: int | None
+
+
+def gaussian_operands(
+    mu: object, logvar: object, /, *, mu_prior: object, logvar_prior: object, reduction: object
+) -> GaussianOperands:
+    """Check one call of :func:`gaussian_kl` and return its :class:`GaussianOperands`."""
+    reduction = check_reduction(reduction)
+    _check_array(mu, "mu")
+    _check_array(logvar, "logvar")
+    arrays: dict[str, Any] = {"mu": mu, "logvar": logvar}
+    priors = {"mu_prior": mu_prior, "logvar_prior": logvar_prior}
+    for name, value in priors.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            continue
+        if isinstance(value, bool) or not array_api_compat.is_array_api_obj(value):
+            kind = type(value)
+            msg = (
+                f"{name} must be a real number or an array, got "
+                f"{kind.__module__}.{kind.__qualname__}"
+            )
+            raise TypeError(msg)
+        arrays[name] = value
+    xp = _namespace(arrays)
+    for name, a in arrays.items():
+        _check_floating(xp, a, name)
+    _same_device(arrays)
+    shapes = {name: _known_shape(tuple(a.shape), name) for name, a in arrays.items()}
+    shape: tuple[Any, ...] = ()
+    names: list[str] = []
+    for name, s in shapes.items():
+        try:
+            shape = broadcast_shape(shape, s, (" and ".join(names) or "mu", name))
+        except ValueError:
+            listed = ", ".join(f"{n} of shape {shapes[n]}" for n in shapes)
+            msg = f"{listed} cannot be broadcast together"
+            raise ValueError(msg) from None
+        names.append(name)
+    dtype = xp.result_type(*(a.dtype for a in arrays.values()))
+    device = array_api_compat.device(mu)
+
+    def prior(name: str) -> Any:
+        value = priors[name]
+        if name in arrays:
+            return value
+        return xp.asarray(float(value), dtype=dtype, device=device)  # type: ignore[arg-type]
+
+    return GaussianOperands(
+        xp=xp,
+        mu=mu,
+        logvar=logvar,
+        mu_prior=prior("mu_prior"),
+        logvar_prior=prior("logvar_prior"),
+        prior_is_array=("mu_prior" in arrays, "logvar_prior" in arrays),
+        dtype=dtype,
+        output_shape=tuple(int(n) for n in shape),
+        reduction=reduction,
+        batch_size=int(mu.shape[0]) if mu.ndim > 0 else None,
+    )

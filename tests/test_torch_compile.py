@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kldiv_spec  # noqa: E402
 import kldiv_spec.torch as kt  # noqa: E402
+from kldiv_spec import _settings  # noqa: E402
 from kldiv_spec.backends import torch as fast  # noqa: E402
 
 # PyTorch's own code warns while it compiles (torch 2.13): Inductor calls
@@ -181,11 +182,11 @@ def test_use_reference_is_read_when_tracing() -> None:
 
 
 def test_environment_variable_is_read_when_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``KLDIV_SPEC_REFERENCE=1`` set before the first compiled call: the reference is
+    """``KLDIV_SPEC_REFERENCE=1`` in force at the first compiled call: the reference is
     traced; changed afterwards: the compiled code stays as it was (no recompilation)."""
     graphs, backend = aten_graphs()
     z, t = operands((4, 7))
-    monkeypatch.setenv("KLDIV_SPEC_REFERENCE", "1")
+    monkeypatch.setattr(_settings, "current", _settings.read({"KLDIV_SPEC_REFERENCE": "1"}))
     torch._dynamo.reset()
     compiled = torch.compile(
         step(lambda a, b: kldiv_spec.kl_div(a, b, reduction="sum")),
@@ -193,7 +194,7 @@ def test_environment_variable_is_read_when_tracing(monkeypatch: pytest.MonkeyPat
         fullgraph=True,
     )
     compiled(z, t)
-    monkeypatch.setenv("KLDIV_SPEC_REFERENCE", "0")
+    monkeypatch.setattr(_settings, "current", _settings.read({"KLDIV_SPEC_REFERENCE": "0"}))
     compiled(z, t)
     assert len(graphs) == 1 and not is_aten_route(graphs[0])
 

@@ -1,0 +1,52 @@
+"""The compiled kernels (``backends/_fused.c``, ``backends/_fused_logits.c``), where built.
+
+Both are optional: an install without a C compiler has neither, and the NumPy fast
+paths then use NumPy's ufuncs (about 3x slower). A build that exists but fails to load
+raises. A *source checkout* whose kernels are not built, which Python started in the
+clone's root imports instead of an installed copy, warns once: that is never silently
+slower. The C sources ship only in a checkout (the wheel leaves them out), so their
+presence beside this module tells a checkout from an install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kldiv_spec import _settings
+
+__all__: list[str] = []
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str, /) -> Any:
+    """Return the compiled module ``name`` of this package, or None where it was not built."""
+    full = f"{__package__}.{name}"
+    return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
+
+
+#: The fused float32 ``kl_div`` sum, or None.
+fused: Any = _load("_fused")
+#: The fused float32 from-logits kernels, or None.
+fused_logits: Any = _load("_fused_logits")
+
+_MISSING = [
+    name
+    for name, module in (("_fused", fused), ("_fused_logits", fused_logits))
+    if module is None and (_HERE / f"{name}.c").is_file()
+]
+if _MISSING and _settings.current.numpy_fused:
+    _root = _HERE.parent
+    warnings.warn(
+        f"kldiv_spec is imported from the source checkout {_root}, where its compiled "
+        f"kernels ({', '.join(f'backends/{n}.c' for n in _MISSING)}) are not built: the "
+        "NumPy fast paths run without them, about 3x slower. Run `pip install -e .` in "
+        f"{_root} to build them in place, or start Python outside {_root} to import the "
+        "installed copy (KLDIV_SPEC_NUMPY_FUSED=0 runs without them and silences this).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
