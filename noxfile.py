@@ -164,3 +164,21 @@ def peers(session: nox.Session) -> None:
         env=env,
         success_codes=[0, 1],
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks behind docs/benchmarks.md, one NAME per figure (benchmarks/run.py).
+
+    ``nox -s bench -- NAME`` runs one benchmark (``-- --list`` lists them, ``-- all``
+    runs every one this machine can run, ``-- NAME --quick`` is a smoke run into
+    build/bench-quick/): it writes that benchmark's result files under
+    benchmarks/results/ (and its plot under docs/img/), each stamped with the commit and
+    this command, and regenerates the figures of docs/benchmarks.md from them. Installs
+    torch==2.13.0 (CPU) first, then every optional library and the bench extra.
+    """
+    if session.posargs[:1] not in (["--list"], ["-h"], ["--help"]):
+        session.install(TORCH)
+        session.install("-e", ".[all,bench]")
+    env = {"KLDIV_BENCH_LAUNCHER": "nox -s bench --"}
+    session.run("python", "benchmarks/run.py", *session.posargs, env=env)

@@ -22,13 +22,15 @@ every core).
 
 Results go to ``<out>/<name>.json`` and ``.csv``, a Markdown table to stdout
 and ``<out>/<name>.md``, and a plot to ``<out>/<name>.png`` or ``--plot`` (PNG, needs
-matplotlib); nothing is written anywhere else. ``kldiv_spec`` must be importable
-(installed, or an editable install of this tree)::
+matplotlib; ``--no-plot``: none); nothing is written anywhere else. Each carries the
+stamp of ``benchmarks/bench_stamp.py`` (commit, command, versions, machine).
+``kldiv_spec`` must be importable (installed, or an editable install of this tree)::
 
     python benchmarks/cpu_bench.py --out DIR [--quick] [--shapes 512x1000] [--repeats 1]
-    benchmarks/run.sh ...   # the same, into benchmarks/results and docs/img
 
-This is a script of the source tree, not part of the installed package.
+The published runs are ``nox -s bench -- cpu-headline`` and ``nox -s bench -- cpu-sweep``
+(``benchmarks/run.py``). This is a script of the source tree, not part of the installed
+package; it uses ``kldiv_spec``'s public functions only.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported by path (docs, tests)
+    sys.path.append(str(Path(__file__).resolve().parent))
+import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
 
 __all__ = ["main"]
 
@@ -301,13 +306,21 @@ def extra_peak_mb(fn: Callable[[], Any], /) -> float:
     return (peak - before) / 1024
 
 
+def kldiv_threads() -> int:
+    """The worker threads of the NumPy fast path: ``$KLDIV_SPEC_NUM_THREADS``, else the
+    usable cores, at most 8 (as documented in docs/benchmarks.md)."""
+    value = os.environ.get("KLDIV_SPEC_NUM_THREADS", "").strip()
+    if value:
+        return max(1, int(value))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
+
+
 def roofline(quick: bool) -> dict[str, float]:
     """Measure read bandwidth (GB/s, all cores) and the float32 ``np.log`` ceiling."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from kldiv_spec.backends import _blocks
-
-    threads = _blocks.num_threads()
+    threads = kldiv_threads()
     n = (1 << 25) if quick else (1 << 27)  # 128 MB or 512 MB of float32
     a = np.ones(n, np.float32)
     parts = np.array_split(a, threads)
@@ -433,13 +446,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             del fn
         del x, t
     _ratios(records)
+    stamp = bench_stamp.stamp(__file__, args.argv, libraries=("torch", "jax"), quick=args.quick)
     return {
+        "stamp": stamp,
         "machine": machine(),
         "roofline": roofline(args.quick),
         "skipped": skipped,
-        "quick": args.quick,
+        "quick": stamp["quick"],
         "records": [asdict(r) for r in records],
-        "command": shlex.join(["python", "benchmarks/cpu_bench.py", *args.argv]),
+        "command": stamp["command"],
     }
 
 
@@ -503,7 +518,9 @@ def summary(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """Return the results as Markdown tables."""
     m, roof = result["machine"], result["roofline"]
+    stamp = [bench_stamp.describe(result["stamp"]), ""] if "stamp" in result else []
     lines = [
+        *stamp,
         f"Machine: {m.get('Model name', '?')}, {m.get('usable_cores')} usable cores; "
         f"NumPy {m.get('numpy')}, PyTorch {m.get('torch', '-')}, JAX {m.get('jax', '-')}.",
         "",
@@ -569,7 +586,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("GB/s of input read")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(result["machine"].get("Model name", "") + f", {roof['threads']} threads")
+    title = result["machine"].get("Model name", "") + f", {roof['threads']} threads"
+    if "stamp" in result:
+        title += f"\n{result['stamp']['command']} at commit {result['stamp']['commit'][:12]}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -582,12 +602,17 @@ def write(result: dict[str, Any], out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.csv", out / f"{name}.md"]
     paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    stamp = result.get("stamp", {})
     with paths[1].open("w", newline="") as f:
         keys = [k for k in result["records"][0] if k != "extra"] if result["records"] else []
+        keys += ["commit", "dirty", "command"]  # the stamp, on every row
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in result["records"]:
-            writer.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+            writer.writerow(
+                {**r, "shape": "x".join(map(str, r["shape"]))}
+                | {k: stamp.get(k) for k in ("commit", "dirty", "command")}
+            )
     paths[2].write_text(markdown(result))
     return paths
 
@@ -615,6 +640,7 @@ def parser() -> argparse.ArgumentParser:
                    help="plot path; {name} is the stem (default <out>/<name>.png)")  # fmt: skip
     p.add_argument("--shapes", nargs="+", type=_shape, default=None, metavar="AxB",
                    help="only these shapes (float32, the three headline cases)")  # fmt: skip
+    p.add_argument("--no-plot", action="store_true", help="draw no plot")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("-v", "--verbose", action="store_true", help="print each case as it runs")
     return p
@@ -631,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     paths = write(result, args.out, name)
     png = Path(args.plot.replace("{name}", name)) if args.plot else args.out / f"{name}.png"
-    if plot(result, png):
+    if not args.no_plot and plot(result, png):
         paths.append(png)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))

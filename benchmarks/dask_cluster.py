@@ -28,6 +28,9 @@ report gives the median and the min-max spread over the rounds.
 
     python benchmarks/dask_cluster.py --size 32GiB       # larger than a 24 GiB machine
     python benchmarks/dask_cluster.py --size 1GiB --repeats 1   # a quick look
+
+``--out`` files carry the stamp of ``benchmarks/bench_stamp.py`` (commit, command,
+versions, machine); the published run is ``nox -s bench -- dask-cluster``.
 """
 
 from __future__ import annotations
@@ -220,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="directory for NAME.md and NAME.json")
     parser.add_argument("--name", default="dask-cluster")
     args = parser.parse_args(argv)
-
+    # imported here, not at the top: the workers import this module from a copy elsewhere
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.append(str(Path(__file__).resolve().parent))
+    import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
     import dask.array as da
     import distributed
 
@@ -324,14 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     table += [f"| {w} | {s:.1f} | {spread} | {gb / s:.2f} |" for w, s, spread in rows_md]
     peak = ", ".join(f"{v:.0f}" for v in worker_peak.values())
     machine = _machine()
-    command = " ".join(
-        ["python benchmarks/dask_cluster.py", *(argv if argv is not None else sys.argv[1:])]
+    stamp = bench_stamp.stamp(
+        __file__, sys.argv[1:] if argv is None else argv, libraries=("dask",)
     )
+    command = stamp["command"]
     report = "\n".join(
         [
-            f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}; {machine['cpu']}, "
-            f"{machine['cores']} cores, {machine['ram_gib']} GiB RAM; NumPy {machine['numpy']}, "
-            f"Dask {machine['dask']}, distributed {machine['distributed']}.",
+            bench_stamp.describe(stamp),
             "",
             f"{total / 2**30:.2f} GiB of float32 input ({n_rows} x {cols}, both operands), "
             f"generated lazily in {n_chunks} chunks of {rows} x {cols}; {args.workers} worker "
@@ -349,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.name}.json").write_text(
-            json.dumps({"command": command, "machine": machine, "results": results}, indent=1)
+            json.dumps(
+                {"stamp": stamp, "command": command, "machine": machine, "results": results},
+                indent=1,
+            )
             + "\n"
         )
         (args.out / f"{args.name}.md").write_text(

@@ -14,7 +14,14 @@
 #
 #   benchmarks/gpu.sh                 # on a CUDA machine, from anywhere in the repository
 #   benchmarks/gpu.sh --out DIR       # ... and keep each step's log and the JSON in DIR
+#   benchmarks/gpu.sh --name gpu-h100 # ... and publish the benchmark: benchmarks/results/gpu-h100.
+#                                     #   {json,md} and docs/img/benchmarks-gpu-h100.png
+#                                     #   (--results DIR and --img DIR put them elsewhere)
 #   benchmarks/gpu.sh --dry-run       # on the CPU, tiny sizes, seconds: checks the script itself
+#
+# Every result is stamped (benchmarks/bench_stamp.py): commit, command, versions, CPU and GPU.
+# On a bare copy of the tree (no .git) give the commit it was copied from:
+#   KLDIV_BENCH_COMMIT=$(git rev-parse HEAD) KLDIV_BENCH_DIRTY=0 benchmarks/gpu.sh --name gpu-h100
 #
 # Works offline on a bare copy of the working tree: it needs python with torch, numpy and
 # array-api-compat; pytest and hypothesis for the tests; triton and cupy are used when present.
@@ -27,14 +34,24 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 DRY=0
 OUTDIR=""
+NAME=""
+RESULTS="benchmarks/results"
+IMG="docs/img"
+ARGS=("$@")
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --out) OUTDIR="${2:?--out needs a directory}"; shift ;;
-        *) echo "gpu.sh: unknown argument: $1 (use --dry-run, --out DIR)" >&2; exit 64 ;;
+        --name) NAME="${2:?--name needs a result name, e.g. gpu-h100}"; shift ;;
+        --results) RESULTS="${2:?--results needs a directory}"; shift ;;
+        --img) IMG="${2:?--img needs a directory}"; shift ;;
+        *) echo "gpu.sh: unknown argument: $1 (use --dry-run, --out DIR, --name NAME," \
+                "--results DIR, --img DIR)" >&2; exit 64 ;;
     esac
     shift
 done
+# The command every result of this run records (benchmarks/run.py sets its own).
+export KLDIV_BENCH_COMMAND="${KLDIV_BENCH_COMMAND:-bash benchmarks/gpu.sh${ARGS[*]:+ ${ARGS[*]}}}"
 CLEANUP=()
 trap 'rm -rf "${CLEANUP[@]}"' EXIT
 if [[ -n $OUTDIR ]]; then
@@ -98,6 +115,8 @@ for name in ("numpy", "torch", "triton", "cupy", "jax", "array-api-compat", "hyp
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run)"
 print(f"python {platform.python_version()} | CUDA {torch.version.cuda} | {gpu}")
 EOF
+"$PY" benchmarks/bench_stamp.py --summary \
+    || echo "gpu.sh: benchmarks/bench_stamp.py failed: results will lack their stamp" >&2
 
 SUMMARY=()
 # step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NAME.log, record the outcome.
@@ -115,13 +134,19 @@ step() {
     esac
 }
 
+PUBLISH=()
+if [[ -n $NAME ]]; then
+    mkdir -p "$RESULTS" "$IMG"
+    PUBLISH=(--out "$RESULTS/$NAME")
+fi
 if [[ $DRY == 1 ]]; then
-    step benchmark 120 "$PY" benchmarks/gpu_bench.py --dry-run --json "$LOGS/gpu_bench.json"
+    step benchmark 120 "$PY" benchmarks/gpu_bench.py --dry-run --json "$LOGS/gpu_bench.json" \
+        "${PUBLISH[@]}"
     step logits 120 "$PY" benchmarks/logits_bench.py --device cuda --dry-run \
         --out "$LOGS/logits-cuda"
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
-        --json "$LOGS/gpu_bench.json"
+        --json "$LOGS/gpu_bench.json" "${PUBLISH[@]}"
     step per-call 150 "$PY" benchmarks/per_call.py --device cuda --rounds 5 --target-ms 20 \
         --out "$LOGS/per-call-cuda"
     # Distillation from logits: the Triton kernel against the composition, eager and compiled.
@@ -147,7 +172,7 @@ else
 fi
 
 # The conformance suite: the reference on the GPU backends, and PyTorch's own CUDA kl_div.
-CHECK=("$PY" -m kldiv_spec._cli check --quiet)
+CHECK=("$PY" -m kldiv_spec check --quiet)
 if [[ $DRY == 1 ]]; then
     step conformance 120 "${CHECK[@]}" --backend torch --max-examples 2 --group semantics
 else
@@ -159,6 +184,14 @@ fi
 if [[ -n $OUTDIR && -s "$LOGS/gpu_bench.json" ]] && has matplotlib; then
     "$PY" benchmarks/plot_gpu.py "$LOGS/gpu_bench.json" "$LOGS/gpu_bench.png" >/dev/null \
         || echo "gpu.sh: the plot failed (the table below stands)" >&2
+fi
+if [[ -n $NAME && -s "$RESULTS/$NAME.json" ]]; then
+    if has matplotlib; then
+        "$PY" benchmarks/plot_gpu.py "$RESULTS/$NAME.json" "$IMG/benchmarks-$NAME.png" \
+            >/dev/null || echo "gpu.sh: the plot $IMG/benchmarks-$NAME.png failed" >&2
+    else
+        echo "gpu.sh: matplotlib is not installed: no $IMG/benchmarks-$NAME.png" >&2
+    fi
 fi
 
 say "summary"

@@ -17,6 +17,9 @@ the table gives the median, the spread (min-max) and the ratio of medians to the
 
     python benchmarks/jax_bench.py                       # 2048x32000 float32, 15 repeats
     python benchmarks/jax_bench.py --shapes 64x1000 2048x32000 --out benchmarks/results
+
+``--out`` files carry the stamp of ``benchmarks/bench_stamp.py`` (commit, command,
+versions, machine); the published run is ``nox -s bench -- jax``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
 
 __all__ = ["implementations", "main", "measure"]
 
@@ -189,21 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "repeats": args.repeats,
-            "machine": _machine(),
-        }
+        stamp = bench_stamp.stamp(
+            __file__, sys.argv[1:] if argv is None else argv, libraries=("jax",)
+        )
+        meta = {"repeats": args.repeats, "machine": _machine()}
         (args.out / f"{args.name}.json").write_text(
-            json.dumps({"meta": meta, "results": rows_out}, indent=1) + "\n"
+            json.dumps({"stamp": stamp, "meta": meta, "results": rows_out}, indent=1) + "\n"
         )
         m = meta["machine"]
         (args.out / f"{args.name}.md").write_text(
             f"# JAX: jitted kldiv_spec.kl_div against a jitted jnp expression\n\n"
-            f"`python benchmarks/{meta['command']}` on {meta['date']}; {m['cpu']}, "
-            f"{m['cores']} cores, JAX {m['jax']}, devices {m['devices']}, x64 {m['x64']}; "
-            f"{args.repeats} timed calls after one compiling call.\n\n{table}\n"
+            f"{bench_stamp.describe(stamp)}\n\n"
+            f"JAX {m['jax']}, devices {m['devices']}, x64 {m['x64']}; "
+            f"{args.repeats} timed calls after one compiling call, in turns.\n\n{table}\n"
         )
     return 0
 

@@ -38,17 +38,24 @@ NumPy's ufuncs release the GIL); the whole sweep holds about 35 MiB and takes ab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kldiv_spec.backends import _blocks
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
 
 __all__ = ["FIRST", "LAST", "Stats", "errors", "fused_log", "numpy_log", "sweep"]
 
@@ -213,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1 << 13, help="values per chunk")
     parser.add_argument("--workers", type=int, default=None, help="threads (default: cores)")
     parser.add_argument("--no-numpy", action="store_true", help="skip NumPy's float32 log")
+    parser.add_argument("--out", help="also write OUT.json and OUT.md (stamped)")
     args = parser.parse_args(argv)
     stride = args.stride or (QUICK_STRIDE if args.quick else 1)
     implementations = {"fused log_f32": fused_log}
@@ -223,12 +231,36 @@ def main(argv: list[str] | None = None) -> int:
         stride=stride, chunk=args.chunk, workers=args.workers, implementations=implementations
     )
     elapsed = time.perf_counter() - start
-    print(
+    heading = (
         f"{'every' if stride == 1 else f'stride {stride} over the'} positive finite float32 "
         f"({FIRST:#010x} to {LAST:#010x}), against float64 np.log; {elapsed:.0f} s"
     )
+    print(heading)
     for name, stats in totals.items():
         print(stats.describe(name))
+    if args.out:
+        stamp = bench_stamp.stamp(
+            __file__,
+            sys.argv[1:] if argv is None else argv,
+            quick=stride != 1,
+        )
+        result = {
+            "stamp": stamp,
+            "stride": stride,
+            "elapsed_s": elapsed,
+            "results": {
+                name: dataclasses.asdict(stats)
+                | {"argument": float(np.array([stats.argmax], np.uint32).view(np.float32)[0])}
+                for name, stats in totals.items()
+            },
+        }
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        lines = ["# Accuracy of the fused pass's float32 log", ""]
+        lines += [bench_stamp.describe(stamp), "", heading + ":", ""]
+        lines += [f"- {stats.describe(name)}" for name, stats in totals.items()]
+        out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -17,8 +17,14 @@ resident set size is read (the baseline), one step is run, and the extra peak
 memory is the process's maximum resident set size (``getrusage``) minus the
 baseline; then ``--repeats`` timed steps give the median (and min, max).
 
-    python benchmarks/logits_bench.py --out /tmp/run1   # (and /tmp/run2, /tmp/run3)
-    python benchmarks/logits_bench.py --combine /tmp/run?.json --out benchmarks/results/logits-cpu
+    python benchmarks/logits_bench.py --runs 3 --out benchmarks/results/logits-cpu
+    python benchmarks/logits_bench.py --out /tmp/run1   # one run (and /tmp/run2, /tmp/run3)
+    python benchmarks/logits_bench.py --combine /tmp/run?.json --out /tmp/logits-cpu
+
+``--runs N`` makes N runs one after the other and writes them as ``--combine`` does
+(each run, and the spread); the published result is ``nox -s bench -- logits-cpu``.
+Every ``--out`` file carries the stamp of ``benchmarks/bench_stamp.py`` (commit, command,
+versions, machine).
 
 ``--device cuda`` measures one distillation step (forward + backward w.r.t. the
 student, float32, T = 2) at 2048 x 32000 and 4096 x 128000 (``--shapes``) on
@@ -46,6 +52,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
 
 IMPLEMENTATIONS = (
     "torch composition",
@@ -188,7 +198,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         ref = by.get(base.get(r["implementation"], ""))
         speed = f"{ref['median_s'] / r['median_s']:.2f}x" if ref else ""
-        mem = f"{100 * r['extra_peak_mb'] / ref['extra_peak_mb']:.0f}%" if ref else ""
+        mem = ""
+        if ref and ref["extra_peak_mb"] > 0:
+            mem = f"{100 * r['extra_peak_mb'] / ref['extra_peak_mb']:.0f}%"
         lines.append(
             f"| {r['implementation']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
             f"{r['max_s']:.3f} | {r['extra_peak_mb']:.0f} | {speed} | {mem} |"
@@ -198,11 +210,15 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def combine(paths: list[Path]) -> tuple[dict[str, Any], str]:
     """Return the JSON and Markdown of several runs (``--out`` files): each run, and the spread."""
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    return combined([json.loads(p.read_text(encoding="utf-8")) for p in paths])
+
+
+def combined(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """Return the JSON and Markdown of runs (``{"meta", "results"}`` each) and their spread."""
     sections = [markdown(r["results"], r["meta"]) for r in runs]
     base = {"kldiv_spec.torch": "torch composition", "kldiv_spec numpy": "numpy composition"}
     lines = [
-        f"## Spread over {len(runs)} runs",
+        f"## Spread over {len(runs)} run{'s' * (len(runs) > 1)}",
         "",
         "| implementation | medians (s) | speed vs its composition | extra peak (MB) | memory vs "
         "its composition |",
@@ -216,10 +232,12 @@ def combine(paths: list[Path]) -> tuple[dict[str, Any], str]:
         if name in base:
             ratios = [p[base[name]]["median_s"] / p[name]["median_s"] for p in per]
             fractions = [
-                100 * p[name]["extra_peak_mb"] / p[base[name]]["extra_peak_mb"] for p in per
+                100 * p[name]["extra_peak_mb"] / p[base[name]]["extra_peak_mb"]
+                for p in per
+                if p[base[name]]["extra_peak_mb"] > 0
             ]
             speed = f"{min(ratios):.2f}x to {max(ratios):.2f}x"
-            mem = f"{min(fractions):.0f}% to {max(fractions):.0f}%"
+            mem = f"{min(fractions):.0f}% to {max(fractions):.0f}%" if fractions else ""
         lines.append(
             f"| {name} | {', '.join(f'{m:.2f}' for m in medians)} | {speed} | "
             f"{min(peaks):.0f} to {max(peaks):.0f} | {mem} |"
@@ -376,7 +394,13 @@ def markdown_cuda(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_cuda(args: argparse.Namespace) -> None:
+def _stamped(data: dict[str, Any], text: str, stamp: dict[str, Any]) -> tuple[dict, str]:
+    """``data`` with the stamp first, and ``text`` with the stamp's paragraph under its title."""
+    title, _, rest = text.partition("\n")
+    return {"stamp": stamp, **data}, f"{title}\n\n{bench_stamp.describe(stamp)}\n{rest}"
+
+
+def main_cuda(args: argparse.Namespace, argv: list[str]) -> None:
     import torch
 
     device = "cpu" if args.dry_run else "cuda"
@@ -391,9 +415,12 @@ def main_cuda(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         **extra,
     }
-    text = markdown_cuda(results, meta)
+    stamp = bench_stamp.stamp(
+        __file__, argv, libraries=("torch", "triton"), gpu=device == "cuda", quick=args.dry_run
+    )
+    data, text = _stamped({"meta": meta, "results": results}, markdown_cuda(results, meta), stamp)
     print(text)
-    _write(args.out, {"meta": meta, "results": results}, text)
+    _write(args.out, data, text)
 
 
 def _write(out: Path | None, data: dict[str, Any], text: str) -> None:
@@ -410,11 +437,15 @@ def _shape(text: str) -> tuple[int, int]:
     return int(rows), int(vocab)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs one after the other, written combined"
+    )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -427,30 +458,41 @@ def main() -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="with --device cuda: tiny shapes on the CPU"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda":
-        main_cuda(args)
-        return
-    if args.combine:
-        data, text = combine(args.combine)
-        print(text)
-        _write(args.out, data, text)
+        main_cuda(args, argv)
         return
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.vocab, args.repeats)))
         return
-    meta = {
-        "rows": args.rows,
-        "vocab": args.vocab,
-        "repeats": args.repeats,
-        "machine": platform.processor() or platform.machine(),
-        "cpus": len(os.sched_getaffinity(0)),
-        "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-    }
-    results = run_all(args.rows, args.vocab, args.repeats)
-    text = markdown(results, meta)
+    stamp = bench_stamp.stamp(__file__, argv, libraries=("torch",))
+    if args.combine:
+        data, text = combine(args.combine)
+        commits = {r.get("stamp", {}).get("commit") for r in data["runs"]}
+        if commits != {stamp["commit"]}:
+            stamp["note"] = f"Combined from runs at commits {sorted(map(str, commits))}."
+        data, text = _stamped(data, text, stamp)
+        print(text)
+        _write(args.out, data, text)
+        return
+    runs = []
+    for _ in range(args.runs or 1):
+        meta = {
+            "rows": args.rows,
+            "vocab": args.vocab,
+            "repeats": args.repeats,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        }
+        runs.append({"meta": meta, "results": run_all(args.rows, args.vocab, args.repeats)})
+    if args.runs is None:
+        data, text = runs[0], markdown(runs[0]["results"], runs[0]["meta"])
+    else:
+        data, text = combined(runs)
+    data, text = _stamped(data, text, stamp)
     print(text)
-    _write(args.out, {"meta": meta, "results": results}, text)
+    _write(args.out, data, text)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Where the NumPy fast path's time goes: each ufunc pass of one block, on one core.
 
-The blocked kernel (``kldiv_spec.backends._blocks``) evaluates the loss of a
+The blocked ufunc kernel of the NumPy fast path evaluates the loss of a
 block with seven NumPy calls. This script times each call alone over 64 Mi
 float32 elements (streamed block by block, as the kernel does), then the whole
 per-block kernel, then the full ``kl_div(reduction="sum")`` with 1 and 2
 worker threads, in nanoseconds per element. The log usually dominates; where it
 does not (AVX-512 NumPy), the other passes and the threads' scaling decide.
 
-Usage::
+A diagnostic, not a published figure (it writes no result file)::
 
     python benchmarks/numpy_passes.py [--block 65536] [--elements 67108864]
 """
@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,17 +71,18 @@ def main() -> None:
 
         print(f"{'block kernel':18s} {_per_element(whole, x, t, block):6.3f}")
     import kldiv_spec
-    from kldiv_spec.backends import _blocks
+    from kldiv_spec import _settings
 
     x2, t2 = x.reshape(-1, 1024), t.reshape(-1, 1024)
     for threads in (1, 2):
-        os.environ[_blocks.THREADS_ENV] = str(threads)
-        kldiv_spec.kl_div(x2, t2, reduction="sum")
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
+        # $KLDIV_SPEC_NUM_THREADS is read at import; switched here per run.
+        with _settings.override(num_threads=threads):
             kldiv_spec.kl_div(x2, t2, reduction="sum")
-            best = min(best, time.perf_counter() - start)
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                kldiv_spec.kl_div(x2, t2, reduction="sum")
+                best = min(best, time.perf_counter() - start)
         print(
             f"kl_div sum, {threads} thread{'s' if threads > 1 else ''}: "
             f"{best / n * 1e9:6.3f} ns/element, {2 * x.nbytes / best / 1e9:.2f} GB/s"

@@ -28,7 +28,9 @@ Usage::
     python benchmarks/per_call.py --device cuda         # PyTorch rows on a GPU (gpu.sh)
 
 On CUDA only the PyTorch rows run (per call, compiled steps, float16 autocast); each
-batch of calls ends with a synchronisation.
+batch of calls ends with a synchronisation. ``--out`` files carry the stamp of
+``benchmarks/bench_stamp.py`` (commit, command, versions, machine); the published
+run is ``nox -s bench -- per-call-cpu``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,10 @@ import torch.nn.functional as F
 
 import kldiv_spec
 import kldiv_spec.torch as kt
-from kldiv_spec.backends import _blocks
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
 
 try:
     from scipy.special import xlogy as _xlogy
@@ -84,11 +90,13 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    threads = os.environ.get("KLDIV_SPEC_NUM_THREADS", "").strip() or str(max(1, min(cores, 8)))
+    fused = os.environ.get("KLDIV_SPEC_NUMPY_FUSED", "").strip() != "0"
     return (
         f"{model}, {cores} cores (load average {load:.1f} at the start), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
-        f"kldiv_spec threads {_blocks.num_threads()}, fused float32 sum "
-        f"{'on' if _blocks.fused_available() else 'off'}"
+        f"kldiv_spec threads {threads}, fused float32 sum "
+        f"{'where built' if fused else 'off (KLDIV_SPEC_NUMPY_FUSED=0)'}"
     )
 
 
@@ -347,9 +355,11 @@ def autocast_row(device: str = "cpu") -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     """Markdown of the results."""
+    device = "CUDA" if results.get("device") == "cuda" else "CPU"
     lines = [
-        "# Per-call cost and issue 9's table (CPU)",
+        f"# Per-call cost and issue 9's table ({device})",
         "",
+        *([bench_stamp.describe(results["stamp"]), ""] if "stamp" in results else []),
         f"Machine: {results['machine']}.",
         f"Command: `{results['command']}`; {results['date']}.",
         "Times: median per call over interleaved rounds (min-max); ratios: median of the",
@@ -449,11 +459,20 @@ def main(argv: list[str] | None = None) -> int:
         args.compile_rounds = 2
         args.compile_shapes, args.same_memory_shape = [(8, 10)], (64, 1000)
     warnings.simplefilter("ignore", UserWarning)
+    stamp = bench_stamp.stamp(
+        __file__,
+        sys.argv[1:] if argv is None else argv,
+        libraries=("torch", "scipy"),
+        gpu=args.device == "cuda",
+        quick=args.quick,
+    )
     results: dict[str, Any] = {
+        "stamp": stamp,
+        "device": args.device,
         "machine": machine()
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        "command": " ".join(["python", "benchmarks/per_call.py", *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": stamp["command"],
+        "date": stamp["date"],
     }
     print(results["machine"], flush=True)
     results["per_call"] = per_call(args)
@@ -465,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out + ".md", "w") as f:
             f.write(text)
         with open(args.out + ".json", "w") as f:

@@ -2,7 +2,8 @@
 
 One panel per case (forward ``sum``, forward+backward ``batchmean``): GB/s of
 input read per implementation, with the device's measured copy bandwidth as a
-dashed line, each bar labelled with its share of that bandwidth.
+dashed line, each bar labelled with its share of that bandwidth. The title names
+the device, the PyTorch version, and the command and commit of the result's stamp.
 
 Usage::
 
@@ -45,7 +46,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("GB/s of input read (two operands)")
     rows_, cols_ = result["shape"]
-    fig.suptitle(f"{result['device']}, {rows_}x{cols_} float32, torch {result['torch']}")
+    title = f"{result['device']}, {rows_}x{cols_} float32, torch {result['torch']}"
+    stamp = result.get("stamp") or {}
+    if stamp:
+        title += f"\n{stamp.get('command')} at commit {str(stamp.get('commit'))[:12]}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1,12 +1,14 @@
-"""The CPU benchmark script (``benchmarks/cpu_bench.py``) writes only where it is told.
+"""The CPU benchmark script (``benchmarks/cpu_bench.py``) writes only where it is told, stamped.
 
 It is a script of the source tree, not part of the installed package, and the
-``kldiv-spec`` command has no ``bench`` subcommand. The roofline (hundreds of MB
-read) is replaced by fixed figures here: these tests check the files, not speed.
+``kldiv-spec`` command has no ``bench`` subcommand (``nox -s bench`` runs the
+benchmarks). The roofline (hundreds of MB read) is replaced by fixed figures here:
+these tests check the files, not speed.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import sys
@@ -36,6 +38,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         "log_ceiling_float32_gbps": 8.0,
     }
     monkeypatch.setattr(module, "roofline", lambda quick: roof)
+    for name in ("KLDIV_BENCH_COMMAND", "KLDIV_BENCH_NAME", "KLDIV_BENCH_QUICK"):
+        monkeypatch.delenv(name, raising=False)
     return module
 
 
@@ -57,6 +61,37 @@ def test_writes_only_into_out(bench, tmp_path, monkeypatch, capsys):
     assert result["command"].startswith("python benchmarks/cpu_bench.py --out ")
     assert "'kldiv_spec numpy'" in result["command"]  # quoted: the command can be rerun
     assert "| kldiv_spec numpy |" in capsys.readouterr().out
+
+
+def test_every_file_is_stamped(bench, tmp_path):
+    out = tmp_path / "out"
+    assert bench.main(["--out", str(out), "--no-plot", *TINY]) == 0
+    assert files(out) == ["tiny.csv", "tiny.json", "tiny.md"]
+    stamp = json.loads((out / "tiny.json").read_text())["stamp"]
+    assert stamp["command"] == stamp["script"]  # run by hand: its own command line
+    assert stamp["quick"] is False
+    assert stamp["machine"]["cpu"] and stamp["machine"]["cores"]
+    assert stamp["versions"]["python"] and stamp["versions"]["numpy"]
+    assert isinstance(stamp["commit"], str) and stamp["commit"]
+    short = stamp["commit"][:12]
+    assert f"Produced by `{stamp['command']}` at commit `{short}`" in (out / "tiny.md").read_text()
+    with (out / "tiny.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["commit"] == stamp["commit"] for r in rows)
+    assert all(r["command"] == stamp["command"] for r in rows)
+
+
+def test_stamp_takes_the_command_from_run_py(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("KLDIV_BENCH_COMMAND", "nox -s bench -- tiny")
+    monkeypatch.setenv("KLDIV_BENCH_NAME", "tiny")
+    monkeypatch.setenv("KLDIV_BENCH_COMMIT", "0" * 40)
+    monkeypatch.setenv("KLDIV_BENCH_DIRTY", "0")
+    assert bench.main(["--out", str(tmp_path), "--no-plot", *TINY]) == 0
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    assert result["command"] == result["stamp"]["command"] == "nox -s bench -- tiny"
+    assert result["stamp"]["script"].startswith("python benchmarks/cpu_bench.py --out ")
+    assert (result["stamp"]["commit"], result["stamp"]["dirty"]) == ("0" * 40, False)
+    assert result["stamp"]["name"] == "tiny"
 
 
 def test_plot_goes_where_told(bench, tmp_path, monkeypatch):
