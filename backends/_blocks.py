@@ -72,12 +72,28 @@ MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: Guards :data:`_pool`; re-created in a forked child (:func:`_after_fork_in_child`).
 _pool_lock = threading.Lock()
-#: The process's worker pool, its number of workers, and the pid it was made in (a
-#: forked child makes its own).
+#: The process's worker pool and its number of workers (dropped in a forked child).
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
-_pool_pid: int | None = None
+
+
+def _after_fork_in_child() -> None:
+    """Give a forked child a fresh lock and no pool.
+
+    ``fork`` copies only the forking thread: the parent's workers do not exist in
+    the child, and a lock that another thread held at the moment of the fork stays
+    held forever. Both are therefore replaced, not reused, whenever the fork
+    happened (``os.fork``, ``multiprocessing``'s ``'fork'`` start method, ...).
+    """
+    global _pool_lock, _pool, _pool_size
+    _pool_lock = threading.Lock()
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):  # every platform that has fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 Block = tuple[Any, ...]
 
@@ -110,17 +126,18 @@ def _executor(n: int, /) -> ThreadPoolExecutor:
 
     One pool serves every call and every calling thread; a call that uses fewer
     workers than the pool has leaves the others idle. The pool is replaced only
-    after a ``fork`` (the child cannot use its parent's threads) or to grow it
-    for a larger ``n`` (``$KLDIV_SPEC_NUM_THREADS`` raised at run time). A
-    replaced pool is never shut down: calls that already hold it finish on it,
-    and its idle threads exit once it is garbage-collected.
+    after a ``fork`` (the child cannot use its parent's threads, so
+    :func:`_after_fork_in_child` drops the pool and re-creates the lock, which
+    another thread may have held at the fork) or to grow it for a larger ``n``
+    (``$KLDIV_SPEC_NUM_THREADS`` raised at run time). A replaced pool is never
+    shut down: calls that already hold it finish on it, and its idle threads
+    exit once it is garbage-collected.
     """
-    global _pool, _pool_size, _pool_pid
+    global _pool, _pool_size
     with _pool_lock:
-        pid = os.getpid()
-        if _pool is None or _pool_pid != pid or _pool_size < n:
+        if _pool is None or _pool_size < n:
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="kldiv_spec")
-            _pool_size, _pool_pid = n, pid
+            _pool_size = n
         return _pool
 
 

@@ -404,8 +404,28 @@ class LogitsOperands:
         return xp.expand_dims(rows, axis=self.axis)
 
 
+#: The temperatures the from-logits functions accept: ``2**-63 <= T <= 2**63``.
+TEMPERATURE_MIN = 2.0**-63
+TEMPERATURE_MAX = 2.0**63
+
+
 def check_temperature(temperature: object, /) -> float:
-    """Return ``temperature`` as a float if it is a positive finite real number, else raise."""
+    """Return ``temperature`` as a float if it is in the range where the loss is defined.
+
+    That is a real number (not a bool) with ``2**-63 <= temperature <= 2**63``
+    (:data:`TEMPERATURE_MIN`, :data:`TEMPERATURE_MAX`); anything else raises, a
+    ``TypeError`` for a non-number and a ``ValueError`` naming the range and the
+    value otherwise. The loss divides the logits by ``T`` and multiplies the
+    terms (and, in the backward, divides the gradients) by ``T**2`` or ``T``,
+    in float32 for float16 and float32 logits. In the range, ``T``, ``1 / T``,
+    ``T**2`` and ``1 / T**2`` all lie in ``[2**-126, 2**126]``: normal, finite
+    float32 numbers, so no factor overflows to inf or flushes to 0 (and no
+    float32 kernel loses precision to subnormals) in any dtype. Outside it,
+    ``T**2`` overflows (``T`` above about ``1.8e19``) or underflows (below about
+    ``1.1e-19``) in float32, and the fast paths and the reference would return
+    inf or NaN; the same bounds apply to float64 so that the accepted
+    temperatures do not depend on the dtype.
+    """
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         kind = type(temperature)
         msg = (
@@ -413,9 +433,18 @@ def check_temperature(temperature: object, /) -> float:
             f"{kind.__module__}.{kind.__qualname__}"
         )
         raise TypeError(msg)
-    value = float(temperature)
+    try:
+        value = float(temperature)
+    except OverflowError:  # an int beyond float64
+        value = math.inf if temperature > 0 else -math.inf
     if not (math.isfinite(value) and value > 0):
         msg = f"temperature must be a positive finite real number, got {temperature!r}"
+        raise ValueError(msg)
+    if not TEMPERATURE_MIN <= value <= TEMPERATURE_MAX:
+        msg = (
+            "temperature must be in [2**-63, 2**63] (T, 1/T and T**2 normal float32 "
+            f"numbers), got {temperature!r}"
+        )
         raise ValueError(msg)
     return value
 
