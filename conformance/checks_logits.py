@@ -1,13 +1,13 @@
-r"""Properties of the KL divergence from logits and of the Gaussian KL.
+r"""Properties of the KL divergence from logits: the calls, the judgements, the diagnosis.
 
-They check an :class:`~.implementations.Implementation`'s ``from_logits`` and
-``gaussian`` functions (``--impl reference``: ``kldiv_spec``'s own; ``kldiv-spec
-check --impl MODULE:FUNCTION --kind from-logits`` or ``--kind gaussian``: a user's),
-within what the implementation declares it can express (``logits_reductions``,
-``logits_directions``, ``logits_scalings``, ``logits_temperature``,
-``logits_masks``, ``gaussian_reductions``, ``gaussian_priors``): a case that needs
-more is not drawn, and a property with no expressible case is n/a. Without the
-function the properties are n/a.
+They check an :class:`~.implementations.Implementation`'s ``from_logits``
+function (``--impl reference``: ``kldiv_spec``'s own; ``kldiv-spec check --impl
+MODULE:FUNCTION --kind from-logits``: a user's) on the cases of
+:mod:`.logits_cases`, which are built within what the implementation declares
+it can express (``logits_reductions``, ``logits_directions``,
+``logits_scalings``, ``logits_temperature``, ``logits_masks``, ...): a case that
+needs more is not drawn, and a property with no expressible case is n/a.
+Without the function the properties are n/a.
 
 Values are judged against the mpmath oracle of :mod:`.oracle_logits` and its
 bounds. Where behaviour is discrete (the options: temperature scaling,
@@ -18,11 +18,10 @@ with what common mistakes give (the other direction, a missing or extra
 masked rows counted in a divisor) and the message names the one it matches.
 
 ``beta`` (the generalised Jensen-Shannon divergence) is passed only to an
-implementation that declares ``logits_beta``: then the option grids, the drawn
-cases and the edge cases also take 0, 0.3, 0.5, 1 (and a drawn value), where 0
-and 1 must be exactly the forward and the reverse KL (trl's and Liger's
-convention) and the mixture in between; ``"beta"`` is then one of the options a
-reproduction replays.
+implementation that declares ``logits_beta``: 0 and 1 must be exactly the
+forward and the reverse KL (trl's and Liger's convention) and the mixture in
+between; a failing value is also compared with the mixture's weights swapped;
+``"beta"`` is then one of the options a reproduction replays.
 
 Levels: PyTorch is the behavioural reference. What its own functions composed
 give, ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))`` with a mask treated
@@ -39,173 +38,118 @@ judges the values, and the hints, at the precision the result has (its dtype,
 or a declared ``compute_dtype``), the gradient properties at that of the
 forward result. A result that is not an array of the backend with the expected
 shape fails naming what came back (:func:`check_result`); the operands must be
-unchanged (``hygiene.logits_inputs_unmodified``, ``hygiene.gaussian_inputs_unmodified``).
+unchanged (``hygiene.logits_inputs_unmodified``).
 
 The ``assert_*`` functions are the judgements the properties make; the
 reproduction snippets of failures call them too, with their defaults: the
 strict judgement (the SHOULD guarantees) and the dtype checked, so that a
-SHOULD or a dtype failure replays as a difference.
+SHOULD or a dtype failure replays as a difference. The helpers of the first
+section (:func:`check_result`, :func:`compare_values`, :func:`describe`, ...)
+serve the Gaussian KL's properties (:mod:`.checks_gaussian`) and the
+from-hidden ones (:mod:`.checks_hidden`) too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from hypothesis import strategies as st
 
 import kldiv_spec
 
 from . import oracle_logits as oracle
 from .assertions import dtype_name, to_numpy
 from .context import Context, fmt
+from .logits_cases import (
+    OPTION_KEYS,
+    as_declared,
+    axis_cases,
+    dtype_cases,
+    edge_cases,
+    excluded_by_both_cases,
+    fully_masked_cases,
+    gradient_option_cases,
+    identity_cases,
+    logits_case,
+    logits_strategy,
+    option_cases,
+    options_of,
+    undeclared,
+    unexpressible,
+)
 from .properties import NotApplicable, register
 from .strategies import Case
 
 __all__ = [
+    # OPTION_KEYS and undeclared are logits_cases', named here too for the reproductions
+    # (runner) and checks_hidden
     "OPTION_KEYS",
     "assert_composition",
     "assert_from_logits",
     "assert_from_logits_gradient",
     "assert_from_logits_non_negative",
     "assert_from_logits_zero",
-    "assert_gaussian",
-    "assert_gaussian_gradient",
-    "assert_gaussian_zero",
+    "assert_unchanged",
     "check_result",
     "compare_values",
     "compose",
     "composition_kl_div",
     "describe",
-    "exact_gaussian_gradients",
     "failure_message",
-    "gaussian_expected",
+    "grad_output",
+    "needs_function",
+    "require_function",
     "undeclared",
 ]
-
-_TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
-#: The options of a from-logits call that a case carries (besides ``mask``), in the
-#: order reproductions show them.
-OPTION_KEYS = (
-    "reduction",
-    "temperature",
-    "direction",
-    "scale_by_temperature_squared",
-    "beta",
-    "axis",
-    "symmetric",
-)
-#: The values of ``beta`` the fixed cases take (for an implementation with ``logits_beta``):
-#: the two endpoints (the forward and the reverse KL), the symmetric mixture, and an
-#: asymmetric one (where swapping beta and 1 - beta in the mixture shows).
-_BETAS = (0.0, 0.5, 0.3, 1.0)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _function(ctx: Context, subject: str) -> Any:
+def require_function(ctx: Context, subject: str) -> Any:
+    """Return the implementation's ``subject`` function; NotApplicable if it has none."""
     fn = ctx.impl.function(subject)
     if fn is None:
         raise NotApplicable(f"{ctx.impl.name} has no {subject} function")
     return fn
 
 
-def undeclared(impl: Any, options: Mapping[str, Any], /) -> str | None:
-    """Return which of ``options`` the implementation's ``logits_*`` fields do not declare.
+def needs_function(subject: str) -> Any:
+    """Return a property's ``applies``: n/a when the implementation has no ``subject``."""
 
-    None when they declare all of them: the reduction, direction, T**2 setting,
-    temperature, mask, class axis, symmetric mix and ``beta``. The from-logits
-    and from-hidden properties share these declarations.
-    """
-    if options["reduction"] not in impl.logits_reductions:
-        return f"reduction {options['reduction']!r}"
-    if options["direction"] not in impl.logits_directions:
-        return f"direction {options['direction']!r}"
-    if options["scale_by_temperature_squared"] not in impl.logits_scalings:
-        return f"scale_by_temperature_squared={options['scale_by_temperature_squared']}"
-    if options["temperature"] != 1.0 and not impl.logits_temperature:
-        return "temperatures other than 1"
-    if options.get("mask") is not None and not impl.logits_masks:
-        return "a mask"
-    if options.get("axis", -1) not in (-1, *impl.logits_axes):
-        return f"axis={options['axis']}"
-    if options.get("symmetric") is not None and not impl.logits_symmetric:
-        return "the symmetric mix of the two directions"
-    if options.get("beta") is not None and not impl.logits_beta:
-        return "beta (the generalised Jensen-Shannon divergence)"
-    return None
+    def applies(ctx: Context) -> str | None:
+        return None if ctx.impl.function(subject) is not None else f"no {subject} function"
+
+    return applies
 
 
-def _unexpressible(ctx: Context, options: dict[str, Any]) -> str | None:
-    """Return why the implementation cannot express ``options``, or None if it can.
-
-    The declared ``logits_*`` fields are consulted first (:func:`undeclared`),
-    then the implementation's per-case ``unsupported(options)`` (with the call's
-    keywords, ``mask`` included when the case has one).
-    """
-    impl = ctx.impl
-    why = undeclared(impl, options)
-    if why is not None:
-        return why
-    if impl.unsupported is not None:
-        keywords = {k: options[k] for k in (*OPTION_KEYS, "mask") if k in options}
-        why = impl.unsupported(keywords)
-        if why:
-            return str(why)
-    return None
+def grad_output(case: Case) -> Any:
+    """Return the upstream gradient of ``case``'s result: 0.75, or 0.5, 1.5, 2.5, ... ('none')."""
+    if case.extra["reduction"] != "none":
+        return 0.75
+    shape = case.input.shape
+    return (0.5 + (np.arange(math.prod(shape)) % 3)).reshape(shape).astype(case.input.dtype)
 
 
-def _as_declared(ctx: Context, case: Case, /) -> Case:
-    """Return ``case`` with the T**2 setting the implementation declares, where T is 1.
-
-    At a temperature of 1 the factor :math:`T^2` is 1, so both values of
-    ``scale_by_temperature_squared`` give the same divergence: a case there is
-    expressible by an implementation of either convention, and is called with the
-    value it declares (the reproduction replays that call).
-    """
-    options = case.extra
-    scalings = ctx.impl.logits_scalings
-    scaled = options.get("scale_by_temperature_squared")
-    if options.get("temperature") != 1.0 or scaled is None or scaled in scalings or not scalings:
-        return case
-    extra = {**options, "scale_by_temperature_squared": scalings[0]}
-    return dataclasses.replace(case, extra=extra)
-
-
-def _expressible(ctx: Context, cases: list[Case]) -> list[Case]:
-    """Keep the cases the implementation can express; NotApplicable if none."""
-    cases = [_as_declared(ctx, c) for c in cases]
-    kept = [c for c in cases if _unexpressible(ctx, c.extra) is None]
-    if not kept:
-        why = _unexpressible(ctx, cases[0].extra) if cases else "no case"
-        raise NotApplicable(f"{ctx.impl.name} cannot express the cases ({why})")
-    return kept
+def assert_unchanged(be: Any, operands: list[tuple[str, Any, np.ndarray]], fn: str) -> None:
+    """Assert each backend operand still holds its original values (NaN equal to NaN)."""
+    for name, arr, orig in operands:
+        now = np.asarray(be.to_numpy(arr))
+        if now.shape != orig.shape or not np.array_equal(
+            now, orig, equal_nan=orig.dtype.kind == "f"
+        ):
+            msg = f"the call of {fn} modified its {name}"
+            raise AssertionError(msg)
 
 
 def _skip_unsupported(ctx: Context, case: Case) -> None:
     """Raise NotApplicable for this case alone when the implementation cannot express it."""
-    why = _unexpressible(ctx, case.extra)
+    why = unexpressible(ctx, case.extra)
     if why is not None:
         raise NotApplicable(f"{ctx.impl.name} cannot express {why}")
-
-
-def _logits_case(s: np.ndarray, t: np.ndarray, **options: Any) -> Case:
-    options = {
-        "reduction": "batchmean",
-        "temperature": 1.0,
-        "direction": "forward",
-        "scale_by_temperature_squared": True,
-        **options,
-    }
-    if options.get("mask") is None:
-        options.pop("mask", None)
-    return Case(s, t, options["reduction"], False, extra=options)
 
 
 def describe(case: Case, /) -> str:
@@ -218,10 +162,6 @@ def describe(case: Case, /) -> str:
         f"{case.input.dtype}{list(case.input.shape)}, {shown}{extra}"
         f"\n  input = {case.input.tolist()!r}\n  target = {case.target.tolist()!r}"
     )
-
-
-def _options(case: Case) -> dict[str, Any]:
-    return {k: case.extra[k] for k in OPTION_KEYS if k in case.extra}
 
 
 def check_result(ctx: Context, out: Any, shape: tuple[int, ...], /, what: str = "") -> None:
@@ -249,9 +189,9 @@ def _numpy_result(ctx: Context, out: Any) -> np.ndarray:
 
 def _call_logits(ctx: Context, case: Case, x: Any, t: Any, mask: Any) -> Any:
     """Call ``from_logits`` on backend arrays ``x``, ``t`` (and ``mask``): ``case``'s options."""
-    fn = _function(ctx, "from_logits")
+    fn = require_function(ctx, "from_logits")
     _skip_unsupported(ctx, case)
-    options = _options(case)
+    options = options_of(case)
     if mask is not None:
         options["mask"] = mask
     try:
@@ -367,7 +307,7 @@ def compare_values(
 
 
 def _what(s: np.ndarray, t: np.ndarray, mask: Any, options: dict[str, Any]) -> str:
-    return describe(_logits_case(s, t, mask=mask, **options))
+    return describe(logits_case(s, t, mask=mask, **options))
 
 
 def _check_dtype(got: Any, input: np.ndarray, target: np.ndarray, what: str) -> None:
@@ -753,47 +693,6 @@ def assert_from_logits_gradient(
 # --------------------------------------------------------------------------- from logits
 
 
-@st.composite
-def _logits_cases(draw: Any, ctx: Context, spreads: tuple[float, ...] = (1.0, 5.0, 40.0)) -> Case:
-    impl = ctx.impl
-    rows, vocab = draw(st.integers(1, 4)), draw(st.integers(2, 8))  # vocab 1: an edge case
-    dtype = draw(st.sampled_from((np.float64, np.float32)))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    spread = draw(st.sampled_from(spreads))
-    s = rng.normal(0.0, spread, size=(rows, vocab)).astype(dtype)
-    t = (s + rng.normal(0.0, spread, size=(rows, vocab))).astype(dtype)
-    options: dict[str, Any] = {
-        "temperature": draw(st.sampled_from(_TEMPERATURES if impl.logits_temperature else (1.0,))),
-        "reduction": draw(st.sampled_from(impl.logits_reductions)),
-        "direction": draw(st.sampled_from(impl.logits_directions)),
-        "scale_by_temperature_squared": draw(st.sampled_from(impl.logits_scalings)),
-    }
-    if impl.logits_masks and draw(st.booleans()):
-        options["mask"] = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
-    if getattr(impl, "logits_beta", False) and draw(st.booleans()):
-        # the endpoints (the two KLs), the symmetric mixture, or a drawn one in (0, 1)
-        drawn = st.floats(0.01, 0.99).map(lambda b: float(np.round(b, 6)))
-        options["beta"] = draw(st.one_of(st.sampled_from((0.0, 0.5, 1.0)), drawn))
-        options["direction"] = "forward"  # beta chooses the divergence
-    return Case(s, t, options["reduction"], False, extra=options)
-
-
-def _strategy(ctx: Context) -> Any:
-    impl = ctx.impl
-    if impl.from_logits is None:
-        raise NotApplicable(f"{impl.name} has no from_logits function")
-    if not (impl.logits_reductions and impl.logits_directions and impl.logits_scalings):
-        raise NotApplicable(f"{impl.name} declares no from-logits option it can express")
-    return _logits_cases(ctx).map(lambda case: _as_declared(ctx, case))
-
-
-def _applies(subject: str) -> Any:
-    def applies(ctx: Context) -> str | None:
-        return None if ctx.impl.function(subject) is not None else f"no {subject} function"
-
-    return applies
-
-
 def _compute_dtype(ctx: Context) -> Any:
     """Return the dtype the implementation declares it computes in (``compute_dtype``)."""
     return getattr(ctx.impl, "compute_dtype", None)
@@ -814,15 +713,15 @@ def _check_value(ctx: Context, case: Case, /, *, strict: bool = False) -> None:
         strict=strict,
         check_dtype=False,
         compute_dtype=_compute_dtype(ctx),
-        **_options(case),
+        **options_of(case),
     )
 
 
 @register(
     "accuracy.logits_oracle",
     "kl_div_from_logits agrees with the exact (mpmath) oracle within its bound, every option",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -830,152 +729,12 @@ def _logits_oracle(ctx: Context, case: Case) -> None:
     _check_value(ctx, case)
 
 
-def _grid_logits(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    s = rng.normal(0.0, 2.0, size=shape)
-    return s, s + rng.normal(0.0, 2.0, size=shape)
-
-
-#: (direction, scale_by_temperature_squared), in the order the grids cycle through them.
-_COMBOS = (("forward", True), ("reverse", False), ("forward", False), ("reverse", True))
-
-
-def _pairwise(reduction: int, masked: int) -> tuple[tuple[str, bool], ...]:
-    """Return two (direction, T**2) combinations for one (reduction, mask) cell of a grid.
-
-    Over the grid's cells every pair of option values occurs: both directions
-    and both scalings with each reduction and each mask form, and all four
-    (direction, scaling) combinations; JAX compiles each case, so the grid is
-    pairwise rather than the full product.
-    """
-    first = 0 if (reduction + masked) % 2 == 0 else 2
-    return _COMBOS[first], _COMBOS[first + 1]
-
-
-def _case_options(direction: str, scaled: bool) -> dict[str, Any]:
-    return {"temperature": 2.0, "direction": direction, "scale_by_temperature_squared": scaled}
-
-
-def _option_cases(ctx: Context) -> list[Case]:
-    """Return the options on fixed logits: every pair of values, float32, (B, S, V) logits."""
-    s, t = _grid_logits((4, 5), 11)
-    keep = np.asarray([True, False, True, True])
-    s3, t3 = _grid_logits((2, 3, 4), 12)
-    keep3 = np.asarray([[True, True, False], [False, True, True]])
-    reductions = ("none", "batchmean", "sum", "mean", "rowmean")
-    cases = []
-    for i, reduction in enumerate(reductions):
-        for j, mask in enumerate((None, keep)):
-            for direction, scaled in _pairwise(i, j):
-                options = _case_options(direction, scaled)
-                cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
-    s32, t32 = s.astype(np.float32), t.astype(np.float32)
-    for k, (direction, scaled) in enumerate(_COMBOS):
-        options = _case_options(direction, scaled)
-        reduction, mask = (("rowmean", keep), ("sum", None), ("none", keep), ("batchmean", None))[
-            k
-        ]
-        cases.append(_logits_case(s32, t32, reduction=reduction, mask=mask, **options))
-    # (batch, seq, vocab): 'batchmean' divides by the batch, 'rowmean' by the tokens
-    for k, (reduction, mask) in enumerate(
-        (
-            ("batchmean", None),
-            ("rowmean", None),
-            ("mean", None),
-            ("rowmean", keep3),
-            ("mean", keep3),
-            ("sum", keep3),
-        )
-    ):
-        options = _case_options(*_COMBOS[k % 4])
-        cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
-    if ctx.impl.logits_beta:
-        cases += _beta_option_cases(s, t, keep, s3, t3, keep3)
-    if ctx.impl.logits_symmetric:
-        cases += _symmetric_cases(s, t, keep, s3, t3, keep3)
-    return _expressible(ctx, cases)
-
-
-#: Ratios of the symmetric mix r KL(p || q) + (1 - r) KL(q || p) (torchtune's default 0.5).
-_RATIOS = (0.5, 0.25, 1.0)
-
-
-def _symmetric_cases(
-    s: np.ndarray,
-    t: np.ndarray,
-    keep: np.ndarray,
-    s3: np.ndarray,
-    t3: np.ndarray,
-    keep3: np.ndarray,
-) -> list[Case]:
-    """Return the symmetric mix's cases: each ratio, each reduction, a mask, 3-d logits."""
-    cases = []
-    for k, ratio in enumerate(_RATIOS):
-        for j, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
-            for m, (a, b, mask) in enumerate(((s, t, None), (s, t, keep), (s3, t3, keep3))):
-                if mask is not None and reduction == "batchmean":
-                    continue
-                options = {**_case_options("forward", (j + k + m) % 2 == 0), "symmetric": ratio}
-                cases.append(_logits_case(a, b, reduction=reduction, mask=mask, **options))
-    return cases
-
-
-def _each_value(
-    s: np.ndarray,
-    t: np.ndarray,
-    cells: tuple[tuple[str, Any], ...],
-    key: str,
-    values: tuple[float, ...],
-) -> list[Case]:
-    """Return a forward case for each of ``values`` of option ``key`` in each (reduction, mask).
-
-    T = 2, with the :math:`T^2` factor on and off in turn.
-    """
-    return [
-        _logits_case(
-            s,
-            t,
-            reduction=reduction,
-            mask=mask,
-            **{**_case_options("forward", (j + k) % 2 == 0), key: value},
-        )
-        for k, value in enumerate(values)
-        for j, (reduction, mask) in enumerate(cells)
-    ]
-
-
-def _beta_option_cases(
-    s: np.ndarray,
-    t: np.ndarray,
-    keep: np.ndarray,
-    s3: np.ndarray,
-    t3: np.ndarray,
-    keep3: np.ndarray,
-) -> list[Case]:
-    """Return the fixed cases with ``beta``: each of :data:`_BETAS` with every reduction.
-
-    The endpoints 0 and 1 must be the forward and the reverse KL, 0.5 and 0.3 the
-    mixture's divergence; T = 2 with the T**2 factor on and off, masks, float32
-    and (batch, seq, vocab) logits.
-    """
-    cells = (("none", None), ("batchmean", keep), ("sum", None), ("rowmean", keep), ("mean", None))
-    cases = _each_value(s, t, cells, "beta", _BETAS)
-    s32, t32 = s.astype(np.float32), t.astype(np.float32)
-    for k, beta in enumerate(_BETAS):
-        options = {**_case_options("forward", k % 2 == 1), "beta": beta}
-        cases.append(_logits_case(s32, t32, reduction=cells[k][0], mask=cells[k][1], **options))
-    for k, (reduction, mask) in enumerate((("rowmean", keep3), ("batchmean", None))):
-        options = {**_case_options("forward", True), "beta": _BETAS[1 + k]}
-        cases.append(_logits_case(s3, t3, reduction=reduction, mask=mask, **options))
-    return cases
-
-
 @register(
     "accuracy.logits_options",
     "the options on fixed logits (every pair of direction, T**2 on/off, reduction, mask; "
     "float32; 3-d): the oracle's value",
-    cases=_option_cases,
-    applies=_applies("from_logits"),
+    cases=option_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_options(ctx: Context, case: Case) -> None:
@@ -986,8 +745,8 @@ def _logits_options(ctx: Context, case: Case) -> None:
     "math.logits_zero_at_identity",
     "kl_div_from_logits(s, s) is 0 within the oracle's bound in both directions (PyTorch's "
     "composition rounds; a fully masked mean may be its 0/0 = NaN)",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -1000,54 +759,29 @@ def _logits_zero(ctx: Context, case: Case) -> None:
         mask=case.extra.get("mask"),
         strict=False,
         compute_dtype=_compute_dtype(ctx),
-        **_options(case),
+        **options_of(case),
     )
-
-
-def _identity_cases(ctx: Context) -> list[Case]:
-    """Return s = t on fixed logits: every reduction, both directions, T**2 on/off, a mask."""
-    cases = []
-    for k, (shape, seed, dtype) in enumerate(
-        (((3, 5), 21, np.float64), ((2, 7), 22, np.float32), ((2, 3, 4), 23, np.float64))
-    ):
-        rng = np.random.default_rng(seed)
-        s = rng.normal(0.0, (1.0, 5.0, 30.0)[k], size=shape).astype(dtype)
-        keep = np.ones(shape[:-1], bool)
-        keep.flat[0] = False  # some rows kept, one dropped
-        for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
-            if reduction == "batchmean" and len(shape) != 2:
-                mask = None
-            else:
-                mask = keep if i % 2 else None
-            direction, scaled = _COMBOS[(i + k) % 4]
-            options = {
-                "temperature": (1.0, 2.0, 0.5)[(i + k) % 3],
-                "direction": direction,
-                "scale_by_temperature_squared": scaled,
-            }
-            cases.append(_logits_case(s, s.copy(), reduction=reduction, mask=mask, **options))
-    return _expressible(ctx, cases)
 
 
 @register(
     "math.logits_exact_zero_at_identity",
     "kl_div_from_logits(s, s) is exactly 0, not 0 up to rounding (every log-ratio is 0; "
     "PyTorch's composition gives about -1e-16)",
-    cases=_identity_cases,
-    applies=_applies("from_logits"),
+    cases=identity_cases,
+    applies=needs_function("from_logits"),
     level="SHOULD",
     subject="from_logits",
 )
 def _logits_exact_zero(ctx: Context, case: Case) -> None:
     got = _call(ctx, case, "logits_zero")
-    assert_from_logits_zero(got, case.input, mask=case.extra.get("mask"), **_options(case))
+    assert_from_logits_zero(got, case.input, mask=case.extra.get("mask"), **options_of(case))
 
 
 @register(
     "math.logits_non_negative",
     "every reduction of kl_div_from_logits (and each row of 'none' summed) is >= -bound",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -1060,7 +794,7 @@ def _logits_non_negative(ctx: Context, case: Case) -> None:
         mask=case.extra.get("mask"),
         strict=False,
         compute_dtype=_compute_dtype(ctx),
-        **_options(case),
+        **options_of(case),
     )
 
 
@@ -1075,8 +809,8 @@ def composition_kl_div(impl: Any) -> Any:
     "math.logits_composition",
     "kl_div_from_logits equals T**2 * kl_div(log_softmax(s/T), softmax(t/T)) of the same "
     "implementation (kldiv_spec.kl_div if it has none; no mask, forward)",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -1086,10 +820,10 @@ def _logits_composition(ctx: Context, case: Case) -> None:
         raise NotApplicable(f"{ctx.impl.name} has no forward direction")
     if ctx.impl.fn is not None and _kl_div_reduction(reduction) not in ctx.reductions:
         raise NotApplicable(f"{ctx.impl.name} cannot express reduction {reduction!r}")
-    options = {**_options(case), "direction": "forward"}
+    options = {**options_of(case), "direction": "forward"}
     options.pop("beta", None)  # the composition is the KL's
-    plain = _as_declared(ctx, _logits_case(case.input, case.target, **options))
-    if _unexpressible(ctx, plain.extra) is not None:
+    plain = as_declared(ctx, logits_case(case.input, case.target, **options))
+    if unexpressible(ctx, plain.extra) is not None:
         raise NotApplicable(f"{ctx.impl.name} cannot express {options}")
     got = _call(ctx, plain, "logits_composition")
     composed = compose(
@@ -1100,152 +834,25 @@ def _logits_composition(ctx: Context, case: Case) -> None:
     )
 
 
-def _edge_cases(ctx: Context) -> list[Case]:
-    inf, nan = math.inf, math.nan
-    s = np.asarray(
-        [
-            [0.0, -inf, 1.0, 2.0],
-            [0.0, -inf, 1.0, 2.0],
-            [-inf, -inf, -inf, -inf],
-            [0.0, 1.0, nan, 2.0],
-            [0.0, inf, 1.0, 2.0],
-            [1e300, -1e300, 0.0, 5.0],
-            [0.0, 0.0, 0.0, 0.0],
-            [0.0, 1.0, 1.0, 2.0],
-        ]
-    )
-    t = np.asarray(
-        [
-            [1.0, -inf, 0.0, 2.0],
-            [1.0, 0.5, 0.0, 2.0],
-            [1.0, 0.5, 0.0, 2.0],
-            [1.0, 0.5, 0.0, 2.0],
-            [1.0, 0.5, 0.0, 2.0],
-            [1e300, -1e300, 1.0, 3.0],
-            [-inf, -inf, -inf, -inf],
-            [1.0, -inf, 0.0, 2.0],  # the teacher alone excludes a class (a top-k teacher)
-        ]
-    )
-    # large finite float32 logits: exp overflows unless the log-sum-exp is shifted
-    big_s = np.asarray([[120.0, 100.0, 0.0, -30.0]], np.float32)
-    big_t = np.asarray([[110.0, 115.0, -5.0, 0.0]], np.float32)
-    one_s, one_t = np.asarray([[3.0], [-1.0]]), np.asarray([[0.5], [2.0]])  # one class: KL 0
-    cases = []
-    for direction in ("forward", "reverse"):
-        common = {"temperature": 1.0, "direction": direction}
-        for reduction in ("none", "sum", "rowmean"):
-            for i in range(len(s)):
-                cases.append(
-                    _logits_case(s[i : i + 1], t[i : i + 1], reduction=reduction, **common)
-                )
-            cases.append(_logits_case(big_s, big_t, reduction=reduction, **common))
-            cases.append(_logits_case(one_s, one_t, reduction=reduction, **common))
-        # masked rows under both T**2 conventions (a loss without T**2 takes them too)
-        for scaled in (True, False):
-            masked = {
-                **common,
-                "temperature": 2.0,
-                "scale_by_temperature_squared": scaled,
-                "mask": np.asarray([True, False, False, False, False, True, False, True]),
-            }
-            cases.append(_logits_case(s, t, reduction="rowmean", **masked))
-            # every row dropped, each reduction: 0 (PyTorch's ignore_index means: 0/0 = NaN)
-            for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
-                dropped = {**masked, "mask": np.zeros(len(s), bool)}
-                cases.append(_logits_case(s, t, reduction=reduction, **dropped))
-    if ctx.impl.logits_beta:
-        cases += _beta_edge_cases()
-    return _expressible(ctx, cases)
-
-
-def _beta_edge_cases() -> list[Case]:
-    r"""Return the edge cases of ``beta``: classes excluded by one side or both, masks.
-
-    At the endpoints they are the KLs' edges (``beta=0``: ``+inf`` where the
-    student alone excludes a class; ``beta=1``: where the teacher alone does);
-    in between the mixture keeps every term finite: a class one side excludes
-    has the other's finite log-ratio :math:`-\log \beta` or
-    :math:`-\log(1 - \beta)`, one both exclude contributes 0 (a composition
-    ``beta * kl_div(log m, p) + (1 - beta) * kl_div(log m, q)``: ``0 * inf`` = NaN,
-    accepted by the MUST properties), and a row without a softmax is NaN.
-    """
-    inf, nan = math.inf, math.nan
-    s = np.asarray(
-        [
-            [0.0, -inf, 1.0, 2.0],  # the student alone excludes class 1
-            [0.0, 1.0, 1.0, 2.0],  # the teacher alone excludes class 1
-            [0.0, -inf, 1.0, -inf],  # class 1: the student; class 3: both
-            [0.0, 1.0, nan, 2.0],  # no softmax
-            [120.0, 100.0, 0.0, -30.0],  # large logits
-        ]
-    )
-    t = np.asarray(
-        [
-            [1.0, 0.5, 0.0, 2.0],
-            [1.0, -inf, 0.0, 2.0],
-            [1.0, 0.5, -inf, -inf],
-            [1.0, 0.5, 0.0, 2.0],
-            [110.0, 115.0, -5.0, 0.0],
-        ]
-    )
-    cases = []
-    for beta in _BETAS:
-        common = {"temperature": 1.0, "direction": "forward", "beta": beta}
-        for reduction in ("none", "sum"):
-            for i in range(len(s)):
-                row = (s[i : i + 1], t[i : i + 1])
-                cases.append(_logits_case(*row, reduction=reduction, **common))
-        masked = {
-            **common,
-            "temperature": 2.0,
-            "mask": np.asarray([True, False, True, False, True]),
-        }
-        cases.append(_logits_case(s, t, reduction="rowmean", **masked))
-    dropped = {"temperature": 2.0, "direction": "forward", "beta": 0.3}
-    for reduction in ("none", "sum", "batchmean", "mean", "rowmean"):
-        mask = np.zeros(len(s), bool)
-        cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **dropped))
-    return cases
-
-
 @register(
     "semantics.logits_edge_values",
     "excluded classes (-inf), rows without a softmax (NaN, +inf, all -inf), masked rows, "
     "every reduction fully masked, large float32 logits, one class (PyTorch's composition's "
     "NaN accepted where both distributions exclude a class and for a fully masked mean)",
-    cases=_edge_cases,
-    applies=_applies("from_logits"),
+    cases=edge_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_edges(ctx: Context, case: Case) -> None:
     _check_value(ctx, case)
 
 
-def _composition_nan(case: Case) -> np.ndarray:
-    """Where PyTorch's composition gives NaN for ``case`` and the specification a number."""
-    exact = _exact(case.input, case.target, case.extra.get("mask"), _options(case))
-    return oracle.composition_nan(exact, case.extra["reduction"])
-
-
-def _excluded_by_both(ctx: Context) -> list[Case]:
-    """Return the edge cases with a class both distributions exclude (0 weight, -inf)."""
-    cases = [c for c in _edge_cases(ctx) if _composition_nan(c).any() and not _fully_masked(c)]
-    if not cases:
-        raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
-    return cases
-
-
-def _fully_masked(case: Case) -> bool:
-    mask = case.extra.get("mask")
-    return mask is not None and not np.asarray(mask, bool).any()
-
-
 @register(
     "semantics.logits_excluded_by_both",
     "a class both distributions exclude contributes exactly 0 (PyTorch's composition: "
     "0 * inf = NaN), in 'none' and every reduction",
-    cases=_excluded_by_both,
-    applies=_applies("from_logits"),
+    cases=excluded_by_both_cases,
+    applies=needs_function("from_logits"),
     level="SHOULD",
     subject="from_logits",
 )
@@ -1253,19 +860,12 @@ def _logits_excluded_by_both(ctx: Context, case: Case) -> None:
     _check_value(ctx, case, strict=True)
 
 
-def _masked_out(ctx: Context) -> list[Case]:
-    cases = [c for c in _edge_cases(ctx) if _fully_masked(c)]
-    if not cases:
-        raise NotApplicable(f"{ctx.impl.name} cannot express a mask")
-    return cases
-
-
 @register(
     "semantics.logits_fully_masked",
     "every row masked gives 0 for every reduction, the empty sum over no tokens (PyTorch's "
     "ignore_index means: 0/0 = NaN for 'batchmean', 'rowmean', 'mean')",
-    cases=_masked_out,
-    applies=_applies("from_logits"),
+    cases=fully_masked_cases,
+    applies=needs_function("from_logits"),
     level="SHOULD",
     subject="from_logits",
 )
@@ -1273,49 +873,25 @@ def _logits_fully_masked(ctx: Context, case: Case) -> None:
     _check_value(ctx, case, strict=True)
 
 
-def _dtype_cases(ctx: Context) -> list[Case]:
-    """float64 and float32 logits (and float16 where the library has it), each reduction."""
-    s, t = _grid_logits((3, 4), 31)
-    dtypes = [np.float64, np.float32]
-    if hasattr(ctx.backend.xp, "float16"):
-        dtypes.append(np.float16)
-    cases = []
-    # every combination (small calls): whatever an implementation declares, each of its
-    # reductions meets every dtype
-    for reduction in ("none", "batchmean", "sum", "mean", "rowmean"):
-        for dtype, (direction, scaled) in itertools.product(dtypes, _COMBOS):
-            options = {"direction": direction, "scale_by_temperature_squared": scaled}
-            cases.append(
-                _logits_case(
-                    s.astype(dtype),
-                    t.astype(dtype),
-                    reduction=reduction,
-                    temperature=2.0,
-                    **options,
-                )
-            )
-    return _expressible(ctx, cases)
-
-
 @register(
     "semantics.logits_dtypes",
     "the result has the logits' floating dtype (float64 in, float64 out: not a float32 "
     "result); its values are then judged at the precision the result has",
-    cases=_dtype_cases,
-    applies=_applies("from_logits"),
+    cases=dtype_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_dtypes(ctx: Context, case: Case) -> None:
     got = _call(ctx, case)
-    what = _what(case.input, case.target, case.extra.get("mask"), _options(case))
+    what = _what(case.input, case.target, case.extra.get("mask"), options_of(case))
     _check_dtype(got, case.input, case.target, what)
 
 
 @register(
     "hygiene.logits_inputs_unmodified",
     "from_logits (and its backward) leave the student and teacher logits and the mask unchanged",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -1328,33 +904,15 @@ def _logits_unmodified(ctx: Context, case: Case) -> None:
     _call_logits(ctx, case, x, t, m)
     backward = ctx.impl.from_logits_backward
     if backward is not None and not be.autograd:
-        options = _options(case)
+        options = options_of(case)
         if m is not None:
             options["mask"] = m
-        g = _grad_output(case)
+        g = grad_output(case)
         backward(g if np.ndim(g) == 0 else be.asarray(np.asarray(g)), x, t, **options)
     operands = [("student logits", x, case.input), ("teacher logits", t, case.target)]
     if m is not None:
         operands.append(("mask", m, mask))
-    _assert_unchanged(be, operands, "from_logits")
-
-
-def _grad_output(case: Case) -> Any:
-    if case.extra["reduction"] != "none":
-        return 0.75
-    shape = case.input.shape
-    return (0.5 + (np.arange(math.prod(shape)) % 3)).reshape(shape).astype(case.input.dtype)
-
-
-def _assert_unchanged(be: Any, operands: list[tuple[str, Any, np.ndarray]], fn: str) -> None:
-    """Assert each backend operand still holds its original values (NaN equal to NaN)."""
-    for name, arr, orig in operands:
-        now = np.asarray(be.to_numpy(arr))
-        if now.shape != orig.shape or not np.array_equal(
-            now, orig, equal_nan=orig.dtype.kind == "f"
-        ):
-            msg = f"the call of {fn} modified its {name}"
-            raise AssertionError(msg)
+    assert_unchanged(be, operands, "from_logits")
 
 
 def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
@@ -1373,11 +931,11 @@ def _forward_dtype(ctx: Context, case: Case, out: Any) -> None:
 
 def _take_logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
     ctx.result_dtype = None
-    fn = _function(ctx, "from_logits")
+    fn = require_function(ctx, "from_logits")
     _skip_unsupported(ctx, case)
     be = ctx.backend
     ctx.record(case, "logits_gradient", grad=g)
-    options = _options(case)
+    options = options_of(case)
     if case.extra.get("mask") is not None:
         options["mask"] = be.asarray(case.extra["mask"])
     try:
@@ -1411,7 +969,7 @@ def _take_logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
 
 
 def _check_gradient(ctx: Context, case: Case) -> None:
-    g = _grad_output(case)
+    g = grad_output(case)
     got = _logits_gradient(ctx, case, g)
     # judged at the forward's precision too: a float32 loss of float64 logits has a
     # float64 gradient (autograd casts it back) computed in float32
@@ -1424,15 +982,15 @@ def _check_gradient(ctx: Context, case: Case) -> None:
         grad_output=g,
         mask=case.extra.get("mask"),
         compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
-        **_options(case),
+        **options_of(case),
     )
 
 
 @register(
     "gradients.logits_oracle",
     "the gradient w.r.t. the student logits agrees with the exact oracle within its bound",
-    strategy=_strategy,
-    applies=_applies("from_logits"),
+    strategy=logits_strategy,
+    applies=needs_function("from_logits"),
     examples_scale=0.5,
     subject="from_logits",
 )
@@ -1440,48 +998,12 @@ def _logits_gradients(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
 
 
-def _axis_cases(ctx: Context) -> list[Case]:
-    """Return cases with the classes on another axis than the last, for each one declared.
-
-    2-d logits with the classes on axis 0 and 3-d ones on axis 0 or 1 (as
-    torchdistill's ``KDLoss`` takes them, the softmax over dim 1), each reduction
-    in both directions, a row mask of the rows' shape (the logits' shape
-    without ``axis``) where the reduction takes one.
-    """
-    declared = [a for a in ctx.impl.logits_axes if a != -1]
-    if not declared:
-        raise NotApplicable(f"{ctx.impl.name} takes the classes on the last axis only")
-    impl = ctx.impl
-    # the (direction, T**2) settings it declares (each reduction meets every axis)
-    combos = [
-        c for c in _COMBOS if c[0] in impl.logits_directions and c[1] in impl.logits_scalings
-    ] or list(_COMBOS)
-    cases = []
-    for shape, seed in (((4, 3), 41), ((2, 5, 3), 43)):
-        s, t = _grid_logits(shape, seed)
-        for axis in declared:
-            if not -len(shape) <= axis < len(shape) or axis % len(shape) == len(shape) - 1:
-                continue
-            rows = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
-            keep = (np.arange(math.prod(rows)) % 3 != 1).reshape(rows)
-            for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
-                for j, mask in enumerate((None, keep)):
-                    if mask is not None and reduction == "batchmean":
-                        continue  # with a mask, 'batchmean' takes 2-d logits on axis 1 only
-                    options = _case_options(*combos[(i + 2 * j) % len(combos)])
-                    case = _logits_case(s, t, reduction=reduction, mask=mask, axis=axis, **options)
-                    cases.append(case)
-    if not cases:
-        raise NotApplicable(f"no case for the axes {ctx.impl.name} declares ({declared})")
-    return _expressible(ctx, cases)
-
-
 @register(
     "accuracy.logits_axis",
     "the classes on another axis than the last (as the implementation declares in "
     "logits_axes): the oracle's value, each reduction, masks of the rows' shape",
-    cases=_axis_cases,
-    applies=_applies("from_logits"),
+    cases=axis_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_axis(ctx: Context, case: Case) -> None:
@@ -1491,319 +1013,21 @@ def _logits_axis(ctx: Context, case: Case) -> None:
 @register(
     "gradients.logits_axis",
     "the student gradient with the classes on another axis than the last agrees with the oracle",
-    cases=_axis_cases,
-    applies=_applies("from_logits"),
+    cases=axis_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_axis_gradient(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
 
 
-def _gradient_option_cases(ctx: Context) -> list[Case]:
-    """Return the options on fixed logits: each reduction with and without a mask, T = 2."""
-    s, t = _grid_logits((3, 4), 13)
-    keep = np.asarray([True, False, True])
-    cases = []
-    for i, reduction in enumerate(("none", "batchmean", "sum", "mean", "rowmean")):
-        for j, mask in enumerate((None, keep)):
-            options = _case_options(*_COMBOS[(2 * i + j) % 4])
-            cases.append(_logits_case(s, t, reduction=reduction, mask=mask, **options))
-    if ctx.impl.logits_beta:
-        # each beta: 'none' (the general chain rule) with a mask, and two reductions
-        cells = (("none", keep), ("batchmean", None), ("sum", keep))
-        cases += _each_value(s, t, cells, "beta", _BETAS)
-    if ctx.impl.logits_symmetric:
-        cells = (("none", keep), ("batchmean", None), ("rowmean", keep))
-        cases += _each_value(s, t, cells, "symmetric", _RATIOS)
-    return _expressible(ctx, cases)
-
-
 @register(
     "gradients.logits_options",
     "the student gradient on fixed logits (each reduction with and without a mask, both "
     "directions, T**2 on/off) agrees with the oracle",
-    cases=_gradient_option_cases,
-    applies=_applies("from_logits"),
+    cases=gradient_option_cases,
+    applies=needs_function("from_logits"),
     subject="from_logits",
 )
 def _logits_gradient_options(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
-
-
-# --------------------------------------------------------------------------- Gaussian
-
-
-@st.composite
-def _gaussian_cases(draw: Any, ctx: Context) -> Case:
-    shape = (draw(st.integers(1, 4)), draw(st.integers(1, 5)))
-    dtype = draw(st.sampled_from((np.float64, np.float32)))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    mu = rng.normal(0, 3, size=shape).astype(dtype)
-    logvar = rng.normal(0, 2, size=shape).astype(dtype)
-    options: dict[str, Any] = {"reduction": draw(st.sampled_from(ctx.impl.gaussian_reductions))}
-    if ctx.impl.gaussian_priors and draw(st.booleans()):
-        options["mu_prior"] = rng.normal(0, 1, size=shape[-1:]).astype(dtype)
-        options["logvar_prior"] = rng.normal(0, 1, size=shape[-1:]).astype(dtype)
-    return Case(mu, logvar, options["reduction"], False, extra=options)
-
-
-def _gaussian_strategy(ctx: Context) -> Any:
-    if ctx.impl.gaussian is None:
-        raise NotApplicable(f"{ctx.impl.name} has no gaussian function")
-    if not ctx.impl.gaussian_reductions:
-        raise NotApplicable(f"{ctx.impl.name} declares no reduction for gaussian")
-    return _gaussian_cases(ctx)
-
-
-def _gaussian_shape(case: Case) -> tuple[int, ...]:
-    """Return a Gaussian KL's result shape: the operands' broadcast for 'none', else ()."""
-    if case.extra["reduction"] != "none":
-        return ()
-    shapes = [case.input.shape, case.target.shape]
-    shapes += [np.shape(case.extra[k]) for k in ("mu_prior", "logvar_prior") if k in case.extra]
-    return tuple(np.broadcast_shapes(*shapes))
-
-
-def _call_gaussian(ctx: Context, case: Case, mu: Any, logvar: Any, options: dict[str, Any]) -> Any:
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        out = _function(ctx, "gaussian")(mu, logvar, **options)
-    check_result(ctx, out, _gaussian_shape(case), "gaussian")
-    return out
-
-
-def _gaussian_options(ctx: Context, case: Case) -> dict[str, Any]:
-    be = ctx.backend
-    return {k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()}
-
-
-def _gaussian_call(ctx: Context, case: Case, kind: str = "gaussian") -> np.ndarray:
-    be = ctx.backend
-    ctx.record(case, kind)
-    options = _gaussian_options(ctx, case)
-    out = _call_gaussian(ctx, case, be.asarray(case.input), be.asarray(case.target), options)
-    return np.asarray(to_numpy(out), dtype=np.float64)
-
-
-def _gaussian_what(mu: np.ndarray, logvar: np.ndarray, options: dict[str, Any]) -> str:
-    return describe(Case(mu, logvar, options["reduction"], False, extra=options))
-
-
-def assert_gaussian_zero(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: Any) -> None:
-    """Assert ``gaussian_kl(mu, logvar, mu_prior=mu, logvar_prior=logvar)`` gave exactly 0."""
-    got = np.asarray(got, dtype=np.float64)
-    if not (got == 0).all():
-        head = "the KL of a Gaussian from itself is not exactly 0"
-        what = _gaussian_what(mu, logvar, options)
-        raise AssertionError(failure_message(head, what, ("got", got)))
-
-
-def gaussian_expected(
-    mu: np.ndarray, logvar: np.ndarray, /, **options: Any
-) -> tuple[np.ndarray, Any]:
-    """Return the exact Gaussian KL (float64) for ``options`` and its bound."""
-    mu_p = options.get("mu_prior", 0.0)
-    lv_p = options.get("logvar_prior", 0.0)
-    value, scale = oracle.gaussian(mu, logvar, mu_p, lv_p)
-    eps = float(np.finfo(mu.dtype).eps)
-    reduction = options["reduction"]
-    floor = float(np.finfo(mu.dtype).smallest_normal)
-    if reduction == "none":
-        return value, oracle.GAUSSIAN_ULPS * eps * scale + floor
-    d = {"sum": 1, "batchmean": mu.shape[0] if mu.ndim else 1, "mean": value.size}[reduction]
-    want = np.asarray(math.fsum(value.ravel()) / d if d else math.nan)
-    tol = (oracle.GAUSSIAN_ULPS + value.size) * eps * float(scale.sum()) / max(d, 1) + floor
-    return want, tol
-
-
-def assert_gaussian(got: Any, mu: np.ndarray, logvar: np.ndarray, /, **options: Any) -> None:
-    """Assert ``got`` agrees with the exact closed form within its bound, and is >= 0.
-
-    ``options``: ``reduction`` and, optionally, ``mu_prior`` and ``logvar_prior``.
-    """
-    got = np.asarray(got, dtype=np.float64)
-    want, tol = gaussian_expected(mu, logvar, **options)
-    what = f"gaussian_kl, {_gaussian_what(mu, logvar, options)}"
-    hint = ""
-    if "mu_prior" in options:
-        plain = {"reduction": options["reduction"]}
-        ignored = gaussian_expected(mu, logvar, **plain)[0]
-        if ignored.shape == got.shape and np.allclose(got, ignored, rtol=1e-5, atol=0):
-            hint = " (it matches the standard normal prior: the prior is ignored)"
-    compare_values(got, want, tol, what, hint)
-    if not (got >= 0).all():
-        raise AssertionError(failure_message("negative Gaussian KL", what, ("got", got)))
-
-
-@register(
-    "math.gaussian_zero_at_identity",
-    "gaussian_kl(mu, logvar, mu_prior=mu, logvar_prior=logvar) is exactly 0",
-    strategy=_gaussian_strategy,
-    applies=_applies("gaussian"),
-    examples_scale=0.5,
-    subject="gaussian",
-)
-def _gaussian_zero(ctx: Context, case: Case) -> None:
-    if not ctx.impl.gaussian_priors:
-        raise NotApplicable(f"{ctx.impl.name} takes no prior")
-    options = {**case.extra, "mu_prior": case.input, "logvar_prior": case.target}
-    same = Case(case.input, case.target, case.reduction, False, extra=options)
-    got = _gaussian_call(ctx, same, "gaussian_zero")
-    assert_gaussian_zero(got, case.input, case.target, **options)
-
-
-@register(
-    "accuracy.gaussian_oracle",
-    "gaussian_kl agrees with the exact (mpmath) closed form within its bound, and is >= 0",
-    strategy=_gaussian_strategy,
-    applies=_applies("gaussian"),
-    examples_scale=0.5,
-    subject="gaussian",
-)
-def _gaussian_oracle(ctx: Context, case: Case) -> None:
-    got = _gaussian_call(ctx, case)
-    assert_gaussian(got, case.input, case.target, **case.extra)
-
-
-@register(
-    "hygiene.gaussian_inputs_unmodified",
-    "gaussian (and its backward) leave mu, logvar and the priors unchanged",
-    strategy=_gaussian_strategy,
-    applies=_applies("gaussian"),
-    examples_scale=0.5,
-    subject="gaussian",
-)
-def _gaussian_unmodified(ctx: Context, case: Case) -> None:
-    be = ctx.backend
-    ctx.record(case, "gaussian")
-    mu, logvar = be.asarray(case.input), be.asarray(case.target)
-    options = _gaussian_options(ctx, case)
-    _call_gaussian(ctx, case, mu, logvar, options)
-    backward = ctx.impl.gaussian_backward
-    if backward is not None and not be.autograd:
-        g = _grad_output(case)
-        backward(g if np.ndim(g) == 0 else be.asarray(np.asarray(g)), mu, logvar, **options)
-    operands = [("mu", mu, case.input), ("logvar", logvar, case.target)]
-    operands += [
-        (k, options[k], case.extra[k])
-        for k in ("mu_prior", "logvar_prior")
-        if isinstance(case.extra.get(k), np.ndarray)
-    ]
-    _assert_unchanged(be, operands, "gaussian")
-
-
-def exact_gaussian_gradients(
-    mu: np.ndarray, logvar: np.ndarray, /, *, grad_output: Any, **options: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    r"""Return the exact gradients w.r.t. ``mu`` and ``logvar`` and their bounds (float64).
-
-    :math:`\partial_\mu = \frac{g}{D} (\mu - \mu_0) e^{-\lambda_0}` and
-    :math:`\partial_\lambda = \frac{g}{D} \tfrac12 (e^{\lambda - \lambda_0} - 1)`,
-    at :data:`.oracle_logits.PRECISION` bits (``mu`` and ``logvar`` of the output's
-    shape, as the suite draws them).
-    """
-    mp = oracle._mp()
-    reduction = options["reduction"]
-    arrays = np.broadcast_arrays(
-        *(
-            np.asarray(a, np.float64)
-            for a in (
-                mu,
-                logvar,
-                options.get("mu_prior", 0.0),
-                options.get("logvar_prior", 0.0),
-                grad_output,
-            )
-        )
-    )
-    d = {"none": 1, "sum": 1, "batchmean": mu.shape[0] if mu.ndim else 1, "mean": mu.size}[
-        reduction
-    ]
-    g_mu, g_lv = np.empty(arrays[0].shape), np.empty(arrays[0].shape)
-    s_mu, s_lv = np.empty(arrays[0].shape), np.empty(arrays[0].shape)
-    for idx in np.ndindex(g_mu.shape):
-        m, lv, m0, lv0, g = (mp.mpf(float(a[idx])) for a in arrays)
-        gd = g / d
-        inv = mp.exp(-lv0)
-        em1 = mp.expm1(lv - lv0)
-        g_mu[idx] = float(gd * (m - m0) * inv)
-        g_lv[idx] = float(gd * em1 / 2)
-        s_mu[idx] = float(abs(gd) * (abs(m - m0) + abs(m) + abs(m0)) * inv * (1 + abs(lv0)))
-        s_lv[idx] = float(abs(gd) * (abs(em1) + (1 + abs(em1)) * (abs(lv) + abs(lv0))))
-    return g_mu, g_lv, s_mu, s_lv
-
-
-def assert_gaussian_gradient(
-    grads: tuple[Any, Any],
-    mu: np.ndarray,
-    logvar: np.ndarray,
-    /,
-    *,
-    grad_output: Any,
-    **options: Any,
-) -> None:
-    """Assert the gradients w.r.t. ``mu`` and ``logvar`` agree with the exact closed form."""
-    g_mu, g_lv, s_mu, s_lv = exact_gaussian_gradients(
-        mu, logvar, grad_output=grad_output, **options
-    )
-    eps = float(np.finfo(mu.dtype).eps)
-    floor = float(np.finfo(mu.dtype).smallest_normal)
-    what = _gaussian_what(mu, logvar, options)
-    for name, got, want, scale in (
-        ("mu", grads[0], g_mu, s_mu),
-        ("logvar", grads[1], g_lv, s_lv),
-    ):
-        with np.errstate(over="ignore"):
-            ulp = np.spacing(np.abs(want).astype(mu.dtype)).astype(np.float64)
-        tol = oracle.GAUSSIAN_ULPS * eps * scale + 2 * ulp + floor
-        compare_values(got, want, tol, f"gradient w.r.t. {name}, gaussian_kl, {what}")
-
-
-def _gaussian_gradient(ctx: Context, case: Case, g: Any) -> tuple[np.ndarray, np.ndarray]:
-    fn = _function(ctx, "gaussian")
-    be = ctx.backend
-    ctx.record(case, "gaussian_gradient", grad=g)
-    options = {
-        k: (be.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in case.extra.items()
-    }
-    if be.autograd == "torch" and ctx.impl.differentiable:
-        import torch
-
-        m = be.asarray(case.input).requires_grad_(True)
-        lv = be.asarray(case.target).requires_grad_(True)
-        out = fn(m, lv, **options)
-        gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
-        gm, glv = torch.autograd.grad(out, (m, lv), gout.expand(out.shape))
-        return tuple(a.detach().cpu().numpy().astype(np.float64) for a in (gm, glv))  # type: ignore[return-value]
-    if be.autograd == "jax" and ctx.impl.differentiable:
-        import jax
-        import jax.numpy as jnp
-
-        out, vjp = jax.vjp(
-            lambda a, b: fn(a, b, **options), be.asarray(case.input), be.asarray(case.target)
-        )
-        gm, glv = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
-        return np.asarray(gm, dtype=np.float64), np.asarray(glv, dtype=np.float64)
-    backward = ctx.impl.gaussian_backward
-    if backward is None:
-        raise NotApplicable(f"{ctx.impl.name} has no gaussian backward on {be.name}")
-    gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
-    out = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)
-    return (
-        np.asarray(be.to_numpy(out[0]), dtype=np.float64),
-        np.asarray(be.to_numpy(out[1]), dtype=np.float64),
-    )
-
-
-@register(
-    "gradients.gaussian_oracle",
-    "the gradients of gaussian_kl w.r.t. mu and logvar agree with the exact closed form",
-    strategy=_gaussian_strategy,
-    applies=_applies("gaussian"),
-    examples_scale=0.5,
-    subject="gaussian",
-)
-def _gaussian_gradients(ctx: Context, case: Case) -> None:
-    g = _grad_output(case)
-    got = _gaussian_gradient(ctx, case, g)
-    assert_gaussian_gradient(got, case.input, case.target, grad_output=g, **case.extra)

@@ -782,7 +782,8 @@ def reproduction(
     From-logits failures replay a ``from_logits`` call (``x`` the student
     logits, ``t`` the teacher's, its options and mask) and Gaussian failures a
     ``gaussian`` call (``x`` is ``mu``, ``t`` is ``logvar``, and the priors), judged
-    by the ``assert_*`` function of :mod:`.checks_logits` the property uses.
+    by the ``assert_*`` function the property uses (of :mod:`.checks_logits` or
+    :mod:`.checks_gaussian`).
     """
     record = case if isinstance(case, Record) else Record(case)
     c = record.case
@@ -802,10 +803,11 @@ def reproduction(
         ]
         return "\n".join(head + checks_hidden.reproduction_lines(record, autograd))
     if record.kind.startswith(("logits", "gaussian")):
+        checks = "checks_logits" if record.kind.startswith("logits") else "checks_gaussian"
         head = [
             *path_lines,
             "import numpy as np",
-            "from kldiv_spec.conformance import checks_logits as judge",
+            f"from kldiv_spec.conformance import {checks} as judge",
             "from kldiv_spec.conformance import load_backend, oracle_logits as oracle, resolve",
             f"backend = load_backend({backend!r})",
             f"impl = {resolved}",
