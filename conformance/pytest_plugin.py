@@ -8,6 +8,12 @@ Run it in any project's CI::
 collected from the package). n/a properties are reported as skipped; a failing
 SHOULD property (PyTorch's exact warnings and exception classes) as xfailed,
 unless ``--kldiv-strict`` makes it a failure.
+
+The plugin is loaded (``pytest11`` entry point) by every pytest run wherever
+kldiv-spec is installed, so it costs nothing unless it is used: this module
+imports pytest alone. The suite's machinery (and with it hypothesis, mpmath,
+the array libraries) is imported when a ``--kldiv-*`` option asks for it, in
+:func:`pytest_configure`, or when a property runs (:func:`run_one`).
 """
 
 from __future__ import annotations
@@ -15,11 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from .context import Context
-from .namespaces import BackendUnavailable, load_backend
-from .properties import select
-from .runner import ResolveError, resolve, run_property
 
 __all__ = ["pytest_addoption", "pytest_configure"]
 
@@ -58,17 +59,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
     One line says why (a module that is not found, a library that is not
     installed, an exception at import), instead of one failing test per property.
+    With the defaults (``--kldiv-impl reference``, ``--kldiv-backend numpy``) there
+    is nothing to check here, and nothing is imported.
     """
     backend = config.getoption("--kldiv-backend", default="numpy")
     if backend != "numpy":  # asked for: a backend that cannot run is not a skip
+        from .namespaces import BackendUnavailable, load_backend
+
         try:
             load_backend(backend)
+        except ValueError as exc:  # not a backend's name
+            raise pytest.UsageError(f"--kldiv-backend: {exc}") from None
         except (ImportError, BackendUnavailable) as exc:
             msg = f"--kldiv-backend {backend} cannot run here: {str(exc).splitlines()[0]}"
             raise pytest.UsageError(msg) from None
     spec = config.getoption("--kldiv-impl", default="reference")
     if spec == "reference":  # the default: resolved when a property runs
         return
+    from .runner import ResolveError, resolve
+
     try:
         config.stash[_IMPLEMENTATION] = resolve(spec, kind=config.getoption("--kldiv-kind"))
     except ResolveError as exc:
@@ -78,6 +87,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def run_one(config: Any, name: str) -> None:
     """Run property ``name`` with the options of ``config``; fail or skip the test."""
+    from .context import Context
+    from .namespaces import BackendUnavailable, load_backend
+    from .properties import select
+    from .runner import resolve, run_property
+
     spec = config.getoption("--kldiv-impl")
     kind = config.getoption("--kldiv-kind")
     impl = config.stash.get(_IMPLEMENTATION, None) or resolve(spec, kind=kind)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 import numpy as np
 
 if TYPE_CHECKING:
+    import pytest
+
     from kldiv_spec.conformance.oracle import Exact
 
 # Every reduction, each log_target at least once: enough where shapes or laziness are
@@ -171,3 +177,113 @@ def random_operands(
     x = np.log(rng.uniform(0.01, 1.0, size=x_shape))
     t = rng.uniform(0.0, 1.0, size=t_shape)
     return np.asarray(x), np.asarray(np.log(t) if log_target else t)
+
+
+#: The protocol functions a fast-path module may define (``kldiv_spec.backends``): the
+#: dispatcher looks them up on the module at call time, so a test can wrap them.
+PROTOCOL = ("kl_div", "kl_div_backward", "kl_div_from_logits", "kl_div_from_logits_backward")
+
+
+@dataclass
+class FastPathCalls:
+    """What the spied-on protocol functions were asked: ``(module.function, taken)`` each,
+    ``taken`` False where the function returned ``NotImplemented`` (declined)."""
+
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+
+    @property
+    def taken(self) -> list[str]:
+        """The functions that returned a result, one entry per call."""
+        return [name for name, took in self.calls if took]
+
+    @property
+    def declined(self) -> list[str]:
+        """The functions that returned ``NotImplemented``, one entry per call."""
+        return [name for name, took in self.calls if not took]
+
+    def took(self, function: str) -> int:
+        """How many calls of ``function`` (``"kl_div"``, or ``"numpy.kl_div"``) were taken."""
+        return sum(1 for name in self.taken if name == function or name.endswith(f".{function}"))
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+
+def spy_fast_paths(
+    monkeypatch: pytest.MonkeyPatch, modules: Iterable[ModuleType], /
+) -> FastPathCalls:
+    """Wrap the protocol functions of the fast-path ``modules``; return the record of calls.
+
+    Names are recorded without the ``kldiv_spec.backends.`` prefix (``numpy.kl_div``,
+    ``logits_torch.kl_div_from_logits_backward``). The wrappers only watch: arguments
+    and results pass through unchanged.
+    """
+    record = FastPathCalls()
+
+    def watch(real: Any, name: str) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            out = real(*args, **kwargs)
+            record.calls.append((name, out is not NotImplemented))
+            return out
+
+        return spy
+
+    for module in modules:
+        short = module.__name__.rsplit(".", 1)[-1]
+        for function in PROTOCOL:
+            real = getattr(module, function, None)
+            if real is not None:
+                monkeypatch.setattr(module, function, watch(real, f"{short}.{function}"))
+    return record
+
+
+# The NumPy fast path's compiled kernels: whether they run here is the backends' private
+# business (built, AVX2, not switched off), asked in this one place.
+
+
+def numpy_fused_available() -> bool:
+    """Whether the NumPy fast path's compiled fused float32 sum runs here."""
+    from kldiv_spec.backends import _blocks
+
+    return bool(_blocks.fused_available())
+
+
+def logits_fused_available() -> bool:
+    """Whether the NumPy from-logits fast path's compiled float32 kernel runs here."""
+    from kldiv_spec.backends import _blocks_logits
+
+    return bool(_blocks_logits.fused_available())
+
+
+# kldiv_spec's environment variables (docs/settings.md). Tests set them with setenv(), which
+# makes them take effect whether kldiv_spec reads them on every call or once (a settings
+# module with reload(): then they are read again here, and once more by conftest.py after
+# the test, when monkeypatch has restored the environment).
+
+
+def reread_settings() -> None:
+    """Make kldiv_spec read its environment variables again, where it keeps what it read."""
+    settings = sys.modules.get("kldiv_spec._settings")
+    reload = getattr(settings, "reload", None)
+    if reload is not None:
+        reload()
+
+
+def setenv(monkeypatch: pytest.MonkeyPatch, name: str, value: str | None) -> None:
+    """Set (``None``: unset) one of kldiv_spec's environment variables, taking effect now.
+
+    An invalid value raises ``ValueError`` here or on the next call.
+    """
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    reread_settings()
+
+
+def set_torch_min_elements(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """The PyTorch fast path's size threshold: its ``MIN_ELEMENTS`` (and its variable)."""
+    from kldiv_spec.backends import torch as fast
+
+    monkeypatch.setattr(fast, "MIN_ELEMENTS", n)
+    setenv(monkeypatch, "KLDIV_SPEC_TORCH_MIN_ELEMENTS", str(n))

@@ -2,12 +2,17 @@
 
 Backends that are not installed are skipped with the reason in the summary;
 CuPy and torch-on-CUDA are skipped with "no GPU" where no GPU is visible.
+
+Long tests (whole-suite conformance runs on JAX and Dask, benchmark dry runs: tens of
+seconds each) are marked ``long`` and run only with ``--run-long``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +20,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import cupy_skip_reason
+from _support import (
+    FastPathCalls,
+    cupy_skip_reason,
+    reread_settings,
+    set_torch_min_elements,
+    setenv,
+    spy_fast_paths,
+)
 from hypothesis import HealthCheck, settings
 
 from kldiv_spec.backends._registry import BACKENDS, BackendSpec
@@ -30,6 +42,58 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--run-long``: also run the tests marked ``long``."""
+    parser.addoption(
+        "--run-long",
+        action="store_true",
+        default=False,
+        help="also run the tests marked long (tens of seconds each: whole-suite "
+        "conformance runs on JAX and Dask, peers' adapters, benchmark dry runs)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "long: a long run (tens of seconds or more), skipped unless --run-long is given",
+    )
+    config.addinivalue_line(
+        "markers",
+        "checks_fast_path: the fast_path run of the evaluation fixture fails unless a "
+        "fast path took at least one call",
+    )
+
+
+_CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.fixture(autouse=True)
+def _settings_follow_the_environment() -> Iterator[None]:
+    """After the test (and after monkeypatch restored the environment): kldiv_spec reads
+    its environment variables again, where it keeps what it read (``_support.setenv``)."""
+    yield
+    reread_settings()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep the report of the test's call, for fixtures' teardown (``evaluation``)."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_REPORT] = report
+    return report
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-long", default=False):
+        return
+    skip = pytest.mark.skip(reason="long: run with --run-long")
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(skip)
 
 
 @dataclass(frozen=True)
@@ -189,22 +253,62 @@ def xp(backend: Backend) -> Any:
     return xp
 
 
+class Evaluation(str):
+    """``"fast_path"`` or ``"reference"`` (it compares equal to the string), and the calls
+    the fast paths' protocol functions got while the test ran (:class:`FastPathCalls`)."""
+
+    calls: FastPathCalls
+
+
+def _fast_path_modules(libraries: list[BackendSpec]) -> list[types.ModuleType]:
+    """The fast-path modules (``kldiv_spec.backends.<name>``, ``.logits_<name>``) of these."""
+    modules = []
+    for spec in libraries:
+        if not spec.fast_path or not spec.installed():
+            continue
+        for name in (spec.name, f"logits_{spec.name}"):
+            path = f"kldiv_spec.backends.{name}"
+            if path in sys.modules or importlib.util.find_spec(path) is not None:
+                modules.append(importlib.import_module(path))
+    return modules
+
+
 @pytest.fixture(params=["fast_path", "reference"])
-def evaluation(request: pytest.FixtureRequest) -> Iterator[str]:
+def evaluation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test through the library's fast path and through the reference.
 
-    Where the library under test (the ``xp`` fixture) has no fast path the two
-    runs are the same, so the ``fast_path`` one is skipped.
+    ``fast_path``: the size thresholds are lowered (``KLDIV_SPEC_NUMPY_MIN_ELEMENTS=0``,
+    ``kldiv_spec.backends.torch.MIN_ELEMENTS = 1``) so that the small arrays of the tests
+    reach the fast paths, whose protocol functions are spied on: ``evaluation.calls``
+    says which took a call. A test (or module) marked ``checks_fast_path`` fails when
+    none did. Where the library under test (the ``xp`` fixture) has no fast path the two
+    runs would be the same, so the ``fast_path`` one is skipped. ``reference``: inside
+    :func:`kldiv_spec.use_reference`.
     """
-    if request.param == "fast_path" and "xp" in request.fixturenames:
-        import array_api_compat
-
-        from kldiv_spec._dispatch import fast_path
-
-        namespace = array_api_compat.array_namespace(request.getfixturevalue("xp").asarray([1.0]))
-        if fast_path(namespace) is None:
-            pytest.skip("no fast path for this library: the reference run covers it")
     import kldiv_spec
 
-    with kldiv_spec.use_reference(request.param == "reference"):
-        yield request.param
+    if request.param == "reference":
+        reference = Evaluation("reference")
+        reference.calls = FastPathCalls()  # none spied on
+        with kldiv_spec.use_reference():
+            yield reference
+        return
+    if "backend" in request.fixturenames:
+        backend: Backend = request.getfixturevalue("backend")
+        if not backend.spec.fast_path:
+            pytest.skip("no fast path for this library: the reference run covers it")
+        libraries = [backend.spec]
+    else:  # a test of one library, imported by the test itself: spy on every fast path
+        libraries = list(BACKENDS)
+    modules = _fast_path_modules(libraries)
+    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+    if any(module.__name__ == "kldiv_spec.backends.torch" for module in modules):
+        set_torch_min_elements(monkeypatch, 1)
+    out = Evaluation("fast_path")
+    out.calls = spy_fast_paths(monkeypatch, modules)
+    with kldiv_spec.use_reference(False):
+        yield out
+    report = request.node.stash.get(_CALL_REPORT, None)
+    passed = report is not None and report.passed  # not skipped, not already failed
+    if passed and request.node.get_closest_marker("checks_fast_path") is not None:
+        assert out.calls.taken, f"no fast path took a call: {out.calls}"

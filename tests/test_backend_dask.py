@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from _support import FastPathCalls, setenv, spy_fast_paths
 
 import kldiv_spec
-from kldiv_spec._validation import operands
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 from kldiv_spec.backends import _blocks  # noqa: E402
 from kldiv_spec.backends import dask as fast  # noqa: E402
+from kldiv_spec.backends import numpy as numpy_fast  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
+MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
 EDGE = np.array([-np.inf, -2.0, -1e-30, -0.0, 0.0, 1e-40, 0.3, 1.0, 2.0, np.inf, np.nan])
 
 
@@ -58,12 +61,23 @@ def assert_matches(got, want, rtol: float) -> None:
     np.testing.assert_allclose(value, want, rtol=rtol, atol=0, equal_nan=True)
 
 
+@pytest.fixture
+def fast_paths(monkeypatch: pytest.MonkeyPatch) -> FastPathCalls:
+    """The calls of the Dask fast path's and the NumPy fast path's protocol functions."""
+    return spy_fast_paths(monkeypatch, [fast, numpy_fast])
+
+
 @pytest.fixture(params=[False, True], ids=["reference-chunks", "blocked-chunks"])
-def chunk_path(request, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks evaluated by the reference, or (tiny threshold) by the NumPy fast path."""
+def chunk_path(request, monkeypatch: pytest.MonkeyPatch, fast_paths) -> Iterator[None]:
+    """Chunks evaluated by the reference, or (tiny threshold) by the NumPy fast path:
+    the Dask fast path takes the call either way, and the NumPy one every chunk or none."""
     if request.param:
         monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 29)
-        monkeypatch.setattr(_blocks, "MIN_ELEMENTS", 8)
+        setenv(monkeypatch, MIN_ELEMENTS_ENV, "8")
+    yield
+    assert fast_paths.took("dask.kl_div") and fast_paths.took("dask.kl_div_backward")
+    chunks = fast_paths.took("numpy.kl_div") + fast_paths.took("numpy.kl_div_backward")
+    assert bool(chunks) == request.param, fast_paths
 
 
 @pytest.mark.usefixtures("chunk_path")
@@ -109,21 +123,25 @@ def test_broadcasting_and_mixed_dtypes(reduction) -> None:
         assert_matches(a, b, rtol=1e-6)
 
 
-def test_the_fast_path_takes_the_call_and_builds_a_graph() -> None:
+def test_the_fast_path_takes_the_call_and_builds_a_graph(fast_paths) -> None:
     dx = da.zeros((10, 4), chunks=3)
     dt = da.full((10, 4), 0.25, chunks=3)
-    out = lazy(fast.kl_div, operands(dx, dt, reduction="sum", log_target=False))
+    out = lazy(kldiv_spec.kl_div, dx, dt, reduction="sum")
+    assert fast_paths.took("dask.kl_div") == 1
     assert isinstance(out, da.Array) and out.shape == ()
     np.testing.assert_allclose(out.compute(), 40 * 0.25 * np.log(0.25))
 
 
-def test_zero_d_and_empty_are_left_to_the_reference() -> None:
-    for shape in [(), (0, 3)]:
-        dx, dt = da.zeros(shape), da.ones(shape)
-        ops = operands(dx, dt, reduction="sum", log_target=False)
-        assert fast.kl_div(ops) is NotImplemented
-        out = fast.kl_div_backward(da.asarray(1.0), ops)
-        assert out is NotImplemented
+@pytest.mark.parametrize("shape", [(), (0, 3)], ids=["0-d", "empty"])
+def test_zero_d_and_empty_are_left_to_the_reference(shape, fast_paths) -> None:
+    dx, dt = da.zeros(shape), da.ones(shape)
+    out = lazy(kldiv_spec.kl_div, dx, dt, reduction="sum")
+    grads = lazy(kldiv_spec.kl_div_backward, da.asarray(1.0), dx, dt, reduction="sum")
+    assert fast_paths.declined.count("dask.kl_div") == 1
+    assert fast_paths.declined.count("dask.kl_div_backward") == 1
+    assert not fast_paths.taken
+    assert float(out.compute()) == 0.0
+    assert [g.shape for g in grads] == [shape, shape]
 
 
 # --- on a dask.distributed cluster -------------------------------------------------------
@@ -147,12 +165,12 @@ def client() -> Iterator[Any]:
             processes=True,
             memory_limit="1GiB",
             dashboard_address=":0",  # a free port: 8787 may be taken
-            env={_blocks.MIN_ELEMENTS_ENV: "0"},
+            env={MIN_ELEMENTS_ENV: "0"},
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as c,
     ):
-        workers = c.run(_blocks.min_elements)
-        assert len(workers) == 2 and set(workers.values()) == {0}, workers
+        workers = c.run(os.getenv, MIN_ELEMENTS_ENV)  # in the workers
+        assert len(workers) == 2 and set(workers.values()) == {"0"}, workers
         yield c
 
 

@@ -12,11 +12,11 @@ jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from _support import FastPathCalls, spy_fast_paths  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kldiv_spec  # noqa: E402
-from kldiv_spec._validation import operands  # noqa: E402
 from kldiv_spec.backends import jax as fast  # noqa: E402
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -69,6 +69,19 @@ def gradient_atol(x: object, t: object, log_target: bool, dtype: object) -> np.n
     return 4 * float(info.eps) * terms + float(info.smallest_normal)
 
 
+@pytest.fixture
+def fast_path(monkeypatch: pytest.MonkeyPatch) -> FastPathCalls:
+    """The calls of the JAX fast path's protocol functions during the test."""
+    return spy_fast_paths(monkeypatch, [fast])
+
+
+def taken(calls: FastPathCalls) -> None:
+    """The loss (traced for jax.grad too) and kl_div_backward went through the fast path."""
+    assert calls.took("kl_div") >= 1 and calls.took("kl_div_backward") == 1, calls
+    assert not calls.declined, calls
+    calls.clear()
+
+
 def evaluate(x: object, t: object, *, reduction: str, log_target: bool, jit: bool) -> tuple:
     def loss(a: object, b: object) -> object:
         with warnings.catch_warnings():
@@ -91,13 +104,15 @@ def evaluate(x: object, t: object, *, reduction: str, log_target: bool, jit: boo
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("log_target", [False, True])
 def test_edge_values_match_the_reference(
-    jit: bool, dtype: object, log_target: bool, reduction: str
+    jit: bool, dtype: object, log_target: bool, reduction: str, fast_path: FastPathCalls
 ) -> None:
     x, t = grid(dtype, log_target)
     got = evaluate(x, t, reduction=reduction, log_target=log_target, jit=jit)
+    taken(fast_path)
     with kldiv_spec.use_reference():
         # The reference op by op: under an outer jit XLA would fuse the reference too.
         want = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
+    assert not fast_path.calls
     atol = 4 * float(np.finfo(dtype).eps) * terms_scale(x, t, log_target)
     assert_same(got[0], want[0], atol=atol)
     for a, b in zip(got[1:], want[1:], strict=True):
@@ -108,7 +123,8 @@ finite = st.floats(-50, 50, allow_nan=False, width=32)
 special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30])
 
 
-@settings(max_examples=10)
+# the fast path's record is cleared for each example
+@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.data(),
     n=st.just(12),
@@ -117,13 +133,20 @@ special = st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30])
     dtype=st.sampled_from([np.float32, np.float64]),
 )
 def test_random_values_match_the_reference(
-    data: st.DataObject, n: int, log_target: bool, reduction: str, dtype: object
+    data: st.DataObject,
+    n: int,
+    log_target: bool,
+    reduction: str,
+    dtype: object,
+    fast_path: FastPathCalls,
 ) -> None:
     values = st.one_of(finite, special) if data.draw(st.booleans()) else finite
     xs = data.draw(st.lists(values, min_size=n, max_size=n))
     ts = data.draw(st.lists(st.one_of(st.floats(0, 1, width=32), values), min_size=n, max_size=n))
     x, t = jnp.asarray(np.array(xs, dtype)), jnp.asarray(np.array(ts, dtype))
+    fast_path.clear()
     got = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
+    taken(fast_path)
     with kldiv_spec.use_reference():
         want = evaluate(x, t, reduction=reduction, log_target=log_target, jit=False)
     atol = 64 * float(np.finfo(dtype).eps) * terms_scale(x, t, log_target)
@@ -155,14 +178,18 @@ def test_one_compilation_per_configuration() -> None:
     assert fast._forward_jit._cache_size() >= before + 1
 
 
-def test_declines_broadcasting_and_mixed_dtypes() -> None:
+def test_declines_broadcasting_and_mixed_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_fast_paths(monkeypatch, [fast])
     x = jnp.zeros((2, 3))
-    ones = jnp.ones((1, 3))
-    assert fast.kl_div(operands(x, ones, reduction="sum", log_target=False)) is NotImplemented
-    t32 = jnp.ones((2, 3), dtype=jnp.float32)
-    assert fast.kl_div(operands(x, t32, reduction="sum", log_target=False)) is NotImplemented
-    same = jnp.ones((2, 3))
-    assert fast.kl_div(operands(x, same, reduction="sum", log_target=False)) is not NotImplemented
+    for t, taken in (
+        (jnp.ones((1, 3)), False),
+        (jnp.ones((2, 3), dtype=jnp.float32), False),
+        (jnp.ones((2, 3)), True),
+    ):
+        calls.clear()
+        got = kldiv_spec.kl_div(x, t, reduction="sum")
+        assert calls.calls and bool(calls.taken) == taken, calls
+        assert float(got) == 0.0  # t log t - t x, t = 1, x = 0
 
 
 def problems(dtype: object, batch: int = 3, rows: int = 4, cols: int = 5) -> tuple:

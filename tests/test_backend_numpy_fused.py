@@ -21,15 +21,18 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from _support import numpy_fused_available, setenv
 
 import kldiv_spec
 from kldiv_spec.backends import _blocks
 
 pytestmark = pytest.mark.skipif(
-    not _blocks.fused_available(),
+    not numpy_fused_available(),
     reason="the fused float32 sum is not built here, or this CPU has no AVX2",
 )
 _fused = _blocks._fused
+THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
+FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 
 def exact_sum(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -64,7 +67,30 @@ def bits(a: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every call, however small, through the blocked kernels."""
-    monkeypatch.setenv(_blocks.MIN_ELEMENTS_ENV, "0")
+    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+
+
+class _CountingFused:
+    """The compiled module, its fused sum counted (``calls``: the length of each call)."""
+
+    def __init__(self, real: ModuleType) -> None:
+        self._real = real
+        self.calls: list[int] = []
+
+    def loss_sum_f32(self, x: object, t: object) -> float:
+        self.calls.append(len(memoryview(x)))  # type: ignore[arg-type]
+        return self._real.loss_sum_f32(x, t)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The calls of the compiled fused sum during the test (the elements of each)."""
+    counting = _CountingFused(_fused)
+    monkeypatch.setattr(_blocks, "_fused", counting)
+    return counting.calls
 
 
 def test_log_is_within_one_ulp_of_the_exact_value() -> None:
@@ -115,7 +141,7 @@ def test_product_is_rounded_before_the_subtraction() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 40, (1 << 16) + 7, 3 * (1 << 16)])
-def test_sum_of_any_length_is_accurate(n: int, every_size: None) -> None:
+def test_sum_of_any_length_is_accurate(n: int, every_size: None, fused_calls: list[int]) -> None:
     rng = np.random.default_rng(n)
     logits = rng.standard_normal(n)
     x = (logits - np.log(np.exp(logits).sum())).astype(np.float32)
@@ -125,6 +151,7 @@ def test_sum_of_any_length_is_accurate(n: int, every_size: None) -> None:
     # each term: two products and a difference rounded (3 u), the log within 1 ulp (2 u)
     bound = 5 * float(np.finfo(np.float32).eps) / 2 * scale + 1e-300
     assert abs(fused_sum(x, t) - float(np.float32(want))) <= bound + np.spacing(np.float32(want))
+    assert sum(fused_calls) == n  # every element, in the fused pass
 
 
 @pytest.mark.parametrize("where", [0, 3, 70000])
@@ -145,13 +172,14 @@ def test_sum_of_any_length_is_accurate(n: int, every_size: None) -> None:
     ],
 )
 def test_edge_values_propagate_as_in_the_reference(
-    t_value: float, x_value: float, where: int, every_size: None
+    t_value: float, x_value: float, where: int, every_size: None, fused_calls: list[int]
 ) -> None:
     n = 100_000
     x = np.full(n, -9.0, np.float32)
     t = np.full(n, 1e-4, np.float32)
     x[where], t[where] = x_value, t_value
     got = fused_sum(x, t)
+    assert sum(fused_calls) == n
     with kldiv_spec.use_reference():
         want = float(kldiv_spec.kl_div(x, t, reduction="sum"))
     if math.isnan(want) or math.isinf(want):
@@ -177,7 +205,7 @@ def test_sum_is_at_least_as_accurate_as_numpys() -> None:
     [((), (70000,), 1), ((70000,), (), 1), ((1, 70000), (3, 1), 1), ((140000,), (140000,), 2)],
 )
 def test_broadcast_and_strided_operands_take_the_ufunc_kernels(
-    x_shape: tuple[int, ...], t_shape: tuple[int, ...], step: int
+    x_shape: tuple[int, ...], t_shape: tuple[int, ...], step: int, fused_calls: list[int]
 ) -> None:
     """Only contiguous operands of the output's shape go through the fused pass."""
     rng = np.random.default_rng(3)
@@ -186,48 +214,58 @@ def test_broadcast_and_strided_operands_take_the_ufunc_kernels(
     if step > 1:
         x, t = x[::step], t[::step]
     got = fused_sum(x, t)
+    assert not fused_calls
     with kldiv_spec.use_reference():
         want = float(kldiv_spec.kl_div(x, t, reduction="sum"))
     assert math.isclose(got, want, rel_tol=1e-5)
 
 
-def test_an_all_zero_sum_is_positive_zero(every_size: None) -> None:
+def test_an_all_zero_sum_is_positive_zero(every_size: None, fused_calls: list[int]) -> None:
     x = np.full(1000, 3.0, np.float32)
     t = np.zeros(1000, np.float32)
     t[::2] = -0.0
     got = fused_sum(x, t)
+    assert fused_calls == [1000]
     assert got == 0.0 and not math.copysign(1.0, got) < 0
 
 
-def test_result_does_not_depend_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_result_does_not_depend_on_threads(
+    monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]
+) -> None:
     rng = np.random.default_rng(1)
     x = np.log(rng.random(5 * (1 << 16) + 3, dtype=np.float32) + np.float32(1e-3))
     t = rng.random(x.size, dtype=np.float32)
     results = set()
     for threads in ("1", "2", "3"):
-        monkeypatch.setenv(_blocks.THREADS_ENV, threads)
+        setenv(monkeypatch, THREADS_ENV, threads)
         results.add(fused_sum(x, t))
     assert len(results) == 1
+    assert sum(fused_calls) == 3 * x.size
 
 
-def test_switched_off_the_ufunc_kernels_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_switched_off_the_ufunc_kernels_sum(
+    monkeypatch: pytest.MonkeyPatch, fused_calls: list[int]
+) -> None:
     rng = np.random.default_rng(2)
     x = np.log(rng.random(1 << 17, dtype=np.float32) + np.float32(1e-3))
     t = rng.random(x.size, dtype=np.float32)
     fused = fused_sum(x, t)
-    monkeypatch.setenv(_blocks.FUSED_ENV, "0")
-    assert not _blocks.fused_available()
+    assert sum(fused_calls) == x.size
+    setenv(monkeypatch, FUSED_ENV, "0")
+    assert not numpy_fused_available()
     ufuncs = fused_sum(x, t)
+    assert sum(fused_calls) == x.size  # no more calls
     want, scale = exact_sum(x, t)
     for got in (fused, ufuncs):
         assert abs(got - want) <= 20 * float(np.finfo(np.float32).eps) * scale
 
 
-def test_read_only_inputs_are_read(every_size: None) -> None:
+def test_read_only_inputs_are_read(every_size: None, fused_calls: list[int]) -> None:
     x = np.log(np.full(50, 0.02, np.float32))
     t = np.full(50, 0.02, np.float32)
     x.flags.writeable = t.flags.writeable = False
     assert fused_sum(x, t) == 0.0
+    assert fused_calls == [50]
 
 
 def test_bad_buffers_are_refused_by_name() -> None:
@@ -317,7 +355,7 @@ def reference_and_bound(x: np.ndarray, t: np.ndarray, reduction: str) -> tuple[f
 @pytest.mark.parametrize("shape", [((1 << 17) + 3,), (257, 513)])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
 def test_unaligned_arrays_take_the_fused_pass(
-    reduction: str, shape: tuple[int, ...], offset: int
+    reduction: str, shape: tuple[int, ...], offset: int, fused_calls: list[int]
 ) -> None:
     """Regression: kl_div of unaligned float32 arrays of >= 65,536 elements raised TypeError."""
     x, t = regular_and_special_values(math.prod(shape), offset)
@@ -325,6 +363,7 @@ def test_unaligned_arrays_take_the_fused_pass(
     xu, tu = misaligned(x, offset), misaligned(t, offset)
     got = reduced(xu, tu, reduction)
     assert got.dtype == np.float32
+    assert sum(fused_calls) == x.size  # every element, in the fused pass
     assert got == reduced(x, t, reduction)  # alignment changes nothing
     want, bound = reference_and_bound(x, t, reduction)
     assert abs(float(got) - want) <= bound

@@ -31,14 +31,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _support import logits_fused_available, setenv
 
 import kldiv_spec
 from kldiv_spec import kl_div_from_logits, kl_div_from_logits_backward
-from kldiv_spec.backends import _blocks, _blocks_logits
+from kldiv_spec.backends import _blocks_logits
 from kldiv_spec.conformance import oracle_logits as oracle
 
 pytestmark = pytest.mark.skipif(
-    not _blocks_logits.fused_available(),
+    not logits_fused_available(),
     reason="the from-logits kernel is not built here, or this CPU has no AVX2",
 )
 F = _blocks_logits._fused_logits
@@ -53,6 +54,10 @@ EXP_WORST_BITS, EXP_WORST_ULP = 0xC2AF6928, 0.7706
 #: at x = 5.2317009; 1 ulp <= 2u), used in the row bounds.
 ETA = 1.5 * U
 TINY = float(np.finfo(np.float32).smallest_subnormal)
+# The NumPy fast path's settings, as documented (docs/backends.md).
+MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
+THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
+FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,7 +66,7 @@ TINY = float(np.finfo(np.float32).smallest_subnormal)
 @pytest.fixture
 def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every call, however small, through the fast path."""
-    monkeypatch.setenv(_blocks.MIN_ELEMENTS_ENV, "0")
+    setenv(monkeypatch, MIN_ELEMENTS_ENV, "0")
 
 
 @pytest.fixture
@@ -542,7 +547,7 @@ def test_at_least_as_accurate_as_the_ufunc_path(
         value, _ = oracle.reduce_logits(exact)
         unit = U * float(exact.scale.sum())
         for name, switch in (("kernel", "1"), ("ufuncs", "0")):
-            monkeypatch.setenv(_blocks.FUSED_ENV, switch)
+            setenv(monkeypatch, FUSED_ENV, switch)
             got = float(kl_div_from_logits(s, t, **options))
             worst[name] = max(worst[name], abs(got - value) / unit)
     assert worst["kernel"] < 0.05, worst
@@ -558,7 +563,7 @@ def test_results_do_not_depend_on_threads_or_blocks(
     s, t = logits((37, 129), 9)
     seen = set()
     for threads, block in (("1", 1 << 19), ("2", 129 * 5), ("3", 1)):
-        monkeypatch.setenv(_blocks.THREADS_ENV, threads)
+        setenv(monkeypatch, THREADS_ENV, threads)
         monkeypatch.setattr(_blocks_logits, "BLOCK_ELEMENTS", block)
         loss = kl_div_from_logits(s, t, temperature=2.0, direction="reverse")
         grad, _ = kl_div_from_logits_backward(1.0, s, t, temperature=2.0, direction="reverse")
@@ -580,10 +585,10 @@ def test_without_the_kernel_the_ufunc_path_runs(
     how: str, monkeypatch: pytest.MonkeyPatch, every_size: None, kernel_calls: list[int]
 ) -> None:
     if how == "switched off":
-        monkeypatch.setenv(_blocks.FUSED_ENV, "0")
+        setenv(monkeypatch, FUSED_ENV, "0")
     else:
         monkeypatch.setattr(_blocks_logits, "_fused_logits", None)
-    assert not _blocks_logits.fused_available()
+    assert not logits_fused_available()
     s, t = logits((6, 37), 1)
     for options in CASES[:3]:
         check_against_oracle(s, t, **options)
@@ -622,7 +627,7 @@ def test_an_install_without_the_extension_uses_the_ufuncs(tmp_path: pathlib.Path
         "print(repr(float(kldiv_spec.kl_div_from_logits(s, s[::-1].copy(), reduction='sum'))))\n",
         encoding="utf-8",
     )
-    env = dict(os.environ, **{_blocks.MIN_ELEMENTS_ENV: "0"})
+    env = dict(os.environ, **{MIN_ELEMENTS_ENV: "0"})
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, check=False
     )

@@ -1,4 +1,8 @@
-"""The PyTorch fast path (blocked CPU kernels, Triton on CUDA) against the reference."""
+"""The PyTorch fast path (blocked CPU kernels, Triton on CUDA) against the reference.
+
+Calls go through the public functions; the fast path's protocol functions are spied on
+(``fast_path``) where a test says whether it took a call or declined it.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _support import FastPathCalls, set_torch_min_elements, spy_fast_paths  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kldiv_spec  # noqa: E402
-from kldiv_spec._validation import operands  # noqa: E402
 from kldiv_spec.backends import _blocks  # noqa: E402
 from kldiv_spec.backends import torch as fast  # noqa: E402
 
@@ -33,9 +37,15 @@ DEVICES = [
 
 
 @pytest.fixture
+def fast_path(monkeypatch: pytest.MonkeyPatch) -> FastPathCalls:
+    """The calls of the PyTorch fast path's protocol functions during the test."""
+    return spy_fast_paths(monkeypatch, [fast])
+
+
+@pytest.fixture
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take every call and cut it into blocks of 64 elements, so small data spans blocks."""
-    monkeypatch.setattr(fast, "MIN_ELEMENTS", 1)
+    set_torch_min_elements(monkeypatch, 1)
     monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 64)
 
 
@@ -185,7 +195,7 @@ def test_random_values_match_the_reference(
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("log_target", [False, True])
 def test_large_sum_spans_blocks_and_is_accurate(
-    device: str, log_target: bool, monkeypatch: pytest.MonkeyPatch
+    device: str, log_target: bool, monkeypatch: pytest.MonkeyPatch, fast_path: FastPathCalls
 ) -> None:
     """Realistic blocks over 300k elements (CPU: 16384, CUDA: Triton's): the total is accurate."""
     monkeypatch.setattr(_blocks, "BLOCK_ELEMENTS", 1 << 14)
@@ -195,8 +205,9 @@ def test_large_sum_spans_blocks_and_is_accurate(
     if log_target:
         t = t.log()
     assert x.numel() > 2 * _blocks.BLOCK_ELEMENTS
-    got = fast.kl_div(operands(x.to(device), t.to(device), reduction="sum", log_target=log_target))
-    assert got is not NotImplemented and got.device.type == device
+    got = kldiv_spec.kl_div(x.to(device), t.to(device), reduction="sum", log_target=log_target)
+    assert fast_path.took("kl_div") == 1 and not fast_path.declined
+    assert got.device.type == device
     exact = torch.nn.functional.kl_div(
         x.double(), t.double(), reduction="sum", log_target=log_target
     )
@@ -279,21 +290,33 @@ def test_forward_mode_ad_and_torch_func_fall_back_to_the_reference() -> None:
         ),
     ],
 )
-def test_declines_what_it_does_not_handle(make: object) -> None:
+def test_declines_what_it_does_not_handle(make: object, fast_path: FastPathCalls) -> None:
     x, t = make()  # type: ignore[operator]
-    got = fast.kl_div(operands(x, t, reduction="sum", log_target=False))
     taken = x.shape == t.shape and x.dtype == t.dtype == torch.float32 and x.is_contiguous()
     taken = taken and x.numel() >= fast.MIN_ELEMENTS and x.device.type == "cpu"
-    assert (got is NotImplemented) != taken
-    # and the public function still answers, through the reference
+    # the public function answers, through the fast path or (declined) ATen or the reference
     loss = kldiv_spec.kl_div(x, t, reduction="sum")
     assert loss.shape == ()
+    assert fast_path.took("kl_div") == taken
+    if not taken and x.numel() >= fast.MIN_ELEMENTS:
+        assert fast_path.declined  # asked, and declined
+    if x.device.type == "cpu":
+        with kldiv_spec.use_reference():
+            want = kldiv_spec.kl_div(x, t, reduction="sum")
+        torch.testing.assert_close(loss, want)
 
 
-def test_declines_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_declines_while_compiling(
+    monkeypatch: pytest.MonkeyPatch, fast_path: FastPathCalls
+) -> None:
     x, t = torch.zeros(100_000), torch.ones(100_000)
+    kldiv_spec.kl_div(x, t, reduction="sum")
+    assert fast_path.took("kl_div") == 1
+    fast_path.clear()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert fast.kl_div(operands(x, t, reduction="sum", log_target=False)) is NotImplemented
+    loss = kldiv_spec.kl_div(x, t, reduction="sum")
+    assert fast_path.declined and not fast_path.taken
+    assert float(loss) == 0.0
 
 
 def test_no_graph_without_requires_grad() -> None:
@@ -304,6 +327,7 @@ def test_no_graph_without_requires_grad() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the whole benchmark script on the CPU: about a minute
 def test_gpu_script_dry_run() -> None:
     """``benchmarks/gpu.sh --dry-run`` runs the whole script on the CPU and prints the table."""
     import os

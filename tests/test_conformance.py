@@ -55,7 +55,18 @@ def test_every_property_has_a_requirement_level():
     }
 
 
-@pytest.mark.parametrize("backend", ["numpy", "array_api_strict", "torch", "jax", "dask"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "numpy",
+        "array_api_strict",
+        "torch",
+        # JAX compiles, and Dask builds a graph, for every fixed case of every property:
+        # about a minute and 20 s (the nox sessions jax and dask run them: --run-long).
+        pytest.param("jax", marks=pytest.mark.long),
+        pytest.param("dask", marks=pytest.mark.long),
+    ],
+)
 def test_reference_passes_everything(backend):
     if not _selected(backend):
         pytest.skip("not selected by KLDIV_SPEC_BACKENDS")
@@ -178,6 +189,7 @@ def test_adapters_map_any_shape_to_rows(library, shapes, two_d, want):
     assert float(xp.sum(rx)) == float(xp.sum(xp.broadcast_to(x, np.broadcast_shapes(*shapes))))
 
 
+@pytest.mark.long  # the whole suite on each peer: 10 to 30 s each (the nox session peers)
 @pytest.mark.parametrize(
     ("adapter", "library", "backend", "fails"),
     [
@@ -262,8 +274,10 @@ def test_conformance_modules_import_each_other_without_cycles():
         graph[path.stem] = every - {path.stem}
         if in_functions:
             nested[path.stem] = sorted(in_functions)
-    # A sibling imported inside a function is how a cycle hides: there are none.
-    assert not nested, nested
+    # A sibling imported inside a function is how a cycle hides: there are none, but in
+    # the pytest plugin, which every pytest run loads and which imports the suite only
+    # when it is used (its imports are in the graph all the same).
+    assert set(nested) <= {"pytest_plugin"}, nested
     assert {"implementations", "numpy_impl", "properties", "checks_math"} <= set(graph)
 
     state, stack = {}, []
@@ -362,3 +376,75 @@ def test_jax_backend_arrays_live_on_its_device():
 
     a = namespaces.load_backend("jax").asarray(np.ones(3))
     assert {d.platform for d in a.devices()} == {"cpu"}
+
+
+# --------------------------------------------------------------------------- the pytest plugin
+
+
+def test_the_pytest_plugin_imports_nothing_but_pytest_at_load():
+    """Every pytest run loads the plugin (``pytest11``): at module level it imports pytest
+    alone, and the suite inside the hooks that need it."""
+    import ast
+    from pathlib import Path
+
+    import kldiv_spec.conformance
+
+    path = Path(kldiv_spec.conformance.__file__).parent / "pytest_plugin.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top.add("." * node.level + (node.module or ""))
+    assert top == {"__future__", "typing", "pytest"}
+
+
+def _pytest_in(tmp_path, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.xfail(
+    reason="kldiv_spec/__init__.py and conformance/__init__.py import the package and the "
+    "suite (numpy, hypothesis) eagerly: loading the plugin module imports its parents",
+    strict=True,
+)
+def test_the_pytest_plugin_costs_nothing_unless_used(tmp_path):
+    """A pytest run that does not use the plugin imports none of the suite, nor NumPy."""
+    import ast
+
+    (tmp_path / "conftest.py").write_text(
+        "import sys\n"
+        "def pytest_sessionfinish(session):\n"
+        "    loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('kldiv_spec', 'numpy', 'mpmath', 'array_api_compat'))\n"
+        "    print('LOADED', loaded)\n"
+    )
+    done = _pytest_in(tmp_path, "--co", "-s")
+    assert done.returncode == 5, done.stdout + done.stderr  # no tests collected
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("LOADED")]
+    loaded = ast.literal_eval(line.removeprefix("LOADED "))
+    allowed = {
+        "kldiv_spec",
+        "kldiv_spec._source_tree",
+        "kldiv_spec.conformance",
+        "kldiv_spec.conformance.pytest_plugin",
+    }
+    assert set(loaded) <= allowed, sorted(set(loaded) - allowed)
+
+
+def test_the_pytest_plugin_reports_an_unknown_backend_as_a_usage_error(tmp_path):
+    done = _pytest_in(tmp_path, "--co", "--kldiv-backend", "no_such_library")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "--kldiv-backend" in done.stderr and "no_such_library" in done.stderr
+    assert "INTERNALERROR" not in done.stdout + done.stderr

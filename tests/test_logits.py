@@ -1,7 +1,9 @@
 """``kl_div_from_logits``: the exact oracle, the composition, edges, masks, gradients, laziness.
 
 Values are checked against :mod:`kldiv_spec.conformance.oracle_logits` (mpmath)
-on every backend, through the fast path and the reference; against PyTorch's
+on every backend, through the fast path and the reference (the ``evaluation``
+fixture: its ``fast_path`` run lowers the size thresholds and fails unless a fast
+path took a call, ``checks_fast_path``); against PyTorch's
 composition ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))`` where torch
 is installed. JAX compiles per shape, so few shapes are used throughout.
 """
@@ -22,6 +24,8 @@ from kldiv_spec import LOGITS_REDUCTIONS, kl_div_from_logits, kl_div_from_logits
 from kldiv_spec.conformance import oracle_logits as oracle
 
 inf, nan = math.inf, math.nan
+
+pytestmark = pytest.mark.checks_fast_path
 
 
 # Dask results are computed inside np.errstate here, as these tests always did: whether
@@ -84,8 +88,15 @@ def test_values_match_the_exact_oracle(xp, evaluation, options):
 
 
 def test_float32_and_a_class_axis_in_the_middle(xp, evaluation):
+    """float32, the class axis last (which the fast paths take) and in the middle (which
+    NumPy's and PyTorch's leave to the reference)."""
     s, t = logits((2, 5, 3), 2, spread=10.0)
-    for options in ({"reduction": "sum", "axis": 1}, {"reduction": "none", "axis": -2}):
+    for options in (
+        {"reduction": "sum"},
+        {"reduction": "none", "axis": -1},
+        {"reduction": "sum", "axis": 1},
+        {"reduction": "none", "axis": -2},
+    ):
         check_value(xp, s, t, dtype=xp.float32, temperature=2.0, **options)
 
 
@@ -163,7 +174,7 @@ def test_edge_values_per_row(xp, evaluation):
             check_value(xp, s[i : i + 1], t[i : i + 1], reduction="sum", direction=direction)
 
 
-def test_empty_class_axis_and_empty_batch(xp, evaluation):
+def test_empty_class_axis_and_empty_batch(xp):  # the fast paths leave empty arrays alone
     empty_vocab = xp.zeros((3, 0), dtype=xp.float64)
     assert float(to_numpy(kl_div_from_logits(empty_vocab, empty_vocab, reduction="sum"))) == 0.0
     assert to_numpy(kl_div_from_logits(empty_vocab, empty_vocab, reduction="none")).shape == (3, 0)
@@ -204,6 +215,9 @@ def check_gradients(xp: Any, s: np.ndarray, t: np.ndarray, g: Any = 1.0, **optio
 
 @pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(map(str, o.values())))
 def test_gradients_match_the_exact_oracle(xp, evaluation, options):
+    none = options["reduction"] == "none"
+    if evaluation == "fast_path" and none and not array_api_compat.is_jax_namespace(xp):
+        pytest.skip("only JAX's fast path takes the gradient of 'none': the reference run")
     s, t = logits((3, 5), 7)
     g = np.linspace(-1.0, 2.0, 15).reshape(3, 5) if options["reduction"] == "none" else 0.75
     check_gradients(xp, s, t, g, **dict(options))
@@ -219,8 +233,10 @@ def test_gradients_with_a_mask_and_edges(xp, evaluation):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_beta_values_and_gradients_match_the_exact_oracle(xp, evaluation, beta):
-    """The generalised Jensen-Shannon divergence on every library (tests/test_jsd.py: more)."""
+def test_beta_values_and_gradients_match_the_exact_oracle(xp, beta):
+    """The generalised Jensen-Shannon divergence on every library (tests/test_jsd.py: more).
+
+    No fast path takes ``beta``: the reference's, whatever the dispatch."""
     s, t = logits((3, 5), 8)
     s[0, 1] = -inf  # a class the student alone excludes
     t[1, 2] = -inf  # one the teacher alone excludes
@@ -284,17 +300,11 @@ def test_torch_autograd_gradcheck_and_double_backward(evaluation):
             assert torch.autograd.gradgradcheck(f, (sa, ta))
         masked = kl_div_from_logits(sa, ta, reduction="rowmean", mask=mask, direction=direction)
         gs, gt = torch.autograd.grad(masked, (sa, ta))
-        ws, wt = kl_div_from_logits_backward(
-            1.0,
-            s,
-            t,
-            reduction="rowmean",
-            mask=mask.numpy(),
-            direction=direction,
-            target_grad=True,
-        )
-        np.testing.assert_allclose(gs.numpy(), ws, rtol=1e-12, atol=1e-16)
-        np.testing.assert_allclose(gt.numpy(), wt, rtol=1e-12, atol=1e-16)
+        options = {"reduction": "rowmean", "mask": mask.numpy(), "direction": direction}
+        exact = oracle.from_logits(s, t, grad_output=1.0, **options)
+        tol_s, tol_t = oracle.gradient_tolerance(exact)
+        assert_close(gs.numpy(), exact.grad_input, tol_s, f"student {direction}")
+        assert_close(gt.numpy(), exact.grad_target, tol_t, f"teacher {direction}")
 
 
 def test_torch_teacher_without_grad_gets_none(evaluation):
@@ -313,6 +323,8 @@ def test_torch_teacher_without_grad_gets_none(evaluation):
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean", "mean"])
 def test_agrees_with_the_torch_composition(reduction, evaluation):
     torch = pytest.importorskip("torch")
+    if evaluation == "fast_path" and reduction == "none":
+        pytest.skip("PyTorch's fast path leaves 'none' to the reference: the reference run")
     functional = torch.nn.functional
     s, t = logits((2, 3, 6), 11)  # 3-d: the 'batchmean' trap divides by 2, not 6
     temperature = 2.0
@@ -401,13 +413,16 @@ def test_jax_jit_and_grad(evaluation):
             return kl_div_from_logits(a, b, temperature=2.0, mask=m, direction=d)
 
         args = (jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask))
-        np.testing.assert_allclose(jax.jit(f)(*args), f(*args), rtol=1e-14)
+        eager = f(*args)
+        np.testing.assert_allclose(jax.jit(f)(*args), eager, rtol=1e-14)
         gs, gt = jax.jit(jax.grad(f, argnums=(0, 1)))(*args)
-        ws, wt = kl_div_from_logits_backward(
-            1.0, s, t, temperature=2.0, mask=mask, direction=direction, target_grad=True
-        )
-        np.testing.assert_allclose(np.asarray(gs), ws, rtol=1e-13, atol=1e-17)
-        np.testing.assert_allclose(np.asarray(gt), wt, rtol=1e-13, atol=1e-17)
+        options = {"temperature": 2.0, "mask": mask, "direction": direction}
+        exact = oracle.from_logits(s, t, grad_output=1.0, **options)
+        value, tol = oracle.reduce_logits(exact)
+        assert_close(np.asarray(eager), np.asarray(value), tol, f"value {direction}")
+        tol_s, tol_t = oracle.gradient_tolerance(exact)
+        assert_close(np.asarray(gs), exact.grad_input, tol_s, f"student {direction}")
+        assert_close(np.asarray(gt), exact.grad_target, tol_t, f"teacher {direction}")
 
 
 # --------------------------------------------------------------------------- errors
@@ -467,7 +482,7 @@ def test_reductions_constant():
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_fast_paths_take_small_calls_when_told_and_match_the_oracle(library, monkeypatch):
-    monkeypatch.setenv("KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+    _support.setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
     s, t = edge_rows()
     s2, t2 = logits((5, 4), 18)
     s, t = np.concatenate([s, s2]), np.concatenate([t, t2])
@@ -475,11 +490,17 @@ def test_fast_paths_take_small_calls_when_told_and_match_the_oracle(library, mon
     mask[[3, 8]] = False
     if library == "torch":
         torch = pytest.importorskip("torch")
+        from kldiv_spec.backends import logits_torch as fast
+
+        calls = _support.spy_fast_paths(monkeypatch, [fast])
         xp = array_api_compat.array_namespace(torch.zeros(1))
         sa = torch.tensor(s, requires_grad=True)
         loss = kl_div_from_logits(sa, torch.tensor(t), temperature=2.0, mask=torch.tensor(mask))
         assert type(loss.grad_fn).__name__ == "_FusedFromLogitsBackward"
     else:
+        from kldiv_spec.backends import logits_numpy as fast
+
+        calls = _support.spy_fast_paths(monkeypatch, [fast])
         xp = array_api_compat.array_namespace(np.zeros(1))
     for direction in ("forward", "reverse"):
         for options in (
@@ -488,9 +509,14 @@ def test_fast_paths_take_small_calls_when_told_and_match_the_oracle(library, mon
             {"reduction": "rowmean", "mask": mask, "temperature": 0.5},
             {"reduction": "batchmean", "mask": mask},
         ):
+            calls.clear()
             check_value(xp, s, t, direction=direction, **dict(options))
+            assert calls.took("kl_div_from_logits") == 1, calls
             if options["reduction"] != "none":
+                calls.clear()
                 check_gradients(xp, s, t, 0.5, direction=direction, **dict(options))
+                # the student's gradient alone: one fused pass (the teacher's: the reference)
+                assert calls.took("kl_div_from_logits_backward") >= 1, calls
 
 
 # --------------------------------------------------------------------------- torch front end
