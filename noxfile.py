@@ -23,8 +23,11 @@ PYTEST = ("pytest", "-q", "-p", "no:cacheprovider", "-n", "auto")  # pytest-xdis
 
 
 def _run_tests(session: nox.Session, backend: str) -> None:
+    # --run-long: the long runs (the library's whole conformance run, the GPU script's dry
+    # run) that the default test command leaves out.
     session.run(
         *PYTEST,
+        "--run-long",
         *session.posargs,
         env={"KLDIV_SPEC_BACKENDS": backend, "HYPOTHESIS_PROFILE": "ci"},
     )
@@ -148,6 +151,16 @@ def peers(session: nox.Session) -> None:
     session.install("-e", ".[test]", torch_pin)
     env = {"TRITON_INTERPRET": "1", "KERAS_BACKEND": "jax", "HYPOTHESIS_PROFILE": "ci"}
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_peers.py", env=env)
+    # The adapters' known differences (optax, torchmetrics...), a long run.
+    session.run(
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--run-long",
+        "tests/test_conformance.py::test_adapters_report_the_known_differences",
+        env=env,
+    )
     session.run(
         "kldiv-spec",
         "check",

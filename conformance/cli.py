@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import adapters, isolation
+from .catalog import GROUPS, select
 from .mutants import MUTANTS
 from .namespaces import (
     BACKENDS,
@@ -31,7 +32,6 @@ from .namespaces import (
     installed_backends,
     load_backend,
 )
-from .properties import GROUPS, select
 from .report import matrix_markdown, summary, table, write_json, write_reproductions
 from .runner import (
     DEFAULT_MAX_EXAMPLES,

@@ -63,10 +63,10 @@ from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from . import runner
+from .catalog import PROPERTIES
+from .catalog import select as select_properties
 from .implementations import Implementation
 from .namespaces import infer_backend
-from .properties import PROPERTIES
-from .properties import select as select_properties
 from .runner import DEFAULT_MAX_EXAMPLES, Outcome, Report, ResolveError
 
 __all__ = [

@@ -87,9 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def run_one(config: Any, name: str) -> None:
     """Run property ``name`` with the options of ``config``; fail or skip the test."""
+    from .catalog import select
     from .context import Context
     from .namespaces import BackendUnavailable, load_backend
-    from .properties import select
     from .runner import resolve, run_property
 
     spec = config.getoption("--kldiv-impl")

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .properties import GROUPS, PROPERTIES
+from .catalog import GROUPS, PROPERTIES
 from .runner import Outcome, Report
 
 __all__ = [

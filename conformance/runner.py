@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from . import adapters, checks_hidden, checks_logits, mutants, peers
+from .catalog import CouldNotRun, NotApplicable, Property, select
 from .context import Context, Record
 from .implementations import BUILTIN, Implementation
 from .namespaces import BackendUnavailable, load_backend
-from .properties import CouldNotRun, NotApplicable, Property, select
 from .strategies import Case
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kldiv_spec.conformance.properties import select
+from kldiv_spec.conformance.catalog import select
 from kldiv_spec.conformance.pytest_plugin import run_one
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from . import oracle, oracle_logits
-from .properties import PROPERTIES
+from .catalog import PROPERTIES
 from .strategies import SPEC_EDGE_TABLE
 
 __all__ = [

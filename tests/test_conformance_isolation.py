@@ -129,8 +129,20 @@ def test_the_report_is_runner_runs(spec):
     a, b = direct.as_dict(), isolated.as_dict()
     for outcome in a["outcomes"] + b["outcomes"]:
         outcome.pop("seconds")
-    assert a == b
     assert isolated.status == ("pass" if spec == "reference" else "fail")
+    if spec == "reference":
+        assert a == b
+        return
+    # A failing property's example may differ: hypothesis mixes the literals of the
+    # modules loaded in the process into its draws, and this test process has loaded
+    # many more (the other tests') than the child. What the report says must agree.
+    assert a.keys() == b.keys()
+    assert [(o["name"], o["status"]) for o in a["outcomes"]] == [
+        (o["name"], o["status"]) for o in b["outcomes"]
+    ]
+    assert {k: v for k, v in a.items() if k != "outcomes"} == {
+        k: v for k, v in b.items() if k != "outcomes"
+    }
 
 
 def test_progress_sees_each_property_start_and_end(impls):
