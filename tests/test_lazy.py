@@ -18,6 +18,9 @@ from _support import CONFIGURATIONS
 import kldiv_spec
 from kldiv_spec import REDUCTIONS
 
+# The fast_path runs fail unless a fast path took a call (conftest.py).
+pytestmark = pytest.mark.checks_fast_path
+
 
 def kl_div(x: Any, t: Any, **options: Any) -> Any:
     """``kldiv_spec.kl_div`` with the ``'mean'`` UserWarning silenced (test_api checks it)."""
@@ -70,13 +73,21 @@ def test_jax_jit_gives_the_eager_values(jnp, evaluation):
         )
 
 
-def test_jax_jit_backward_gives_the_eager_gradients(jnp, evaluation):
+# A broadcast target (2,) is declined by JAX's fast path, so that case runs through the
+# reference only; a target of the input's shape is taken by it, and runs both ways.
+@pytest.mark.parametrize(
+    ("broadcast", "evaluation"),
+    [(False, "fast_path"), (False, "reference"), (True, "reference")],
+    indirect=["evaluation"],
+    ids=["same_shape-fast_path", "same_shape-reference", "broadcast-reference"],
+)
+def test_jax_jit_backward_gives_the_eager_gradients(jnp, evaluation, broadcast):
     import jax
 
     x = np.log(np.asarray([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
     xa = jnp.asarray(x)
     for reduction, log_target in CONFIGURATIONS:
-        t = np.asarray([0.0, 1.0])
+        t = np.asarray([0.0, 1.0]) if broadcast else np.asarray([[0.0, 1.0]] * 3)
         ta = jnp.asarray(np.log(t + 0.5) if log_target else t)
         g = jnp.ones((3, 2)) if reduction == "none" else jnp.asarray(1.0)
 
@@ -136,16 +147,26 @@ def test_the_refusing_scheduler_refuses(da):
         da.ones(3).sum().compute()
 
 
+DASK_CASES = [
+    ((5, 7), (2, 3), (5, 7), (3, 4)),
+    ((5, 7), (2, 3), (7,), (4,)),
+    ((5, 1), (2, 1), (1, 7), (1, 3)),
+    ((6,), (6,), (6,), (6,)),
+    ((), (), (4, 3), (2, 2)),
+    ((0, 3), (1, 3), (3,), (2,)),
+]
+
+
 @pytest.mark.parametrize(
-    ("x_shape", "x_chunks", "t_shape", "t_chunks"),
+    ("x_shape", "x_chunks", "t_shape", "t_chunks", "evaluation"),
     [
-        ((5, 7), (2, 3), (5, 7), (3, 4)),
-        ((5, 7), (2, 3), (7,), (4,)),
-        ((5, 1), (2, 1), (1, 7), (1, 3)),
-        ((6,), (6,), (6,), (6,)),
-        ((), (), (4, 3), (2, 2)),
-        ((0, 3), (1, 3), (3,), (2,)),
+        (*case, evaluation)
+        for case in DASK_CASES
+        for evaluation in ("fast_path", "reference")
+        # Dask's fast path declines empty arrays: those run through the reference only.
+        if evaluation == "reference" or 0 not in case[0]
     ],
+    indirect=["evaluation"],
     ids=str,
 )
 def test_dask_stays_lazy_and_matches_numpy(da, evaluation, x_shape, x_chunks, t_shape, t_chunks):

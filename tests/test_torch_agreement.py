@@ -33,6 +33,9 @@ from kldiv_spec.conformance.assertions import (
 
 torch = pytest.importorskip("torch")
 
+# The fast_path runs fail unless a fast path took a call (conftest.py).
+pytestmark = pytest.mark.checks_fast_path
+
 RTOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 
 
@@ -238,7 +241,9 @@ def test_edge_grid_reduced_matches_torch(xp, evaluation, dtype, log_target):
 
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_on_torch(evaluation, dtype, log_target):
+def test_half_precision_on_torch(dtype, log_target):
+    # Run once, through the public API: PyTorch's fast path takes float32 and float64
+    # only (half precision outside autocast goes to the reference).
     tdtype = getattr(torch, dtype)
     finfo = torch.finfo(tdtype)
     x, t = edge_grid(finfo)
@@ -281,7 +286,9 @@ def test_half_precision_on_torch(evaluation, dtype, log_target):
         ("float32", "bfloat16"),
     ],
 )
-def test_torch_mixed_precision_promotes_like_torch(evaluation, x_dtype, t_dtype):
+def test_torch_mixed_precision_promotes_like_torch(x_dtype, t_dtype):
+    # Run once, through the public API: PyTorch's fast path declines mixed and half
+    # dtypes (and these 4 elements are below its threshold), so the reference answers.
     x = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]])).to(getattr(torch, x_dtype))
     t = torch.tensor([[0.5, 0.5], [0.1, 0.9]]).to(getattr(torch, t_dtype))
     for reduction in REDUCTIONS:
@@ -296,11 +303,13 @@ def test_torch_mixed_precision_promotes_like_torch(evaluation, x_dtype, t_dtype)
         torch.testing.assert_close(out, expected, rtol=rtol, atol=rtol, equal_nan=True)
 
 
-def test_zero_d_operand_promotes_per_the_array_api_not_torch(evaluation):
+def test_zero_d_operand_promotes_per_the_array_api_not_torch():
     """Documented deviation: PyTorch keeps float32 when the float64 operand is 0-d.
 
     The array API standard promotes 0-d arrays like any other, so kldiv-spec
     returns float64 here. If PyTorch ever changes its rule this test tells us.
+    Run once, through the public API: PyTorch's fast path declines a 0-d (broadcast)
+    operand and mixed dtypes.
     """
     x = torch.log(torch.tensor([0.25, 0.75], dtype=torch.float32))
     t = torch.tensor(0.5, dtype=torch.float64)
@@ -381,7 +390,8 @@ def test_edge_grid_through_torch_autograd(evaluation):
             assert_gradients((gx, gt), want, dtypes=("float64", "float64"), what=reduction)
 
 
-def test_torch_gradients_keep_their_dtypes_through_autograd(evaluation):
+def test_torch_gradients_keep_their_dtypes_through_autograd():
+    # Run once, through the public API: PyTorch's fast path declines mixed dtypes.
     x = torch.log(torch.tensor([0.25, 0.75])).requires_grad_()
     t = torch.tensor([0.5, 0.5], dtype=torch.float64, requires_grad=True)
     kl_div(x, t, reduction="batchmean").backward()
@@ -393,12 +403,20 @@ def test_torch_gradients_keep_their_dtypes_through_autograd(evaluation):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_and_gradgradcheck(evaluation, reduction, log_target):
+# A broadcast target (4,) is declined by PyTorch's fast path, so that case runs through
+# the reference only; a target of the input's shape is taken by it, and runs both ways.
+@pytest.mark.parametrize(
+    ("t_shape", "evaluation"),
+    [((3, 4), "fast_path"), ((3, 4), "reference"), ((4,), "reference")],
+    indirect=["evaluation"],
+    ids=str,
+)
+def test_gradcheck_and_gradgradcheck(evaluation, t_shape, reduction, log_target):
     import kldiv_spec.torch as kt
 
     gen = torch.Generator().manual_seed(0)
     x = torch.log(torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.1)
-    t = torch.rand(4, generator=gen, dtype=torch.float64) + 0.1
+    t = torch.rand(t_shape, generator=gen, dtype=torch.float64) + 0.1
     if log_target:
         t = torch.log(t)
     x.requires_grad_()
