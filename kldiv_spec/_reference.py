@@ -1,16 +1,14 @@
-"""The reference evaluation: the core, in the operands' common dtype.
+"""The reference evaluation of ``kl_div``: the core, in the operands' common dtype.
 
-On autograd libraries the core's forward is paired with its analytic backward
-(:func:`kldiv_spec._core.kl_div_backward`), so gradients are the specified
-ones, edge values included, rather than whatever autograd derives from the
-forward's ``where`` masks.
+On autograd libraries the dispatcher pairs the core's forward with its analytic
+backward (:func:`kldiv_spec._core.kl_div_backward`) instead: ``_autodiff_torch`` and
+``_autodiff_jax``, so gradients are the specified ones, edge values included, rather
+than whatever autograd derives from the forward's ``where`` masks.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import array_api_compat
 
 from . import _core
 from ._floating_point import quiet
@@ -31,14 +29,6 @@ def common_dtype(ops: Operands, /) -> tuple[Any, Any]:
 def forward(ops: Operands, /) -> Any:
     """Evaluate the reduced loss with the core."""
     xp = ops.xp
-    if array_api_compat.is_torch_namespace(xp):
-        from ._autodiff_torch import kl_div_with_gradient
-
-        return kl_div_with_gradient(ops)
-    if array_api_compat.is_jax_namespace(xp):
-        from ._autodiff_jax import kl_div_with_gradient
-
-        return kl_div_with_gradient(ops)
     x, t = common_dtype(ops)
     with quiet(xp):
         return _core.kl_div(x, t, reduction=ops.reduction, log_target=ops.log_target, xp=xp)
