@@ -74,6 +74,11 @@ __all__: list[str] = []
 #: Elements per block (whole rows; at least one row): 512 Ki elements, 2 MiB in float32.
 BLOCK_ELEMENTS = 1 << 19
 
+#: The bits of the divergence the compiled kernel writes for a row it leaves to the
+#: reference (a quiet NaN with a payload: ``KL_REDO_BITS`` of ``backends/_fused_logits.c``),
+#: told apart from the NaN divergence of a row without a softmax.
+REDO_BITS = 0x7FF8000000000BAD
+
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -237,7 +242,9 @@ def from_logits(
         if kept is not None and grad is not None:
             grad[~kept] = 0.0
         return kl, grad
-    _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept)
+    # the ufuncs: every row whose sum is NaN; the kernel: the rows it marked
+    redo = np.isnan(kl) if kernel is None else kl.view(np.uint64) == np.uint64(REDO_BITS)
+    _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept, redo)
     return kl, grad
 
 
@@ -252,9 +259,9 @@ def _fix_rows(
     grad_scale: float | None,
     factor: float,
     kept: np.ndarray | None,
+    redo: np.ndarray,
 ) -> None:
-    """Evaluate the rows whose sum is NaN with the reference core; zero the masked rows."""
-    redo = np.isnan(kl)
+    """Evaluate the rows ``redo`` says with the reference core; zero the masked rows."""
     if kept is not None:
         redo &= kept
     rows = np.flatnonzero(redo)

@@ -42,13 +42,20 @@
  *      output they are replaced by (the gradient, or the terms) and, for exp(x_t) of the
  *      forward gradient, in one scratch row per call: O(vocab) memory.
  *
- * Rows the plain evaluation cannot get right have a non-finite S, Z_s or Z_t: those with a
- * logit of -inf (an excluded class: d is infinite or NaN there, or a weight 0 meets an
- * infinite d), NaN or +inf, or a quotient z / T or a shift z / T - m that overflows, and
- * rows of -inf only (their maximum is replaced by 0, as the reference does, and Z is 0).
- * Their divergence is returned as NaN (their gradient and terms as NaN too), so that the
- * caller evaluates them again with the reference. Within any other row nothing overflows:
- * x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|).
+ * Excluded classes (a logit of -inf, or a shift z / T - m that overflows to -inf) stay
+ * here: exp gives 0 for them, and a product whose weight exp(x_w) is 0 is dropped from S
+ * (its d is infinite or NaN), as a term whose weight is 0 is +0 and a reverse gradient
+ * whose q is 0 is 0 in pass 3. A row then has finite Z_s, Z_t and S unless the weighting
+ * distribution keeps a class the other excludes (d = +inf: S = +inf) or a side is -inf
+ * only (its maximum replaced by 0, as the reference does, and Z = 0); those rows are
+ * walked again class by class with the reference's rules (kl_special_row): a divergence
+ * of +inf or NaN, their terms and reverse gradient, and the forward gradient
+ * cG q - cG p of pass 3, which needs no special case. Rows with a NaN or +inf logit, or a
+ * quotient z / T that overflows to +inf, have a NaN Z; they, and the rare rows where
+ * kl_special_row cannot tell the reference's zero weights from tiny ones, get the marker
+ * KL_REDO_BITS (a NaN with a payload) as divergence and NaN gradient and terms, so that
+ * the caller evaluates them again with the reference. Within the other rows nothing
+ * overflows: x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|) where both are finite.
  *
  * kl (a writable C-contiguous float64 buffer of one value per row, any alignment) receives
  * the rows' divergences. With kl None, only the forward gradient is computed (a backward
@@ -63,7 +70,8 @@
  * exactly (Fast2Sum), and e^r = h + (lo + c + r^2 P(r)) with P a degree-4 polynomial
  * fitted (weighted least squares at Chebyshev nodes, then rounded to float32) to
  * (e^r - 1 - r) / r^2; 2^n goes into the exponent. Eight lanes with -86.5 <= x <= 88
- * (normal results: the common case) skip the fix-ups; otherwise 2^n is applied as two
+ * (normal results: the common case) skip the fix-ups, and so do eight lanes each either
+ * so or below -104 (+0: the -inf of excluded classes); otherwise 2^n is applied as two
  * factors 2^(n/2), so that a subnormal result is rounded once, x < -104 gives +0 (-inf
  * included), x > 89 gives +inf and NaN stays NaN. Over every float32 x in [-104, 89]
  * (benchmarks/exp_sweep.py, against float64 exp) the error is at most 0.7706 ulp of
@@ -86,6 +94,11 @@
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define KL_X86 1
 #include <immintrin.h>
+/* Built with -fno-wrapv (pyproject.toml): Python's CFLAGS bring -fwrapv, with which GCC
+ * lays out the passes below about 1.5 times slower (register spills in the loops of pass
+ * 2: dense rows with a gradient 1.39 ms against 0.92 ms per 16 x 32000 block, rows
+ * mostly of -inf 2.5 times). Nothing here relies on signed overflow wrapping, and the
+ * floating-point results are the same. */
 #else
 #define KL_X86 0
 #endif
@@ -158,13 +171,22 @@ __attribute__((target("avx2,fma"))) static inline __m256 kl_exp8_any(__m256 x)
 /* exp of eight lanes, the short way when every result is normal. */
 __attribute__((target("avx2,fma"))) static inline __m256 kl_exp8(__m256 x)
 {
+    /* Lanes below -104 (excluded classes: -inf) are +0: eight of them need no exp, and
+     * with the other lanes normal the short way serves them too (its value in those
+     * lanes, NaN for -inf, is dropped). One predictable branch for dense logits and for
+     * logits with excluded classes scattered among them. */
+    __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ);
     __m256 regular = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-86.5f), _CMP_GE_OQ),
                                    _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_LE_OQ));
-    if (_mm256_movemask_ps(regular) == 0xff) {
+    int zero_bits = _mm256_movemask_ps(zero);
+    if (zero_bits == 0xff) {
+        return _mm256_setzero_ps();
+    }
+    if ((zero_bits | _mm256_movemask_ps(regular)) == 0xff) {
         __m256i n;
         __m256 p = kl_exp8_reduced(x, &n);
-        return _mm256_castsi256_ps(
-            _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(n, 23)));
+        return _mm256_andnot_ps(zero, _mm256_castsi256_ps(_mm256_add_epi32(
+                                          _mm256_castps_si256(p), _mm256_slli_epi32(n, 23))));
     }
     return kl_exp8_any(x);
 }
@@ -312,9 +334,12 @@ __attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
         kl_accumulate(as, es);
         kl_accumulate(at, et);
         if (!sums_only) {
+            /* a weight 0 contributes 0 (its d may be infinite or NaN: an excluded class);
+             * the lanes past the row's end have a weight 0 */
             __m256 d = o->reverse ? _mm256_sub_ps(xs, xt) : _mm256_sub_ps(xt, xs);
             __m256 ew = o->reverse ? es : et;
-            kl_accumulate(aw, _mm256_and_ps(_mm256_mul_ps(ew, d), keep));
+            __m256 weighted = _mm256_cmp_ps(ew, _mm256_setzero_ps(), _CMP_GT_OQ);
+            kl_accumulate(aw, _mm256_and_ps(_mm256_mul_ps(ew, d), weighted));
         }
         if (rest == 8) {
             if (es_out != NULL) {
@@ -396,7 +421,10 @@ __attribute__((target("avx2,fma"))) static void kl_outputs(const kl_row *row, Py
         if (row->grad != NULL) {
             __m256 g;
             if (o->reverse) {
-                g = _mm256_mul_ps(_mm256_mul_ps(es, va), _mm256_add_ps(d, vk));
+                /* q = 0: 0 (d is -inf or NaN where the student excludes the class) */
+                __m256 q = _mm256_mul_ps(es, va);
+                g = _mm256_andnot_ps(_mm256_cmp_ps(q, zero, _CMP_EQ_OQ),
+                                     _mm256_mul_ps(q, _mm256_add_ps(d, vk)));
             } else {
                 g = _mm256_sub_ps(_mm256_mul_ps(es, va), _mm256_mul_ps(et, vb));
             }
@@ -431,6 +459,135 @@ static void kl_fill(unsigned char *p, Py_ssize_t n, float value)
     for (Py_ssize_t i = 0; i < n; i++) {
         memcpy(p + i * sizeof(float), &value, sizeof(float));
     }
+}
+
+/* The divergence of a row the reference must evaluate (the caller's marker): a quiet NaN
+ * with a payload no arithmetic produces, told apart from a NaN divergence (a row without
+ * a softmax) by its bits. */
+#define KL_REDO_BITS 0x7FF8000000000BADull
+
+static inline double kl_redo(void)
+{
+    const unsigned long long bits = KL_REDO_BITS;
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Whether the reference's probability of a class is 0 (see kl_special_row). */
+enum { KL_ZERO, KL_POSITIVE, KL_UNSURE, KL_UNDEFINED };
+
+/* The status of the probability exp(x - log Z) of the shifted logit ``x`` (float32, as
+ * the reference forms it), ``log_z`` -inf for a row without a softmax (Z = 0). */
+static inline int kl_weight(float x, double log_z)
+{
+    if (log_z == -INFINITY) {
+        return KL_UNDEFINED; /* the reference's probabilities are NaN */
+    }
+    if (x == -INFINITY) {
+        return KL_ZERO;
+    }
+    double lw = (double)x - log_z; /* the reference's float32 log-probability, within 1e-5 */
+    if (lw > -87.0) {
+        return KL_POSITIVE; /* a normal float32 probability, for any faithful exp */
+    }
+    return lw < -105.0 ? KL_ZERO : KL_UNSURE; /* under half the least subnormal: 0 */
+}
+
+/* The divergence (``value``), the reverse gradient and the terms of a row whose plain
+ * evaluation is not finite although no logit is NaN or +inf: a row of -inf only on
+ * either side (Z = 0: a NaN divergence) or a class that the weighting distribution keeps
+ * and the other excludes (d = +inf: S = +inf). Walked again class by class with the
+ * reference's rules: a term is 0 where the reference's weight is 0, NaN where the
+ * weighting distribution has no softmax, NaN where only the other has none, +inf where
+ * the other excludes the class, the plain product otherwise; the reverse gradient
+ * cG q (log q - log p - KL) is 0 where q = 0 and otherwise NaN (KL NaN, or a log-ratio of
+ * +inf minus a KL of +inf) or cG * -inf. The forward gradient needs no walk: cG q - cG p
+ * is already the reference's (kl_outputs). Where the weight 0 of a class with an infinite
+ * factor cannot be told from the float32 rounding of its probability (a log-probability
+ * between -105 and -87), or where every class with d = +inf has such a tiny weight (the
+ * divergence is then finite), it returns -1 and the row goes to the reference. */
+__attribute__((target("avx2,fma"))) static int kl_special_row(const kl_row *row, Py_ssize_t n,
+                                                             float ms, float mt,
+                                                             const kl_options *o, double zs,
+                                                             double zt, double *value)
+{
+    const int reverse = o->reverse;
+    const double zw = reverse ? zs : zt, zo = reverse ? zt : zs;
+    const double lzw = zw > 0 ? log(zw) : -INFINITY, lzo = zo > 0 ? log(zo) : -INFINITY;
+    const int undefined = zw == 0 || zo == 0; /* a row without a softmax: NaN */
+    const int want_grad = row->grad != NULL && reverse;
+    if (undefined && row->terms == NULL && !want_grad) {
+        *value = NAN;
+        return 0;
+    }
+    const float f = (float)(o->factor / zw), c = (float)(lzo - lzw);
+    const float infinite_grad = (float)(o->grad_scale * -INFINITY);
+    const unsigned char *ew_src = reverse ? row->es : row->et;
+    const size_t lane = sizeof(float);
+    int conflict_positive = 0, conflict_other = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float sv, tv, ew = 0.0f;
+        memcpy(&sv, row->s + i * lane, lane);
+        memcpy(&tv, row->t + i * lane, lane);
+        if (ew_src != NULL) {
+            memcpy(&ew, ew_src + i * lane, lane); /* read before an output replaces it */
+        }
+        const float xs = kl_scaled1(sv, o) - ms, xt = kl_scaled1(tv, o) - mt;
+        const float xw = reverse ? xs : xt, xo = reverse ? xt : xs;
+        const int status = kl_weight(xw, lzw);
+        const int conflict = xo == -INFINITY && xw != -INFINITY; /* d = +inf */
+        if (conflict && !undefined) {
+            if (status == KL_POSITIVE) {
+                conflict_positive = 1;
+                if (row->terms == NULL && !want_grad) {
+                    break; /* the divergence is +inf: nothing more to learn */
+                }
+            } else {
+                conflict_other = 1;
+            }
+        }
+        if (row->terms != NULL) {
+            float e;
+            if (status == KL_ZERO) {
+                e = 0.0f;
+            } else if (status == KL_UNDEFINED) {
+                e = NAN;
+            } else if (zo == 0 || conflict) {
+                if (status == KL_UNSURE) {
+                    return -1;
+                }
+                e = zo == 0 ? NAN : INFINITY;
+            } else {
+                const float w = ew * f;
+                e = w == 0 ? 0.0f : w * ((xw - xo) + c);
+            }
+            memcpy(row->terms + i * lane, &e, lane);
+        }
+        if (want_grad) {
+            float g;
+            if (status == KL_ZERO) {
+                g = 0.0f;
+            } else if (status == KL_UNSURE) {
+                return -1;
+            } else if (status == KL_UNDEFINED || undefined || conflict) {
+                g = NAN;
+            } else {
+                g = infinite_grad;
+            }
+            memcpy(row->grad + i * lane, &g, lane);
+        }
+    }
+    if (undefined) {
+        *value = NAN;
+        return 0;
+    }
+    if (!conflict_positive) {
+        (void)conflict_other; /* only tiny weights meet d = +inf: a finite divergence */
+        return -1;
+    }
+    *value = INFINITY;
+    return 0;
 }
 
 /* Whether kl_rows needs a scratch row: for exp(x_t) of the forward gradient. */
@@ -472,7 +629,6 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
         row.et = et_out;
         float ms = kl_scaled1(raw_max[0], o), mt = kl_scaled1(raw_max[1], o);
         const int last = r + 1 == rows;
-        int shifted = ms != -INFINITY && mt != -INFINITY;
         /* a row of -inf only is not shifted (its Z is 0), as in the reference */
         ms = ms == -INFINITY ? 0.0f : ms;
         mt = mt == -INFINITY ? 0.0f : mt;
@@ -485,10 +641,27 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
                        (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
             continue;
         }
-        int regular = shifted && isfinite(zs) && isfinite(zt) && isfinite(sw) && zs > 0 &&
-                      zt > 0;
-        if (!regular) {
-            kl_store_double(kl, r, NAN); /* evaluated again by the caller */
+        /* NaN or +inf logits (or a quotient z / T that overflows to +inf) make Z NaN: those
+         * rows are the reference's. Otherwise Z is finite, and 0 only for a row of -inf. */
+        int redo = !(isfinite(zs) && isfinite(zt));
+        if (!redo && !(zs > 0 && zt > 0 && isfinite(sw))) {
+            double value;
+            kl_row special = row;
+            special.grad = o->reverse ? row.grad : NULL;
+            redo = kl_special_row(&special, vocab, ms, mt, o, zs, zt, &value) < 0;
+            if (!redo) {
+                kl_store_double(kl, r, value);
+                if (row.grad != NULL && !o->reverse) { /* cG q - cG p, NaN where Z = 0 */
+                    kl_row forward = row;
+                    forward.terms = NULL;
+                    kl_outputs(&forward, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                               (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
+                }
+                continue;
+            }
+        }
+        if (redo) {
+            kl_store_double(kl, r, kl_redo()); /* evaluated again by the caller */
             if (row.grad != NULL) {
                 kl_fill(row.grad, vocab, NAN);
             }

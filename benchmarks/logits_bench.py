@@ -21,6 +21,13 @@ baseline; then ``--repeats`` timed steps give the median (and min, max).
     python benchmarks/logits_bench.py --out /tmp/run1   # one run (and /tmp/run2, /tmp/run3)
     python benchmarks/logits_bench.py --combine /tmp/run?.json --out /tmp/logits-cpu
 
+``--logits teacher-top50`` (the teacher's 50 largest logits as log-probabilities, ``-inf``
+elsewhere, as stored top-k teachers are) and ``--logits student-excluded`` (a tenth of the
+student's classes at ``-inf``, as masked or padded vocabularies) time the same step on
+logits with excluded classes (default ``dense``; the title names any other kind):
+
+    python benchmarks/logits_bench.py --rows 512 --logits teacher-top50
+
 ``--runs N`` makes N runs one after the other and writes them as ``--combine`` does
 (each run, and the spread); the published result is ``nox -s bench -- logits-cpu``.
 Every ``--out`` file carries the stamp of ``benchmarks/bench_stamp.py`` (commit, command,
@@ -64,6 +71,8 @@ IMPLEMENTATIONS = (
     "kldiv_spec numpy",
 )
 TEMPERATURE = 2.0
+#: The kinds of logits (``--logits``): dense, or with excluded classes (-inf).
+LOGITS = ("dense", "teacher-top50", "student-excluded")
 
 
 def _rss_bytes() -> int:
@@ -71,13 +80,36 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _step(name: str, rows: int, vocab: int) -> tuple[Any, Any]:
-    """Return ``(setup, step)`` for one implementation: step() runs one forward + backward."""
+def _logits(rows: int, vocab: int, kind: str) -> tuple[Any, Any]:
+    """Return the float32 student and teacher logits of one ``--logits`` kind."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     s_np = rng.standard_normal((rows, vocab), dtype=np.float32)
     t_np = (s_np + rng.standard_normal((rows, vocab), dtype=np.float32)).astype(np.float32)
+    # in chunks of rows, so that the temporaries stay below the steps' extra memory
+    for i in range(0, rows, 64):
+        s_rows, t_rows = s_np[i : i + 64], t_np[i : i + 64]
+        if kind == "teacher-top50":
+            k = min(50, vocab)
+            keep = np.argpartition(-t_rows, k - 1, axis=1)[:, :k]
+            kept = np.take_along_axis(t_rows, keep, 1).astype(np.float64)
+            top = kept.max(axis=1, keepdims=True)
+            kept -= top + np.log(np.exp(kept - top).sum(axis=1, keepdims=True))
+            t_rows[...] = -np.inf
+            np.put_along_axis(t_rows, keep, kept.astype(np.float32), 1)
+        elif kind == "student-excluded":
+            drop = rng.random(s_rows.shape) < 0.1
+            drop[:, 0] = False  # at least one class kept
+            s_rows[drop] = -np.inf
+    return s_np, t_np
+
+
+def _step(name: str, rows: int, vocab: int, kind: str = "dense") -> tuple[Any, Any]:
+    """Return ``(setup, step)`` for one implementation: step() runs one forward + backward."""
+    import numpy as np
+
+    s_np, t_np = _logits(rows, vocab, kind)
     T = TEMPERATURE  # noqa: N806
     if name in ("torch composition", "kldiv_spec.torch"):
         import torch
@@ -133,9 +165,9 @@ def _step(name: str, rows: int, vocab: int) -> tuple[Any, Any]:
     return (s_np, t_np), numpy_composition if name == "numpy composition" else ours
 
 
-def child(name: str, rows: int, vocab: int, repeats: int) -> dict[str, Any]:
+def child(name: str, rows: int, vocab: int, repeats: int, kind: str = "dense") -> dict[str, Any]:
     """Measure one implementation in this process (run as a subprocess)."""
-    _, step = _step(name, rows, vocab)
+    _, step = _step(name, rows, vocab, kind)
     baseline = _rss_bytes()
     loss = step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -155,7 +187,7 @@ def child(name: str, rows: int, vocab: int, repeats: int) -> dict[str, Any]:
     }
 
 
-def run_all(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
+def run_all(rows: int, vocab: int, repeats: int, kind: str = "dense") -> list[dict[str, Any]]:
     results = []
     for name in IMPLEMENTATIONS:
         done = subprocess.run(
@@ -170,6 +202,8 @@ def run_all(rows: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
                 str(vocab),
                 "--repeats",
                 str(repeats),
+                "--logits",
+                kind,
             ],
             capture_output=True,
             text=True,
@@ -184,7 +218,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     by = {r["implementation"]: r for r in results}
     lines = [
         f"# Distillation from logits on the CPU: {meta['rows']} x {meta['vocab']} float32, T = "
-        f"{TEMPERATURE:g}",
+        f"{TEMPERATURE:g}"
+        + (f", {meta['logits']}" if meta.get("logits", "dense") != "dense" else ""),
         "",
         f"Forward + backward (gradient w.r.t. the student logits), median of {meta['repeats']} "
         f"repeats; extra peak memory over the inputs. Machine: {meta['machine']}, "
@@ -444,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--logits", choices=LOGITS, default="dense", help="dense, or with excluded classes"
+    )
+    parser.add_argument(
         "--runs", type=int, default=None, help="runs one after the other, written combined"
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
@@ -463,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         main_cuda(args, argv)
         return
     if args.child:
-        print(json.dumps(child(args.child, args.rows, args.vocab, args.repeats)))
+        print(json.dumps(child(args.child, args.rows, args.vocab, args.repeats, args.logits)))
         return
     stamp = bench_stamp.stamp(__file__, argv, libraries=("torch",))
     if args.combine:
@@ -485,7 +523,10 @@ def main(argv: list[str] | None = None) -> None:
             "cpus": len(os.sched_getaffinity(0)),
             "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
         }
-        runs.append({"meta": meta, "results": run_all(args.rows, args.vocab, args.repeats)})
+        if args.logits != "dense":  # the default's output is unchanged
+            meta["logits"] = args.logits
+        results = run_all(args.rows, args.vocab, args.repeats, args.logits)
+        runs.append({"meta": meta, "results": results})
     if args.runs is None:
         data, text = runs[0], markdown(runs[0]["results"], runs[0]["meta"])
     else:

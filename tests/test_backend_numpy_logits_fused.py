@@ -396,19 +396,27 @@ def edge_rows() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5, 3.0])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_the_kernel_returns_nan_for_exactly_the_rows_with_a_non_finite_shifted_logit(
+def test_the_kernel_leaves_exactly_the_rows_with_a_nan_or_plus_inf_quotient(
     temperature: float, direction: str
 ) -> None:
-    """NaN, +-inf logits, a row of -inf only, and a quotient or shift that overflows."""
+    """Rows holding NaN or +inf (or whose quotient z / T overflows to +inf) get the
+    caller's marker (a NaN with the payload REDO_BITS) and go to the reference; -inf
+    logits (an excluded class, a row of -inf only, a shift that overflows to -inf) are
+    the kernel's: +inf, NaN (no softmax) or a finite value, never the marker."""
     s, t = edge_rows()
     kl, _, _ = run_rows(s, t, temperature, direction)
     assert kl is not None
     with np.errstate(over="ignore", invalid="ignore"):
-        x = np.concatenate([shifted(s, temperature), shifted(t, temperature)], axis=1)
-    irregular = ~np.isfinite(x).all(axis=1)
-    assert irregular[[0, 1, 2, 3, 4, 6, 7]].all() and not irregular[[8]].any()
-    assert irregular[5] == (temperature <= 1.0)  # 3e38 / T and -3e38 / T - 3e38 / T overflow
-    np.testing.assert_array_equal(np.isnan(kl), irregular)
+        z = np.concatenate([s, t], axis=1) / np.float32(temperature)
+    left = ~(np.isfinite(z) | (z == -inf)).all(axis=1)
+    assert left[[3, 4]].all() and not left[[0, 1, 2, 6, 7, 8]].any()
+    assert left[5] == (temperature < 1.0)  # 3e38 / T overflows
+    marked = kl.view(np.uint64) == np.uint64(_blocks_logits.REDO_BITS)
+    np.testing.assert_array_equal(marked, left)
+    assert np.isnan(kl[[2, 6]]).all() and np.isfinite(kl[[0, 8]]).all()
+    forward = direction == "forward"
+    assert kl[1] == inf if forward else np.isfinite(kl[1])
+    assert np.isfinite(kl[7]) if forward else kl[7] == inf
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
