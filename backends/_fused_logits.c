@@ -525,8 +525,70 @@ __attribute__((target("avx2,fma"))) static int kl_special_row(const kl_row *row,
     const float infinite_grad = (float)(o->grad_scale * -INFINITY);
     const unsigned char *ew_src = reverse ? row->es : row->et;
     const size_t lane = sizeof(float);
-    int conflict_positive = 0, conflict_other = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    int conflict_positive = 0, conflict_other = 0, done = 0;
+    Py_ssize_t i = 0;
+    if (!undefined) {
+        /* Eight classes at a time while every lane's weight is surely 0 or surely positive
+         * (KL_ZERO or KL_POSITIVE, from the same float64 log-probability as kl_weight):
+         * the same values as the class-by-class walk below, which takes over from the
+         * first block with a lane it cannot settle (KL_UNSURE), and does the row's tail. */
+        const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
+        const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+        const __m256 vf = _mm256_set1_ps(f), vc = _mm256_set1_ps(c);
+        const __m256 vinf = _mm256_set1_ps(INFINITY), vnan = _mm256_set1_ps(NAN);
+        const __m256 vgrad = _mm256_set1_ps(infinite_grad);
+        const __m256d vlzw = _mm256_set1_pd(lzw);
+        const __m256d positive_bound = _mm256_set1_pd(-87.0), zero_bound = _mm256_set1_pd(-105.0);
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 xs = KL_SHIFTED(kl_load8(row->s + i * lane), vms);
+            const __m256 xt = KL_SHIFTED(kl_load8(row->t + i * lane), vmt);
+            const __m256 xw = reverse ? xs : xt, xo = reverse ? xt : xs;
+            const __m256d lw0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xw)), vlzw);
+            const __m256d lw1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xw, 1)), vlzw);
+            const int positive =
+                _mm256_movemask_pd(_mm256_cmp_pd(lw0, positive_bound, _CMP_GT_OQ)) |
+                (_mm256_movemask_pd(_mm256_cmp_pd(lw1, positive_bound, _CMP_GT_OQ)) << 4);
+            const int low = _mm256_movemask_pd(_mm256_cmp_pd(lw0, zero_bound, _CMP_LT_OQ)) |
+                            (_mm256_movemask_pd(_mm256_cmp_pd(lw1, zero_bound, _CMP_LT_OQ)) << 4);
+            const __m256 excluded = _mm256_cmp_ps(xw, ninf, _CMP_EQ_OQ);
+            if ((positive | low | _mm256_movemask_ps(excluded)) != 0xff) {
+                break; /* a weight kl_weight calls KL_UNSURE: class by class from here */
+            }
+            /* d = +inf: the other distribution excludes a class the weighting one keeps */
+            const __m256 conflict = _mm256_andnot_ps(excluded, _mm256_cmp_ps(xo, ninf, _CMP_EQ_OQ));
+            const int conflict_bits = _mm256_movemask_ps(conflict);
+            if (conflict_bits & positive) {
+                conflict_positive = 1;
+                if (row->terms == NULL && !want_grad) {
+                    done = 1; /* the divergence is +inf: nothing more to learn */
+                    break;
+                }
+            }
+            if (conflict_bits & ~positive) {
+                conflict_other = 1;
+            }
+            /* all ones where the weight is positive, zeros where it is 0 */
+            const __m256 kept = _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+                _mm256_and_si256(_mm256_set1_epi32(positive), bit), bit));
+            __m256 ew = zero;
+            if (ew_src != NULL) {
+                ew = kl_load8(ew_src + i * lane); /* read before an output replaces it */
+            }
+            if (row->terms != NULL) {
+                const __m256 w = _mm256_mul_ps(ew, vf);
+                __m256 e = _mm256_mul_ps(w, _mm256_add_ps(_mm256_sub_ps(xw, xo), vc));
+                e = _mm256_andnot_ps(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ), e);
+                e = _mm256_and_ps(_mm256_blendv_ps(e, vinf, conflict), kept);
+                kl_store8(row->terms + i * lane, e);
+            }
+            if (want_grad) {
+                const __m256 g = _mm256_and_ps(_mm256_blendv_ps(vgrad, vnan, conflict), kept);
+                kl_store8(row->grad + i * lane, g);
+            }
+        }
+    }
+    for (; i < n && !done; i++) {
         float sv, tv, ew = 0.0f;
         memcpy(&sv, row->s + i * lane, lane);
         memcpy(&tv, row->t + i * lane, lane);

@@ -297,3 +297,57 @@ def test_torch_cpu_tensors_take_the_kernel_student_and_teacher_gradients(
             if teacher_grad:
                 assert_matches(ta.grad.numpy(), tr.grad.numpy(), f"teacher {options}")
     assert spy.redone == 0
+
+
+def handover_rows(vocab: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for the eight-class blocks of kl_special_row and its class-by-class walk: the
+    weighting distribution (here the first array) keeps classes the other excludes, with a
+    weight surely positive, surely 0 (a log-probability under -105) or between the two
+    (-105 to -87, which only the reference can settle), in the first block, a middle one
+    or the tail of a row whose length is not a multiple of 8."""
+    w, o = dense(8, vocab, 11)
+    w = (w / 3).astype(np.float32)  # log Z of a few units only
+    top = w.max(axis=1) / np.float32(temperature)
+    zero = (top - 300) * temperature  # a log-probability far below -105
+    unsure = (top - 95) * temperature  # a log-probability near -99
+    last = vocab - 1
+    o[0, ::2] = -inf  # positive conflicts in every block: +inf
+    o[1, :last] = -inf  # surely-0 weights where excluded, but for a positive one in the tail
+    w[1, :last] = zero[1]
+    w[1, :8] = w[0, :8]
+    o[1, :8] = o[0, :8]  # ...and some ordinary classes first
+    o[2, 0] = -inf  # one positive conflict, in the first block
+    o[3, [5, 20]] = -inf  # a positive conflict, then an unsure one in a middle block
+    w[3, 20] = unsure[3]
+    o[4, [5, last]] = -inf  # a positive conflict, then an unsure one in the tail
+    w[4, last] = unsure[4]
+    o[5, 30] = -inf  # an unsure weight without conflict, then a positive conflict
+    w[5, 9] = unsure[5]
+    o[6, 3:40:4] = -inf  # surely-0 weights meet the exclusions, and one unsure weight
+    w[6, 3:40:4] = zero[6]
+    w[6, 35] = unsure[6]
+    return w, o  # row 7: ordinary
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_eight_class_blocks_and_the_class_by_class_walk_agree(
+    temperature: float, direction: str, spy: types.SimpleNamespace
+) -> None:
+    w, o = handover_rows(43, temperature)
+    s, t = (w, o) if direction == "reverse" else (o, w)
+    f = _blocks_logits._fused_logits
+    kl = np.zeros(len(s))
+    grad, terms = np.empty_like(s), np.empty_like(s)
+    reverse = direction == "reverse"
+    assert f.rows_f32(s, t, 43, kl, grad, terms, temperature, 1.0, 1.0, reverse) is None
+    marked = kl.view(np.uint64) == np.uint64(_blocks_logits.REDO_BITS)
+    # an unsure weight leaves the row to the reference where its value matters: with a
+    # conflict, or for the reverse gradient (row 5)
+    redone = [3, 4, 5, 6] if reverse else [3, 4, 6]
+    np.testing.assert_array_equal(np.flatnonzero(marked), redone)
+    assert (kl[[0, 1, 2]] == inf).all() and np.isfinite(kl[7])
+    if not reverse:
+        assert kl[5] == inf
+    for reduction in REDUCTIONS:
+        check(s, t, spy, reduction=reduction, direction=direction, temperature=temperature)
