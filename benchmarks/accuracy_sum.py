@@ -24,7 +24,6 @@ command, versions, machine). The published run is ``nox -s bench -- accuracy-sum
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -162,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        out.with_name(out.name + ".md").write_text(text)
+        bench_stamp.write_outputs(args.out, result, text)
     return 0
 
 

@@ -323,6 +323,14 @@ def problems(s: object) -> list[str]:
     return out
 
 
+def write_outputs(out: str | Path, result: dict[str, Any], markdown: str) -> None:
+    """Write a benchmark's ``OUT.json`` (``result``) and ``OUT.md`` (``markdown``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_name(out.name + ".md").write_text(markdown)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the stamp a result written now would carry: JSON, or one line (``--summary``)."""
     args = list(sys.argv[1:] if argv is None else argv)

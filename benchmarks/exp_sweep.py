@@ -33,9 +33,7 @@ rounded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
-import json
 import os
 import sys
 import time
@@ -51,6 +49,7 @@ from kldiv_spec.backends import _blocks_logits
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 import bench_stamp  # benchmarks/bench_stamp.py (this folder is no package)
+import log_sweep  # benchmarks/log_sweep.py: its result writer
 
 __all__ = ["RANGES", "Stats", "errors", "kernel_exp", "numpy_exp", "sweep"]
 
@@ -222,27 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         print(stats.describe(name))
     if args.out:
         stamp = bench_stamp.stamp(
-            __file__,
-            sys.argv[1:] if argv is None else argv,
-            quick=stride != 1,
+            __file__, sys.argv[1:] if argv is None else argv, quick=stride != 1
         )
-        result = {
-            "stamp": stamp,
-            "stride": stride,
-            "elapsed_s": elapsed,
-            "results": {
-                name: dataclasses.asdict(stats)
-                | {"argument": float(np.array([stats.argmax], np.uint32).view(np.float32)[0])}
-                for name, stats in totals.items()
-            },
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        lines = ["# Accuracy of the from-logits kernel's float32 exp", ""]
-        lines += [bench_stamp.describe(stamp), "", heading + ":", ""]
-        lines += [f"- {stats.describe(name)}" for name, stats in totals.items()]
-        out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
+        log_sweep.write_sweep(
+            args.out,
+            "Accuracy of the from-logits kernel's float32 exp",
+            stamp=stamp,
+            heading=heading,
+            stride=stride,
+            elapsed=elapsed,
+            totals=totals,
+        )
     return 0
 
 

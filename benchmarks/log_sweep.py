@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 import time
@@ -48,6 +47,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -212,6 +212,36 @@ def sweep(
     return totals
 
 
+def write_sweep(
+    out: str,
+    title: str,
+    *,
+    stamp: dict[str, Any],
+    heading: str,
+    stride: int,
+    elapsed: float,
+    totals: dict[str, Any],
+) -> None:
+    """Write a sweep's ``OUT.json`` and ``OUT.md`` (this one's and ``exp_sweep.py``'s).
+
+    ``totals`` maps each implementation's name to its stats (a dataclass with
+    ``argmax``, the float32 bits of the worst argument, and ``describe(name)``).
+    """
+    result = {
+        "stamp": stamp,
+        "stride": stride,
+        "elapsed_s": elapsed,
+        "results": {
+            name: dataclasses.asdict(stats)
+            | {"argument": float(np.array([stats.argmax], np.uint32).view(np.float32)[0])}
+            for name, stats in totals.items()
+        },
+    }
+    lines = [f"# {title}", "", bench_stamp.describe(stamp), "", heading + ":", ""]
+    lines += [f"- {stats.describe(name)}" for name, stats in totals.items()]
+    bench_stamp.write_outputs(out, result, "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep from the command line and print one line per implementation."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -240,27 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         print(stats.describe(name))
     if args.out:
         stamp = bench_stamp.stamp(
-            __file__,
-            sys.argv[1:] if argv is None else argv,
-            quick=stride != 1,
+            __file__, sys.argv[1:] if argv is None else argv, quick=stride != 1
         )
-        result = {
-            "stamp": stamp,
-            "stride": stride,
-            "elapsed_s": elapsed,
-            "results": {
-                name: dataclasses.asdict(stats)
-                | {"argument": float(np.array([stats.argmax], np.uint32).view(np.float32)[0])}
-                for name, stats in totals.items()
-            },
-        }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        lines = ["# Accuracy of the fused pass's float32 log", ""]
-        lines += [bench_stamp.describe(stamp), "", heading + ":", ""]
-        lines += [f"- {stats.describe(name)}" for name, stats in totals.items()]
-        out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
+        write_sweep(
+            args.out,
+            "Accuracy of the fused pass's float32 log",
+            stamp=stamp,
+            heading=heading,
+            stride=stride,
+            elapsed=elapsed,
+            totals=totals,
+        )
     return 0
 
 

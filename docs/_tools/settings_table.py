@@ -8,9 +8,10 @@ file differs (tests/test_settings.py runs it). The source is
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from generated_region import run  # docs/_tools/generated_region.py
 
 from kldiv_spec._settings import VARIABLES, Variable
 
@@ -33,30 +34,17 @@ def table() -> str:
     return "\n".join([START, header, "|---|---|---|---|", *map(_row, VARIABLES), END])
 
 
-def _replaced(text: str) -> str:
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + table() + tail
-
-
 def main(argv: list[str] | None = None) -> int:
     """Print, write or check the table; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rewrite docs/settings.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if docs/settings.md differs")
-    args = parser.parse_args(argv)
-    text = DOC.read_text(encoding="utf-8")
-    if args.write:
-        DOC.write_text(_replaced(text), encoding="utf-8")
-        return 0
-    if args.check:
-        if _replaced(text) != text:
-            print(f"{DOC} is out of date: run python docs/_tools/settings_table.py --write")
-            return 1
-        return 0
-    print(table())
-    return 0
+    return run(
+        argv,
+        doc=DOC,
+        start=START,
+        end=END,
+        content=table(),
+        script="docs/_tools/settings_table.py",
+        description=__doc__.splitlines()[0],
+    )
 
 
 if __name__ == "__main__":
