@@ -59,17 +59,6 @@ BLOCK_ELEMENTS = 1 << 16
 #: Below this many elements a call is left to the reference (no threading overhead).
 MIN_ELEMENTS = _settings.NUMPY_MIN_ELEMENTS
 
-#: Environment variable that sets the number of worker threads.
-THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
-
-#: Environment variable that turns the compiled fused float32 sum off (``0``), for
-#: comparing it with the ufunc kernels.
-FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
-
-#: Environment variable that overrides :data:`MIN_ELEMENTS` (``0`` sends every non-empty,
-#: non-0-d call through the blocked kernels: for running the conformance suite on them).
-MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
-
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: Guards :data:`_pool`; re-created in a forked child (:func:`_after_fork_in_child`).

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["CompilerHooks", "Evaluate", "Recast"]
+__all__ = ["CompilerHooks", "Connection", "Evaluate", "Recast"]
 
 #: The dispatcher's ``evaluate(function, xp, *args)`` (``connect``).
 Evaluate = Callable[..., Any]
@@ -76,3 +76,31 @@ class CompilerHooks(NamedTuple):
     traced_front: Callable[[Any, Any, Any, Any], Any]
     constant_result: Callable[[Callable[[], Any]], Callable[[], Any]]
     allow_in_graph: Callable[[Callable[..., Any]], Any]
+
+
+class Connection:
+    """The dispatcher's ``evaluate``, as a backend with nested calls receives it (``connect``).
+
+    A module exports ``connect = connection.connect``; its graph's tasks then carry
+    :meth:`evaluate`'s result as an argument (a module-level function, pickled by name),
+    so that a worker in another process, which imports the module without the dispatcher
+    having loaded it, evaluates its chunks as this process would.
+    """
+
+    def __init__(self, backend: str, /) -> None:
+        self._backend = backend
+        self._evaluate: Evaluate | None = None
+
+    def connect(self, evaluate: Evaluate, /) -> None:
+        """Receive the dispatcher's ``evaluate``."""
+        self._evaluate = evaluate
+
+    def evaluate(self) -> Evaluate:
+        """Return the dispatcher's ``evaluate``; RuntimeError if the dispatcher never connected."""
+        if self._evaluate is None:
+            msg = (
+                f"the {self._backend} fast path was imported but not loaded by kldiv_spec's "
+                "dispatcher"
+            )
+            raise RuntimeError(msg)
+        return self._evaluate

@@ -29,32 +29,14 @@ import numpy as np
 from kldiv_spec._core import divide_total, sum_to_shape
 from kldiv_spec._validation import Operands, grad_output_array, operands
 
-from ._protocol import Evaluate
+from ._protocol import Connection, Evaluate
 
 __all__ = ["connect", "kl_div", "kl_div_backward"]
 
-#: The dispatcher's ``evaluate`` (:func:`connect`): a chunk is evaluated as any call of
-#: its own library is.
-_evaluate: Evaluate | None = None
-
-
-def connect(evaluate: Evaluate, /) -> None:
-    """Receive the dispatcher's ``evaluate`` (:mod:`kldiv_spec.backends._protocol`)."""
-    global _evaluate
-    _evaluate = evaluate
-
-
-def _connected() -> Evaluate:
-    """Return the dispatcher's ``evaluate``, which travels with each task of the graph.
-
-    Passed to the chunk functions as an argument (a module-level function, pickled by
-    name), so that a Dask worker in another process, which imports this module without
-    the dispatcher having loaded it, evaluates chunks as this process would.
-    """
-    if _evaluate is None:
-        msg = "the Dask fast path was imported but not loaded by kldiv_spec's dispatcher"
-        raise RuntimeError(msg)
-    return _evaluate
+#: The dispatcher's ``evaluate``: a chunk is evaluated as any call of its own library is.
+_connection = Connection("Dask")
+connect = _connection.connect
+_connected = _connection.evaluate
 
 
 def _chunk_library_kl_div(

@@ -33,31 +33,14 @@ from kldiv_spec._core import divide_total
 from kldiv_spec._floating_point import quiet
 from kldiv_spec._validation import LogitsOperands, check_grad_output, logits_operands
 
-from ._protocol import Evaluate
+from ._protocol import Connection, Evaluate
 
 __all__ = ["connect", "kl_div_from_logits", "kl_div_from_logits_backward"]
 
-#: The dispatcher's ``evaluate`` (:func:`connect`): a block of rows is evaluated as any
-#: call of its own library is.
-_evaluate: Evaluate | None = None
-
-
-def connect(evaluate: Evaluate, /) -> None:
-    """Receive the dispatcher's ``evaluate`` (:mod:`kldiv_spec.backends._protocol`)."""
-    global _evaluate
-    _evaluate = evaluate
-
-
-def _connected() -> Evaluate:
-    """Return the dispatcher's ``evaluate``, which travels with each task of the graph.
-
-    As in :mod:`kldiv_spec.backends.dask`: passed to the block functions as an argument,
-    so that workers in other processes evaluate blocks as this process would.
-    """
-    if _evaluate is None:
-        msg = "the Dask fast path was imported but not loaded by kldiv_spec's dispatcher"
-        raise RuntimeError(msg)
-    return _evaluate
+#: The dispatcher's ``evaluate``: a block of rows is evaluated as any call of its own library is.
+_connection = Connection("Dask")
+connect = _connection.connect
+_connected = _connection.evaluate
 
 
 def _from_logits(s: Any, t: Any, /, *, mask: Any, evaluate: Evaluate, **options: Any) -> Any:

@@ -57,18 +57,14 @@ __all__ = [
     "COMPILER",
     "FRONTS",
     "MIN_ELEMENTS",
-    "MIN_ELEMENTS_ENV",
     "front",
     "kl_div",
     "kl_div_backward",
 ]
 
-#: Environment variable that overrides :data:`MIN_ELEMENTS` (:mod:`kldiv_spec._settings`:
-#: ``0`` sends every call the front takes through the blocked or Triton kernels, for
-#: running the conformance suite on them).
-MIN_ELEMENTS_ENV = "KLDIV_SPEC_TORCH_MIN_ELEMENTS"
-#: By default, smaller calls go to ATen's own ``kl_div`` (through :func:`front`), whose
-#: per-call cost is lower.
+#: The default size threshold (``$KLDIV_SPEC_TORCH_MIN_ELEMENTS``,
+#: :mod:`kldiv_spec._settings`): smaller calls go to ATen's own ``kl_div`` (through
+#: :func:`front`), whose per-call cost is lower.
 MIN_ELEMENTS = _settings.TORCH_MIN_ELEMENTS
 
 _DTYPES = (torch.float32, torch.float64)

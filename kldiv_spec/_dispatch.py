@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from kldiv_spec import _settings
+from kldiv_spec._floating_point import numpy_backed
 from kldiv_spec.backends._registry import BACKENDS, BackendSpec, for_namespace
 
 __all__ = ["use_reference"]
@@ -261,9 +262,9 @@ def evaluate(function: str, xp: Any, /, *args: Any) -> Any:
     route = _ROUTES.get((function, xp))
     if route is None:
         route = _ROUTES[function, xp] = _route(function, xp)
-    module, reference, numpy_backed = route
+    module, reference, silence = route
     if module is not None and not reference_forced():
-        if numpy_backed:  # NaN and inf without RuntimeWarning, as in PyTorch
+        if silence:  # NaN and inf without RuntimeWarning, as in PyTorch
             with np.errstate(all="ignore"):
                 result = getattr(module, function)(*args)
         else:
@@ -288,8 +289,7 @@ def _route(function: str, xp: Any, /) -> tuple[ModuleType | None, Callable[..., 
     where = references.get(autograd, references[None])
     module_name, _, name = where.partition(":")
     reference = getattr(importlib.import_module(module_name), name)
-    numpy_backed = spec is not None and spec.name in ("numpy", "array_api_strict")
-    return module, reference, numpy_backed
+    return module, reference, numpy_backed(xp)
 
 
 def load(name: str, family: str = "kl_div", /) -> ModuleType:

@@ -17,11 +17,16 @@ import array_api_compat
 __all__: list[str] = []
 
 
+def numpy_backed(xp: Any, /) -> bool:
+    """Return whether ``xp`` computes with NumPy (and warns on NaN and inf)."""
+    return array_api_compat.is_numpy_namespace(
+        xp
+    ) or array_api_compat.is_array_api_strict_namespace(xp)
+
+
 def quiet(xp: Any, /) -> contextlib.AbstractContextManager[Any]:
     """Return a context in which ``xp`` computes NaN/inf silently."""
-    if array_api_compat.is_numpy_namespace(xp) or array_api_compat.is_array_api_strict_namespace(
-        xp
-    ):
+    if numpy_backed(xp):
         import numpy as np
 
         return np.errstate(all="ignore")
