@@ -366,7 +366,7 @@ def edge_table(text: str) -> str:
 def backend_table(text: str) -> str:
     """Replace the backend matrix with the one generated from the registry."""
     tool = _load_script(DOCS / "_tools" / "backend_table.py")
-    return tool._replaced(text)
+    return tool.replaced(text)
 
 
 # ----------------------------------------------------------------------------- Sphinx glue

@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from generated_region import run  # docs/_tools/generated_region.py
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by path
+    sys.path.append(str(Path(__file__).resolve().parent))
+from generated_region import replace_region, run  # docs/_tools/generated_region.py
 
 from kldiv_spec.backends._registry import BACKENDS, BackendSpec
 
@@ -57,6 +59,11 @@ def table() -> str:
     )
     lines = [START, header, "|" + "---|" * 8, *(_row(spec) for spec in BACKENDS), END]
     return "\n".join(lines)
+
+
+def replaced(text: str) -> str:
+    """Return the page ``text`` with its table regenerated (the docs build calls this)."""
+    return replace_region(text, START, END, table())
 
 
 def main(argv: list[str] | None = None) -> int:

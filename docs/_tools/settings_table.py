@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by path
+    sys.path.append(str(Path(__file__).resolve().parent))
 from generated_region import run  # docs/_tools/generated_region.py
 
 from kldiv_spec._settings import VARIABLES, Variable
