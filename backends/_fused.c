@@ -42,96 +42,20 @@
 #include <math.h>
 #include <string.h>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define KL_X86 1
-#include <immintrin.h>
-#else
-#define KL_X86 0
-#endif
+#include "_kl_simd.h"
 
 #if KL_X86
 
-/* R(f) coefficients, constant term first. */
-static const float KL_R[9] = {
-    3.3333331347e-01f, -2.4999989569e-01f, 2.0000708103e-01f,
-    -1.6668480635e-01f, 1.4249937236e-01f, -1.2411050498e-01f,
-    1.1661510915e-01f, -1.1571200937e-01f, 7.1497537196e-02f,
-};
-/* ln 2 = LN2_HEAD + LN2_TAIL; LN2_HEAD has 9 significant bits, so e * LN2_HEAD is exact. */
-#define KL_LN2_HEAD 0.693359375f
-#define KL_LN2_TAIL -2.12194440e-4f
-
-/* log of eight positive normal finite lanes: the common case, without fix-ups. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_log8_normal(__m256 w, __m256 e)
-{
-    const __m256 one = _mm256_set1_ps(1.0f);
-    __m256i bits = _mm256_castps_si256(w);
-    /* w = 2^(k + 1) m with m in [1/2, 1) */
-    __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
-    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
-        _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
-    e = _mm256_add_ps(e, _mm256_cvtepi32_ps(k));
-    /* m < sqrt(1/2): use 2m and e - 1, so that f = m - 1 lies in [sqrt(1/2) - 1, sqrt(2) - 1) */
-    __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.70710678118654752f), _CMP_LT_OQ);
-    __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(low, m)), one); /* exact */
-    e = _mm256_sub_ps(e, _mm256_and_ps(low, one));
-    __m256 z = _mm256_mul_ps(f, f);
-    __m256 r = _mm256_set1_ps(KL_R[8]);
-    for (int i = 7; i >= 0; i--) {
-        r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(KL_R[i]));
-    }
-    __m256 y = _mm256_mul_ps(_mm256_mul_ps(r, f), z);
-    y = _mm256_fmadd_ps(e, _mm256_set1_ps(KL_LN2_TAIL), y);
-    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
-    return _mm256_fmadd_ps(e, _mm256_set1_ps(KL_LN2_HEAD), _mm256_add_ps(f, y));
-}
-
-/* log of any eight lanes: subnormals scaled, zeros, negatives, infinities and NaN fixed up. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_log8_any(__m256 v)
-{
-    const __m256 zero = _mm256_setzero_ps();
-    const __m256 smallest_normal = _mm256_castsi256_ps(_mm256_set1_epi32(0x00800000));
-    __m256 subnormal = _mm256_cmp_ps(v, smallest_normal, _CMP_LT_OQ);
-    __m256 w = _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(8388608.0f)), subnormal);
-    __m256 result = kl_log8_normal(w, _mm256_and_ps(subnormal, _mm256_set1_ps(-23.0f)));
-    /* log(+-0) = -inf; log(t < 0) = log(NaN) = NaN; log(+inf) = +inf */
-    result = _mm256_blendv_ps(result, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(v, zero, _CMP_EQ_OQ));
-    result = _mm256_blendv_ps(result, _mm256_set1_ps(NAN), _mm256_cmp_ps(v, zero, _CMP_NGE_UQ));
-    result = _mm256_blendv_ps(result, v, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
-    return result;
-}
-
-/* log of eight lanes, taking the short way when every lane is positive, normal and finite. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_log8(__m256 v)
-{
-    const __m256 smallest_normal = _mm256_castsi256_ps(_mm256_set1_epi32(0x00800000));
-    /* not (smallest_normal <= v < inf): subnormal, zero, negative, infinite or NaN */
-    __m256 regular = _mm256_and_ps(_mm256_cmp_ps(v, smallest_normal, _CMP_GE_OQ),
-                                   _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
-    if (_mm256_movemask_ps(regular) == 0xff) {
-        return kl_log8_normal(v, _mm256_setzero_ps());
-    }
-    return kl_log8_any(v);
-}
-
 /* The pointwise loss of eight lanes: [t == 0 ? 0 : t log t] - t x, each product rounded. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_loss8(__m256 x, __m256 t)
+KL_TARGET static inline __m256 kl_loss8(__m256 x, __m256 t)
 {
     __m256 xlogy = _mm256_mul_ps(t, kl_log8(t));
     xlogy = _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_EQ_OQ), xlogy);
     return _mm256_sub_ps(xlogy, _mm256_mul_ps(t, x));
 }
 
-/* Eight floats from ``p``, which may start at any byte (an unaligned load). */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_load8(const unsigned char *p)
-{
-    __m256 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 /* The sum of the loss over ``n`` lanes of the byte buffers ``x`` and ``t`` (any alignment). */
-__attribute__((target("avx2,fma"))) static double kl_sum_avx2(const unsigned char *x,
+KL_TARGET static double kl_sum_avx2(const unsigned char *x,
                                                               const unsigned char *t, Py_ssize_t n)
 {
     __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
@@ -163,7 +87,7 @@ __attribute__((target("avx2,fma"))) static double kl_sum_avx2(const unsigned cha
 }
 
 /* log of ``n`` lanes of the byte buffer ``src`` into ``dst`` (any alignment). */
-__attribute__((target("avx2,fma"))) static void kl_log_avx2(const unsigned char *src,
+KL_TARGET static void kl_log_avx2(const unsigned char *src,
                                                             unsigned char *dst, Py_ssize_t n)
 {
     const size_t lane = sizeof(float);
@@ -181,36 +105,7 @@ __attribute__((target("avx2,fma"))) static void kl_log_avx2(const unsigned char 
     }
 }
 
-static int kl_have_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-#else
-
-static int kl_have_avx2(void) { return 0; }
-
 #endif
-
-/* Whether the buffer format ``format`` is one IEEE binary32 in this machine's byte order:
- * "f", "@f" (native), "=f" (native order, standard size: NumPy's format for an unaligned
- * float32 array), or the explicit order of this build ("<f" little-endian; ">f" or "!f"
- * big-endian). Any other byte order, or any other type, is not. */
-static int kl_native_float32_format(const char *format)
-{
-    if (format == NULL) { /* NULL means unsigned bytes */
-        return 0;
-    }
-#if PY_BIG_ENDIAN
-    if (*format == '@' || *format == '=' || *format == '>' || *format == '!') {
-#else
-    if (*format == '@' || *format == '=' || *format == '<') {
-#endif
-        format++;
-    }
-    return strcmp(format, "f") == 0;
-}
 
 /* A C-contiguous float32 buffer of ``obj`` (any alignment, this machine's byte order),
  * or -1 with a TypeError naming ``name``. */
@@ -222,7 +117,7 @@ static int kl_float32_buffer(PyObject *obj, Py_buffer *view, int flags, const ch
                      (flags & PyBUF_WRITABLE) ? " (writable)" : "");
         return -1;
     }
-    if (view->itemsize != 4 || !kl_native_float32_format(view->format)) {
+    if (view->itemsize != 4 || !kl_native_format(view->format, 'f')) {
         PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float32 buffer", name);
         PyBuffer_Release(view);
         return -1;

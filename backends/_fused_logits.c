@@ -91,16 +91,14 @@
 #include <math.h>
 #include <string.h>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define KL_X86 1
-#include <immintrin.h>
+#include "_kl_simd.h"
+
+#if KL_X86
 /* Built with -fno-wrapv (pyproject.toml): Python's CFLAGS bring -fwrapv, with which GCC
  * lays out the passes below about 1.5 times slower (register spills in the loops of pass
  * 2: dense rows with a gradient 1.39 ms against 0.92 ms per 16 x 32000 block, rows
  * mostly of -inf 2.5 times). Nothing here relies on signed overflow wrapping, and the
  * floating-point results are the same. */
-#else
-#define KL_X86 0
 #endif
 
 /* What one call computes. */
@@ -116,118 +114,8 @@ typedef struct {
 
 #if KL_X86
 
-/* P(r) ~ (e^r - 1 - r) / r^2 on [-0.3466, 0.3466], constant term first. */
-static const float KL_E[5] = {
-    4.9999988079e-01f, 1.6666518152e-01f, 4.1669536382e-02f, 8.3689261228e-03f,
-    1.3751373626e-03f,
-};
-#define KL_LOG2E 1.44269504088896341f
-/* ln 2 = LN2_HEAD + LN2_TAIL; LN2_HEAD has 9 significant bits, so n * LN2_HEAD is exact. */
-#define KL_LN2_HEAD 0.693359375f
-#define KL_LN2_TAIL -2.12194440e-4f
 
-/* e^r (in [0.7, 1.42]) and n, for x = n ln 2 + r. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8_reduced(__m256 x, __m256i *n)
-{
-    __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(KL_LOG2E)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r1 = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_HEAD), x); /* exact */
-    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), r1);
-    /* the rounding error of r: (r1 - r) - n LN2_TAIL */
-    __m256 c = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), _mm256_sub_ps(r1, r));
-    __m256 z = _mm256_mul_ps(r, r);
-    __m256 p = _mm256_set1_ps(KL_E[4]);
-    for (int i = 3; i >= 0; i--) {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(KL_E[i]));
-    }
-    /* 1 + r = h + lo exactly (Fast2Sum), then e^r = h + (lo + r^2 P(r)) */
-    const __m256 one = _mm256_set1_ps(1.0f);
-    __m256 h = _mm256_add_ps(one, r);
-    __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(one, h), r), c);
-    *n = _mm256_cvtps_epi32(nf);
-    return _mm256_add_ps(h, _mm256_fmadd_ps(p, z, lo));
-}
-
-/* 2^k for integer lanes -126 <= k <= 127. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_pow2(__m256i k)
-{
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-}
-
-/* exp of any eight lanes. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8_any(__m256 x)
-{
-    /* clamp (max_ps returns its second operand where the first is NaN) */
-    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
-    __m256i n;
-    __m256 p = kl_exp8_reduced(xc, &n);
-    __m256i n1 = _mm256_srai_epi32(n, 1); /* n in [-150, 129]: both halves in [-75, 65] */
-    __m256i n2 = _mm256_sub_epi32(n, n1);
-    __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, kl_pow2(n1)), kl_pow2(n2));
-    result = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), result);
-    return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays */
-}
-
-/* exp of eight lanes, the short way when every result is normal. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_exp8(__m256 x)
-{
-    /* Lanes below -104 (excluded classes: -inf) are +0: eight of them need no exp, and
-     * with the other lanes normal the short way serves them too (its value in those
-     * lanes, NaN for -inf, is dropped). One predictable branch for dense logits and for
-     * logits with excluded classes scattered among them. */
-    __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ);
-    __m256 regular = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-86.5f), _CMP_GE_OQ),
-                                   _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_LE_OQ));
-    int zero_bits = _mm256_movemask_ps(zero);
-    if (zero_bits == 0xff) {
-        return _mm256_setzero_ps();
-    }
-    if ((zero_bits | _mm256_movemask_ps(regular)) == 0xff) {
-        __m256i n;
-        __m256 p = kl_exp8_reduced(x, &n);
-        return _mm256_andnot_ps(zero, _mm256_castsi256_ps(_mm256_add_epi32(
-                                          _mm256_castps_si256(p), _mm256_slli_epi32(n, 23))));
-    }
-    return kl_exp8_any(x);
-}
-
-__attribute__((target("avx2,fma"))) static inline __m256 kl_load8(const unsigned char *p)
-{
-    __m256 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-__attribute__((target("avx2,fma"))) static inline void kl_store8(unsigned char *p, __m256 v)
-{
-    memcpy(p, &v, sizeof v);
-}
-
-/* ``rest`` (< 8) floats from ``p`` in the low lanes, zeros above. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_load_tail(const unsigned char *p,
-                                                                     Py_ssize_t rest)
-{
-    float buffer[8] = {0};
-    memcpy(buffer, p, (size_t)rest * sizeof(float));
-    return _mm256_loadu_ps(buffer);
-}
-
-__attribute__((target("avx2,fma"))) static inline void kl_store_tail(unsigned char *p, __m256 v,
-                                                                    Py_ssize_t rest)
-{
-    float buffer[8];
-    _mm256_storeu_ps(buffer, v);
-    memcpy(p, buffer, (size_t)rest * sizeof(float));
-}
-
-/* All ones in the low ``rest`` lanes. */
-__attribute__((target("avx2,fma"))) static inline __m256 kl_lanes(Py_ssize_t rest)
-{
-    __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)rest), index));
-}
-
-__attribute__((target("avx2,fma"))) static inline __m256 kl_scaled8(__m256 v,
+KL_TARGET static inline __m256 kl_scaled8(__m256 v,
                                                                    const kl_options *o)
 {
     return o->multiply ? _mm256_mul_ps(v, _mm256_set1_ps(o->inverse))
@@ -240,7 +128,7 @@ static inline float kl_scaled1(float v, const kl_options *o)
 }
 
 /* The largest of the lanes of ``m`` and the ``rest`` floats at ``p`` (NaN ignored). */
-__attribute__((target("avx2,fma"))) static float kl_max_finish(__m256 m0, const unsigned char *p,
+KL_TARGET static float kl_max_finish(__m256 m0, const unsigned char *p,
                                                               Py_ssize_t rest)
 {
     float lanes[8];
@@ -258,7 +146,7 @@ __attribute__((target("avx2,fma"))) static float kl_max_finish(__m256 m0, const 
 }
 
 /* The largest of ``n`` floats at ``p`` (NaN ignored; -inf for none). */
-__attribute__((target("avx2,fma"))) static float kl_max(const unsigned char *p, Py_ssize_t n)
+KL_TARGET static float kl_max(const unsigned char *p, Py_ssize_t n)
 {
     const size_t lane = sizeof(float);
     __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
@@ -277,13 +165,13 @@ __attribute__((target("avx2,fma"))) static float kl_max(const unsigned char *p, 
 }
 
 /* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
-__attribute__((target("avx2,fma"))) static inline void kl_accumulate(__m256d *acc, __m256 v)
+KL_TARGET static inline void kl_accumulate(__m256d *acc, __m256 v)
 {
     acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
 }
 
-__attribute__((target("avx2,fma"))) static inline double kl_total(const __m256d *acc)
+KL_TARGET static inline double kl_total(const __m256d *acc)
 {
     double lanes[4];
     _mm256_storeu_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
@@ -297,7 +185,7 @@ __attribute__((target("avx2,fma"))) static inline double kl_total(const __m256d 
  * also stored at ``es_out`` and ``et_out`` where these are not NULL. Pass 1 of the next
  * row (``next_s``, ``next_t``; NULL for none) runs in the same loop, so that its reads
  * from memory overlap this row's arithmetic: its maxima go to ``next_max``. */
-__attribute__((target("avx2,fma"))) static void kl_sums(const unsigned char *s,
+KL_TARGET static void kl_sums(const unsigned char *s,
                                                        const unsigned char *t, Py_ssize_t n,
                                                        float ms, float mt, const kl_options *o,
                                                        int sums_only, unsigned char *es_out,
@@ -377,7 +265,7 @@ typedef struct {
  * ``a`` = cG / Z_s and ``k`` = C - KL reverse) and the terms (``f`` = factor / Z_w,
  * ``c`` = C). A stored exponential may live in the output it is replaced by: each
  * vector is read before it is written. */
-__attribute__((target("avx2,fma"))) static void kl_outputs(const kl_row *row, Py_ssize_t n,
+KL_TARGET static void kl_outputs(const kl_row *row, Py_ssize_t n,
                                                           float ms, float mt,
                                                           const kl_options *o, float a, float b,
                                                           float k, float f, float c)
@@ -507,7 +395,7 @@ static inline int kl_weight(float x, double log_z)
  * factor cannot be told from the float32 rounding of its probability (a log-probability
  * between -105 and -87), or where every class with d = +inf has such a tiny weight (the
  * divergence is then finite), it returns -1 and the row goes to the reference. */
-__attribute__((target("avx2,fma"))) static int kl_special_row(const kl_row *row, Py_ssize_t n,
+KL_TARGET static int kl_special_row(const kl_row *row, Py_ssize_t n,
                                                              float ms, float mt,
                                                              const kl_options *o, double zs,
                                                              double zt, double *value)
@@ -660,7 +548,7 @@ static int kl_scratch_needed(const kl_options *o, int have_grad)
 
 /* Every row of the block (see the top of this file); ``scratch`` holds one row of floats
  * where kl_scratch_needed says so (NULL otherwise). */
-__attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
+KL_TARGET static void kl_rows(const unsigned char *s,
                                                        const unsigned char *t, Py_ssize_t rows,
                                                        Py_ssize_t vocab, unsigned char *kl,
                                                        unsigned char *grad,
@@ -746,7 +634,7 @@ __attribute__((target("avx2,fma"))) static void kl_rows(const unsigned char *s,
 }
 
 /* exp of ``n`` lanes of ``src`` into ``dst`` (any alignment). */
-__attribute__((target("avx2,fma"))) static void kl_exp_avx2(const unsigned char *src,
+KL_TARGET static void kl_exp_avx2(const unsigned char *src,
                                                            unsigned char *dst, Py_ssize_t n)
 {
     const size_t lane = sizeof(float);
@@ -759,34 +647,7 @@ __attribute__((target("avx2,fma"))) static void kl_exp_avx2(const unsigned char 
     }
 }
 
-static int kl_have_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-#else
-
-static int kl_have_avx2(void) { return 0; }
-
 #endif
-
-/* Whether ``format`` is the one-character ``code`` in this machine's byte order ("f",
- * "@f", "=f" or the explicit order of this build, and the same for "d"). */
-static int kl_native_format(const char *format, char code)
-{
-    if (format == NULL) {
-        return 0;
-    }
-#if PY_BIG_ENDIAN
-    if (*format == '@' || *format == '=' || *format == '>' || *format == '!') {
-#else
-    if (*format == '@' || *format == '=' || *format == '<') {
-#endif
-        format++;
-    }
-    return format[0] == code && format[1] == '\0';
-}
 
 /* A C-contiguous buffer of ``obj`` holding ``code`` values ('f' float32, 'd' float64),
  * writable if asked: 0, or -1 with a TypeError naming ``name``. */

@@ -1,0 +1,331 @@
+/*
+ * The vector arithmetic the compiled kernels share (backends/_fused.c, _fused_logits.c and
+ * _fused_jsd.c include it): float32 exp and log eight lanes at a time (AVX2 and FMA), their
+ * loads and stores at any alignment, the conversions from and to bfloat16 and float16, the
+ * CPU feature checks and the buffer-format test. Every function is static inline: each
+ * kernel compiles its own copy. The accuracy of exp is stated in _fused_logits.c and that of
+ * log in _fused.c (benchmarks/exp_sweep.py and benchmarks/log_sweep.py measure them).
+ *
+ * Half precision: a bfloat16 is the upper 16 bits of a float32, so widening is a shift,
+ * exact; narrowing rounds to nearest, ties to even, and keeps NaN a (quiet) NaN. float16
+ * uses the F16C instructions (vcvtph2ps, exact, and vcvtps2ph with round to nearest even),
+ * so the kernels need F16C at run time as well (kl_have_avx2 checks it).
+ */
+#ifndef KL_SIMD_H
+#define KL_SIMD_H
+
+#include <Python.h>
+
+#include <math.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define KL_X86 1
+#include <immintrin.h>
+/* Every vector function is compiled for AVX2, FMA and F16C (chosen at run time:
+ * kl_have_avx2), so that each inlines into the others. */
+#define KL_TARGET __attribute__((target("avx2,fma,f16c")))
+#else
+#define KL_X86 0
+#endif
+
+/* The element types of the kernels' inputs and outputs. */
+typedef enum { KL_F32 = 0, KL_BF16 = 1, KL_F16 = 2 } kl_format;
+
+/* Bytes per element of ``format``. */
+static inline size_t kl_format_size(kl_format format) { return format == KL_F32 ? 4 : 2; }
+
+#if KL_X86
+
+/* ln 2 = LN2_HEAD + LN2_TAIL; LN2_HEAD has 9 significant bits, so n * LN2_HEAD is exact. */
+#define KL_LN2_HEAD 0.693359375f
+#define KL_LN2_TAIL -2.12194440e-4f
+
+/* --- exp ---------------------------------------------------------------------------------- */
+
+/* P(r) ~ (e^r - 1 - r) / r^2 on [-0.3466, 0.3466], constant term first. */
+static const float KL_E[5] = {
+    4.9999988079e-01f, 1.6666518152e-01f, 4.1669536382e-02f, 8.3689261228e-03f,
+    1.3751373626e-03f,
+};
+#define KL_LOG2E 1.44269504088896341f
+
+/* e^r (in [0.7, 1.42]) and n, for x = n ln 2 + r. */
+KL_TARGET static inline __m256 kl_exp8_reduced(__m256 x, __m256i *n)
+{
+    __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(KL_LOG2E)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r1 = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_HEAD), x); /* exact */
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), r1);
+    /* the rounding error of r: (r1 - r) - n LN2_TAIL */
+    __m256 c = _mm256_fnmadd_ps(nf, _mm256_set1_ps(KL_LN2_TAIL), _mm256_sub_ps(r1, r));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_set1_ps(KL_E[4]);
+    for (int i = 3; i >= 0; i--) {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(KL_E[i]));
+    }
+    /* 1 + r = h + lo exactly (Fast2Sum), then e^r = h + (lo + r^2 P(r)) */
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 h = _mm256_add_ps(one, r);
+    __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_sub_ps(one, h), r), c);
+    *n = _mm256_cvtps_epi32(nf);
+    return _mm256_add_ps(h, _mm256_fmadd_ps(p, z, lo));
+}
+
+/* 2^k for integer lanes -126 <= k <= 127. */
+KL_TARGET static inline __m256 kl_pow2(__m256i k)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+/* exp of any eight lanes. */
+KL_TARGET static inline __m256 kl_exp8_any(__m256 x)
+{
+    /* clamp (max_ps returns its second operand where the first is NaN) */
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+    __m256i n;
+    __m256 p = kl_exp8_reduced(xc, &n);
+    __m256i n1 = _mm256_srai_epi32(n, 1); /* n in [-150, 129]: both halves in [-75, 65] */
+    __m256i n2 = _mm256_sub_epi32(n, n1);
+    __m256 result = _mm256_mul_ps(_mm256_mul_ps(p, kl_pow2(n1)), kl_pow2(n2));
+    result = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), result);
+    return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays */
+}
+
+/* exp of eight lanes, the short way when every result is normal. */
+KL_TARGET static inline __m256 kl_exp8(__m256 x)
+{
+    /* Lanes below -104 (excluded classes: -inf) are +0: eight of them need no exp, and
+     * with the other lanes normal the short way serves them too (its value in those
+     * lanes, NaN for -inf, is dropped). One predictable branch for dense logits and for
+     * logits with excluded classes scattered among them. */
+    __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(-104.0f), _CMP_LT_OQ);
+    __m256 regular = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-86.5f), _CMP_GE_OQ),
+                                   _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_LE_OQ));
+    int zero_bits = _mm256_movemask_ps(zero);
+    if (zero_bits == 0xff) {
+        return _mm256_setzero_ps();
+    }
+    if ((zero_bits | _mm256_movemask_ps(regular)) == 0xff) {
+        __m256i n;
+        __m256 p = kl_exp8_reduced(x, &n);
+        return _mm256_andnot_ps(zero, _mm256_castsi256_ps(_mm256_add_epi32(
+                                          _mm256_castps_si256(p), _mm256_slli_epi32(n, 23))));
+    }
+    return kl_exp8_any(x);
+}
+
+KL_TARGET static inline __m256 kl_load8(const unsigned char *p)
+{
+    __m256 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+KL_TARGET static inline void kl_store8(unsigned char *p, __m256 v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* ``rest`` (< 8) floats from ``p`` in the low lanes, zeros above. */
+KL_TARGET static inline __m256 kl_load_tail(const unsigned char *p,
+                                                                     Py_ssize_t rest)
+{
+    float buffer[8] = {0};
+    memcpy(buffer, p, (size_t)rest * sizeof(float));
+    return _mm256_loadu_ps(buffer);
+}
+
+KL_TARGET static inline void kl_store_tail(unsigned char *p, __m256 v,
+                                                                    Py_ssize_t rest)
+{
+    float buffer[8];
+    _mm256_storeu_ps(buffer, v);
+    memcpy(p, buffer, (size_t)rest * sizeof(float));
+}
+
+/* All ones in the low ``rest`` lanes. */
+KL_TARGET static inline __m256 kl_lanes(Py_ssize_t rest)
+{
+    __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)rest), index));
+}
+
+/* --- log ---------------------------------------------------------------------------------- */
+
+
+/* R(f) coefficients, constant term first. */
+static const float KL_R[9] = {
+    3.3333331347e-01f, -2.4999989569e-01f, 2.0000708103e-01f,
+    -1.6668480635e-01f, 1.4249937236e-01f, -1.2411050498e-01f,
+    1.1661510915e-01f, -1.1571200937e-01f, 7.1497537196e-02f,
+};
+
+/* log of eight positive normal finite lanes: the common case, without fix-ups. */
+KL_TARGET static inline __m256 kl_log8_normal(__m256 w, __m256 e)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256i bits = _mm256_castps_si256(w);
+    /* w = 2^(k + 1) m with m in [1/2, 1) */
+    __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+    e = _mm256_add_ps(e, _mm256_cvtepi32_ps(k));
+    /* m < sqrt(1/2): use 2m and e - 1, so that f = m - 1 lies in [sqrt(1/2) - 1, sqrt(2) - 1) */
+    __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.70710678118654752f), _CMP_LT_OQ);
+    __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(low, m)), one); /* exact */
+    e = _mm256_sub_ps(e, _mm256_and_ps(low, one));
+    __m256 z = _mm256_mul_ps(f, f);
+    __m256 r = _mm256_set1_ps(KL_R[8]);
+    for (int i = 7; i >= 0; i--) {
+        r = _mm256_fmadd_ps(r, f, _mm256_set1_ps(KL_R[i]));
+    }
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(r, f), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(KL_LN2_TAIL), y);
+    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+    return _mm256_fmadd_ps(e, _mm256_set1_ps(KL_LN2_HEAD), _mm256_add_ps(f, y));
+}
+
+/* log of any eight lanes: subnormals scaled, zeros, negatives, infinities and NaN fixed up. */
+KL_TARGET static inline __m256 kl_log8_any(__m256 v)
+{
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 smallest_normal = _mm256_castsi256_ps(_mm256_set1_epi32(0x00800000));
+    __m256 subnormal = _mm256_cmp_ps(v, smallest_normal, _CMP_LT_OQ);
+    __m256 w = _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(8388608.0f)), subnormal);
+    __m256 result = kl_log8_normal(w, _mm256_and_ps(subnormal, _mm256_set1_ps(-23.0f)));
+    /* log(+-0) = -inf; log(t < 0) = log(NaN) = NaN; log(+inf) = +inf */
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(v, zero, _CMP_EQ_OQ));
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(NAN), _mm256_cmp_ps(v, zero, _CMP_NGE_UQ));
+    result = _mm256_blendv_ps(result, v, _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+    return result;
+}
+
+/* log of eight lanes, taking the short way when every lane is positive, normal and finite. */
+KL_TARGET static inline __m256 kl_log8(__m256 v)
+{
+    const __m256 smallest_normal = _mm256_castsi256_ps(_mm256_set1_epi32(0x00800000));
+    /* not (smallest_normal <= v < inf): subnormal, zero, negative, infinite or NaN */
+    __m256 regular = _mm256_and_ps(_mm256_cmp_ps(v, smallest_normal, _CMP_GE_OQ),
+                                   _mm256_cmp_ps(v, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
+    if (_mm256_movemask_ps(regular) == 0xff) {
+        return kl_log8_normal(v, _mm256_setzero_ps());
+    }
+    return kl_log8_any(v);
+}
+
+/* --- half precision ----------------------------------------------------------------------- */
+
+/* Eight bfloat16 at ``p`` (any alignment) as float32: exact. */
+KL_TARGET static inline __m256 kl_load8_bf16(const unsigned char *p)
+{
+    __m128i h;
+    memcpy(&h, p, sizeof h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Eight float16 at ``p`` (any alignment) as float32: exact (needs F16C). */
+KL_TARGET static inline __m256 kl_load8_f16(const unsigned char *p)
+{
+    __m128i h;
+    memcpy(&h, p, sizeof h);
+    return _mm256_cvtph_ps(h);
+}
+
+/* Eight float32 rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN). */
+KL_TARGET static inline __m128i kl_to_bf16(__m256 v)
+{
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* Eight float32 rounded to float16 (to nearest, ties to even; needs F16C). */
+KL_TARGET static inline __m128i kl_to_f16(__m256 v)
+{
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+/* Eight elements of ``format`` at ``p`` (any alignment) as float32. */
+KL_TARGET static inline __m256 kl_load8_as(const unsigned char *p,
+                                                                         kl_format format)
+{
+    switch (format) {
+    case KL_BF16:
+        return kl_load8_bf16(p);
+    case KL_F16:
+        return kl_load8_f16(p);
+    default:
+        return kl_load8(p);
+    }
+}
+
+/* ``rest`` (< 8) elements of ``format`` at ``p`` in the low lanes, zeros above. */
+KL_TARGET static inline __m256 kl_load_tail_as(
+    const unsigned char *p, Py_ssize_t rest, kl_format format)
+{
+    unsigned char buffer[32] = {0};
+    memcpy(buffer, p, (size_t)rest * kl_format_size(format));
+    return kl_load8_as(buffer, format);
+}
+
+/* Eight float32 lanes stored at ``p`` as ``format`` (rounded to nearest for half). */
+KL_TARGET static inline void kl_store8_as(unsigned char *p, __m256 v,
+                                                                        kl_format format)
+{
+    if (format == KL_F32) {
+        kl_store8(p, v);
+        return;
+    }
+    __m128i h = format == KL_BF16 ? kl_to_bf16(v) : kl_to_f16(v);
+    memcpy(p, &h, sizeof h);
+}
+
+/* The low ``rest`` (< 8) lanes stored at ``p`` as ``format``. */
+KL_TARGET static inline void kl_store_tail_as(
+    unsigned char *p, __m256 v, Py_ssize_t rest, kl_format format)
+{
+    unsigned char buffer[32];
+    kl_store8_as(buffer, v, format);
+    memcpy(p, buffer, (size_t)rest * kl_format_size(format));
+}
+
+/* Whether this CPU has AVX2, FMA and F16C (every kernel needs them; every x86 CPU with
+ * AVX2 has F16C too). */
+static inline int kl_have_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+
+#else
+
+static inline int kl_have_avx2(void) { return 0; }
+
+#endif
+
+/* Whether the buffer format ``format`` is the one-character ``code`` in this machine's byte
+ * order: "f", "@f" (native), "=f" (native order, standard size: NumPy's format for an
+ * unaligned array), or the explicit order of this build ("<f" little-endian; ">f" or "!f"
+ * big-endian); the same for any other code ('d', 'e', 'H'). NULL (unsigned bytes) is not. */
+static inline int kl_native_format(const char *format, char code)
+{
+    if (format == NULL) {
+        return 0;
+    }
+#if PY_BIG_ENDIAN
+    if (*format == '@' || *format == '=' || *format == '>' || *format == '!') {
+#else
+    if (*format == '@' || *format == '=' || *format == '<') {
+#endif
+        format++;
+    }
+    return format[0] == code && format[1] == '\0';
+}
+
+#endif /* KL_SIMD_H */
