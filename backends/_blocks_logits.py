@@ -52,10 +52,21 @@ NaN logit, or whose quotient :math:`z / T` or shift :math:`\bar z - m` overflows
 has sums that are not finite, and the kernel returns NaN for it: the rows above,
 and those where an excluded class meets a positive weight, whose ``+inf`` the
 reference gives.
+
+Half-precision logits (float16, and bfloat16 as the int16 view of a tensor's bits,
+``bfloat16=True``) take the same kernel only (``rows_half``; NumPy's ufuncs would
+compute in the half dtype, where the reference computes in float32): each row is
+widened exactly into a float32 scratch row, evaluated by the float32 passes, and
+its gradient or terms rounded once (to nearest, ties to even) to the dtype. So
+the values are the float32 kernel's on the widened logits, rounded once; the
+inputs are read in their own width and nothing larger than a few rows is copied.
+Rows the kernel leaves to the reference are evaluated in float32 and rounded the
+same way (:func:`narrow`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,19 +91,31 @@ BLOCK_ELEMENTS = 1 << 19
 REDO_BITS = 0x7FF8000000000BAD
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT16 = np.dtype(np.float16)
+#: How bfloat16 logits reach the kernel: the bits of a ``torch.bfloat16`` tensor, viewed
+#: zero-copy as int16 (NumPy has no bfloat16); only with ``bfloat16=True``.
+_BFLOAT16_BITS = (np.dtype(np.int16), np.dtype(np.uint16))
 
 
-def supported(*arrays: Any) -> bool:
-    """Return whether the kernels take these 2-d arrays (C-contiguous float32 or float64)."""
+def supported(*arrays: Any, bfloat16: bool = False) -> bool:
+    """Return whether the kernels take these 2-d C-contiguous arrays of one dtype.
+
+    float32 and float64 always (NumPy's ufuncs where the compiled kernel is not
+    available); float16, and the int16 bits of bfloat16 logits (``bfloat16=True``),
+    only where the compiled kernel runs, since they are computed in float32 by it.
+    """
     first = arrays[0]
-    return all(
+    dtypes = _BFLOAT16_BITS if bfloat16 else (*_DTYPES, _FLOAT16)
+    if not all(
         type(a) is np.ndarray
         and a.ndim == 2
         and a.dtype == first.dtype
-        and a.dtype in _DTYPES
+        and a.dtype in dtypes
         and a.flags.c_contiguous
         for a in arrays
-    )
+    ):
+        return False
+    return first.dtype in _DTYPES or (first.shape[1] > 0 and _half_kernel(bfloat16) is not None)
 
 
 def _kernel() -> Callable[..., Any] | None:
@@ -100,6 +123,17 @@ def _kernel() -> Callable[..., Any] | None:
     if not _settings.current.numpy_fused or _fused_logits is None:
         return None
     return _fused_logits.rows_f32 if _fused_logits.available() else None
+
+
+def _half_kernel(bfloat16: bool) -> Callable[..., Any] | None:
+    """Return the compiled kernel for float16 (or bfloat16) logits, or None."""
+    if _kernel() is None:
+        return None
+    return functools.partial(_half_rows, _fused_logits.rows_half, bfloat16)
+
+
+def _half_rows(rows_half: Callable[..., Any], bfloat16: bool, *args: Any) -> Any:
+    return rows_half(*args, bfloat16)
 
 
 def fused_available() -> bool:
@@ -111,15 +145,43 @@ def _float32_kernel(s: np.ndarray, temperature: float) -> Callable[..., Any] | N
     """Return the compiled kernel if it takes these logits (float32, a class or more), or None.
 
     The quotient ``s / T`` of float32 logits is computed with ``T`` rounded to float32;
-    the kernel takes temperatures whose float32 value is a positive normal number.
+    the kernel takes temperatures whose float32 value is a positive normal number
+    (every temperature :func:`kldiv_spec._validation.check_temperature` lets through).
+    Half-precision logits (float16, bfloat16 bits) always take it (:func:`supported`).
     """
-    if s.dtype != np.float32 or s.shape[1] == 0:
+    if s.dtype != np.float32 and s.dtype != _FLOAT16 and s.dtype not in _BFLOAT16_BITS:
+        return None
+    if s.shape[1] == 0:
         return None
     with np.errstate(over="ignore"):
         t32 = np.float32(temperature)
     if not (np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal):
         return None
-    return _kernel()
+    if s.dtype == np.float32:
+        return _kernel()
+    return _half_kernel(s.dtype in _BFLOAT16_BITS)
+
+
+def widen(a: np.ndarray, /) -> np.ndarray:
+    """Return half-precision logits (float16, or bfloat16 bits) as float32 (exact)."""
+    if a.dtype in _BFLOAT16_BITS:
+        return (a.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return a.astype(np.float32)
+
+
+def narrow(values: np.ndarray, dtype: np.dtype[Any], /) -> np.ndarray:
+    """Return float32 ``values`` rounded (to nearest, ties to even) to ``dtype``.
+
+    ``dtype`` is float16, or int16 for bfloat16 bits (NaN stays a quiet NaN); any
+    other dtype is a plain cast.
+    """
+    if dtype not in _BFLOAT16_BITS:
+        return values.astype(dtype)
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    odd = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded = (bits + (np.uint32(0x7FFF) + odd)) >> np.uint32(16)
+    quiet = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(np.isnan(values), quiet, rounded).astype(np.uint16).view(dtype)
 
 
 def rows_per_block(vocab: int, /) -> int:
@@ -184,6 +246,8 @@ def from_logits(
     forward = direction == "forward"
     softmax_only = forward and not need_loss and grad is not None and terms_out is None
     kernel = _float32_kernel(s, temperature)
+    # half precision is computed in float32 by the kernel only (supported() checks it)
+    assert kernel is not None or dt in _DTYPES
 
     def compiled(stripe: Sequence[int]) -> list[Any]:
         assert kernel is not None
@@ -267,14 +331,16 @@ def _fix_rows(
     rows = np.flatnonzero(redo)
     if rows.size:
         sr, tr = s[rows], t[rows]
+        if sr.dtype not in _DTYPES:  # half precision: evaluated in float32, rounded once
+            sr, tr = widen(sr), widen(tr)
         with np.errstate(all="ignore"):
             lq, lp = _core_logits.log_probabilities(sr, tr, temperature=temperature, axis=1, xp=np)
             e = _core_logits.terms(lq, lp, direction=direction, xp=np)
             kl[rows] = np.add.reduce(e, axis=1)
             if terms_out is not None:
-                terms_out[rows] = e * factor if factor != 1.0 else e
+                terms_out[rows] = narrow(e * factor if factor != 1.0 else e, terms_out.dtype)
             if grad is not None:
-                g = np.asarray(grad_scale, dtype=s.dtype)
+                g = np.asarray(grad_scale, dtype=sr.dtype)
                 gs, _ = _core_logits.from_logits_backward(
                     g,
                     sr,
@@ -289,7 +355,7 @@ def _fix_rows(
                     xp=np,
                 )
                 # from_logits_backward scales by 1 / T; grad_scale already holds c = k / T
-                grad[rows] = gs * temperature
+                grad[rows] = narrow(gs * temperature, grad.dtype)
     if kept is not None:
         dropped = ~kept
         kl[dropped] = 0.0

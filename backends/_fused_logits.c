@@ -81,7 +81,13 @@
  *
  * The build passes -ffp-contract=off: only the explicit FMAs of exp are fused. The buffers
  * may start at any byte and are read and written with memcpy (unaligned loads and stores).
- * Without AVX2 and FMA at run time (or on another architecture) rows_f32 and exp_f32
+ * rows_half(..., bfloat16) takes float16 logits (buffers 'e') or the bits of bfloat16 ones
+ * (int16 or uint16 buffers): each row is widened exactly into a float32 scratch row, evaluated
+ * by the passes above as one float32 row, and its gradient and terms rounded once, to nearest
+ * even, to the dtype (kl_rows_half). Its values are thus rows_f32's on the widened logits,
+ * rounded once; it reads the inputs in their own width and holds five rows of float32 scratch.
+ *
+ * Without AVX2, FMA and F16C at run time (or on another architecture) rows_f32, rows_half and exp_f32
  * return NotImplemented and the caller uses NumPy's ufuncs. The GIL is released while a
  * block is evaluated, so the blocks of one call run in parallel on the caller's threads.
  */
@@ -633,6 +639,63 @@ KL_TARGET static void kl_rows(const unsigned char *s,
     }
 }
 
+/* ``n`` elements of ``format`` at ``src`` widened to float32 at ``dst`` (exact). */
+KL_TARGET static void kl_widen(const unsigned char *src, unsigned char *dst, Py_ssize_t n,
+                               kl_format format)
+{
+    const size_t size = kl_format_size(format), lane = sizeof(float);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        kl_store8(dst + i * lane, kl_load8_as(src + i * size, format));
+    }
+    if (i < n) {
+        kl_store_tail(dst + i * lane, kl_load_tail_as(src + i * size, n - i, format), n - i);
+    }
+}
+
+/* ``n`` floats at ``src`` rounded (to nearest, ties to even) to ``format`` at ``dst``. */
+KL_TARGET static void kl_narrow(const unsigned char *src, unsigned char *dst, Py_ssize_t n,
+                                kl_format format)
+{
+    const size_t size = kl_format_size(format), lane = sizeof(float);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        kl_store8_as(dst + i * size, kl_load8(src + i * lane), format);
+    }
+    if (i < n) {
+        kl_store_tail_as(dst + i * size, kl_load_tail(src + i * lane, n - i), n - i, format);
+    }
+}
+
+/* The rows of a half-precision block: each row widened (exactly) into float32 scratch rows,
+ * evaluated by kl_rows as one float32 row, and its gradient and terms rounded once to
+ * ``format``. So the values are those of the float32 kernel on the widened logits, rounded
+ * to the dtype, and no float32 copy larger than a few rows exists. ``work`` holds
+ * KL_HALF_WORK_ROWS rows of floats. */
+#define KL_HALF_WORK_ROWS 5
+KL_TARGET static void kl_rows_half(const unsigned char *s, const unsigned char *t,
+                                   Py_ssize_t rows, Py_ssize_t vocab, unsigned char *kl,
+                                   unsigned char *grad, unsigned char *terms,
+                                   unsigned char *work, const kl_options *o, kl_format format)
+{
+    const size_t half_row = (size_t)vocab * kl_format_size(format);
+    const size_t float_row = (size_t)vocab * sizeof(float);
+    unsigned char *sf = work, *tf = work + float_row, *gf = work + 2 * float_row;
+    unsigned char *ef = work + 3 * float_row, *scratch = work + 4 * float_row;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        kl_widen(s + r * half_row, sf, vocab, format);
+        kl_widen(t + r * half_row, tf, vocab, format);
+        kl_rows(sf, tf, 1, vocab, kl == NULL ? NULL : kl + r * sizeof(double),
+                grad == NULL ? NULL : gf, terms == NULL ? NULL : ef, scratch, o);
+        if (grad != NULL) {
+            kl_narrow(gf, grad + r * half_row, vocab, format);
+        }
+        if (terms != NULL) {
+            kl_narrow(ef, terms + r * half_row, vocab, format);
+        }
+    }
+}
+
 /* exp of ``n`` lanes of ``src`` into ``dst`` (any alignment). */
 KL_TARGET static void kl_exp_avx2(const unsigned char *src,
                                                            unsigned char *dst, Py_ssize_t n)
@@ -649,11 +712,32 @@ KL_TARGET static void kl_exp_avx2(const unsigned char *src,
 
 #endif
 
-/* A C-contiguous buffer of ``obj`` holding ``code`` values ('f' float32, 'd' float64),
- * writable if asked: 0, or -1 with a TypeError naming ``name``. */
-static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, char code, const char *name)
+/* The buffer format codes of an element type: float32 'f'; bfloat16 (no buffer code of its
+ * own: the bits, as NumPy's int16 or uint16 views of a torch.bfloat16 tensor) 'h' or 'H';
+ * float16 'e'; and float64 'd' for the divergences. */
+static int kl_format_code(const char *format, kl_format element, int float64)
 {
-    const char *what = code == 'f' ? "float32" : "float64";
+    if (float64) {
+        return kl_native_format(format, 'd');
+    }
+    switch (element) {
+    case KL_BF16:
+        return kl_native_format(format, 'h') || kl_native_format(format, 'H');
+    case KL_F16:
+        return kl_native_format(format, 'e');
+    default:
+        return kl_native_format(format, 'f');
+    }
+}
+
+/* A C-contiguous buffer of ``obj`` holding ``element`` values (or float64 ones when
+ * ``float64``), writable if asked: 0, or -1 with a TypeError naming ``name``. */
+static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, kl_format element,
+                     int float64, const char *name)
+{
+    static const char *names[] = {"float32", "bfloat16 (int16 or uint16 bits)", "float16"};
+    const char *what = float64 ? "float64" : names[element];
+    const Py_ssize_t size = float64 ? 8 : (Py_ssize_t)kl_format_size(element);
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
         PyErr_Clear();
@@ -661,7 +745,7 @@ static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, char code, co
                      writable ? " (writable)" : "");
         return -1;
     }
-    if (view->itemsize != (code == 'f' ? 4 : 8) || !kl_native_format(view->format, code)) {
+    if (view->itemsize != size || !kl_format_code(view->format, element, float64)) {
         PyBuffer_Release(view);
         PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer", name, what);
         return -1;
@@ -669,15 +753,9 @@ static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, char code, co
     return 0;
 }
 
-static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* rows_f32 and rows_half: ``element`` the logits' (and outputs') element type. */
+static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
 {
-    (void)module;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError,
-                        "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, "
-                        "factor, reverse) takes ten arguments");
-        return NULL;
-    }
     if (!kl_have_avx2()) {
         Py_RETURN_NOTIMPLEMENTED;
     }
@@ -716,26 +794,26 @@ static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t
     int have_kl = args[3] != Py_None, have_grad = args[4] != Py_None;
     int have_terms = args[5] != Py_None;
     PyObject *result = NULL;
-    if (kl_buffer(args[0], &sb, 0, 'f', "s") < 0) {
+    if (kl_buffer(args[0], &sb, 0, element, 0, "s") < 0) {
         return NULL;
     }
-    if (kl_buffer(args[1], &tb, 0, 'f', "t") < 0) {
+    if (kl_buffer(args[1], &tb, 0, element, 0, "t") < 0) {
         PyBuffer_Release(&sb);
         return NULL;
     }
-    if (have_kl && kl_buffer(args[3], &klb, 1, 'd', "kl") < 0) {
+    if (have_kl && kl_buffer(args[3], &klb, 1, element, 1, "kl") < 0) {
         have_kl = 0;
         goto done;
     }
-    if (have_grad && kl_buffer(args[4], &gb, 1, 'f', "grad") < 0) {
+    if (have_grad && kl_buffer(args[4], &gb, 1, element, 0, "grad") < 0) {
         have_grad = 0;
         goto done;
     }
-    if (have_terms && kl_buffer(args[5], &eb, 1, 'f', "terms") < 0) {
+    if (have_terms && kl_buffer(args[5], &eb, 1, element, 0, "terms") < 0) {
         have_terms = 0;
         goto done;
     }
-    Py_ssize_t n = sb.len / 4, rows = n / vocab;
+    Py_ssize_t n = sb.len / (Py_ssize_t)kl_format_size(element), rows = n / vocab;
     if (tb.len != sb.len || n % vocab != 0 || (have_grad && gb.len != sb.len) ||
         (have_terms && eb.len != sb.len) || (have_kl && klb.len / 8 != rows)) {
         PyErr_SetString(PyExc_ValueError,
@@ -750,18 +828,25 @@ static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t
     o.softmax_only = !have_kl;
 #if KL_X86
     unsigned char *scratch = NULL;
-    if (kl_scratch_needed(&o, have_grad)) {
-        scratch = PyMem_RawMalloc((size_t)vocab * sizeof(float));
+    size_t scratch_rows = element == KL_F32 ? (kl_scratch_needed(&o, have_grad) ? 1 : 0)
+                                            : KL_HALF_WORK_ROWS;
+    if (scratch_rows > 0) {
+        scratch = PyMem_RawMalloc(scratch_rows * (size_t)vocab * sizeof(float));
         if (scratch == NULL) {
             PyErr_NoMemory();
             goto done;
         }
     }
+    const unsigned char *s_buf = (const unsigned char *)sb.buf, *t_buf = (const unsigned char *)tb.buf;
+    unsigned char *kl_buf = have_kl ? (unsigned char *)klb.buf : NULL;
+    unsigned char *g_buf = have_grad ? (unsigned char *)gb.buf : NULL;
+    unsigned char *e_buf = have_terms ? (unsigned char *)eb.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
-    kl_rows((const unsigned char *)sb.buf, (const unsigned char *)tb.buf, rows, vocab,
-            have_kl ? (unsigned char *)klb.buf : NULL,
-            have_grad ? (unsigned char *)gb.buf : NULL,
-            have_terms ? (unsigned char *)eb.buf : NULL, scratch, &o);
+    if (element == KL_F32) {
+        kl_rows(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o);
+    } else {
+        kl_rows_half(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o, element);
+    }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scratch);
 #endif
@@ -782,6 +867,34 @@ done:
     return result;
 }
 
+static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, "
+                        "factor, reverse) takes ten arguments");
+        return NULL;
+    }
+    return kl_rows_call(args, KL_F32);
+}
+
+static PyObject *kl_rows_half_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError,
+                        "rows_half(s, t, vocab, kl, grad, terms, temperature, grad_scale, "
+                        "factor, reverse, bfloat16) takes eleven arguments");
+        return NULL;
+    }
+    int bfloat16 = PyObject_IsTrue(args[10]);
+    if (bfloat16 < 0) {
+        return NULL;
+    }
+    return kl_rows_call(args, bfloat16 ? KL_BF16 : KL_F16);
+}
+
 static PyObject *kl_exp_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -793,10 +906,10 @@ static PyObject *kl_exp_f32(PyObject *module, PyObject *const *args, Py_ssize_t 
         Py_RETURN_NOTIMPLEMENTED;
     }
     Py_buffer src, dst;
-    if (kl_buffer(args[0], &src, 0, 'f', "src") < 0) {
+    if (kl_buffer(args[0], &src, 0, KL_F32, 0, "src") < 0) {
         return NULL;
     }
-    if (kl_buffer(args[1], &dst, 1, 'f', "dst") < 0) {
+    if (kl_buffer(args[1], &dst, 1, KL_F32, 0, "dst") < 0) {
         PyBuffer_Release(&src);
         return NULL;
     }
@@ -827,6 +940,11 @@ static PyMethodDef kl_methods[] = {
     {"rows_f32", (PyCFunction)(void (*)(void))kl_rows_f32, METH_FASTCALL,
      "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, factor, reverse, /): "
      "one block of rows of kl_div_from_logits in float32 (NotImplemented without AVX2)."},
+    {"rows_half", (PyCFunction)(void (*)(void))kl_rows_half_entry, METH_FASTCALL,
+     "rows_half(s, t, vocab, kl, grad, terms, temperature, grad_scale, factor, reverse, "
+     "bfloat16, /): rows_f32 on float16 logits (bfloat16=False: buffers 'e') or bfloat16 "
+     "logits (bfloat16=True: int16/uint16 buffers of their bits), computed in float32, the "
+     "gradient and terms rounded to the dtype (NotImplemented without AVX2)."},
     {"exp_f32", (PyCFunction)(void (*)(void))kl_exp_f32, METH_FASTCALL,
      "exp_f32(src, dst, /): the vectorised float32 exp of src into dst (for the tests)."},
     {"available", kl_available, METH_NOARGS,

@@ -4,9 +4,12 @@ Calls whose logits are C-contiguous float32 or float64 arrays of one dtype with
 the classes on the last axis, and at least
 :data:`~kldiv_spec.backends._blocks.MIN_ELEMENTS` elements (or
 ``$KLDIV_SPEC_NUMPY_MIN_ELEMENTS``), are evaluated by
-:mod:`kldiv_spec.backends._blocks_logits`; the rest (other axes, strided or
-mixed-dtype operands, half precision, small arrays), the ``'none'`` backward
-and the teacher's gradient are left to the reference (``NotImplemented``).
+:mod:`kldiv_spec.backends._blocks_logits`, and so are float16 arrays where its
+compiled kernel runs (computed in float32, as the reference computes half
+precision: the loss rounded once to float16, and the gradient too, with the
+upstream gradient in the kernel's scale); the rest (other axes, strided or
+mixed-dtype operands, small arrays), the ``'none'`` backward and the teacher's
+gradient are left to the reference (``NotImplemented``).
 
 The reductions add the rows' float64 sums, round the total to the dtype, and
 divide by the divisor (:func:`kldiv_spec._core.divide_total`; with a mask,
@@ -30,7 +33,7 @@ from . import _blocks, _blocks_logits
 __all__ = ["evaluate", "kl_div_from_logits", "kl_div_from_logits_backward"]
 
 
-def _rows(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | None:
+def _rows(ops: LogitsOperands, s: Any, t: Any, bfloat16: bool) -> tuple[Any, Any, Any] | None:
     """Return ``(s2, t2, kept)``: 2-d (rows, classes) views and the row mask, or None."""
     shape = ops.shape
     if ops.axis != len(shape) - 1 or math.prod(shape) < max(_blocks.min_elements(), 1):
@@ -40,7 +43,7 @@ def _rows(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | None:
     if not (s.flags.c_contiguous and t.flags.c_contiguous):
         return None
     s2, t2 = s.reshape(rows, vocab), t.reshape(rows, vocab)
-    if not _blocks_logits.supported(s2, t2):
+    if not _blocks_logits.supported(s2, t2, bfloat16=bfloat16):
         return None
     kept = None
     if ops.mask is not None:
@@ -58,7 +61,10 @@ def _divisor(ops: LogitsOperands, kept: Any) -> int:
 
 
 def _finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) -> Any:
-    """Round the total to ``dt``, divide by ``d`` (0 for none kept: 0 with a mask), times k."""
+    """Round the total to ``dt``, divide by ``d`` (0 for none kept: 0 with a mask), times k.
+
+    ``dt`` is the compute dtype (float32 for half precision: the caller rounds the result).
+    """
     with np.errstate(all="ignore"):
         result = np.asarray(total, dtype=dt)
         if masked and d == 0:
@@ -69,20 +75,36 @@ def _finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) ->
 
 
 def evaluate(
-    ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool, need_loss: bool = True
+    ops: LogitsOperands,
+    s: Any,
+    t: Any,
+    /,
+    *,
+    with_grad: bool,
+    need_loss: bool = True,
+    bfloat16: bool = False,
+    upstream: float = 1.0,
 ) -> tuple[Any, Any] | None:
-    """Return ``(loss, student gradient for a unit upstream gradient or None)``, or None.
+    """Return ``(loss, student gradient for the upstream gradient or None)``, or None.
 
     ``s`` and ``t`` are NumPy arrays (or zero-copy NumPy views of tensors) of
-    the logits' shape. None means the kernels do not take the call.
-    ``need_loss=False`` (with a gradient) lets the kernels skip the loss, which
-    is then not meaningful.
+    the logits' shape; with ``bfloat16=True``, the int16 bits of bfloat16 logits.
+    None means the kernels do not take the call. ``need_loss=False`` (with a
+    gradient) lets the kernels skip the loss, which is then not meaningful.
+    ``upstream`` (a reduced loss's upstream gradient ``g``) goes into the
+    kernel's scale, so that a half-precision gradient is rounded once; callers
+    with float32 and float64 logits pass 1 and multiply afterwards.
+
+    Half precision (float16, bfloat16) is computed in float32: the loss is
+    returned in float32 for bfloat16 (the caller rounds it) and rounded to
+    float16 here; the gradient and ``'none'`` terms come in the logits' dtype.
     """
-    arranged = _rows(ops, s, t)
+    arranged = _rows(ops, s, t, bfloat16)
     if arranged is None:
         return None
     s2, t2, kept = arranged
     dt = s2.dtype
+    half = dt not in (np.float32, np.float64)
     if ops.reduction == "none":
         if with_grad:
             return None
@@ -101,7 +123,7 @@ def evaluate(
     d = _divisor(ops, kept)
     scale = None
     if with_grad:
-        scale = 0.0 if d == 0 else ops.factor / ops.temperature / d
+        scale = 0.0 if d == 0 else upstream * ops.factor / ops.temperature / d
     kl, grad = _blocks_logits.from_logits(
         s2,
         t2,
@@ -113,7 +135,9 @@ def evaluate(
     )
     with np.errstate(all="ignore"):
         total = float(np.add.reduce(kl) + 0.0)
-    loss = _finish(total, d, ops, dt, kept is not None)
+    loss = _finish(total, d, ops, np.dtype(np.float32) if half else dt, kept is not None)
+    if half and not bfloat16:
+        loss = loss.astype(dt)
     return loss, (None if grad is None else grad.reshape(ops.shape))
 
 
@@ -140,6 +164,9 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
         return NotImplemented
     if type(s) is not np.ndarray or type(t) is not np.ndarray:
         return NotImplemented
+    if s.dtype == np.float16:  # the upstream gradient in the kernel's scale: one rounding
+        done = evaluate(ops, s, t, with_grad=True, need_loss=False, upstream=float(g))
+        return NotImplemented if done is None else (done[1], None)
     done = evaluate(ops, s, t, with_grad=True, need_loss=False)
     if done is None:
         return NotImplemented

@@ -16,17 +16,22 @@ keeps it; the backward multiplies it, in place, by the upstream gradient.
 on the last axis) are handed to :mod:`kldiv_spec.backends._blocks_logits` as
 NumPy views of their storage, without a copy; the results are wrapped back
 with ``torch.from_numpy``, again without a copy, with the same fused
-forward-and-gradient scheme. So a distillation step holds the gradient and
-scratch of a few rows, where the composition
+forward-and-gradient scheme. float16 and bfloat16 tensors too, where the
+compiled kernel runs (bfloat16 as the int16 view of its bits): the kernel
+widens each row to float32 in a scratch row and rounds the gradient once to the
+dtype; the loss is computed in float32 and rounded once. The kept gradient is
+for an upstream gradient of 1; a backward with another one evaluates the
+gradient again with it in the kernel's scale, so that it is rounded once.
+So a distillation step holds the gradient and scratch of a few rows, where the composition
 ``kl_div(log_softmax(s / T), softmax(t / T))`` holds several arrays of the
 logits' size.
 
 The teacher's gradient, double backward (``create_graph=True``), a second
 backward through the same graph, and everything the kernels do not take
 (other axes, strided or mixed-dtype operands, empty operands, ``'none'``
-(forward with a gradient, and its backward), half precision on the CPU,
-tracing, ``torch.compile``, ``torch.func`` transforms, forward-mode AD,
-tensor subclasses) go to the reference's analytic formulas.
+(forward with a gradient, and its backward), half precision on a CPU
+without the compiled kernel, tracing, ``torch.compile``, ``torch.func``
+transforms, forward-mode AD, tensor subclasses) go to the reference's analytic formulas.
 """
 
 from __future__ import annotations
@@ -46,12 +51,14 @@ from kldiv_spec._core import divide_total
 from kldiv_spec._reference_logits import core_backward
 from kldiv_spec._validation import LogitsOperands
 
-from . import _blocks
+from . import _blocks, _blocks_logits
 from .logits_numpy import evaluate
 
 __all__ = ["kl_div_from_logits", "kl_div_from_logits_backward"]
 
 _DTYPES = (torch.float32, torch.float64)
+#: Half precision on the CPU: computed in float32 by the compiled kernel, where it runs.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: The dtypes of the Triton kernel (half precision computed in float32).
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -80,7 +87,9 @@ def _accepts(ops: LogitsOperands) -> bool:
     x = ops.input
     if ops.mask is not None and ops.mask.device.type != "cpu":
         return False
-    return x.device.type == "cpu" and x.dtype in _DTYPES and _plain(ops)
+    if x.device.type != "cpu" or not _plain(ops):
+        return False
+    return x.dtype in _DTYPES or (x.dtype in _HALF_DTYPES and _blocks_logits.fused_available())
 
 
 @functools.cache
@@ -120,7 +129,38 @@ def _on_triton(ops: LogitsOperands) -> bool:
 
 
 def _view(a: torch.Tensor) -> np.ndarray:
-    return a.detach().numpy()
+    """Return the NumPy array on ``a``'s memory (zero-copy): int16 bits for bfloat16."""
+    a = a.detach()
+    return (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Return the tensor on ``a``'s memory (zero-copy) read as ``dtype`` (bfloat16 bits)."""
+    out = torch.from_numpy(a)
+    return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+
+
+def _loss(loss: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Return the kernels' loss as a ``dtype`` tensor.
+
+    For bfloat16 a reduced loss comes in float32 (rounded here) and the ``'none'``
+    terms as the int16 bits the kernel wrote (read as bfloat16, zero-copy).
+    """
+    out = np.asarray(loss)
+    if out.dtype == np.int16:
+        return _tensor(out, dtype)
+    return torch.from_numpy(out).to(dtype)
+
+
+def _evaluate(ops: LogitsOperands, /, **options: Any) -> tuple[Any, Any] | None:
+    """:func:`evaluate` on the tensors' memory: ``(loss, gradient)`` as tensors, or None."""
+    x, t = ops.input, ops.target
+    bf16 = x.dtype == torch.bfloat16
+    done = evaluate(_masked_ops(ops), _view(x), _view(t), bfloat16=bf16, **options)
+    if done is None:
+        return None
+    loss, grad = done
+    return _loss(loss, x.dtype), (None if grad is None else _tensor(grad, x.dtype))
 
 
 def _masked_ops(ops: LogitsOperands) -> LogitsOperands:
@@ -155,6 +195,12 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         )
     if not need_x:
         return (None, None, None)
+    if kept.dtype in _HALF_DTYPES and not bool(grad == 1.0):
+        # the kept half-precision gradient is for an upstream gradient of 1: another one is
+        # put into the kernel's scale, so that the gradient is rounded once
+        done = _evaluate(ops, with_grad=True, need_loss=False, upstream=float(grad))
+        assert done is not None
+        return (done[1], None, None)
     return (kept.mul_(grad.to(kept.dtype)).to(x.dtype), None, None)
 
 
@@ -165,13 +211,13 @@ class _FusedFromLogits(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
     ) -> torch.Tensor:
-        done = evaluate(_masked_ops(ops), _view(x), _view(t), with_grad=True)
+        done = _evaluate(ops, with_grad=True)
         assert done is not None  # checked by kl_div_from_logits
         loss, grad = done
         ctx.save_for_backward(x, t)
         ctx.ops = ops
-        ctx.grad = torch.from_numpy(grad)
-        return torch.from_numpy(np.asarray(loss))
+        ctx.grad = grad
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -306,10 +352,8 @@ def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
         if ops.reduction == "none" or not _takes(ops):
             return NotImplemented
         return _FusedFromLogits.apply(x, t, ops)
-    done = evaluate(_masked_ops(ops), _view(x), _view(t), with_grad=False)
-    if done is None:
-        return NotImplemented
-    return torch.from_numpy(np.asarray(done[0]))
+    done = _evaluate(ops, with_grad=False)
+    return NotImplemented if done is None else done[0]
 
 
 def _takes(ops: LogitsOperands) -> bool:
@@ -336,10 +380,11 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
         return (grad if direct else grad.to(x.dtype)), None
     if not _accepts(ops):
         return NotImplemented
-    done = evaluate(
-        _masked_ops(ops), _view(ops.input), _view(ops.target), with_grad=True, need_loss=False
-    )
+    if ops.input.dtype in _HALF_DTYPES:  # the upstream gradient in the scale: one rounding
+        done = _evaluate(ops, with_grad=True, need_loss=False, upstream=float(g))
+        return NotImplemented if done is None else (done[1], None)
+    done = _evaluate(ops, with_grad=True, need_loss=False)
     if done is None:
         return NotImplemented
-    grad = torch.from_numpy(done[1])
+    grad = done[1]
     return grad.mul_(g.to(grad.dtype)), None

@@ -543,7 +543,7 @@ def reduce_logits(exact: ExactLogits, /) -> tuple[float, float]:
 def pointwise_tolerance(exact: ExactLogits, /) -> np.ndarray:
     """Return the elementwise bound for ``'none'``."""
     eps = float(np.finfo(_working(exact.dtype)).eps) / 2
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # the spacing of inf: NaN
         ulp = np.spacing(np.abs(exact.terms).astype(exact.dtype)).astype(np.float64)
     return (
         LOGITS_ULPS * eps * exact.scale + 2 * ulp + float(np.finfo(exact.dtype).smallest_subnormal)
@@ -559,7 +559,7 @@ def gradient_tolerance(exact: ExactLogits, /) -> tuple[np.ndarray, np.ndarray]:
         (exact.grad_input, exact.grad_input_scale),
         (exact.grad_target, exact.grad_target_scale),
     ):
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             ulp = np.spacing(np.abs(grad).astype(exact.dtype)).astype(np.float64)
         out.append(LOGITS_ULPS * eps * scale + 2 * ulp + floor)
     return out[0], out[1]
