@@ -188,10 +188,16 @@ def bench(session: nox.Session) -> None:
     build/bench-quick/): it writes that benchmark's result files under
     benchmarks/results/ (and its plot under docs/img/), each stamped with the commit and
     this command, and regenerates the figures of docs/benchmarks.md from them. Installs
-    torch==2.13.0 (CPU) first, then every optional library and the bench extra.
+    torch==2.13.0 (CPU) first, then every optional library and the bench extra, and
+    trl and Liger-Kernel at the pins of conformance/peers.py (the JSD's peers).
     """
     if session.posargs[:1] not in (["--list"], ["-h"], ["--help"]):
         session.install(TORCH)
         session.install("-e", ".[all,bench]")
+        # trl and Liger-Kernel at the peers' pins, for the JSD rows of fast-path-holes
+        pins = _peers_module()["PINS"]
+        assert isinstance(pins, tuple)
+        jsd_peers = ("trl", "transformers", "accelerate", "datasets", "liger-kernel", "triton")
+        session.install(*[p for p in pins if p.split("==")[0] in jsd_peers], TORCH)
     env = {"KLDIV_BENCH_LAUNCHER": "nox -s bench --"}
     session.run("python", "benchmarks/run.py", *session.posargs, env=env)

@@ -7,7 +7,9 @@
 # from 10 to 10^7 elements, compiled fwd+bwd steps against the compiled F.kl_div step, graph
 # breaks, float16 autocast), the distillation-from-logits benchmark (benchmarks/logits_bench.py
 # --device cuda: the Triton kernel against the composition, eager and compiled, at 2048x32000 and
-# 4096x128000 float32), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
+# 4096x128000 float32), the half-precision and JSD cases (benchmarks/holes_bench.py --device cuda:
+# bfloat16 kl_div, from logits and the generalised JSD against F.kl_div, the composition and
+# Liger-Kernel's LigerKLDIVLoss and LigerJSD), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
 # graph capture, CUDA autocast; tests/test_triton_logits_interpret.py: the logits kernel on CUDA),
 # and the conformance suite on torch CUDA and CuPy. It ends
 # with a summary of the steps and the benchmark table.
@@ -144,6 +146,8 @@ if [[ $DRY == 1 ]]; then
         "${PUBLISH[@]}"
     step logits 120 "$PY" benchmarks/logits_bench.py --device cuda --dry-run \
         --out "$LOGS/logits-cuda"
+    step holes 120 "$PY" benchmarks/holes_bench.py --device cuda --dry-run \
+        --out "$LOGS/holes-cuda"
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
         --json "$LOGS/gpu_bench.json" "${PUBLISH[@]}"
@@ -152,6 +156,10 @@ else
     # Distillation from logits: the Triton kernel against the composition, eager and compiled.
     step logits 240 "$PY" benchmarks/logits_bench.py --device cuda --repeats 10 \
         --out "$LOGS/logits-cuda"
+    # Half precision and the JSD (issue 20): bfloat16 kl_div, from logits and the JSD against
+    # F.kl_div, the composition and Liger-Kernel's Triton losses, 2048x32000.
+    step holes 120 "$PY" benchmarks/holes_bench.py --device cuda --repeats 20 \
+        --out "$LOGS/holes-cuda"
 fi
 
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.

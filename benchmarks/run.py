@@ -165,6 +165,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         needs=("torch",),
     ),
     Benchmark(
+        "fast-path-holes",
+        "issue 20's table: half precision, -inf classes and the JSD against their peers, "
+        "2048x32000",
+        "benchmarks/holes_bench.py",
+        "--repeats 5 --out {out}/fast-path-holes",
+        "--quick --out {out}/fast-path-holes",
+        _files("fast-path-holes", "json", "md"),
+        6,
+        needs=("torch",),
+    ),
+    Benchmark(
         "jax",
         "jitted kldiv_spec.kl_div against a jitted jnp expression, 2048x32000",
         "benchmarks/jax_bench.py",

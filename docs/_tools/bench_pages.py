@@ -531,6 +531,36 @@ def logits_cpu(ctx: Context) -> str:
     )
 
 
+def fast_path_holes(ctx: Context) -> str:
+    result = ctx.load("fast-path-holes")
+    if result is None:
+        return missing("fast-path-holes")
+    meta = result["meta"]
+    rows = []
+    for r in result["rows"]:
+        if "skipped" in r:
+            rows.append([r["row"], "not run", "", r["skipped"]])
+        elif "share" in r:
+            met = "yes" if r["met"] else "**no**"
+            rows.append(
+                [r["row"], f"{100 * r['share']:.0f}%", f"at most {100 * r['target']:.0f}%", met]
+            )
+        else:
+            met = "yes" if r["met"] else "**no**"
+            rows.append([r["row"], f"{r['ratio']:.2f}x", f"{r['target']:g}x", met])
+    return "\n".join(
+        [
+            provenance(ctx, "fast-path-holes", result),
+            "",
+            f"Forward + backward, {meta['rows']} x {meta['vocab']}, median of {meta['repeats']} "
+            "steps per case, each case in its own process, one run (a ratio above 1: ours is "
+            "faster):",
+            "",
+            *_table(["comparison", "ratio", "target", "met"], rows),
+        ]
+    )
+
+
 def jax(ctx: Context) -> str:
     result = ctx.load("jax")
     if result is None:
@@ -699,6 +729,7 @@ RENDERERS: dict[str, Callable[[Context], str]] = {
     "log-sweep": log_sweep,
     "accuracy-sum": accuracy_sum,
     "logits-cpu": logits_cpu,
+    "fast-path-holes": fast_path_holes,
     "exp-sweep": exp_sweep,
     "jax": jax,
     "dask-cluster": dask_cluster,
