@@ -23,12 +23,15 @@ student gradient :math:`c\,G\,(q - p)` (forward) or
 output. Two ``exp`` per element instead of the reference's four; the values
 agree with the reference's within the bound of ``docs/logits.md``.
 
-Rows this plain evaluation gets wrong are exactly those where a zero weight
-meets an infinite log-ratio (a class excluded by the weighting distribution,
-``0 * inf``), and they come out NaN; every row whose sum is NaN (those, and
-rows holding NaN, ``+inf`` or only ``-inf``) is evaluated again by the
-reference core (:mod:`kldiv_spec._core_logits`), so edge values are the
-specification's.
+Where a zero weight meets an infinite log-ratio (a class excluded by the
+weighting distribution, ``0 * inf``), this plain evaluation gives a NaN term;
+in the rows whose sum is NaN those terms are set to the specification's 0 (and
+so is the reverse gradient where :math:`q = 0`) and the rows summed again, so
+top-k teachers and masked vocabularies stay here. The rows still NaN (NaN or
+``+inf`` logits, a side of ``-inf`` only) and, for the reverse gradient, rows
+whose divergence is ``+inf`` (whose gradient depends on which tiny
+probabilities are exactly 0) are evaluated again by the reference core
+(:mod:`kldiv_spec._core_logits`), so edge values are the specification's.
 
 Float32 logits take one compiled kernel per block instead, where it is built
 and the CPU has AVX2 and FMA (``backends/_fused_logits.c``; ``$KLDIV_SPEC_NUMPY_FUSED=0``
@@ -286,6 +289,9 @@ def from_logits(
                 np.subtract(lw, lo, out=lw)  # r = log w - log o
                 np.multiply(w, lw, out=tmp)  # the terms
                 row_kl = np.add.reduce(tmp, axis=1)
+                excluded = np.flatnonzero(np.isnan(row_kl))
+                if excluded.size:
+                    _drop_zero_weights(tmp, w, excluded, row_kl)
                 kl[i:j] = row_kl
                 if terms_out is not None:
                     np.multiply(tmp, factor, out=terms_out[i:j]) if factor != 1.0 else np.copyto(
@@ -298,6 +304,10 @@ def from_logits(
                     else:
                         np.subtract(lw, row_kl[:, None], out=lw)
                         np.multiply(q, lw, out=g)
+                        if excluded.size:  # q = 0: a gradient of 0, not 0 * -inf
+                            rows_g = g[excluded]
+                            rows_g[q[excluded] == 0] = 0.0
+                            g[excluded] = rows_g
                     np.multiply(g, grad_scale, out=g)
         return []
 
@@ -306,10 +316,33 @@ def from_logits(
         if kept is not None and grad is not None:
             grad[~kept] = 0.0
         return kl, grad
-    # the ufuncs: every row whose sum is NaN; the kernel: the rows it marked
-    redo = np.isnan(kl) if kernel is None else kl.view(np.uint64) == np.uint64(REDO_BITS)
+    # the ufuncs: every row whose sum is NaN, and for the reverse gradient +inf too (its
+    # values depend on which tiny probabilities are 0: the reference's); the kernel: the
+    # rows it marked
+    if kernel is None:
+        redo = np.isnan(kl)
+        if grad is not None and not forward:
+            redo |= np.isinf(kl)
+    else:
+        redo = kl.view(np.uint64) == np.uint64(REDO_BITS)
     _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept, redo)
     return kl, grad
+
+
+def _drop_zero_weights(
+    terms: np.ndarray, weights: np.ndarray, rows: np.ndarray, row_kl: np.ndarray
+) -> None:
+    r"""Set the terms of zero weight to 0 in ``rows`` (NaN sums) and sum those rows again.
+
+    A class the weighting distribution excludes (a logit of ``-inf``, or an ``exp``
+    that underflows) has the term :math:`0 \cdot (\pm\infty)` = NaN here and 0 in the
+    specification, so its row stays in the blocked evaluation instead of going to the
+    reference; rows still NaN (NaN or ``+inf`` logits, no softmax) are the reference's.
+    """
+    block = terms[rows]
+    block[weights[rows] == 0] = 0.0
+    terms[rows] = block
+    row_kl[rows] = np.add.reduce(block, axis=1)
 
 
 def _fix_rows(

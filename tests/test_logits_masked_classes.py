@@ -351,3 +351,42 @@ def test_eight_class_blocks_and_the_class_by_class_walk_agree(
         assert kl[5] == inf
     for reduction in REDUCTIONS:
         check(s, t, spy, reduction=reduction, direction=direction, temperature=temperature)
+
+
+# --------------------------------------------------------------------------- float64
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_float64_rows_with_excluded_classes_stay_in_the_blocked_path(
+    direction: str, spy: types.SimpleNamespace
+) -> None:
+    """float64 (NumPy's ufuncs): a class the weighting side excludes is a 0 term, not NaN.
+
+    Such rows used to go back to the reference whole. Now only rows that are NaN in the
+    specification (NaN or +inf logits, a side without a softmax) and, for the reverse
+    gradient, rows whose divergence is +inf go back; top-k teachers (forward) and
+    students with excluded classes (reverse) never do.
+    """
+    s32, t32 = mixed_rows(300, 7)
+    s, t = s32.astype(np.float64), t32.astype(np.float64)
+    for reduction in ("none", "sum", "batchmean"):
+        options = {"reduction": reduction, "direction": direction, "temperature": 2.0}
+        got = kl_div_from_logits(s, t, **options)
+        want = reference(kl_div_from_logits, s, t, **options)
+        assert got.dtype == np.float64
+        assert_matches(got, want, f"float64 {options}")
+        if reduction != "none":
+            gs, _ = kl_div_from_logits_backward(0.5, s, t, **options)
+            ws, _ = reference(kl_div_from_logits_backward, 0.5, s, t, **options)
+            assert_matches(gs, ws, f"float64 gradient {options}")
+    spy.redone = 0
+    finite_side = top_k(dense(8, 300, 1)[1], 50) if direction == "forward" else None
+    s, t = dense(8, 300, 1)
+    if direction == "forward":
+        t = finite_side
+    else:
+        s = excluded(s, 0.1, 2)
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    kl_div_from_logits(s, t, direction=direction)
+    kl_div_from_logits_backward(1.0, s, t, direction=direction)
+    assert spy.redone == 0
