@@ -1028,16 +1028,16 @@ def _logits_grad_output(
 def logits_specs() -> list[LogitsSpec]:
     """Return the golden from-logits cases with ``beta``, in a fixed order.
 
-    Every beta of :data:`LOGITS_BETAS` in float32 and float64 with each
-    reduction (T = 2, the T**2 factor on and off), masked rows, and the edges:
-    a class the student alone excludes (``+inf`` at ``beta=0``, finite in
-    between), one the teacher alone excludes (``+inf`` at ``beta=1``), one both
-    exclude (0), a row without a softmax (NaN), every row masked (0).
+    Every beta of :data:`LOGITS_BETAS` in float16 (computed in float32, rounded once),
+    float32 and float64 with each reduction (T = 2, the T**2 factor on and off), masked
+    rows, and the edges: a class the student alone excludes (``+inf`` at ``beta=0``,
+    finite in between), one the teacher alone excludes (``+inf`` at ``beta=1``), one
+    both exclude (0), a row without a softmax (NaN), every row masked (0).
     """
     out: list[LogitsSpec] = []
     reductions = ("none", "sum", "batchmean", "rowmean", "mean")
     for k, beta in enumerate(LOGITS_BETAS):
-        for dtype in ("float32", "float64"):
+        for dtype in ("float16", "float32", "float64"):
             for j, reduction in enumerate(reductions):
                 cid = f"logits/beta={beta}/{dtype}/{reduction}"
                 s, t = _logits_data(cid, (3, 6), dtype)

@@ -652,7 +652,7 @@ def test_logits_beta_vectors_are_deterministic_and_cover_every_beta():
         np.testing.assert_array_equal(a.input, b.input)
         np.testing.assert_array_equal(a.target, b.target)
     assert {s.options["beta"] for s in first} == set(LOGITS_BETAS)
-    assert {s.input.dtype.name for s in first} == {"float32", "float64"}
+    assert {s.input.dtype.name for s in first} == {"float16", "float32", "float64"}
     # the exported document is unchanged: no from-logits case in it
     assert all(spec.function in ("kl_div", "kl_div_backward") for spec in v.specs())
 
@@ -666,6 +666,27 @@ def test_the_reference_holds_every_logits_beta_vector():
         assert _holds(value, want.value), spec.id
         assert _holds(gs, want.grad_input), spec.id
         assert _holds(gt, want.grad_target), spec.id
+
+
+def test_the_numpy_fast_paths_hold_every_logits_beta_vector(monkeypatch: Any) -> None:
+    """The same vectors through the NumPy fast paths (every size taken): float16 and float32
+    through the compiled kernels where they are built, the loss and the student gradient."""
+    from _support import setenv
+
+    from kldiv_spec.conformance.vectors_cases import logits_expected, logits_specs
+
+    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+    for spec in logits_specs():
+        want = logits_expected(spec)
+        options = dict(spec.options)
+        if spec.mask is not None:
+            options["mask"] = spec.mask
+        value = kldiv_spec.kl_div_from_logits(spec.input, spec.target, **options)
+        assert _holds(value, want.value), spec.id
+        if options["reduction"] != "none":
+            g = float(spec.grad_output)
+            gs, _ = kldiv_spec.kl_div_from_logits_backward(g, spec.input, spec.target, **options)
+            assert _holds(gs, want.grad_input), spec.id
 
 
 def test_the_logits_beta_vectors_state_the_edges():
