@@ -1,6 +1,6 @@
-"""The compiled kernels (``backends/_fused.c``, ``backends/_fused_logits.c``), where built.
+"""The compiled kernels (``backends/_fused.c``, ``_fused_logits.c``, ``_fused_jsd.c``), if built.
 
-Both are optional: an install without a C compiler has neither, and the NumPy fast
+Each is optional: an install without a C compiler has none of them, and the NumPy fast
 paths then use NumPy's ufuncs (about 3x slower). A build that exists but fails to load
 raises. A *source checkout* whose kernels are not built, which Python started in the
 clone's root imports instead of an installed copy, warns once: that is never silently
@@ -33,10 +33,16 @@ def _load(name: str, /) -> Any:
 fused: Any = _load("_fused")
 #: The fused float32 from-logits kernels, or None.
 fused_logits: Any = _load("_fused_logits")
+#: The fused float32 Jensen-Shannon (``beta``) from-logits kernel, or None.
+fused_jsd: Any = _load("_fused_jsd")
 
 _MISSING = [
     name
-    for name, module in (("_fused", fused), ("_fused_logits", fused_logits))
+    for name, module in (
+        ("_fused", fused),
+        ("_fused_logits", fused_logits),
+        ("_fused_jsd", fused_jsd),
+    )
     if module is None and (_HERE / f"{name}.c").is_file()
 ]
 if _MISSING and _settings.current.numpy_fused:

@@ -11,6 +11,11 @@ upstream gradient in the kernel's scale); the rest (other axes, strided or
 mixed-dtype operands, small arrays), the ``'none'`` backward and the teacher's
 gradient are left to the reference (``NotImplemented``).
 
+``beta`` 0 and 1 are the forward and reverse KL (:meth:`LogitsOperands.evaluated`)
+and take the paths above; any other ``beta`` (the generalised Jensen-Shannon
+divergence) takes the float32 kernel of :mod:`kldiv_spec.backends._blocks_jsd`
+(float64 goes to the reference).
+
 The reductions add the rows' float64 sums, round the total to the dtype, and
 divide by the divisor (:func:`kldiv_spec._core.divide_total`; with a mask,
 by the number of kept rows, 0 when there is none), then multiply by
@@ -143,8 +148,11 @@ def evaluate(
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss, or NotImplemented to defer to the reference."""
-    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
-        return NotImplemented
+    ops = ops.evaluated()
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own float32 kernel
+        from . import _blocks_jsd
+
+        return _blocks_jsd.forward(ops)
     s, t = ops.input, ops.target
     if type(s) is not np.ndarray or type(t) is not np.ndarray:
         return NotImplemented
@@ -157,8 +165,11 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
 
     Taken for the reductions (a 0-d ``g``) without ``target_grad``.
     """
-    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
-        return NotImplemented
+    ops = ops.evaluated()
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own float32 kernel
+        from . import _blocks_jsd
+
+        return _blocks_jsd.backward(g, ops, target_grad)
     s, t = ops.input, ops.target
     if target_grad or ops.reduction == "none":
         return NotImplemented

@@ -26,6 +26,12 @@ So a distillation step holds the gradient and scratch of a few rows, where the c
 ``kl_div(log_softmax(s / T), softmax(t / T))`` holds several arrays of the
 logits' size.
 
+The generalised Jensen-Shannon divergence (``0 < beta < 1``; 0 and 1 are the two
+KLs, above) takes its own kernels: Triton on CUDA
+(:mod:`kldiv_spec.backends._triton_jsd`) and, for contiguous float32 CPU tensors,
+the compiled kernel of :mod:`kldiv_spec.backends._blocks_jsd`, with the same
+forward-and-gradient scheme.
+
 The teacher's gradient, double backward (``create_graph=True``), a second
 backward through the same graph, and everything the kernels do not take
 (other axes, strided or mixed-dtype operands, empty operands, ``'none'``
@@ -336,13 +342,155 @@ def _triton_forward(ops: LogitsOperands) -> Any:
     return loss
 
 
+# --------------------------------------------------------------------------- Jensen-Shannon
+
+
+def _jsd_operands(ops: LogitsOperands) -> tuple[LogitsOperands, Any, Any] | None:
+    """Return ``(ops, s, t)`` with NumPy views for the JSD kernel, or None where it declines.
+
+    CPU float32 tensors that :func:`_accepts`, and that
+    :func:`kldiv_spec.backends._blocks_jsd.takes_call` takes (classes last, size,
+    ``beta`` in range, kernel built); everything else is the reference's.
+    """
+    from . import _blocks_jsd
+
+    if ops.input.dtype != torch.float32 or not _accepts(ops):
+        return None
+    np_ops = _masked_ops(ops)
+    s, t = _view(ops.input), _view(ops.target)
+    return (np_ops, s, t) if _blocks_jsd.takes_call(np_ops, s, t) else None
+
+
+def _jsd_evaluate(
+    ops: LogitsOperands, /, *, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Run the JSD kernel on the tensors' memory: ``(loss, unit-upstream gradient)``, or None."""
+    from . import _blocks_jsd
+
+    arranged = _jsd_operands(ops)
+    if arranged is None:
+        return None
+    done = _blocks_jsd.evaluate(*arranged, with_grad=with_grad)
+    if done is None:
+        return None
+    loss, grad = done
+    return torch.from_numpy(np.asarray(loss)), (None if grad is None else torch.from_numpy(grad))
+
+
+class _FusedJSD(torch.autograd.Function):
+    """The JSD's forward and student gradient in one blocked pass; the backward scales it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
+    ) -> torch.Tensor:
+        done = _jsd_evaluate(ops, with_grad=True)
+        assert done is not None  # checked by _jsd_forward
+        ctx.save_for_backward(x, t)
+        ctx.ops = ops
+        ctx.grad = done[1]
+        return done[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _backward(ctx, grad)
+
+
+def _triton_jsd_call(
+    ops: LogitsOperands, g: torch.Tensor | None, /, *, need_loss: bool, grad_dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Run the Triton JSD kernel: ``(loss or None, student gradient for ``g`` or None)``."""
+    from . import _triton_jsd
+
+    assert ops.beta is not None
+    s2, t2, kept = _rows(ops)
+    gw = None if g is None else _per_term(ops, g, kept)
+    jsd, grad = _triton_jsd.from_logits(
+        s2,
+        t2,
+        temperature=ops.temperature,
+        beta=ops.beta,
+        kept=kept,
+        gw=gw,
+        c=ops.factor / ops.temperature,
+        need_loss=need_loss,
+        grad_dtype=grad_dtype,
+    )
+    loss = None if jsd is None else _reduced(ops, jsd, kept)
+    return loss, (None if grad is None else grad.reshape(ops.shape))
+
+
+class _TritonJSD(torch.autograd.Function):
+    """The Triton JSD forward, with the student gradient from the same launch when needed."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
+    ) -> torch.Tensor:
+        unit = None
+        if x.requires_grad:
+            unit = torch.ones((), dtype=ops.compute_dtype, device=x.device)
+        loss, grad = _triton_jsd_call(ops, unit, need_loss=True, grad_dtype=ops.compute_dtype)
+        assert loss is not None
+        ctx.save_for_backward(x, t)
+        ctx.ops = ops
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _backward(ctx, grad)
+
+
+def _jsd_forward(ops: LogitsOperands) -> Any:
+    """Return the loss of ``beta`` (the gradient attached when needed), or NotImplemented.
+
+    Triton where the KL's kernel would run (CUDA, or CPU tensors in Triton's
+    interpreter; reductions only), else the float32 CPU kernel.
+    """
+    x, t = ops.input, ops.target
+    if _on_triton(ops):
+        if ops.reduction == "none":
+            return NotImplemented
+        if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
+            return _TritonJSD.apply(x, t, ops)
+        loss, _ = _triton_jsd_call(ops, None, need_loss=True, grad_dtype=x.dtype)
+        return loss
+    if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
+        if ops.reduction == "none" or _jsd_operands(ops) is None:
+            return NotImplemented
+        return _FusedJSD.apply(x, t, ops)
+    done = _jsd_evaluate(ops, with_grad=False)
+    return NotImplemented if done is None else done[0]
+
+
+def _jsd_backward(g: Any, ops: LogitsOperands, target_grad: bool) -> Any:
+    """Return ``(grad_input, None)`` of ``beta`` (reductions only), or NotImplemented."""
+    if target_grad or ops.reduction == "none":
+        return NotImplemented
+    if _on_triton(ops):
+        x = ops.input
+        # in the dtype on CUDA; rounded by torch in Triton's interpreter (which truncates)
+        direct = x.device.type == "cuda"
+        dt = x.dtype if direct else ops.compute_dtype
+        _, grad = _triton_jsd_call(ops, g, need_loss=False, grad_dtype=dt)
+        assert grad is not None
+        return (grad if direct else grad.to(x.dtype)), None
+    done = _jsd_evaluate(ops, with_grad=True)
+    if done is None or done[1] is None:
+        return NotImplemented
+    grad = done[1]
+    return grad.mul_(g.to(grad.dtype)), None
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss (with the fused gradient attached when needed), or NotImplemented."""
-    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
-        return NotImplemented
+    ops = ops.evaluated()
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own kernels
+        return _jsd_forward(ops)
     if _on_triton(ops):
         return _triton_forward(ops)
     if not _accepts(ops):
@@ -365,8 +513,9 @@ def _takes(ops: LogitsOperands) -> bool:
 
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return ``(grad_input, None)`` from one pass (one launch with Triton), or NotImplemented."""
-    if ops.beta is not None:  # the Jensen-Shannon divergence: the reference only, for now
-        return NotImplemented
+    ops = ops.evaluated()
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own kernels
+        return _jsd_backward(g, ops, target_grad)
     if target_grad or ops.reduction == "none":
         return NotImplemented
     if _on_triton(ops):

@@ -176,6 +176,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         needs=("torch",),
     ),
     Benchmark(
+        "jsd-cpu",
+        "one generalised-JSD distillation step (beta 0.5), 2048x32000, against trl, "
+        "Liger-Kernel and the compositions, with memory",
+        "benchmarks/jsd_bench.py",
+        "--repeats 5 --out {out}/jsd-cpu",
+        "--quick --out {out}/jsd-cpu",
+        _files("jsd-cpu", "json", "md"),
+        4,
+        needs=("torch", "trl", "liger_kernel"),
+    ),
+    Benchmark(
         "jax",
         "jitted kldiv_spec.kl_div against a jitted jnp expression, 2048x32000",
         "benchmarks/jax_bench.py",

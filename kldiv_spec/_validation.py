@@ -11,6 +11,7 @@ on lazy backends (Dask, JAX under ``jit``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from . import _core_logits
 from ._core import divisor
 
 Array = Any
@@ -362,8 +364,8 @@ class LogitsOperands:
         One of :data:`LOGITS_REDUCTIONS`.
     beta : float or None
         The generalised Jensen-Shannon divergence's :math:`\beta \in [0, 1]`,
-        or None for the KL of ``direction``. Fast paths return
-        ``NotImplemented`` for any ``beta`` that is not None.
+        or None for the KL of ``direction`` (:meth:`evaluated` turns 0 and 1 into
+        the forward and reverse KL, as the fast paths evaluate them).
     """
 
     xp: Any
@@ -402,6 +404,17 @@ class LogitsOperands:
         xp = self.xp
         rows = xp.broadcast_to(self.mask, self.row_shape)
         return xp.expand_dims(rows, axis=self.axis)
+
+    def evaluated(self) -> LogitsOperands:
+        """Return these operands with ``beta`` 0 and 1 as the forward and reverse KL.
+
+        That is :func:`kldiv_spec._core_logits.resolve_beta`'s rule, applied before the
+        fast paths choose a kernel, so that the endpoints take the KL's.
+        """
+        direction, beta = _core_logits.resolve_beta(self.beta, self.direction)
+        if beta == self.beta and direction == self.direction:
+            return self
+        return dataclasses.replace(self, direction=direction, beta=beta)
 
 
 #: The temperatures the from-logits functions accept: ``2**-63 <= T <= 2**63``.

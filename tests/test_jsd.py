@@ -3,9 +3,9 @@
 Values against a float64 NumPy computation and an mpmath one written here (not the
 conformance oracle), the endpoints (exactly the two KLs), gradients against finite
 differences and against torch autograd of a plain torch JSD written here (trl's
-``generalized_jsd_loss``), the validation of ``beta``, the fast paths' fallback to
-the reference, and every library: array-api-strict, torch (double backward), JAX
-(jit and grad), Dask (lazy).
+``generalized_jsd_loss``), the validation of ``beta``, which calls the fast paths
+take (the float32 kernel's own tests are in tests/test_jsd_fused.py), and every
+library: array-api-strict, torch (double backward), JAX (jit and grad), Dask (lazy).
 """
 
 from __future__ import annotations
@@ -360,8 +360,9 @@ def test_beta_with_reverse_is_a_value_error():
 # --------------------------------------------------------------------------- fast paths
 
 
-def test_fast_paths_fall_back_to_the_reference(monkeypatch):
-    """Every fast path returns NotImplemented for beta; the values are the reference's."""
+def test_the_numpy_fast_path_takes_the_endpoints_as_the_kls_and_float64_beta_not(monkeypatch):
+    """beta = 0 and 1 go to the KL kernels (as the forward and reverse KL); the JSD's own
+    kernel takes float32 only, so float64 logits with 0 < beta < 1 go to the reference."""
     from kldiv_spec import _settings, _validation
     from kldiv_spec.backends import logits_numpy
 
@@ -369,8 +370,10 @@ def test_fast_paths_fall_back_to_the_reference(monkeypatch):
         _settings, "current", _settings.read({"KLDIV_SPEC_NUMPY_MIN_ELEMENTS": "0"})
     )
     s, t = logits((4, 6), 15)
-    for beta in (0.0, 0.5, 1.0):
-        ops = _validation.logits_operands(
+    assert s.dtype == np.float64
+
+    def operands(beta: float) -> Any:
+        return _validation.logits_operands(
             s,
             t,
             temperature=2.0,
@@ -381,25 +384,24 @@ def test_fast_paths_fall_back_to_the_reference(monkeypatch):
             mask=None,
             beta=beta,
         )
-        assert logits_numpy.kl_div_from_logits(ops) is NotImplemented
-        g = np.asarray(1.0)
-        assert logits_numpy.kl_div_from_logits_backward(g, ops, False) is NotImplemented
-    # the fast path is taken without beta, the reference with it
-    taken: list[Any] = []  # (beta, whether the fast path took the call)
-    original = logits_numpy.kl_div_from_logits
 
-    def spy(ops):
-        result = original(ops)
-        taken.append((ops.beta, result is not NotImplemented))
-        return result
-
-    monkeypatch.setattr(logits_numpy, "kl_div_from_logits", spy)
-    kl_div_from_logits(s, t, temperature=2.0)
-    got = kl_div_from_logits(s, t, temperature=2.0, beta=0.0)
-    assert taken == [(None, True), (0.0, False)]
+    g = np.asarray(1.0)
+    ops = operands(0.5)
+    assert logits_numpy.kl_div_from_logits(ops) is NotImplemented
+    assert logits_numpy.kl_div_from_logits_backward(g, ops, False) is NotImplemented
+    for beta, direction in ((0.0, "forward"), (1.0, "reverse")):
+        ops = operands(beta)
+        got = logits_numpy.kl_div_from_logits(ops)
+        want = kl_div_from_logits(s, t, temperature=2.0, direction=direction, reduction="sum")
+        assert got is not NotImplemented and float(got) == float(want)
+        gs, _ = logits_numpy.kl_div_from_logits_backward(g, ops, False)
+        ws, _ = kl_div_from_logits_backward(
+            g, s, t, temperature=2.0, direction=direction, reduction="sum"
+        )
+        np.testing.assert_array_equal(gs, ws)
     with kldiv_spec.use_reference():
-        want = kl_div_from_logits(s, t, temperature=2.0)
-    assert float(got) == float(want)
+        want = kl_div_from_logits(s, t, temperature=2.0, beta=0.5)
+    assert float(kl_div_from_logits(s, t, temperature=2.0, beta=0.5)) == float(want)
 
 
 @pytest.mark.parametrize("library", ["torch", "jax", "dask"])
