@@ -561,6 +561,49 @@ def fast_path_holes(ctx: Context) -> str:
     )
 
 
+def jsd_cpu(ctx: Context) -> str:
+    result = ctx.load("jsd-cpu")
+    if result is None:
+        return missing("jsd-cpu")
+    meta, by = result["meta"], {r["implementation"]: r for r in result["results"]}
+    ours = ("kldiv_spec.torch", "kldiv_spec numpy")
+    composition = {
+        "kldiv_spec.torch": "torch composition",
+        "kldiv_spec numpy": "numpy composition",
+    }
+    rows = []
+    for name, r in by.items():
+        if name in ours:
+            continue
+        speed = [
+            f"{by[o]['implementation']}: {r['median_s'] / by[o]['median_s']:.1f}x"
+            for o in ours
+            if o in by
+        ]
+        rows.append([name, ", ".join(speed), f"{r['extra_peak_mb']:.0f}"])
+    for o in ours:
+        if o in by and composition[o] in by and by[composition[o]]["extra_peak_mb"] > 0:
+            share = by[o]["extra_peak_mb"] / by[composition[o]]["extra_peak_mb"]
+            rows.append(
+                [
+                    o,
+                    f"(memory: {100 * share:.0f}% of the {composition[o]}'s)",
+                    f"{by[o]['extra_peak_mb']:.0f}",
+                ]
+            )
+    return "\n".join(
+        [
+            provenance(ctx, "jsd-cpu", result),
+            "",
+            f"One step (loss and student gradient) of the generalised JSD, beta = "
+            f"{meta['beta']:g}, {meta['rows']} x {meta['vocab']} float32, median of "
+            f"{meta['repeats']} steps, one run:",
+            "",
+            *_table(["implementation", "kldiv_spec's speed-up over it", "extra peak (MB)"], rows),
+        ]
+    )
+
+
 def jax(ctx: Context) -> str:
     result = ctx.load("jax")
     if result is None:
@@ -730,6 +773,7 @@ RENDERERS: dict[str, Callable[[Context], str]] = {
     "accuracy-sum": accuracy_sum,
     "logits-cpu": logits_cpu,
     "fast-path-holes": fast_path_holes,
+    "jsd-cpu": jsd_cpu,
     "exp-sweep": exp_sweep,
     "jax": jax,
     "dask-cluster": dask_cluster,
