@@ -67,7 +67,7 @@ from kldiv_spec import _core_logits, _settings
 from kldiv_spec._core import divide_total
 from kldiv_spec._validation import LogitsOperands
 
-from . import _blocks, _compiled
+from . import _blocks, _blocks_logits, _compiled
 
 # The compiled kernel where it was built, else None (see :mod:`._compiled`).
 _fused_jsd: Any = _compiled.fused_jsd
@@ -121,6 +121,8 @@ def takes(s: np.ndarray, t: np.ndarray, temperature: float, beta: float) -> bool
     if not (np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal):
         return False
     if not (beta >= MIN_BETA and 1.0 - beta >= MIN_BETA):  # (1 - 2**-60 is 1.0)
+        return False
+    if temperature > _blocks_logits.WIDE_TEMPERATURE:  # float32 loses the value there
         return False
     return fused_available()
 

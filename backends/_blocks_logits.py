@@ -187,6 +187,36 @@ def narrow(values: np.ndarray, dtype: np.dtype[Any], /) -> np.ndarray:
     return np.where(np.isnan(values), quiet, rounded).astype(np.uint16).view(dtype)
 
 
+#: Above this temperature, logits other than float64 are evaluated in float64 (NumPy's
+#: ufuncs on float64 copies of each block, the results rounded once to the dtype). The
+#: divergence is then of order Var(z) / T**2 and the absolute error of a float32
+#: evaluation some units of 2**-24 from log-sum-exps that nearly cancel, amplified by
+#: k = T**2: measured against float64 (docs/logits.md), the float32 kernel's relative
+#: error is 6e-6 at T = 100, 5e-4 at 1000 and 0.08 at 10**4, and at T = 2**63 a loss of
+#: about 1 came out as -1.4e19 (-inf in float16). Knowledge distillation uses T of 1 to 20.
+WIDE_TEMPERATURE = 64.0
+
+
+def _wide(dtype: np.dtype[Any], temperature: float) -> bool:
+    """Return whether logits of ``dtype`` at ``temperature`` are evaluated in float64."""
+    return dtype != np.float64 and temperature > WIDE_TEMPERATURE
+
+
+def _float64(a: np.ndarray, /) -> np.ndarray:
+    """Return logits (float32, float16 or bfloat16 bits) as a float64 copy (exact)."""
+    return (widen(a) if a.dtype not in _DTYPES else a).astype(np.float64)
+
+
+def _store(out: np.ndarray, values: np.ndarray, /) -> None:
+    """Round float64 ``values`` into ``out`` (float32, float16, or bfloat16 bits)."""
+    if out.dtype in _BFLOAT16_BITS:
+        # through float32: a double rounding, which can differ from the direct one by an
+        # ulp for values within 2**-24 (relatively) of a bfloat16 midpoint
+        out[...] = narrow(values.astype(np.float32), out.dtype)
+    else:
+        np.copyto(out, values, casting="same_kind")
+
+
 def rows_per_block(vocab: int, /) -> int:
     """Return the number of rows of one block: :data:`BLOCK_ELEMENTS` elements, at least 1."""
     return max(1, BLOCK_ELEMENTS // max(vocab, 1))
@@ -258,13 +288,15 @@ def from_logits(
     grad = np.empty_like(s) if grad_scale is not None else None
     forward = direction == "forward"
     softmax_only = forward and not need_loss and grad is not None and terms_out is None
-    kernel = _float32_kernel(s, temperature)
+    wide = _wide(dt, temperature)
+    kernel = None if wide else _float32_kernel(s, temperature)
+    cdt = np.dtype(np.float64) if wide else dt  # the ufuncs' dtype
     step = (
-        rows_per_block(vocab) if kernel is not None else _ufunc_rows_per_block(vocab, dt.itemsize)
+        rows_per_block(vocab) if kernel is not None else _ufunc_rows_per_block(vocab, cdt.itemsize)
     )
     starts = list(range(0, rows, step))
     # half precision is computed in float32 by the kernel only (supported() checks it)
-    assert kernel is not None or dt in _DTYPES
+    assert kernel is not None or cdt in _DTYPES
 
     def compiled(stripe: Sequence[int]) -> list[Any]:
         assert kernel is not None
@@ -285,19 +317,24 @@ def from_logits(
         return []
 
     def work(stripe: Sequence[int]) -> list[Any]:
-        a, b, c, d, e = (np.empty((step, vocab), dt) for _ in range(5))
+        a, b, c, d, e = (np.empty((step, vocab), cdt) for _ in range(5))
+        # wide: the gradient is formed in float64 here, then rounded into the output
+        f = np.empty((step, vocab), cdt) if wide and grad is not None else None
         with np.errstate(all="ignore"):
             for i in stripe:
                 j = min(i + step, rows)
                 n = j - i
                 lq, lp, q, p, tmp = a[:n], b[:n], c[:n], d[:n], e[:n]
-                _log_softmax_into(s[i:j], temperature, lq, q, with_log=not softmax_only)
-                _log_softmax_into(t[i:j], temperature, lp, p, with_log=not softmax_only)
+                sb, tb = (_float64(s[i:j]), _float64(t[i:j])) if wide else (s[i:j], t[i:j])
+                _log_softmax_into(sb, temperature, lq, q, with_log=not softmax_only)
+                _log_softmax_into(tb, temperature, lp, p, with_log=not softmax_only)
+                g = None if grad is None else (grad[i:j] if f is None else f[:n])
                 if softmax_only:
-                    assert grad is not None and grad_scale is not None
-                    g = grad[i:j]
+                    assert g is not None and grad is not None and grad_scale is not None
                     np.subtract(q, p, out=g)
                     np.multiply(g, grad_scale, out=g)
+                    if f is not None:
+                        _store(grad[i:j], g)
                     continue
                 lw, w, lo = (lp, p, lq) if forward else (lq, q, lp)
                 np.subtract(lw, lo, out=lw)  # r = log w - log o
@@ -308,11 +345,13 @@ def from_logits(
                     _drop_zero_weights(tmp, w, excluded, row_kl)
                 kl[i:j] = row_kl
                 if terms_out is not None:
-                    np.multiply(tmp, factor, out=terms_out[i:j]) if factor != 1.0 else np.copyto(
-                        terms_out[i:j], tmp
-                    )
-                if grad is not None:
-                    g = grad[i:j]
+                    if wide:
+                        _store(terms_out[i:j], tmp * factor if factor != 1.0 else tmp)
+                    elif factor != 1.0:
+                        np.multiply(tmp, factor, out=terms_out[i:j])
+                    else:
+                        np.copyto(terms_out[i:j], tmp)
+                if g is not None and grad is not None:
                     if forward:
                         np.subtract(q, p, out=g)
                     else:
@@ -323,6 +362,8 @@ def from_logits(
                             rows_g[q[excluded] == 0] = 0.0
                             g[excluded] = rows_g
                     np.multiply(g, grad_scale, out=g)
+                    if f is not None:
+                        _store(grad[i:j], g)
         return []
 
     _blocks._run(work if kernel is None else compiled, starts, _blocks.num_threads())
@@ -378,7 +419,9 @@ def _fix_rows(
     rows = np.flatnonzero(redo)
     if rows.size:
         sr, tr = s[rows], t[rows]
-        if sr.dtype not in _DTYPES:  # half precision: evaluated in float32, rounded once
+        if _wide(sr.dtype, temperature):  # evaluated in float64, as the block was
+            sr, tr = _float64(sr), _float64(tr)
+        elif sr.dtype not in _DTYPES:  # half precision: evaluated in float32, rounded once
             sr, tr = widen(sr), widen(tr)
         with np.errstate(all="ignore"):
             lq, lp = _core_logits.log_probabilities(sr, tr, temperature=temperature, axis=1, xp=np)

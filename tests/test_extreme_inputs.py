@@ -169,3 +169,33 @@ def test_temperature_rejections_keep_their_messages(temperature: object, error: 
     s, t = logits(np.float32, 2, 5)
     with pytest.raises(error, match="temperature must be a positive finite real number"):
         kldiv_spec.kl_div_from_logits(s, t, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("temperature", [100.0, 1e4, 2.0**40])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_large_temperatures_are_evaluated_in_float64_by_the_fast_path(
+    dtype: type, temperature: float, direction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above WIDE_TEMPERATURE the fast path's float32/float16 result is the float64 one
+    rounded (where float32 arithmetic loses the value to cancellation amplified by T**2)."""
+    from _support import setenv
+
+    from kldiv_spec.backends import _blocks_logits
+
+    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+    assert temperature > _blocks_logits.WIDE_TEMPERATURE
+    s, t = logits(dtype, 16, 300)
+    s[1, ::7] = -np.inf  # excluded classes stay exact too
+    options = {"temperature": temperature, "direction": direction}
+    wide64 = s.astype(np.float64), t.astype(np.float64)
+    for reduction in ("batchmean", "none"):
+        got = kldiv_spec.kl_div_from_logits(s, t, reduction=reduction, **options)
+        want = kldiv_spec.kl_div_from_logits(*wide64, reduction=reduction, **options)
+        assert got.dtype == dtype
+        with np.errstate(over="ignore"):  # k e_i beyond float16's range: inf, rounded once
+            np.testing.assert_array_equal(got, np.asarray(want).astype(dtype))
+    g, _ = kldiv_spec.kl_div_from_logits_backward(dtype(1), s, t, **options)
+    w, _ = kldiv_spec.kl_div_from_logits_backward(1.0, *wide64, **options)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(g, w.astype(dtype))
