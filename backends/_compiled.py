@@ -29,7 +29,7 @@ def _load(name: str, /) -> Any:
     return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
 
 
-#: The fused float32 ``kl_div`` sum, or None.
+#: The fused ``kl_div`` passes (the float32 sum, the half-precision terms and sums), or None.
 fused: Any = _load("_fused")
 #: The fused float32 from-logits kernels, or None.
 fused_logits: Any = _load("_fused_logits")

@@ -10,7 +10,12 @@ dtype); sums are accumulated blockwise in float64 (see the error bound in
 ``log_target`` go through one compiled AVX2 pass per block where it was built
 (``backends/_fused.c``; ``$KLDIV_SPEC_NUMPY_FUSED=0`` turns it off), whose own
 ``log`` is within 0.8265 ulp of the exact value over every positive finite float32
-(AVX2 and FMA; ``benchmarks/log_sweep.py``).
+(AVX2 and FMA; ``benchmarks/log_sweep.py``). Contiguous float16 sums (with or without
+``log_target``) and float16 ``'none'`` without ``log_target`` go through its
+half-precision kernel: the reference's terms, each operation rounded to float16 as the
+reference rounds it, summed in float64 (:func:`kldiv_spec.backends._blocks.half_sum`;
+at 2048 x 32000 a sum about 60x and ``'none'`` about 40x faster than with NumPy's float16
+ufuncs, ``benchmarks/half_bench.py``).
 
 Smaller calls on plain ndarrays of one shape and dtype are evaluated by :func:`front`,
 before any validation, with the reference's operations (the per-call cost of a small

@@ -17,22 +17,31 @@ dispatcher) and :func:`kl_div`:
   of a detached view: zero-copy): blocked and multithreaded, sums accumulated in
   float64 per block, and for contiguous float32 sums without ``log_target`` the one
   compiled AVX2 pass per block (``backends/_fused.c``) where it was built. Their
-  error bounds are in :mod:`kldiv_spec.backends._blocks`.
+  error bounds are in :mod:`kldiv_spec.backends._blocks`. bfloat16 and float16 tensors
+  (every reduction, ``'none'`` included, with or without ``log_target``) take the compiled
+  half-precision kernel of ``backends/_fused.c`` on the same memory (bfloat16 as its
+  ``int16`` bits): the reference's terms, each operation rounded to the dtype where the
+  reference rounds it; a reduction's float64 total is rounded once to the dtype, then
+  divided in float32 (:func:`kldiv_spec._core.divide_total`). Where that kernel does not
+  run (not built, no AVX2, switched off) the same values come from the reference's ATen
+  operations, summed in float64.
 - **Large CUDA tensors**: fused Triton kernels (:mod:`kldiv_spec.backends._triton_kernels`).
 
 Autograd: :class:`_BlockedKLDiv` saves only ``input`` and ``target``. Its
 backward writes the input gradient alone in one or two multithreaded ATen passes
-(``t * (-g/D)``, or ``e^t * (g/D)`` negated), and both gradients in one blocked
+(``t * (-g/D)``, or ``e^t * (g/D)`` negated; in half precision too, where they are the
+reference's operations in the dtype, bit for bit), and both gradients in one blocked
 pass of the NumPy kernels (or one Triton kernel). With ``create_graph=True``
 (double backward) it computes the same gradients with differentiable operations
 instead (:func:`kldiv_spec._core.kl_div_backward`), so higher derivatives are exact.
 
 Forward-mode AD, ``torch.func`` transforms, tracing, tensor subclasses,
-broadcasting, mixed or half dtypes (outside autocast) and non-contiguous tensors
-are declined (``NotImplemented``) and go to the reference, which handles them all.
-A target that needs a gradient is declined by the ATen route (the target gradient
-through ATen's ``xlogy`` is not the analytic one's rounding) and taken by the
-others.
+broadcasting, mixed dtypes, half dtypes on CUDA (outside autocast) and non-contiguous
+tensors are declined (``NotImplemented``) and go to the reference, which handles them
+all. A target that needs a gradient is declined by the ATen route (the target gradient
+through ATen's ``xlogy`` is not the analytic one's rounding) and by the half-precision
+route (there is no half blocked backward), and taken by the others; so is
+:func:`kl_div_backward` (both gradients) in half precision.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ __all__ = [
 MIN_ELEMENTS = _settings.TORCH_MIN_ELEMENTS
 
 _DTYPES = (torch.float32, torch.float64)
+#: The half dtypes of the compiled half-precision sum, and its name for each.
+_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -76,7 +87,12 @@ def _accepts(ops: Operands) -> bool:
     x, t = ops.input, ops.target
     if type(x) not in _PLAIN_TYPES or type(t) not in _PLAIN_TYPES:
         return False
-    if x.dtype not in _DTYPES or not ops.same_shape_and_dtype:
+    if not ops.same_shape_and_dtype:
+        return False
+    if x.dtype in _HALF:
+        if not _half_accepts(ops):
+            return False
+    elif x.dtype not in _DTYPES:
         return False
     if x.layout != torch.strided or not (x.is_contiguous() and t.is_contiguous()):
         return False
@@ -96,6 +112,20 @@ def _accepts(ops: Operands) -> bool:
     return not (is_wrapped(x) or is_wrapped(t))
 
 
+def _half_accepts(ops: Operands) -> bool:
+    """Return whether the half-precision route takes a bfloat16 or float16 call.
+
+    CPU tensors whose target needs no gradient: the forward is :func:`_half_forward`, the
+    input gradient the reference's operations in the dtype (ATen's ``t * (-g/D)``). The
+    rest (the target's gradient, both gradients of :func:`kl_div_backward`, CUDA tensors)
+    is the reference's.
+    """
+    x, t = ops.input, ops.target
+    if x.device.type != "cpu":
+        return False
+    return not (t.requires_grad and torch.is_grad_enabled())
+
+
 @functools.cache
 def _triton_available() -> bool:
     """Return whether Triton is installed (then the CUDA kernels must import: no fall-back)."""
@@ -111,10 +141,55 @@ def _numpy(a: torch.Tensor) -> Any:
     return a.detach().numpy()
 
 
+def _half_bits(a: torch.Tensor) -> Any:
+    """Return the flat NumPy view of a contiguous half CPU tensor the half kernel reads.
+
+    float16: the float16 array itself; bfloat16 (which NumPy has no dtype for): its bits,
+    as int16. Zero-copy either way.
+    """
+    a = a.detach()
+    if a.dtype == torch.bfloat16:
+        a = a.view(torch.int16)
+    return a.numpy().reshape(-1)
+
+
+def _half_forward(
+    x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool, divisor: int
+) -> torch.Tensor:
+    r"""Return the loss of half CPU tensors: :math:`\operatorname{fl}(R(\sum_{64} \ell) / D)`.
+
+    The terms :math:`\ell` are the reference's (each operation rounded to the dtype).
+    ``'none'`` returns them (:func:`.._blocks.half_none`); a reduction sums them in
+    float64 (:func:`.._blocks.half_sum`), rounds the total once to the dtype
+    (:func:`.._blocks.round_half`), then divides it by the divisor in float32 and rounds
+    (:func:`kldiv_spec._core.divide_total`). Where the compiled kernel does not run (not
+    built, no AVX2, ``$KLDIV_SPEC_NUMPY_FUSED=0``) the terms are the reference's own ATen
+    operations, full size, and the sum ``torch.sum`` in float64: the same values, slower.
+    """
+    format = _HALF[x.dtype]
+    if not _blocks.half_available():
+        with torch.no_grad():
+            terms = _core.pointwise_loss(x, t, log_target=log_target, xp=_xp)
+            if reduction == "none":
+                return terms
+            total = float(torch.sum(terms, dtype=torch.float64))
+    else:
+        xb, tb = _half_bits(x), _half_bits(t)
+        if reduction == "none":
+            out = torch.empty(x.shape, dtype=x.dtype)
+            _blocks.half_none(xb, tb, _half_bits(out), format=format, log_target=log_target)
+            return out
+        total = _blocks.half_sum(xb, tb, format=format, log_target=log_target)
+    rounded = torch.tensor(_blocks.round_half(total, format), dtype=x.dtype)  # exact
+    return _core.divide_total(rounded, divisor, xp=_xp)
+
+
 def _cpu_forward(
     x: torch.Tensor, t: torch.Tensor, reduction: str, log_target: bool, divisor: int
 ) -> Any:
     """Evaluate with the NumPy fast path's kernels (:mod:`.._blocks`) on the tensors' memory."""
+    if x.dtype in _HALF:
+        return _half_forward(x, t, reduction, log_target, divisor)
     xn, tn = _numpy(x), _numpy(t)
     shape = tuple(x.shape)
     if reduction == "none":
@@ -137,11 +212,15 @@ def _cpu_backward(
     multithreaded ATen passes; otherwise the NumPy fast path's one blocked pass
     writes both.
     """
-    if need == (True, False) and g.ndim == 0:
+    if need == (True, False) and (g.ndim == 0 or x.dtype in _HALF):
         with torch.no_grad():
             if log_target:  # -(g e^t): g * p, then the exact negation
                 return torch.exp(t).mul_(g).neg_(), None
             return torch.mul(t, -g), None  # t * (-g) is -(t * g) bit for bit
+    if x.dtype in _HALF:  # no blocked half backward: the reference's operations
+        with torch.no_grad():
+            gx, gt = _core.pointwise_gradients(g, x, t, log_target=log_target, xp=_xp)
+        return (gx if need[0] else None, gt if need[1] else None)
     gn = _numpy(g.contiguous())
     xn, tn = _numpy(x), _numpy(t)
     gx, gt = _blocks.gradients(
@@ -234,6 +313,8 @@ def kl_div_backward(g: torch.Tensor, ops: Operands, /) -> tuple[torch.Tensor, to
     if not _accepts(ops) or type(g) not in _PLAIN_TYPES:
         return NotImplemented
     x, t = ops.input, ops.target
+    if x.dtype in _HALF:  # both gradients: the reference's (no half blocked backward)
+        return NotImplemented
     if ops.reduction == "none" and g.shape != x.shape:
         g = torch.broadcast_to(g, x.shape).contiguous()
     scaled = _scaled_grad(g, ops)
@@ -284,8 +365,8 @@ def front(input: Any, target: Any, reduction: Any, log_target: Any, /) -> Any:
     Declined: a target that needs a gradient (its analytic gradient is the
     :class:`torch.autograd.Function`'s), forward-mode AD and ``torch.func`` transforms
     (the reference has their rules), tensor subclasses, mixed dtypes, broadcasting,
-    float16 and bfloat16 outside autocast (the reference's roundings differ from
-    ATen's there).
+    float16 and bfloat16 outside autocast (the full route gives large CPU tensors to the
+    half-precision kernel of :func:`kl_div`, and the rest to the reference).
     """
     return _with_autocast(_eager, input, target, reduction, log_target)
 

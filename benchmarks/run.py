@@ -176,6 +176,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         needs=("torch",),
     ),
     Benchmark(
+        "half-cpu",
+        "kl_div in bfloat16/float16 on the CPU: fwd+bwd against F.kl_div and float32, NumPy "
+        "float16, accuracy in ulps, 2048x32000",
+        "benchmarks/half_bench.py",
+        "--repeats 7 --out {out}/half-cpu",
+        "--quick --out {out}/half-cpu",
+        _files("half-cpu", "json", "md"),
+        8,
+        needs=("torch",),
+    ),
+    Benchmark(
         "jsd-cpu",
         "one generalised-JSD distillation step (beta 0.5), 2048x32000, against trl, "
         "Liger-Kernel and the compositions, with memory",

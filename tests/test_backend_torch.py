@@ -292,7 +292,9 @@ def test_forward_mode_ad_and_torch_func_fall_back_to_the_reference() -> None:
 )
 def test_declines_what_it_does_not_handle(make: object, fast_path: FastPathCalls) -> None:
     x, t = make()  # type: ignore[operator]
-    taken = x.shape == t.shape and x.dtype == t.dtype == torch.float32 and x.is_contiguous()
+    # float32, and on the CPU float16 and bfloat16 (the half-precision route)
+    taken = x.shape == t.shape and x.dtype == t.dtype and x.is_contiguous()
+    taken = taken and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     taken = taken and x.numel() >= fast.MIN_ELEMENTS and x.device.type == "cpu"
     # the public function answers, through the fast path or (declined) ATen or the reference
     loss = kldiv_spec.kl_div(x, t, reduction="sum")

@@ -242,8 +242,8 @@ def test_edge_grid_reduced_matches_torch(xp, evaluation, dtype, log_target):
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_on_torch(dtype, log_target):
-    # Run once, through the public API: PyTorch's fast path takes float32 and float64
-    # only (half precision outside autocast goes to the reference).
+    # Run once, through the public API: these arrays are below the fast path's size
+    # threshold (tests/test_half_precision_kl_div.py holds its half-precision route).
     tdtype = getattr(torch, dtype)
     finfo = torch.finfo(tdtype)
     x, t = edge_grid(finfo)

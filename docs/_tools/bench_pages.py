@@ -561,6 +561,50 @@ def fast_path_holes(ctx: Context) -> str:
     )
 
 
+def half_cpu(ctx: Context) -> str:
+    result = ctx.load("half-cpu")
+    if result is None:
+        return missing("half-cpu")
+    part = result["kl_div"]
+    rows = []
+    for r in part["torch"]:
+        if "speedup_vs_F" in r:
+            rows.append(
+                [
+                    f"`{r['implementation']}`, `{r['reduction']}`",
+                    f"{r['speedup_vs_F']:.1f}x",
+                    f"{r['speedup_vs_ours_float32']:.2f}x",
+                ]
+            )
+    accuracy = [
+        [
+            f"{a['dtype']}, {a['inputs']} inputs",
+            a["implementation"],
+            f"{a['max_error_ulp']:.3f}",
+            f"{a['not_correctly_rounded']} of {a['sums']}",
+        ]
+        for a in part["accuracy"]
+    ]
+    return "\n".join(
+        [
+            provenance(ctx, "half-cpu", result),
+            "",
+            f"`kl_div` forward and input gradient, {part['rows']} x {part['vocab']}, median of "
+            f"{part['repeats']} interleaved rounds, one run (speed-ups within it):",
+            "",
+            *_table(["call", "vs `F.kl_div`, same dtype", "vs our float32 call"], rows),
+            "",
+            "The sum's error against an exact oracle (float64 `math.fsum` of the reference's "
+            "terms), in ulps of the dtype:",
+            "",
+            *_table(
+                ["sums", "implementation", "largest error (ulp)", "not correctly rounded"],
+                accuracy,
+            ),
+        ]
+    )
+
+
 def jsd_cpu(ctx: Context) -> str:
     result = ctx.load("jsd-cpu")
     if result is None:
@@ -774,6 +818,7 @@ RENDERERS: dict[str, Callable[[Context], str]] = {
     "logits-cpu": logits_cpu,
     "fast-path-holes": fast_path_holes,
     "jsd-cpu": jsd_cpu,
+    "half-cpu": half_cpu,
     "exp-sweep": exp_sweep,
     "jax": jax,
     "dask-cluster": dask_cluster,
