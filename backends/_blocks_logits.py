@@ -58,11 +58,11 @@ reference gives.
 
 Half-precision logits (float16, and bfloat16 as the int16 view of a tensor's bits,
 ``bfloat16=True``) take the same kernel only (``rows_half``; NumPy's ufuncs would
-compute in the half dtype, where the reference computes in float32): each row is
-widened exactly into a float32 scratch row, evaluated by the float32 passes, and
-its gradient or terms rounded once (to nearest, ties to even) to the dtype. So
-the values are the float32 kernel's on the widened logits, rounded once; the
-inputs are read in their own width and nothing larger than a few rows is copied.
+compute in the half dtype, where the reference computes in float32): its passes
+read the half values in their own width, widening them exactly in registers,
+compute in float32 and round the gradient or terms once (to nearest, ties to even)
+to the dtype. So the values are the float32 kernel's on the widened logits,
+rounded once, and nothing larger than a few rows of float32 scratch exists.
 Rows the kernel leaves to the reference are evaluated in float32 and rounded the
 same way (:func:`narrow`).
 """

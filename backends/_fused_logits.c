@@ -82,10 +82,13 @@
  * The build passes -ffp-contract=off: only the explicit FMAs of exp are fused. The buffers
  * may start at any byte and are read and written with memcpy (unaligned loads and stores).
  * rows_half(..., bfloat16) takes float16 logits (buffers 'e') or the bits of bfloat16 ones
- * (int16 or uint16 buffers): each row is widened exactly into a float32 scratch row, evaluated
- * by the passes above as one float32 row, and its gradient and terms rounded once, to nearest
- * even, to the dtype (kl_rows_half). Its values are thus rows_f32's on the widened logits,
- * rounded once; it reads the inputs in their own width and holds five rows of float32 scratch.
+ * (int16 or uint16 buffers). The same passes, specialised per element type (kl_rows_as),
+ * read them in their own width, widening eight lanes at a time (exact), keep the
+ * exponentials for pass 3 in two float32 scratch rows and round the gradient and terms once,
+ * to nearest even, to the dtype; a row that needs kl_special_row or the reference is widened
+ * whole into float32 rows and evaluated as rows_f32 evaluates it (kl_row_widened). Its values
+ * are thus rows_f32's on the widened logits, rounded once, bit for bit; it holds seven rows
+ * of float32 scratch. Reading half the bytes, it is as fast as rows_f32 or faster.
  *
  * Without AVX2, FMA and F16C at run time (or on another architecture) rows_f32, rows_half and exp_f32
  * return NotImplemented and the caller uses NumPy's ufuncs. The GIL is released while a
@@ -133,9 +136,14 @@ static inline float kl_scaled1(float v, const kl_options *o)
     return o->multiply ? v * o->inverse : v / o->temperature;
 }
 
-/* The largest of the lanes of ``m`` and the ``rest`` floats at ``p`` (NaN ignored). */
-KL_TARGET static float kl_max_finish(__m256 m0, const unsigned char *p,
-                                                              Py_ssize_t rest)
+/* The generic passes below take the logits' element type ``fmt`` (float32, bfloat16 or
+ * float16): they are always inlined into one specialisation per type (the _f32, _bf16 and
+ * _f16 functions), where ``fmt`` is a constant, so each reads its own type directly (a
+ * widening load per eight lanes) and the float32 one is the plain float32 code. */
+#define KL_GENERIC KL_TARGET static inline __attribute__((always_inline))
+
+/* The largest of the lanes of ``m`` and the ``rest`` elements at ``p`` (NaN ignored). */
+KL_GENERIC float kl_max_finish(__m256 m0, const unsigned char *p, Py_ssize_t rest, kl_format fmt)
 {
     float lanes[8];
     _mm256_storeu_ps(lanes, m0);
@@ -143,31 +151,33 @@ KL_TARGET static float kl_max_finish(__m256 m0, const unsigned char *p,
     for (int k = 0; k < 8; k++) {
         m = lanes[k] > m ? lanes[k] : m;
     }
-    for (Py_ssize_t i = 0; i < rest; i++) {
-        float v;
-        memcpy(&v, p + i * sizeof(float), sizeof(float));
-        m = v > m ? v : m;
+    if (rest > 0) {
+        float tail[8];
+        _mm256_storeu_ps(tail, kl_load_tail_as(p, rest, fmt));
+        for (Py_ssize_t i = 0; i < rest; i++) {
+            m = tail[i] > m ? tail[i] : m;
+        }
     }
     return m;
 }
 
-/* The largest of ``n`` floats at ``p`` (NaN ignored; -inf for none). */
-KL_TARGET static float kl_max(const unsigned char *p, Py_ssize_t n)
+/* The largest of ``n`` elements at ``p`` (NaN ignored; -inf for none). */
+KL_GENERIC float kl_max_as(const unsigned char *p, Py_ssize_t n, kl_format fmt)
 {
-    const size_t lane = sizeof(float);
+    const size_t size = kl_format_size(fmt);
     __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     Py_ssize_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
-        m1 = _mm256_max_ps(kl_load8(p + (i + 8) * lane), m1);
-        m2 = _mm256_max_ps(kl_load8(p + (i + 16) * lane), m2);
-        m3 = _mm256_max_ps(kl_load8(p + (i + 24) * lane), m3);
+        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
+        m1 = _mm256_max_ps(kl_load8_as(p + (i + 8) * size, fmt), m1);
+        m2 = _mm256_max_ps(kl_load8_as(p + (i + 16) * size, fmt), m2);
+        m3 = _mm256_max_ps(kl_load8_as(p + (i + 24) * size, fmt), m3);
     }
     for (; i + 8 <= n; i += 8) {
-        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
+        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
     }
     m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
-    return kl_max_finish(m0, p + i * lane, n - i);
+    return kl_max_finish(m0, p + i * size, n - i, fmt);
 }
 
 /* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
@@ -191,7 +201,7 @@ KL_TARGET static inline double kl_total(const __m256d *acc)
  * also stored at ``es_out`` and ``et_out`` where these are not NULL. Pass 1 of the next
  * row (``next_s``, ``next_t``; NULL for none) runs in the same loop, so that its reads
  * from memory overlap this row's arithmetic: its maxima go to ``next_max``. */
-KL_TARGET static void kl_sums(const unsigned char *s,
+KL_GENERIC void kl_sums_as(const unsigned char *s,
                                                        const unsigned char *t, Py_ssize_t n,
                                                        float ms, float mt, const kl_options *o,
                                                        int sums_only, unsigned char *es_out,
@@ -199,11 +209,11 @@ KL_TARGET static void kl_sums(const unsigned char *s,
                                                        double *zt, double *sw,
                                                        const unsigned char *next_s,
                                                        const unsigned char *next_t,
-                                                       float *next_max)
+                                                       float *next_max, kl_format fmt)
 {
     __m256 nms = _mm256_set1_ps(-INFINITY), nmt = nms;
     const Py_ssize_t full = n - n % 8;
-    const size_t lane = sizeof(float);
+    const size_t lane = sizeof(float), size = kl_format_size(fmt);
     const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
     __m256d as[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
     __m256d at[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
@@ -212,16 +222,16 @@ KL_TARGET static void kl_sums(const unsigned char *s,
         Py_ssize_t rest = n - i < 8 ? n - i : 8;
         __m256 sv, tv, keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
         if (rest == 8) {
-            sv = kl_load8(s + i * lane);
-            tv = kl_load8(t + i * lane);
+            sv = kl_load8_as(s + i * size, fmt);
+            tv = kl_load8_as(t + i * size, fmt);
         } else {
-            sv = kl_load_tail(s + i * lane, rest);
-            tv = kl_load_tail(t + i * lane, rest);
+            sv = kl_load_tail_as(s + i * size, rest, fmt);
+            tv = kl_load_tail_as(t + i * size, rest, fmt);
             keep = kl_lanes(rest);
         }
         if (next_s != NULL && i < full) {
-            nms = _mm256_max_ps(kl_load8(next_s + i * lane), nms);
-            nmt = _mm256_max_ps(kl_load8(next_t + i * lane), nmt);
+            nms = _mm256_max_ps(kl_load8_as(next_s + i * size, fmt), nms);
+            nmt = _mm256_max_ps(kl_load8_as(next_t + i * size, fmt), nmt);
         }
         __m256 xs = KL_SHIFTED(sv, vms), xt = KL_SHIFTED(tv, vmt);
         __m256 es = _mm256_and_ps(kl_exp8(xs), keep), et = _mm256_and_ps(kl_exp8(xt), keep);
@@ -255,8 +265,8 @@ KL_TARGET static void kl_sums(const unsigned char *s,
     *zt = kl_total(at);
     *sw = kl_total(aw);
     if (next_s != NULL) {
-        next_max[0] = kl_max_finish(nms, next_s + full * lane, n - full);
-        next_max[1] = kl_max_finish(nmt, next_t + full * lane, n - full);
+        next_max[0] = kl_max_finish(nms, next_s + full * size, n - full, fmt);
+        next_max[1] = kl_max_finish(nmt, next_t + full * size, n - full, fmt);
     }
 }
 
@@ -271,12 +281,13 @@ typedef struct {
  * ``a`` = cG / Z_s and ``k`` = C - KL reverse) and the terms (``f`` = factor / Z_w,
  * ``c`` = C). A stored exponential may live in the output it is replaced by: each
  * vector is read before it is written. */
-KL_TARGET static void kl_outputs(const kl_row *row, Py_ssize_t n,
+KL_GENERIC void kl_outputs_as(const kl_row *row, Py_ssize_t n,
                                                           float ms, float mt,
                                                           const kl_options *o, float a, float b,
-                                                          float k, float f, float c)
+                                                          float k, float f, float c,
+                                 kl_format fmt)
 {
-    const size_t lane = sizeof(float);
+    const size_t lane = sizeof(float), size = kl_format_size(fmt);
     const __m256 vms = _mm256_set1_ps(ms), vmt = _mm256_set1_ps(mt);
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vk = _mm256_set1_ps(k);
     const __m256 vf = _mm256_set1_ps(f), vc = _mm256_set1_ps(c);
@@ -303,11 +314,11 @@ KL_TARGET static void kl_outputs(const kl_row *row, Py_ssize_t n,
         if (need_d) {
             __m256 sv, tv;
             if (rest == 8) {
-                sv = kl_load8(row->s + i * lane);
-                tv = kl_load8(row->t + i * lane);
+                sv = kl_load8_as(row->s + i * size, fmt);
+                tv = kl_load8_as(row->t + i * size, fmt);
             } else {
-                sv = kl_load_tail(row->s + i * lane, rest);
-                tv = kl_load_tail(row->t + i * lane, rest);
+                sv = kl_load_tail_as(row->s + i * size, rest, fmt);
+                tv = kl_load_tail_as(row->t + i * size, rest, fmt);
             }
             __m256 xs = KL_SHIFTED(sv, vms), xt = KL_SHIFTED(tv, vmt);
             d = o->reverse ? _mm256_sub_ps(xs, xt) : _mm256_sub_ps(xt, xs);
@@ -323,9 +334,9 @@ KL_TARGET static void kl_outputs(const kl_row *row, Py_ssize_t n,
                 g = _mm256_sub_ps(_mm256_mul_ps(es, va), _mm256_mul_ps(et, vb));
             }
             if (rest == 8) {
-                kl_store8(row->grad + i * lane, g);
+                kl_store8_as(row->grad + i * size, g, fmt);
             } else {
-                kl_store_tail(row->grad + i * lane, g, rest);
+                kl_store_tail_as(row->grad + i * size, g, rest, fmt);
             }
         }
         if (row->terms != NULL) {
@@ -333,13 +344,43 @@ KL_TARGET static void kl_outputs(const kl_row *row, Py_ssize_t n,
             __m256 e = _mm256_mul_ps(w, _mm256_add_ps(d, vc));
             e = _mm256_andnot_ps(_mm256_cmp_ps(w, zero, _CMP_EQ_OQ), e); /* weight 0: +0 */
             if (rest == 8) {
-                kl_store8(row->terms + i * lane, e);
+                kl_store8_as(row->terms + i * size, e, fmt);
             } else {
-                kl_store_tail(row->terms + i * lane, e, rest);
+                kl_store_tail_as(row->terms + i * size, e, rest, fmt);
             }
         }
     }
 }
+
+/* The specialisations of the passes, one per element type. */
+#define KL_SPECIALISE(suffix, fmt)                                                             \
+    KL_TARGET static float kl_max_##suffix(const unsigned char *p, Py_ssize_t n)               \
+    {                                                                                          \
+        return kl_max_as(p, n, fmt);                                                           \
+    }                                                                                          \
+    KL_TARGET static void kl_sums_##suffix(                                                    \
+        const unsigned char *s, const unsigned char *t, Py_ssize_t n, float ms, float mt,      \
+        const kl_options *o, int sums_only, unsigned char *es_out, unsigned char *et_out,      \
+        double *zs, double *zt, double *sw, const unsigned char *next_s,                       \
+        const unsigned char *next_t, float *next_max)                                          \
+    {                                                                                          \
+        kl_sums_as(s, t, n, ms, mt, o, sums_only, es_out, et_out, zs, zt, sw, next_s, next_t,  \
+                   next_max, fmt);                                                             \
+    }                                                                                          \
+    KL_TARGET static void kl_outputs_##suffix(const kl_row *row, Py_ssize_t n, float ms,       \
+                                              float mt, const kl_options *o, float a, float b, \
+                                              float k, float f, float c)                       \
+    {                                                                                          \
+        kl_outputs_as(row, n, ms, mt, o, a, b, k, f, c, fmt);                                  \
+    }
+KL_SPECIALISE(f32, KL_F32)
+KL_SPECIALISE(bf16, KL_BF16)
+KL_SPECIALISE(f16, KL_F16)
+
+/* Dispatch on a ``fmt`` that is a constant where it is used (folded away). */
+#define KL_BY_FORMAT(fmt, name, ...)                                                           \
+    ((fmt) == KL_F32 ? name##_f32(__VA_ARGS__)                                                 \
+                     : (fmt) == KL_BF16 ? name##_bf16(__VA_ARGS__) : name##_f16(__VA_ARGS__))
 
 /* ``value`` into the ``i``-th double of ``p`` (any alignment). */
 static inline void kl_store_double(unsigned char *p, Py_ssize_t i, double value)
@@ -552,93 +593,6 @@ static int kl_scratch_needed(const kl_options *o, int have_grad)
     return have_grad && !o->reverse;
 }
 
-/* Every row of the block (see the top of this file); ``scratch`` holds one row of floats
- * where kl_scratch_needed says so (NULL otherwise). */
-KL_TARGET static void kl_rows(const unsigned char *s,
-                                                       const unsigned char *t, Py_ssize_t rows,
-                                                       Py_ssize_t vocab, unsigned char *kl,
-                                                       unsigned char *grad,
-                                                       unsigned char *terms,
-                                                       unsigned char *scratch,
-                                                       const kl_options *o)
-{
-    const size_t row_bytes = (size_t)vocab * sizeof(float);
-    float raw_max[2] = {-INFINITY, -INFINITY};
-    if (rows > 0) {
-        raw_max[0] = kl_max(s, vocab);
-        raw_max[1] = kl_max(t, vocab);
-    }
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        kl_row row = {s + r * row_bytes, t + r * row_bytes, NULL, NULL,
-                      grad == NULL ? NULL : grad + r * row_bytes,
-                      terms == NULL ? NULL : terms + r * row_bytes};
-        /* where pass 2 keeps the exponentials pass 3 needs: exp(x_s) (the gradient, or the
-         * reverse terms) in an output; exp(x_t) (forward) in an output or the scratch row */
-        unsigned char *es_out = NULL, *et_out = NULL;
-        if (row.grad != NULL || (row.terms != NULL && o->reverse)) {
-            es_out = row.grad != NULL ? row.grad : row.terms;
-        }
-        if (!o->reverse && (row.grad != NULL || row.terms != NULL)) {
-            et_out = row.grad != NULL ? scratch : row.terms;
-        }
-        row.es = es_out;
-        row.et = et_out;
-        float ms = kl_scaled1(raw_max[0], o), mt = kl_scaled1(raw_max[1], o);
-        const int last = r + 1 == rows;
-        /* a row of -inf only is not shifted (its Z is 0), as in the reference */
-        ms = ms == -INFINITY ? 0.0f : ms;
-        mt = mt == -INFINITY ? 0.0f : mt;
-        double zs, zt, sw;
-        kl_sums(row.s, row.t, vocab, ms, mt, o, o->softmax_only, es_out, et_out, &zs, &zt,
-                &sw, last ? NULL : row.s + row_bytes, last ? NULL : row.t + row_bytes, raw_max);
-        if (o->softmax_only) {
-            /* cG / 0 = inf (times exp = 0: NaN) and cG / NaN = NaN give NaN rows, as q - p */
-            kl_outputs(&row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
-                       (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
-            continue;
-        }
-        /* NaN or +inf logits (or a quotient z / T that overflows to +inf) make Z NaN: those
-         * rows are the reference's. Otherwise Z is finite, and 0 only for a row of -inf. */
-        int redo = !(isfinite(zs) && isfinite(zt));
-        if (!redo && !(zs > 0 && zt > 0 && isfinite(sw))) {
-            double value;
-            kl_row special = row;
-            special.grad = o->reverse ? row.grad : NULL;
-            redo = kl_special_row(&special, vocab, ms, mt, o, zs, zt, &value) < 0;
-            if (!redo) {
-                kl_store_double(kl, r, value);
-                if (row.grad != NULL && !o->reverse) { /* cG q - cG p, NaN where Z = 0 */
-                    kl_row forward = row;
-                    forward.terms = NULL;
-                    kl_outputs(&forward, vocab, ms, mt, o, (float)(o->grad_scale / zs),
-                               (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
-                }
-                continue;
-            }
-        }
-        if (redo) {
-            kl_store_double(kl, r, kl_redo()); /* evaluated again by the caller */
-            if (row.grad != NULL) {
-                kl_fill(row.grad, vocab, NAN);
-            }
-            if (row.terms != NULL) {
-                kl_fill(row.terms, vocab, NAN);
-            }
-            continue;
-        }
-        double zw = o->reverse ? zs : zt, zo = o->reverse ? zt : zs;
-        double c = log(zo) - log(zw); /* log w_i - log o_i = d_i + c */
-        double value = sw / zw + c;
-        kl_store_double(kl, r, value);
-        if (row.grad == NULL && row.terms == NULL) {
-            continue;
-        }
-        kl_outputs(&row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
-                   (float)(o->grad_scale / zt), (float)(c - value), (float)(o->factor / zw),
-                   (float)c);
-    }
-}
-
 /* ``n`` elements of ``format`` at ``src`` widened to float32 at ``dst`` (exact). */
 KL_TARGET static void kl_widen(const unsigned char *src, unsigned char *dst, Py_ssize_t n,
                                kl_format format)
@@ -667,32 +621,156 @@ KL_TARGET static void kl_narrow(const unsigned char *src, unsigned char *dst, Py
     }
 }
 
-/* The rows of a half-precision block: each row widened (exactly) into float32 scratch rows,
- * evaluated by kl_rows as one float32 row, and its gradient and terms rounded once to
- * ``format``. So the values are those of the float32 kernel on the widened logits, rounded
- * to the dtype, and no float32 copy larger than a few rows exists. ``work`` holds
- * KL_HALF_WORK_ROWS rows of floats. */
-#define KL_HALF_WORK_ROWS 5
+/* Rows of floats of scratch a block needs: float32, one (for exp(x_t) of the forward
+ * gradient, where kl_scratch_needed says so); half precision, KL_HALF_WORK_ROWS: exp(x_s)
+ * and exp(x_t) (the outputs are too narrow to keep them), and five for kl_row_widened. */
+#define KL_HALF_WORK_ROWS 7
+
+KL_TARGET static void kl_rows_f32(const unsigned char *s, const unsigned char *t,
+                                  Py_ssize_t rows, Py_ssize_t vocab, unsigned char *kl,
+                                  unsigned char *grad, unsigned char *terms,
+                                  unsigned char *scratch, const kl_options *o);
+
+/* One half-precision row the passes cannot settle (a NaN or +inf logit, a row of -inf, a
+ * class the weighting side keeps and the other excludes): widened exactly into float32
+ * rows, evaluated by kl_rows_f32 (its special-row walk, or its redo marker), and its
+ * gradient and terms rounded once to ``fmt``. ``work`` holds five rows of floats. */
+KL_TARGET static void kl_row_widened(const unsigned char *s, const unsigned char *t,
+                                     Py_ssize_t vocab, unsigned char *kl, unsigned char *grad,
+                                     unsigned char *terms, unsigned char *work,
+                                     const kl_options *o, kl_format fmt)
+{
+    const size_t float_row = (size_t)vocab * sizeof(float);
+    unsigned char *sf = work, *tf = work + float_row, *gf = work + 2 * float_row;
+    unsigned char *ef = work + 3 * float_row, *scratch = work + 4 * float_row;
+    kl_widen(s, sf, vocab, fmt);
+    kl_widen(t, tf, vocab, fmt);
+    kl_rows_f32(sf, tf, 1, vocab, kl, grad == NULL ? NULL : gf, terms == NULL ? NULL : ef,
+                scratch, o);
+    if (grad != NULL) {
+        kl_narrow(gf, grad, vocab, fmt);
+    }
+    if (terms != NULL) {
+        kl_narrow(ef, terms, vocab, fmt);
+    }
+}
+
+/* Every row of the block (see the top of this file), logits and outputs of element type
+ * ``fmt``; ``scratch`` holds the rows of floats KL_HALF_WORK_ROWS and kl_scratch_needed
+ * say (NULL for none). Half precision reads its own type in the passes (the exponentials
+ * kept for pass 3 in float32 scratch rows) and rounds the gradient and terms once; the rows
+ * that need kl_special_row or the reference go through kl_row_widened, so every value is
+ * the float32 kernel's on the widened logits, rounded once. */
+KL_GENERIC void kl_rows_as(const unsigned char *s, const unsigned char *t, Py_ssize_t rows,
+                           Py_ssize_t vocab, unsigned char *kl, unsigned char *grad,
+                           unsigned char *terms, unsigned char *scratch, const kl_options *o,
+                           kl_format fmt)
+{
+    const int half = fmt != KL_F32;
+    const size_t row_bytes = (size_t)vocab * kl_format_size(fmt);
+    const size_t float_row = (size_t)vocab * sizeof(float);
+    float raw_max[2] = {-INFINITY, -INFINITY};
+    if (rows > 0) {
+        raw_max[0] = KL_BY_FORMAT(fmt, kl_max, s, vocab);
+        raw_max[1] = KL_BY_FORMAT(fmt, kl_max, t, vocab);
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        kl_row row = {s + r * row_bytes, t + r * row_bytes, NULL, NULL,
+                      grad == NULL ? NULL : grad + r * row_bytes,
+                      terms == NULL ? NULL : terms + r * row_bytes};
+        /* where pass 2 keeps the exponentials pass 3 needs: exp(x_s) (the gradient, or the
+         * reverse terms) in an output; exp(x_t) (forward) in an output or the scratch row;
+         * half precision: both in scratch rows */
+        unsigned char *es_out = NULL, *et_out = NULL;
+        if (row.grad != NULL || (row.terms != NULL && o->reverse)) {
+            es_out = half ? scratch : row.grad != NULL ? row.grad : row.terms;
+        }
+        if (!o->reverse && (row.grad != NULL || row.terms != NULL)) {
+            et_out = half ? scratch + float_row : row.grad != NULL ? scratch : row.terms;
+        }
+        row.es = es_out;
+        row.et = et_out;
+        float ms = kl_scaled1(raw_max[0], o), mt = kl_scaled1(raw_max[1], o);
+        const int last = r + 1 == rows;
+        /* a row of -inf only is not shifted (its Z is 0), as in the reference */
+        ms = ms == -INFINITY ? 0.0f : ms;
+        mt = mt == -INFINITY ? 0.0f : mt;
+        double zs, zt, sw;
+        KL_BY_FORMAT(fmt, kl_sums, row.s, row.t, vocab, ms, mt, o, o->softmax_only, es_out,
+                     et_out, &zs, &zt, &sw, last ? NULL : row.s + row_bytes,
+                     last ? NULL : row.t + row_bytes, raw_max);
+        if (o->softmax_only) {
+            /* cG / 0 = inf (times exp = 0: NaN) and cG / NaN = NaN give NaN rows, as q - p */
+            KL_BY_FORMAT(fmt, kl_outputs, &row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                         (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
+            continue;
+        }
+        /* NaN or +inf logits (or a quotient z / T that overflows to +inf) make Z NaN: those
+         * rows are the reference's. Otherwise Z is finite, and 0 only for a row of -inf. */
+        int redo = !(isfinite(zs) && isfinite(zt));
+        if (half && (redo || !(zs > 0 && zt > 0 && isfinite(sw)))) {
+            kl_row_widened(row.s, row.t, vocab, kl + r * sizeof(double), row.grad, row.terms,
+                           scratch + 2 * float_row, o, fmt);
+            continue;
+        }
+        if (!redo && !(zs > 0 && zt > 0 && isfinite(sw))) {
+            double value;
+            kl_row special = row;
+            special.grad = o->reverse ? row.grad : NULL;
+            redo = kl_special_row(&special, vocab, ms, mt, o, zs, zt, &value) < 0;
+            if (!redo) {
+                kl_store_double(kl, r, value);
+                if (row.grad != NULL && !o->reverse) { /* cG q - cG p, NaN where Z = 0 */
+                    kl_row forward = row;
+                    forward.terms = NULL;
+                    kl_outputs_f32(&forward, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                                   (float)(o->grad_scale / zt), 0.0f, 0.0f, 0.0f);
+                }
+                continue;
+            }
+        }
+        if (redo) {
+            kl_store_double(kl, r, kl_redo()); /* evaluated again by the caller */
+            if (row.grad != NULL) {
+                kl_fill(row.grad, vocab, NAN);
+            }
+            if (row.terms != NULL) {
+                kl_fill(row.terms, vocab, NAN);
+            }
+            continue;
+        }
+        double zw = o->reverse ? zs : zt, zo = o->reverse ? zt : zs;
+        double c = log(zo) - log(zw); /* log w_i - log o_i = d_i + c */
+        double value = sw / zw + c;
+        kl_store_double(kl, r, value);
+        if (row.grad == NULL && row.terms == NULL) {
+            continue;
+        }
+        KL_BY_FORMAT(fmt, kl_outputs, &row, vocab, ms, mt, o, (float)(o->grad_scale / zs),
+                     (float)(o->grad_scale / zt), (float)(c - value), (float)(o->factor / zw),
+                     (float)c);
+    }
+}
+
+KL_TARGET static void kl_rows_f32(const unsigned char *s, const unsigned char *t,
+                                  Py_ssize_t rows, Py_ssize_t vocab, unsigned char *kl,
+                                  unsigned char *grad, unsigned char *terms,
+                                  unsigned char *scratch, const kl_options *o)
+{
+    kl_rows_as(s, t, rows, vocab, kl, grad, terms, scratch, o, KL_F32);
+}
+
+/* The rows of a half-precision block (kl_rows_as); ``work`` holds KL_HALF_WORK_ROWS rows
+ * of floats. */
 KL_TARGET static void kl_rows_half(const unsigned char *s, const unsigned char *t,
                                    Py_ssize_t rows, Py_ssize_t vocab, unsigned char *kl,
                                    unsigned char *grad, unsigned char *terms,
                                    unsigned char *work, const kl_options *o, kl_format format)
 {
-    const size_t half_row = (size_t)vocab * kl_format_size(format);
-    const size_t float_row = (size_t)vocab * sizeof(float);
-    unsigned char *sf = work, *tf = work + float_row, *gf = work + 2 * float_row;
-    unsigned char *ef = work + 3 * float_row, *scratch = work + 4 * float_row;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        kl_widen(s + r * half_row, sf, vocab, format);
-        kl_widen(t + r * half_row, tf, vocab, format);
-        kl_rows(sf, tf, 1, vocab, kl == NULL ? NULL : kl + r * sizeof(double),
-                grad == NULL ? NULL : gf, terms == NULL ? NULL : ef, scratch, o);
-        if (grad != NULL) {
-            kl_narrow(gf, grad + r * half_row, vocab, format);
-        }
-        if (terms != NULL) {
-            kl_narrow(ef, terms + r * half_row, vocab, format);
-        }
+    if (format == KL_BF16) {
+        kl_rows_as(s, t, rows, vocab, kl, grad, terms, work, o, KL_BF16);
+    } else {
+        kl_rows_as(s, t, rows, vocab, kl, grad, terms, work, o, KL_F16);
     }
 }
 
@@ -843,7 +921,7 @@ static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
     unsigned char *e_buf = have_terms ? (unsigned char *)eb.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
     if (element == KL_F32) {
-        kl_rows(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o);
+        kl_rows_f32(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o);
     } else {
         kl_rows_half(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o, element);
     }
@@ -867,7 +945,7 @@ done:
     return result;
 }
 
-static PyObject *kl_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *kl_rows_f32_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
     if (nargs != 10) {
@@ -937,7 +1015,7 @@ static PyObject *kl_available(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef kl_methods[] = {
-    {"rows_f32", (PyCFunction)(void (*)(void))kl_rows_f32, METH_FASTCALL,
+    {"rows_f32", (PyCFunction)(void (*)(void))kl_rows_f32_entry, METH_FASTCALL,
      "rows_f32(s, t, vocab, kl, grad, terms, temperature, grad_scale, factor, reverse, /): "
      "one block of rows of kl_div_from_logits in float32 (NotImplemented without AVX2)."},
     {"rows_half", (PyCFunction)(void (*)(void))kl_rows_half_entry, METH_FASTCALL,

@@ -18,8 +18,8 @@ NumPy views of their storage, without a copy; the results are wrapped back
 with ``torch.from_numpy``, again without a copy, with the same fused
 forward-and-gradient scheme. float16 and bfloat16 tensors too, where the
 compiled kernel runs (bfloat16 as the int16 view of its bits): the kernel
-widens each row to float32 in a scratch row and rounds the gradient once to the
-dtype; the loss is computed in float32 and rounded once. The kept gradient is
+reads them in their own width, computes in float32 and rounds the gradient once
+to the dtype; the loss is computed in float32 and rounded once. The kept gradient is
 for an upstream gradient of 1; a backward with another one evaluates the
 gradient again with it in the kernel's scale, so that it is rounded once.
 So a distillation step holds the gradient and scratch of a few rows, where the composition

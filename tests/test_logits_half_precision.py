@@ -129,6 +129,23 @@ def test_rows_half_is_rows_f32_on_the_widened_logits_rounded_once(
             np.testing.assert_array_equal(e, _blocks_logits.narrow(e32, out))
 
 
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("vocab", [1, 9, 300])
+def test_rows_half_softmax_only_is_rows_f32_rounded_once(bfloat16: bool, vocab: int) -> None:
+    """The forward gradient alone (no divergence asked: a backward) in half precision."""
+    kernels = _blocks_logits._fused_logits
+    s32, t32 = edge_logits(9, vocab, seed=vocab + 1)
+    if bfloat16:
+        s, t, out = bf16_bits(s32), bf16_bits(t32), np.dtype(np.int16)
+    else:
+        s, t, out = s32.astype(np.float16), t32.astype(np.float16), np.dtype(np.float16)
+    g = np.full(s.shape, 7, out)
+    kernels.rows_half(s, t, vocab, None, g, None, 2.0, 0.3, 1.0, False, bfloat16)
+    g32 = np.full(s.shape, 7, np.float32)
+    kernels.rows_f32(widen(s), widen(t), vocab, None, g32, None, 2.0, 0.3, 1.0, False)
+    np.testing.assert_array_equal(g, _blocks_logits.narrow(g32, out))
+
+
 @pytest.mark.parametrize("offset", [0, 2, 6, 18])
 def test_rows_half_reads_and_writes_at_any_alignment(offset: int) -> None:
     kernels = _blocks_logits._fused_logits
