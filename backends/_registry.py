@@ -43,8 +43,9 @@ class BackendSpec:
         ``is_namespace(xp) -> bool``: whether an array API namespace is this library's.
     fast_paths : tuple of str
         The families of functions it has fast paths for: ``"kl_div"`` (module
-        ``kldiv_spec.backends.<name>``: ``kl_div`` and its backward) and ``"logits"``
-        (module ``kldiv_spec.backends.logits_<name>``: the from-logits functions).
+        ``kldiv_spec.backends.<name>``: ``kl_div`` and its backward), ``"logits"``
+        (module ``kldiv_spec.backends.logits_<name>``: the from-logits functions) and
+        ``"hidden"`` (``kldiv_spec.backends.hidden_<name>``: the from-hidden ones).
         The dispatcher reads this, and nothing else, to find them.
     dtypes : tuple of str
         The floating dtypes ``kl_div`` accepts for it.
@@ -128,7 +129,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         title="PyTorch",
         module="torch",
         is_namespace=array_api_compat.is_torch_namespace,
-        fast_paths=("kl_div", "logits"),
+        fast_paths=("kl_div", "logits", "hidden"),
         dtypes=("float16", "bfloat16", "float32", "float64"),
         fast_dtypes=("float16", "bfloat16", "float32", "float64"),
         devices=("cpu", "cuda"),

@@ -198,6 +198,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         needs=("torch", "trl", "liger_kernel"),
     ),
     Benchmark(
+        "hidden-cpu",
+        "issue 21's table: distillation from hidden states against the composition and "
+        "Liger-Kernel, 2048x1024x32000 and 1024x2048x128256, time and extra peak memory",
+        "benchmarks/hidden_bench.py",
+        "--out {out}/hidden-cpu",
+        "--quick --out {out}/hidden-cpu",
+        _files("hidden-cpu", "json", "md"),
+        12,
+        needs=("torch",),
+    ),
+    Benchmark(
         "jax",
         "jitted kldiv_spec.kl_div against a jitted jnp expression, 2048x32000",
         "benchmarks/jax_bench.py",

@@ -27,6 +27,8 @@ _EXPORTS = {
     "kl_div_backward": "_functional",
     "kl_div_from_logits": "_logits",
     "kl_div_from_logits_backward": "_logits",
+    "kl_div_from_hidden": "_hidden",
+    "kl_div_from_hidden_backward": "_hidden",
     "use_reference": "_dispatch",
 }
 
@@ -38,6 +40,8 @@ __all__ = [
     "gaussian_kl_backward",
     "kl_div",
     "kl_div_backward",
+    "kl_div_from_hidden",
+    "kl_div_from_hidden_backward",
     "kl_div_from_logits",
     "kl_div_from_logits_backward",
     "use_reference",

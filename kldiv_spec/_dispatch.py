@@ -220,6 +220,8 @@ _FAMILY = {
     "kl_div_from_logits_backward": "logits",
     "gaussian_kl": "gaussian",
     "gaussian_kl_backward": "gaussian",
+    "kl_div_from_hidden": "hidden",
+    "kl_div_from_hidden_backward": "hidden",
 }
 
 #: Function -> autodiff library (None: none) -> ``module:function`` of the reference.
@@ -243,6 +245,12 @@ _REFERENCES: dict[str, dict[str | None, str]] = {
         "jax": "kldiv_spec._autodiff_gaussian_jax:gaussian_with_gradient",
     },
     "gaussian_kl_backward": {None: "kldiv_spec._reference_gaussian:backward"},
+    "kl_div_from_hidden": {
+        None: "kldiv_spec._reference_hidden:forward",
+        "torch": "kldiv_spec._reference_hidden:forward_torch",
+        "jax": "kldiv_spec._reference_hidden:forward_jax",
+    },
+    "kl_div_from_hidden_backward": {None: "kldiv_spec._reference_hidden:backward"},
 }
 
 #: ``(function, namespace) -> (fast-path module or None, reference, NumPy-backed)``, filled

@@ -704,3 +704,328 @@ def gaussian_operands(
         reduction=reduction,
         batch_size=int(mu.shape[0]) if mu.ndim > 0 else None,
     )
+
+
+# --------------------------------------------------------------------------- from hidden states
+
+
+@dataclass(frozen=True)
+class HiddenOperands:
+    r"""One validated call of :func:`kl_div_from_hidden`, computed once.
+
+    The student's logits are :math:`s = h_s W_s^\top (+ b_s)`; the teacher's
+    :math:`t = h_t W_t^\top (+ b_t)`, or given (:attr:`teacher_logits`). The
+    classes are the last axis of the logits; the rows are the hidden states'
+    leading axes.
+
+    Attributes
+    ----------
+    xp : namespace
+        The array API namespace of every array.
+    student_hidden, student_weight, student_bias : array (bias: or None)
+        ``(..., H_s)``, ``(V, H_s)``, ``(V,)``, as passed.
+    teacher_hidden, teacher_weight, teacher_bias : array or None
+        ``(..., H_t)``, ``(V, H_t)``, ``(V,)``, as passed; None with
+        :attr:`teacher_logits`.
+    teacher_logits : array or None
+        ``(..., V)``: the teacher's logits, computed already.
+    mask : array or None
+        The row mask as passed (True keeps a row).
+    labels : array or None
+        Integer labels of the rows' shape: a row whose label is
+        :attr:`ignore_index` is dropped (as a False in ``mask``).
+    ignore_index : int
+        The label of dropped rows.
+    dtype : dtype
+        The result's dtype: the common dtype of every floating operand.
+    compute_dtype : dtype
+        ``dtype``, or float32 for half precision: the loss is computed in it.
+    row_shape : tuple of int
+        The rows' shape (``student_hidden.shape[:-1]``).
+    vocab : int
+        :math:`V`, the number of classes.
+    temperature, factor, direction, reduction, beta
+        As :class:`LogitsOperands`.
+    memory_budget : int or None
+        Bytes the chunked fast paths may spend on one chunk's temporaries; None
+        for their default. The references ignore it.
+    """
+
+    xp: Any
+    student_hidden: Array
+    student_weight: Array
+    student_bias: Array | None
+    teacher_hidden: Array | None
+    teacher_weight: Array | None
+    teacher_bias: Array | None
+    teacher_logits: Array | None
+    mask: Array | None
+    labels: Array | None
+    ignore_index: int
+    dtype: Any
+    compute_dtype: Any
+    row_shape: tuple[int, ...]
+    vocab: int
+    temperature: float
+    factor: float
+    direction: str
+    reduction: str
+    beta: float | None
+    memory_budget: int | None
+
+    @property
+    def logits_shape(self) -> tuple[int, ...]:
+        """The logits' shape: the rows' shape, then :attr:`vocab`."""
+        return (*self.row_shape, self.vocab)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The result's shape: the logits' for ``'none'``, else ``()``."""
+        return self.logits_shape if self.reduction == "none" else ()
+
+    def row_mask(self) -> Array | None:
+        """Return the rows kept (``mask`` and ``labels != ignore_index``), or None for all.
+
+        An array operation, not a read of values: safe on lazy backends.
+        """
+        xp = self.xp
+        kept = self.mask
+        if self.labels is not None:
+            labelled = self.labels != self.ignore_index
+            kept = labelled if kept is None else xp.logical_and(kept, labelled)
+        return kept
+
+    def logits_operands(self, student_logits: Array, teacher_logits: Array, /) -> LogitsOperands:
+        """Return the :class:`LogitsOperands` of the logits formed from these operands.
+
+        ``student_logits`` and ``teacher_logits`` are of :attr:`logits_shape` and
+        :attr:`dtype` (formed by the caller); nothing is validated again.
+        """
+        return LogitsOperands(
+            xp=self.xp,
+            input=student_logits,
+            target=teacher_logits,
+            mask=self.row_mask(),
+            dtype=self.dtype,
+            compute_dtype=self.compute_dtype,
+            shape=self.logits_shape,
+            axis=len(self.row_shape),
+            temperature=self.temperature,
+            factor=self.factor,
+            direction=self.direction,
+            reduction=self.reduction,
+            beta=self.beta,
+        )
+
+
+def _check_integer(xp: Namespace, a: Array, name: str, /) -> None:
+    if not xp.isdtype(a.dtype, "integral"):
+        msg = f"{name} must have an integer dtype (class indices), got {a.dtype}"
+        raise TypeError(msg)
+
+
+def check_memory_budget(memory_budget: object, /) -> int | None:
+    """Return ``memory_budget`` if it is None or a positive int (bytes), else raise naming it."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        kind = type(memory_budget)
+        msg = (
+            "memory_budget must be None or a positive int (bytes), got "
+            f"{kind.__module__}.{kind.__qualname__}"
+        )
+        raise TypeError(msg)
+    if memory_budget <= 0:
+        msg = f"memory_budget must be a positive number of bytes, got {memory_budget!r}"
+        raise ValueError(msg)
+    return int(memory_budget)
+
+
+def _check_ignore_index(ignore_index: object, /) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        kind = type(ignore_index)
+        msg = f"ignore_index must be an int, got {kind.__module__}.{kind.__qualname__}"
+        raise TypeError(msg)
+    return int(ignore_index)
+
+
+def _teacher_arrays(
+    teacher_hidden: object,
+    teacher_weight: object,
+    teacher_bias: object,
+    teacher_logits: object,
+    /,
+) -> dict[str, Any]:
+    """Return the teacher's arrays by name: hidden states and weight (and bias), or logits."""
+    if teacher_logits is None:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+            msg = (
+                f"{missing} is missing: give the teacher's hidden states and weight "
+                "(teacher_hidden, teacher_weight), or its logits as teacher_logits="
+            )
+            raise TypeError(msg)
+        arrays = {"teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
+        if teacher_bias is not None:
+            arrays["teacher_bias"] = teacher_bias
+        return arrays
+    given = [
+        name
+        for name, a in (
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+            ("teacher_bias", teacher_bias),
+        )
+        if a is not None
+    ]
+    if given:
+        msg = (
+            f"teacher_logits and {' and '.join(given)} were both given: the teacher comes "
+            "either as logits or as hidden states and weight (and bias), not both"
+        )
+        raise TypeError(msg)
+    return {"teacher_logits": teacher_logits}
+
+
+def hidden_operands(
+    student_hidden: object,
+    student_weight: object,
+    teacher_hidden: object,
+    teacher_weight: object,
+    /,
+    *,
+    student_bias: object,
+    teacher_bias: object,
+    teacher_logits: object,
+    temperature: object,
+    reduction: object,
+    direction: object,
+    scale_by_temperature_squared: object,
+    mask: object,
+    labels: object,
+    ignore_index: object,
+    beta: object,
+    memory_budget: object,
+) -> HiddenOperands:
+    """Check one call of :func:`kl_div_from_hidden`; return its :class:`HiddenOperands`.
+
+    Errors name the argument at fault: TypeError for non-arrays, two libraries,
+    non-floating operands, non-integer labels, a non-boolean mask, a teacher given
+    twice or not at all, and options of the wrong type; ValueError for shapes that
+    do not fit (``(..., H)`` hidden states, ``(V, H)`` weights, ``(V,)`` biases,
+    ``(..., V)`` teacher logits, the same rows for both models), arrays on two
+    devices, and option values out of range.
+    """
+    reduction = check_choice(reduction, "reduction", LOGITS_REDUCTIONS)
+    direction = check_choice(direction, "direction", DIRECTIONS)
+    beta_value = check_beta_direction(beta, direction)
+    t_value = check_temperature(temperature)
+    scale = check_bool(scale_by_temperature_squared, "scale_by_temperature_squared")
+    ignore = _check_ignore_index(ignore_index)
+    budget = check_memory_budget(memory_budget)
+    floating: dict[str, Any] = {"student_hidden": student_hidden, "student_weight": student_weight}
+    if student_bias is not None:
+        floating["student_bias"] = student_bias
+    floating.update(_teacher_arrays(teacher_hidden, teacher_weight, teacher_bias, teacher_logits))
+    arrays = dict(floating)
+    if mask is not None:
+        arrays["mask"] = mask
+    if labels is not None:
+        arrays["labels"] = labels
+    for name, a in arrays.items():
+        _check_array(a, name)
+    xp = _namespace(arrays)
+    for name, a in floating.items():
+        _check_floating(xp, a, name)
+    _same_device(arrays)
+    shapes = {name: _known_shape(tuple(a.shape), name) for name, a in arrays.items()}
+    hs = shapes["student_hidden"]
+    if len(hs) == 0:
+        msg = "student_hidden must have at least one dimension (the hidden size), got a 0-d array"
+        raise ValueError(msg)
+    row_shape, width = hs[:-1], hs[-1]
+    ws = shapes["student_weight"]
+    if len(ws) != 2 or ws[1] != width:
+        msg = (
+            f"student_weight must be (V, H) with H = student_hidden.shape[-1] = {width} "
+            f"(as torch.nn.Linear holds it), got shape {ws}"
+        )
+        raise ValueError(msg)
+    vocab = ws[0]
+    _check_bias(shapes, "student_bias", vocab)
+    if "teacher_logits" in shapes:
+        tl = shapes["teacher_logits"]
+        if tl != (*row_shape, vocab):
+            msg = (
+                f"teacher_logits of shape {tl} must have the rows of student_hidden "
+                f"{row_shape} and the classes of student_weight ({vocab}): "
+                f"expected {(*row_shape, vocab)}"
+            )
+            raise ValueError(msg)
+    else:
+        ht, wt = shapes["teacher_hidden"], shapes["teacher_weight"]
+        if len(ht) == 0 or ht[:-1] != row_shape:
+            msg = (
+                f"teacher_hidden of shape {ht} must have the rows of student_hidden "
+                f"{row_shape} (the last axis, the teacher's hidden size, may differ)"
+            )
+            raise ValueError(msg)
+        if len(wt) != 2 or wt != (vocab, ht[-1]):
+            msg = (
+                f"teacher_weight must be (V, H_t) = {(vocab, ht[-1])} (student_weight's "
+                f"classes, teacher_hidden's width), got shape {wt}"
+            )
+            raise ValueError(msg)
+        _check_bias(shapes, "teacher_bias", vocab)
+    for name, kind in (("mask", "bool"), ("labels", "integral")):
+        if name not in arrays:
+            continue
+        dt = arrays[name].dtype
+        if kind == "bool" and not xp.isdtype(dt, "bool"):
+            msg = f"mask must be a boolean array (True keeps a row), got dtype {dt}"
+            raise TypeError(msg)
+        if kind == "integral":
+            _check_integer(xp, arrays[name], name)
+        if broadcast_shape(shapes[name], row_shape, (name, "the rows")) != row_shape:
+            msg = (
+                f"{name} of shape {shapes[name]} does not broadcast to the rows' shape "
+                f"{row_shape} (student_hidden's shape {hs} without its last axis)"
+            )
+            raise ValueError(msg)
+    if reduction == "batchmean" and (mask is not None or labels is not None) and len(hs) != 2:
+        msg = (
+            "reduction='batchmean' with a mask or labels is defined for 2-d hidden states "
+            f"(rows = batch), got student_hidden of shape {hs}: use reduction='rowmean' for "
+            "the mean over the kept rows (tokens), or 'sum'"
+        )
+        raise ValueError(msg)
+    dtype = xp.result_type(*(a.dtype for a in floating.values()))
+    return HiddenOperands(
+        xp=xp,
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        student_bias=student_bias,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        teacher_logits=teacher_logits,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore,
+        dtype=dtype,
+        compute_dtype=_compute_dtype(xp, dtype),
+        row_shape=row_shape,
+        vocab=vocab,
+        temperature=t_value,
+        factor=t_value * t_value if scale else 1.0,
+        direction=direction,
+        reduction=reduction,
+        beta=beta_value,
+        memory_budget=budget,
+    )
+
+
+def _check_bias(shapes: dict[str, tuple[int, ...]], name: str, vocab: int, /) -> None:
+    if name in shapes and shapes[name] != (vocab,):
+        msg = f"{name} must be a vector of the {vocab} classes, got shape {shapes[name]}"
+        raise ValueError(msg)

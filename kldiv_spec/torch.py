@@ -23,10 +23,19 @@ tensor([[-0.2500, -0.2500],
 from __future__ import annotations
 
 from . import _dispatch
+from ._torch_hidden import KLDivFromHiddenLoss, kl_div_from_hidden, kl_div_from_hidden_sharded
 from ._torch_logits import KLDivFromLogitsLoss, kl_div_from_logits
 from ._torch_loss import KLDivLoss, kl_div
 
-__all__ = ["KLDivFromLogitsLoss", "KLDivLoss", "kl_div", "kl_div_from_logits"]
+__all__ = [
+    "KLDivFromHiddenLoss",
+    "KLDivFromLogitsLoss",
+    "KLDivLoss",
+    "kl_div",
+    "kl_div_from_hidden",
+    "kl_div_from_hidden_sharded",
+    "kl_div_from_logits",
+]
 
 # PyTorch is imported: its fast path's front and compiler hooks are registered now, so
 # that the first call on a tensor needs no import (which torch.compile could not trace).

@@ -300,6 +300,8 @@ def test_all_lists_exactly_the_public_api():
         "use_reference",
         "kl_div_from_logits",
         "kl_div_from_logits_backward",
+        "kl_div_from_hidden",
+        "kl_div_from_hidden_backward",
         "LOGITS_REDUCTIONS",
         "gaussian_kl",
         "gaussian_kl_backward",
@@ -321,9 +323,12 @@ def test_torch_all():
     import kldiv_spec.torch as kt
 
     assert sorted(kt.__all__) == [
+        "KLDivFromHiddenLoss",
         "KLDivFromLogitsLoss",
         "KLDivLoss",
         "kl_div",
+        "kl_div_from_hidden",
+        "kl_div_from_hidden_sharded",
         "kl_div_from_logits",
     ]
 

@@ -62,6 +62,10 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("torch",),
         ("same value and gradients", "masked actions contribute 0", "greedy action agrees"),
     ),
+    "distillation_hidden.py": (
+        ("torch",),
+        ("same value and gradients", "training: loss", "extra peak memory"),
+    ),
     "validate_my_impl.py": (
         (),
         (
@@ -80,6 +84,7 @@ USE_CASES = {
     "vae_latent_kl.py": "vae.png",
     "kl_vs_cross_entropy.py": "kl_vs_ce.png",
     "policy_distillation.py": "policy.png",
+    "distillation_hidden.py": "hidden.png",
 }
 
 

@@ -605,6 +605,55 @@ def half_cpu(ctx: Context) -> str:
     )
 
 
+def hidden_cpu(ctx: Context) -> str:
+    result = ctx.load("hidden-cpu")
+    if result is None:
+        return missing("hidden-cpu")
+    by: dict[tuple[int, ...], dict[str, Any]] = {}
+    for r in result["records"]:
+        by.setdefault(tuple(r["shape"]), {})[r["method"]] = r
+    rows = []
+    for shape, methods in by.items():
+        ours = methods.get("kl_div_from_hidden")
+        for name, r in methods.items():
+            speed = memory = ""
+            if ours is not None and name != "kl_div_from_hidden" and "median_ms" in r:
+                speed = f"{r['median_ms'] / ours['median_ms']:.2f}x"
+                if r.get("extra_peak_mb"):
+                    memory = f"{100 * ours['extra_peak_mb'] / r['extra_peak_mb']:.0f}%"
+            rows.append(
+                [
+                    " x ".join(str(v) for v in shape),
+                    name,
+                    f"{r['median_ms']:.0f}" if "median_ms" in r else "",
+                    f"{r['extra_peak_mb']:.0f}" if "extra_peak_mb" in r else "",
+                    speed,
+                    memory,
+                ]
+            )
+    return "\n".join(
+        [
+            provenance(ctx, "hidden-cpu", result),
+            "",
+            "Forward + backward (gradients for the student's hidden states and weight), "
+            "tokens x hidden size x classes, float32, T = 2, one run, each method in its own "
+            "process:",
+            "",
+            *_table(
+                [
+                    "shape",
+                    "method",
+                    "time (ms)",
+                    "extra peak (MB)",
+                    "`kl_div_from_hidden`'s speed-up over it",
+                    "its memory against this one's",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
 def jsd_cpu(ctx: Context) -> str:
     result = ctx.load("jsd-cpu")
     if result is None:
@@ -819,6 +868,7 @@ RENDERERS: dict[str, Callable[[Context], str]] = {
     "fast-path-holes": fast_path_holes,
     "jsd-cpu": jsd_cpu,
     "half-cpu": half_cpu,
+    "hidden-cpu": hidden_cpu,
     "exp-sweep": exp_sweep,
     "jax": jax,
     "dask-cluster": dask_cluster,

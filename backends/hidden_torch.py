@@ -1,0 +1,515 @@
+r"""The PyTorch CPU fast path of ``kl_div_from_hidden``: chunks of rows, never the logits.
+
+The rows (tokens) are walked in chunks of :func:`chunk_rows` rows. Per chunk of
+student hidden states :math:`h_c` (and the teacher's, or its logits):
+
+1. the chunk's logits :math:`s_c = h_c W_s^\top + b_s` and :math:`t_c` by one matrix
+   product each (``torch.mm``, the bias added after it, as the reference does);
+2. the fused from-logits kernel (:func:`kldiv_spec.backends._blocks_logits.from_logits`,
+   on zero-copy NumPy views) gives the rows' divergences and the logits' gradient
+   :math:`G_c = c\,(q - p)` (forward KL; :math:`c = k / (T D)`, :math:`D` the
+   reduction's divisor) in one pass;
+3. :math:`\partial h_c = G_c W_s` is written into its rows of the hidden states'
+   gradient, :math:`\partial W_s \mathrel{+}= G_c^\top h_c` (``addmm_``, in place) and
+   :math:`\partial b_s \mathrel{+}= \sum_i G_{c,i}`;
+
+then the chunk's logits and :math:`G_c` are dropped. So the gradients are computed
+in the forward (as Liger-Kernel's fused linear losses do) and the backward only
+multiplies them, in place, by the upstream gradient. Extra memory beyond the
+operands and the gradients: one chunk's temporaries (:func:`bytes_per_row` times the
+chunk's rows, at most the memory budget) and, under autocast, the weights' copies in
+the autocast dtype.
+
+**The chunk rule.** ``rows = clamp(budget // bytes_per_row(V), 1, R)``: the
+budget divided by the bytes one row's temporaries take (both logits in the product's
+dtype, their copies in the kernel's dtype where it differs, the gradient, and its
+copy in the weight's dtype where it differs: 12 bytes per class for float32). The
+budget is ``memory_budget=`` when given; by default the larger of
+:data:`DEFAULT_MEMORY_BUDGET` (128 MiB) and :data:`MIN_ROWS` (384) rows' worth, since
+the matrix products of fewer rows read the weights more often per row and run slower
+per row on a CPU (2x to 3x at 64 rows against 512: ``docs/hidden.md``).
+
+**Dtypes.** The logits are formed in each model's dtype (as the reference does), or
+in the autocast dtype under ``torch.autocast("cpu")`` (bfloat16 matrix products, as
+autocast runs ``matmul``; not for float64; the bias added in the promoted dtype, as
+the reference's ``matmul(h, W.T) + b``), then converted per chunk to the
+kernel's dtype, the compute dtype of the result (float32 for half precision, float64
+if any operand is float64). The gradient products run in the weight's dtype
+(float32 under autocast with float32 weights: the gradients are accumulated over
+every chunk) and the loss is the operands' common dtype, float32 for float32
+parameters under autocast.
+
+**Tracing.** The work is one ``torch.library.custom_op``
+(``kldiv_spec::from_hidden``) with a fake implementation and a registered autograd
+formula, so ``torch.compile(fullgraph=True)`` records it as one opaque call (no graph
+break) and the compiled step never holds the logits either. Eagerly, the operator
+runs inside an ``autograd.Function`` that hands its gradients to autograd once
+(:class:`_Eager`): through the operator's own autograd, ``AccumulateGrad`` would copy
+the weight's gradient, a weight-sized peak. Declined (left to the
+reference, which materialises the logits): ``beta``, ``reduction='none'``, tensors
+on other devices (CUDA: no chunked Triton path yet), empty operands, ``torch.func``
+transforms, forward-mode AD, TorchScript. The backward is not differentiable again
+(no double backward), as in the fused linear losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd import forward_ad
+
+from kldiv_spec._core_logits import row_divisor
+from kldiv_spec._validation import HiddenOperands
+
+from . import _blocks_logits
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "MIN_ROWS",
+    "bytes_per_row",
+    "chunk_rows",
+    "kl_div_from_hidden",
+    "kl_div_from_hidden_backward",
+]
+
+#: The default budget of one chunk's temporaries: 128 MiB (or :data:`MIN_ROWS` rows).
+DEFAULT_MEMORY_BUDGET = 128 << 20
+#: The fewest rows a chunk takes under the default budget.
+MIN_ROWS = 384
+
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_row(
+    vocab: int,
+    /,
+    *,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    kernel_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+) -> int:
+    """Return the bytes of one row's temporaries in a chunk.
+
+    The student's and the teacher's logits in their product dtypes, their copies in
+    ``kernel_dtype`` where it differs, the logits' gradient (``kernel_dtype``) and its
+    copy in ``weight_dtype`` where it differs, for ``vocab`` classes.
+    """
+    k = _size(kernel_dtype)
+    per_class = k  # the gradient
+    for dt in (student_dtype, teacher_dtype):
+        per_class += _size(dt) + (k if dt != kernel_dtype else 0)
+    if weight_dtype != kernel_dtype:
+        per_class += _size(weight_dtype)
+    return max(vocab, 1) * per_class
+
+
+def chunk_rows(rows: int, per_row: int, budget: int | None, /) -> int:
+    """Return the rows per chunk: ``clamp(budget // per_row, 1, rows)``.
+
+    ``budget`` None is ``max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row)``.
+    """
+    b = max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row) if budget is None else budget
+    return max(1, min(max(rows, 1), b // max(per_row, 1)))
+
+
+# --------------------------------------------------------------------------- the operator
+
+
+def _product(
+    h: torch.Tensor, w: torch.Tensor, w_m: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    r"""Return :math:`h W^\top (+ b)` as the reference forms it.
+
+    The product in ``w_m``'s dtype (the operands' common dtype, or autocast's); the
+    bias then added in the common dtype of the product and every operand, as the
+    reference's ``matmul(h, W.T) + b`` promotes.
+    """
+    z = torch.mm(h if h.dtype == w_m.dtype else h.to(w_m.dtype), w_m.T)
+    if b is None:
+        return z
+    dt = _common([z, h, w, b])
+    z = z if z.dtype == dt else z.to(dt)
+    return z.add_(b if b.dtype == dt else b.to(dt))
+
+
+def _as(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (a if a.dtype == dtype else a.to(dtype)).contiguous()
+
+
+def _loss(
+    total: float, d: int, masked: bool, factor: float, kd: torch.dtype, out: torch.dtype
+) -> torch.Tensor:
+    """Round the float64 total to ``kd``, divide by ``d`` once, times ``factor``, to ``out``.
+
+    The from-logits rule (``kldiv_spec.backends.logits_numpy``): ``d = 0`` gives 0 with
+    a mask (no kept row) and NaN without (an empty ``'mean'``).
+    """
+    result = torch.tensor(total, dtype=kd)
+    if d == 0:
+        result = torch.zeros((), dtype=kd) if masked else torch.full((), math.nan, dtype=kd)
+    elif d != 1:
+        result = result / d
+    if factor != 1.0:
+        result = result * factor
+    return result.to(out)
+
+
+def _divisor(reduction: str, divisor: int, kept: np.ndarray | None, vocab: int) -> int:
+    if kept is None:
+        return divisor
+    n = int(np.count_nonzero(kept))
+    return n * vocab if reduction == "mean" else (1 if reduction == "sum" else n)
+
+
+@torch.library.custom_op("kldiv_spec::from_hidden", mutates_args=())
+def _from_hidden(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor | None,
+    w_t: torch.Tensor | None,
+    b_t: torch.Tensor | None,
+    t_logits: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    temperature: float,
+    factor: float,
+    reverse: bool,
+    reduction: str,
+    divisor: int,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    kernel_dtype: torch.dtype,
+    result_dtype: torch.dtype,
+    chunk: int,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the chunked loss and the student's gradients for a unit upstream gradient.
+
+    ``h_s`` ``(R, H_s)``, ``w_s`` ``(V, H_s)``; the teacher as ``h_t``/``w_t``/``b_t``
+    or ``t_logits`` ``(R, V)``; ``kept`` a bool ``(R,)`` or None. Returns ``(loss,
+    grad_h, grad_w, grad_b)``, each gradient empty ``(0,)`` unless asked for.
+    """
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _chunked(
+            h_s.detach(),
+            w_s.detach(),
+            None if b_s is None else b_s.detach(),
+            (h_t, w_t, b_t, t_logits),
+            None if kept is None else kept.detach().numpy(),
+            temperature=temperature,
+            factor=factor,
+            direction="reverse" if reverse else "forward",
+            reduction=reduction,
+            divisor=divisor,
+            dtypes=(student_dtype, teacher_dtype, kernel_dtype, result_dtype),
+            chunk=chunk,
+            need=(need_h, need_w, need_b),
+        )
+
+
+def _chunked(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    teacher: tuple[torch.Tensor | None, ...],
+    kept: np.ndarray | None,
+    *,
+    temperature: float,
+    factor: float,
+    direction: str,
+    reduction: str,
+    divisor: int,
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype, torch.dtype],
+    chunk: int,
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    sd, td, kd, out = dtypes
+    need_h, need_w, need_b = need
+    rows, width = h_s.shape
+    vocab = w_s.shape[0]
+    h_t, w_t, b_t, t_logits = (None if a is None else a.detach() for a in teacher)
+    ws_m = w_s if w_s.dtype == sd else w_s.to(sd)  # the autocast copy, if any
+    wt_m = None if w_t is None else (w_t if w_t.dtype == td else w_t.to(td))
+    acc = torch.float32 if w_s.dtype in _HALF else w_s.dtype
+    # the operator's outputs must not alias one another: one empty tensor each
+    gh = torch.empty((rows, width), dtype=h_s.dtype) if need_h else h_s.new_empty((0,))
+    gw = torch.empty((vocab, width), dtype=acc) if need_w else h_s.new_empty((0,))
+    gb = torch.zeros((vocab,), dtype=acc) if need_b else h_s.new_empty((0,))
+    any_grad = need_h or need_w or need_b
+    d = _divisor(reduction, divisor, kept, vocab)
+    scale = (0.0 if d == 0 else factor / temperature / d) if any_grad else None
+    total = 0.0
+    for i in range(0, rows, chunk):
+        j = min(i + chunk, rows)
+        hs = h_s[i:j]
+        s = _as(_product(hs, w_s, ws_m, b_s), kd)
+        if t_logits is not None:
+            t = _as(t_logits[i:j], kd)
+        else:
+            assert h_t is not None and w_t is not None and wt_m is not None
+            t = _as(_product(h_t[i:j], w_t, wt_m, b_t), kd)
+        kl, grad = _blocks_logits.from_logits(
+            s.numpy(),
+            t.numpy(),
+            temperature=temperature,
+            direction=direction,
+            kept=None if kept is None else kept[i:j],
+            grad_scale=scale,
+        )
+        total += float(np.add.reduce(kl))
+        del s, t, kl
+        if grad is None:
+            continue
+        g = torch.from_numpy(grad)
+        if need_h:
+            gw_dt = w_s.dtype
+            gm = g if g.dtype == gw_dt else g.to(gw_dt)
+            if gh.dtype == gw_dt:
+                torch.mm(gm, w_s, out=gh[i:j])
+            else:
+                gh[i:j] = torch.mm(gm, w_s)
+            del gm
+        if need_w:
+            ga = g if g.dtype == acc else g.to(acc)
+            ha = hs if hs.dtype == acc else hs.to(acc)
+            if i == 0:  # the first chunk writes the gradient: no zero fill beforehand
+                torch.mm(ga.T, ha, out=gw)
+            else:
+                gw.addmm_(ga.T, ha)
+            del ga, ha
+        if need_b:
+            gb += g.sum(0, dtype=acc)
+        del g, grad
+    loss = _loss(total, d, kept is not None, factor, kd, out)
+    if need_w and gw.dtype != w_s.dtype:
+        gw = gw.to(w_s.dtype)
+    if need_b and b_s is not None and gb.dtype != b_s.dtype:
+        gb = gb.to(b_s.dtype)
+    return loss, gh, gw, gb
+
+
+@_from_hidden.register_fake
+def _(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor | None,
+    w_t: torch.Tensor | None,
+    b_t: torch.Tensor | None,
+    t_logits: torch.Tensor | None,
+    kept: torch.Tensor | None,
+    temperature: float,
+    factor: float,
+    reverse: bool,
+    reduction: str,
+    divisor: int,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    kernel_dtype: torch.dtype,
+    result_dtype: torch.dtype,
+    chunk: int,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss = h_s.new_empty((), dtype=result_dtype)
+    gh = h_s.new_empty(h_s.shape) if need_h else h_s.new_empty((0,))
+    gw = w_s.new_empty(w_s.shape) if need_w else h_s.new_empty((0,))
+    gb = b_s.new_empty(b_s.shape) if need_b and b_s is not None else h_s.new_empty((0,))
+    return loss, gh, gw, gb
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    _, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
+    ctx.save_for_backward(gh, gw, gb)
+    ctx.need = inputs[-3:]
+
+
+def _backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    """Scale the saved gradients, in place, by the upstream gradient (used once)."""
+    gh, gw, gb = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.need
+    out: list[Any] = [None] * 21
+    if need_h:
+        out[0] = gh.mul_(grad.to(gh.dtype))
+    if need_w:
+        out[1] = gw.mul_(grad.to(gw.dtype))
+    if need_b:
+        out[2] = gb.mul_(grad.to(gb.dtype))
+    return tuple(out)
+
+
+_from_hidden.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _tensors(ops: HiddenOperands) -> list[Any]:
+    names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden")
+    names += ("teacher_weight", "teacher_bias", "teacher_logits", "mask", "labels")
+    return [a for a in (getattr(ops, n) for n in names) if a is not None]
+
+
+def _accepts(ops: HiddenOperands) -> bool:
+    """Return whether the chunked operator takes the call (else the reference does)."""
+    if ops.beta is not None or ops.reduction == "none":
+        return False
+    tensors = _tensors(ops)
+    if any(a.device.type != "cpu" for a in tensors):
+        return False
+    if ops.student_hidden.numel() == 0 or ops.vocab == 0:
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if forward_ad._current_level >= 0:
+        return False
+    if torch.compiler.is_compiling():
+        return True  # traced tensors (fake, functional): the operator has a fake kernel
+    if any(type(a) not in _PLAIN_TYPES or a.layout != torch.strided for a in tensors):
+        return False
+    return not any(_is_wrapped(a) for a in tensors)
+
+
+def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype a model's logits are formed in: autocast's, else ``dtype``."""
+    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return dtype
+
+
+def _call(
+    ops: HiddenOperands, need: tuple[bool, bool, bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, w, b = ops.student_hidden, ops.student_weight, ops.student_bias
+    width = w.shape[1]
+    h2 = h.reshape(-1, width)
+    rows = h2.shape[0]
+    h_t = w_t = t2 = None
+    if ops.teacher_logits is not None:
+        t2 = ops.teacher_logits.reshape(rows, ops.vocab)
+        td = t2.dtype
+    else:
+        assert ops.teacher_hidden is not None and ops.teacher_weight is not None
+        h_t = ops.teacher_hidden.reshape(rows, ops.teacher_weight.shape[1])
+        w_t = ops.teacher_weight
+        parts = [h_t, w_t] if ops.teacher_bias is None else [h_t, w_t, ops.teacher_bias]
+        td = _product_dtype(_common(parts))
+    sd = _product_dtype(_common([h, w] if b is None else [h, w, b]))
+    kd = ops.compute_dtype
+    kept = ops.row_mask()
+    if kept is not None:
+        kept = torch.broadcast_to(kept, ops.row_shape).reshape(rows).contiguous()
+    per_row = bytes_per_row(
+        ops.vocab, student_dtype=sd, teacher_dtype=td, kernel_dtype=kd, weight_dtype=w.dtype
+    )
+    shape = ops.logits_shape
+    return torch.ops.kldiv_spec.from_hidden(
+        h2,
+        w,
+        b,
+        h_t,
+        w_t,
+        ops.teacher_bias,
+        t2,
+        kept,
+        ops.temperature,
+        ops.factor,
+        ops.direction == "reverse",
+        ops.reduction,
+        row_divisor(ops.reduction, shape=shape, axis=len(shape) - 1),
+        sd,
+        td,
+        kd,
+        ops.dtype,
+        chunk_rows(rows, per_row, ops.memory_budget),
+        *need,
+    )
+
+
+def _common(tensors: list[torch.Tensor]) -> torch.dtype:
+    dt = tensors[0].dtype
+    for a in tensors[1:]:
+        dt = torch.promote_types(dt, a.dtype)
+    return dt
+
+
+def kl_div_from_hidden(ops: HiddenOperands, /) -> Any:
+    """Return the loss, with the student's gradients attached, or NotImplemented."""
+    if not _accepts(ops):
+        return NotImplemented
+    grad = torch.is_grad_enabled()
+    h, w, b = ops.student_hidden, ops.student_weight, ops.student_bias
+    need = (
+        grad and h.requires_grad,
+        grad and w.requires_grad,
+        grad and b is not None and b.requires_grad,
+    )
+    if not any(need):
+        loss, *_ = _call(ops, need)
+        return loss
+    if torch.compiler.is_compiling():
+        loss, *_ = _call(ops, need)  # the operator's registered autograd
+        return loss
+    return _Eager.apply(h, w, b, ops)
+
+
+class _Eager(torch.autograd.Function):
+    """The operator eagerly, its gradients kept on ``ctx`` and handed over once.
+
+    Autograd then takes each gradient as the parameter's ``.grad`` without a copy: the
+    operator's registered autograd keeps a second reference to its saved outputs, and
+    ``AccumulateGrad`` copies a gradient referenced elsewhere (a weight-sized copy at
+    the backward's peak).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        ops: HiddenOperands,
+    ) -> torch.Tensor:
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        loss, gh, gw, gb = _call(ops, need)  # type: ignore[arg-type]
+        ctx.grads = (gh.reshape(h.shape) if need[0] else None, gw if need[1] else None,
+                     gb if need[2] else None)  # fmt: skip
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            msg = (
+                "kl_div_from_hidden's gradients were handed over by an earlier backward "
+                "through this graph: compute the loss again (no retain_graph reuse)"
+            )
+            raise RuntimeError(msg)
+        return (*(None if g is None else g.mul_(grad.to(g.dtype)) for g in grads), None)
+
+
+def kl_div_from_hidden_backward(g: Any, ops: HiddenOperands, /) -> Any:
+    """Return the student's gradients for upstream ``g`` (0-d), or NotImplemented."""
+    if not _accepts(ops) or type(g) not in _PLAIN_TYPES or g.device.type != "cpu":
+        return NotImplemented
+    h, b = ops.student_hidden, ops.student_bias
+    with torch.no_grad():
+        _, gh, gw, gb = _call(ops, (True, True, b is not None))
+        gh = gh.reshape(h.shape).mul_(g.to(gh.dtype))
+        gw = gw.mul_(g.to(gw.dtype))
+        return gh, gw, (None if b is None else gb.mul_(g.to(gb.dtype)))
