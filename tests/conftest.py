@@ -43,6 +43,10 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+#: Scripts the tests run in subprocesses, not test modules (``--doctest-modules`` would
+#: import them, and they need torch).
+collect_ignore = ["_hidden_sharded_check.py"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """``--run-long``: also run the tests marked ``long``."""
