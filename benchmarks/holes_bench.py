@@ -24,7 +24,8 @@ this run, and says whether the ratio meets the issue's target:
   ``.nox/peers/bin/python``, by default where it exists), and their rows are left
   out, saying so, where neither that nor this interpreter has them.
 
-    python benchmarks/holes_bench.py --out benchmarks/results/fast-path-holes
+    python benchmarks/holes_bench.py --repeats 3 --rounds 3 \
+        --out benchmarks/results/fast-path-holes
     python benchmarks/holes_bench.py --quick --out /tmp/holes   # small, seconds
 
 ``--device cuda`` measures the GPU cases (bfloat16: ``kl_div``, from logits, the JSD)
@@ -302,21 +303,47 @@ def peers_python(requested: str | None) -> str | None:
     return None
 
 
-def run_all(rows: int, vocab: int, repeats: int, peers: str | None) -> list[dict[str, Any]]:
+def run_all(
+    rows: int, vocab: int, repeats: int, peers: str | None, rounds: int = 1
+) -> list[dict[str, Any]]:
+    """Measure every case in ``rounds`` interleaved rounds (each round runs every case once).
+
+    A case's ``median_s`` is the median of its rounds' medians; the table's ratios are the
+    medians of the ratios within each round, so that a slow stretch of the machine weighs
+    on both sides of a ratio alike.
+    """
+    per_case: dict[str, list[dict[str, Any]]] = {name: [] for name in CASES}
+    skipped: dict[str, str] = {}
+    for _ in range(rounds):
+        for name in CASES:
+            python = peers if name in PEER_CASES else sys.executable
+            if python is None:
+                skipped[name] = "trl and liger_kernel are not installed"
+                continue
+            argv = [python, __file__, "--child", name, "--rows", str(rows), "--vocab", str(vocab)]
+            done = subprocess.run(
+                [*argv, "--repeats", str(repeats)], capture_output=True, text=True, cwd=ROOT
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+            per_case[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(per_case[name][-1], file=sys.stderr)
     results = []
     for name in CASES:
-        python = peers if name in PEER_CASES else sys.executable
-        if python is None:
-            results.append({"case": name, "skipped": "trl and liger_kernel are not installed"})
+        if name in skipped:
+            results.append({"case": name, "skipped": skipped[name]})
             continue
-        argv = [python, __file__, "--child", name, "--rows", str(rows), "--vocab", str(vocab)]
-        done = subprocess.run(
-            [*argv, "--repeats", str(repeats)], capture_output=True, text=True, cwd=ROOT
+        runs = per_case[name]
+        results.append(
+            {
+                "case": name,
+                "median_s": statistics.median(r["median_s"] for r in runs),
+                "rounds_s": [r["median_s"] for r in runs],
+                "min_s": min(r["min_s"] for r in runs),
+                "max_s": max(r["max_s"] for r in runs),
+                "extra_peak_mb": statistics.median(r["extra_peak_mb"] for r in runs),
+            }
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(results[-1], file=sys.stderr)
     return results
 
 
@@ -329,13 +356,17 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "median_s" not in a or "median_s" not in b:
             rows.append({"row": label, "skipped": a.get("skipped") or b.get("skipped")})
             continue
-        ratio = b["median_s"] / a["median_s"]
+        a_rounds = a.get("rounds_s", [a["median_s"]])
+        pairs = zip(a_rounds, b.get("rounds_s", [b["median_s"]]), strict=True)
+        ratios = [peer / ours for ours, peer in pairs]
+        ratio = statistics.median(ratios)
         rows.append(
             {
                 "row": label,
                 "ours_s": a["median_s"],
                 "peer_s": b["median_s"],
                 "ratio": ratio,
+                "ratios": ratios,
                 "target": target,
                 "met": ratio >= target,
             }
@@ -358,7 +389,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# The fast paths' holes: {meta['rows']} x {meta['vocab']}, forward + backward",
         "",
-        f"Median of {meta['repeats']} steps per case, each case in its own process, one run. "
+        f"Median of {meta['repeats']} steps per case, each case in its own process, in "
+        f"{meta.get('rounds', 1)} interleaved round(s): a ratio is the median of the rounds' "
+        "ratios, one run. "
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs, load average {meta['load']} at the "
         "start.",
         "",
@@ -581,6 +614,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every case")
     parser.add_argument("--quick", action="store_true", help="64 x 1000, one repeat")
     parser.add_argument("--peers-python", help="an interpreter with trl and liger_kernel")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
@@ -603,11 +637,13 @@ def main(argv: list[str] | None = None) -> None:
         "rows": args.rows,
         "vocab": args.vocab,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "machine": platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)),
         "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
-    results = run_all(args.rows, args.vocab, args.repeats, peers_python(args.peers_python))
+    peers = peers_python(args.peers_python)
+    results = run_all(args.rows, args.vocab, args.repeats, peers, args.rounds)
     rows = table(results)
     text = markdown(meta, rows)
     title, _, rest = text.partition("\n")

@@ -169,10 +169,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 20's table: half precision, -inf classes and the JSD against their peers, "
         "2048x32000",
         "benchmarks/holes_bench.py",
-        "--repeats 5 --out {out}/fast-path-holes",
+        "--repeats 3 --rounds 3 --out {out}/fast-path-holes",
         "--quick --out {out}/fast-path-holes",
         _files("fast-path-holes", "json", "md"),
-        6,
+        9,
         needs=("torch",),
     ),
     Benchmark(

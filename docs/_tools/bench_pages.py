@@ -553,8 +553,8 @@ def fast_path_holes(ctx: Context) -> str:
             provenance(ctx, "fast-path-holes", result),
             "",
             f"Forward + backward, {meta['rows']} x {meta['vocab']}, median of {meta['repeats']} "
-            "steps per case, each case in its own process, one run (a ratio above 1: ours is "
-            "faster):",
+            f"steps per case, each case in its own process, {meta.get('rounds', 1)} "
+            "interleaved round(s), a ratio the median of the rounds' (above 1: ours is faster):",
             "",
             *_table(["comparison", "ratio", "target", "met"], rows),
         ]
