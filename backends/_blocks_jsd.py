@@ -21,7 +21,7 @@ the student gradient
 (:math:`e_i` depends on :math:`q` only through :math:`q_i`, with
 :math:`\partial e_i / \partial q_i = (1 - \beta) r_i`), are evaluated by the
 compiled kernel ``backends/_fused_jsd.c``, one block of whole rows
-(:func:`rows_per_block`, about :data:`BLOCK_ELEMENTS` elements) per call, on
+(:func:`._blocks_logits.rows_per_block`, about 512 Ki elements) per call, on
 the worker threads of :mod:`kldiv_spec.backends._blocks`: two ``exp`` and one
 ``log`` per class, products in float32 and sums in float64 in a fixed order,
 so the result does not depend on the number of threads. Extra memory: the
@@ -74,12 +74,9 @@ _fused_jsd: Any = _compiled.fused_jsd
 
 __all__: list[str] = []
 
-#: Elements per block (whole rows; at least one row): 512 Ki elements, 2 MiB in float32.
-BLOCK_ELEMENTS = 1 << 19
-
 #: The bits of the divergence the kernel writes for a row it leaves to the reference
-#: (``JSD_REDO_BITS`` of ``backends/_fused_jsd.c``): a quiet NaN with a payload.
-REDO_BITS = 0x7FF8000000000BAD
+#: (``JSD_REDO_BITS`` of ``backends/_fused_jsd.c``): the KL kernel's marker.
+REDO_BITS = _blocks_logits.REDO_BITS
 
 #: The smallest ``beta`` (and ``1 - beta``) the kernel takes: its per-row weight
 #: :math:`\beta / Z_t` stays a normal float32 for any vocabulary below :math:`2^{31}`.
@@ -127,11 +124,6 @@ def takes(s: np.ndarray, t: np.ndarray, temperature: float, beta: float) -> bool
     return fused_available()
 
 
-def rows_per_block(vocab: int, /) -> int:
-    """Return the number of rows of one block: :data:`BLOCK_ELEMENTS` elements, at least 1."""
-    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
-
-
 def from_logits(
     s: np.ndarray,
     t: np.ndarray,
@@ -157,7 +149,7 @@ def from_logits(
     rows, vocab = s.shape
     jsd = np.zeros(rows, np.float64)
     grad = np.empty_like(s) if grad_scale is not None else None
-    step = rows_per_block(vocab)
+    step = _blocks_logits.rows_per_block(vocab)
     starts = list(range(0, rows, step))
 
     def work(stripe: Sequence[int]) -> list[Any]:
@@ -262,14 +254,6 @@ def _arranged(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | Non
     return s2, t2, kept
 
 
-def _divisor(ops: LogitsOperands, kept: np.ndarray | None) -> int:
-    """Return the reduction's divisor: the reference's, or from the kept rows."""
-    if kept is None:
-        return _core_logits.row_divisor(ops.reduction, shape=ops.shape, axis=ops.axis)
-    n = int(np.count_nonzero(kept))
-    return {"sum": 1, "mean": n * ops.vocab}.get(ops.reduction, n)
-
-
 def evaluate(
     ops: LogitsOperands, s: Any, t: Any, /, *, with_grad: bool
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -294,7 +278,7 @@ def evaluate(
             s2, t2, grad_scale=None, terms_out=out.reshape(s2.shape), factor=ops.factor, **common
         )
         return out, None
-    d = _divisor(ops, kept)
+    d = _blocks_logits.divisor(ops, kept)
     scale = None
     if with_grad:
         scale = 0.0 if d == 0 else ops.factor / ops.temperature / d

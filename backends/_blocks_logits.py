@@ -222,6 +222,18 @@ def rows_per_block(vocab: int, /) -> int:
     return max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 
+def divisor(ops: Any, kept: np.ndarray | None, /) -> int:
+    """Return the divisor of the reduction of ``ops`` (a ``LogitsOperands``).
+
+    With ``kept``, from the kept rows: ``'sum'`` 1, ``'mean'`` their elements, else their
+    number.
+    """
+    if kept is None:
+        return _core_logits.row_divisor(ops.reduction, shape=ops.shape, axis=ops.axis)
+    n = int(np.count_nonzero(kept))
+    return n * ops.vocab if ops.reduction == "mean" else (1 if ops.reduction == "sum" else n)
+
+
 #: Bytes of one scratch buffer of the ufunc path (five per thread): 1 MiB, so that its
 #: passes over a block stay in the core's cache. Blocks of :data:`BLOCK_ELEMENTS` float64
 #: (4 MiB per buffer, 20 MiB per thread) ran from memory: 2048 x 32000 float64 logits

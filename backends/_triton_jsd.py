@@ -38,13 +38,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_kernels import _exp, _log, interpreting
-from ._triton_logits import _rescale, _shift, _tile, _times_c, block_for, num_warps_for
+from ._triton_logits import (
+    _launch,
+    _rescale,
+    _shift,
+    _tile,
+    _times_c,
+    block_for,
+    num_warps_for,
+)
 
 __all__ = ["from_logits", "interpreting"]
 
@@ -254,30 +261,5 @@ def from_logits(
         math.log(beta),
         math.log1p(-beta),
     )
-    _launch((rows,), s.device, args, constexprs, num_warps)
+    _launch(_jsd_kernel, (rows,), s.device, args, constexprs, num_warps)
     return jsd, grad
-
-
-def _launch(
-    grid: tuple[int],
-    device: torch.device,
-    args: tuple[Any, ...],
-    constexprs: dict[str, Any],
-    num_warps: int,
-) -> None:
-    """Run the kernel on ``grid``: compiled on CUDA, else in Triton's interpreter."""
-    kernel: Any = _jsd_kernel
-    if device.type == "cuda":
-        # No fused multiply-add, as in _triton_kernels: the reference's order of roundings.
-        with torch.cuda.device(device):
-            kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
-        return
-    if not interpreting():
-        msg = (
-            "Triton kernels run on CPU tensors only in Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is imported"
-        )
-        raise RuntimeError(msg)
-    # The interpreter computes with NumPy, which would warn where CUDA is silent.
-    with np.errstate(all="ignore"):
-        kernel[grid](*args, **constexprs)

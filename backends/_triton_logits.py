@@ -336,19 +336,19 @@ def from_logits(
         float(temperature),
         float(c),
     )
-    _launch((rows,), s.device, args, constexprs, num_warps)
+    _launch(_from_logits_kernel, (rows,), s.device, args, constexprs, num_warps)
     return kl, grad
 
 
 def _launch(
+    kernel: Any,
     grid: tuple[int],
     device: torch.device,
     args: tuple[Any, ...],
     constexprs: dict[str, Any],
     num_warps: int,
 ) -> None:
-    """Run the kernel on ``grid``: compiled on CUDA, else in Triton's interpreter."""
-    kernel: Any = _from_logits_kernel
+    """Run ``kernel`` on ``grid``: compiled on CUDA, else in Triton's interpreter."""
     if device.type == "cuda":
         # No fused multiply-add, as in _triton_kernels: the reference's order of roundings.
         with torch.cuda.device(device):

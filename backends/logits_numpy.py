@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from kldiv_spec import _core_logits
 from kldiv_spec._core import divide_total
 from kldiv_spec._validation import LogitsOperands
 
@@ -56,13 +55,6 @@ def _rows(ops: LogitsOperands, s: Any, t: Any, bfloat16: bool) -> tuple[Any, Any
             rows
         )
     return s2, t2, kept
-
-
-def _divisor(ops: LogitsOperands, kept: Any) -> int:
-    if kept is None:
-        return _core_logits.row_divisor(ops.reduction, shape=ops.shape, axis=ops.axis)
-    n = int(np.count_nonzero(kept))
-    return n * ops.vocab if ops.reduction == "mean" else (1 if ops.reduction == "sum" else n)
 
 
 def _finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) -> Any:
@@ -125,7 +117,7 @@ def evaluate(
             factor=ops.factor,
         )
         return out, None
-    d = _divisor(ops, kept)
+    d = _blocks_logits.divisor(ops, kept)
     scale = None
     if with_grad:
         scale = 0.0 if d == 0 else upstream * ops.factor / ops.temperature / d

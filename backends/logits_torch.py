@@ -217,7 +217,10 @@ class _FusedFromLogits(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
     ) -> torch.Tensor:
-        done = _evaluate(ops, with_grad=True)
+        if ops.beta is None:
+            done = _evaluate(ops, with_grad=True)
+        else:
+            done = _jsd_evaluate(ops, with_grad=True)
         assert done is not None  # checked by kl_div_from_logits
         loss, grad = done
         ctx.save_for_backward(x, t)
@@ -288,22 +291,29 @@ def _reduced(ops: LogitsOperands, kl: torch.Tensor, kept: torch.Tensor | None) -
 def _triton_call(
     ops: LogitsOperands, g: torch.Tensor | None, /, *, need_loss: bool, grad_dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Run the kernel: ``(loss or None, student gradient for upstream ``g`` or None)``."""
-    from . import _triton_logits
+    """Run the kernel: ``(loss or None, student gradient for upstream ``g`` or None)``.
 
+    The KL's (:mod:`._triton_logits`), or with ``beta`` the Jensen-Shannon
+    divergence's (:mod:`._triton_jsd`).
+    """
     s2, t2, kept = _rows(ops)
     gw = None if g is None else _per_term(ops, g, kept)
-    kl, grad = _triton_logits.from_logits(
-        s2,
-        t2,
-        temperature=ops.temperature,
-        direction=ops.direction,
-        kept=kept,
-        gw=gw,
-        c=ops.factor / ops.temperature,
-        need_loss=need_loss,
-        grad_dtype=grad_dtype,
-    )
+    common = {
+        "temperature": ops.temperature,
+        "kept": kept,
+        "gw": gw,
+        "c": ops.factor / ops.temperature,
+        "need_loss": need_loss,
+        "grad_dtype": grad_dtype,
+    }
+    if ops.beta is None:
+        from . import _triton_logits
+
+        kl, grad = _triton_logits.from_logits(s2, t2, direction=ops.direction, **common)
+    else:
+        from . import _triton_jsd
+
+        kl, grad = _triton_jsd.from_logits(s2, t2, beta=ops.beta, **common)
     loss = None if kl is None else _reduced(ops, kl, kept)
     return loss, (None if grad is None else grad.reshape(ops.shape))
 
@@ -377,105 +387,19 @@ def _jsd_evaluate(
     return torch.from_numpy(np.asarray(loss)), (None if grad is None else torch.from_numpy(grad))
 
 
-class _FusedJSD(torch.autograd.Function):
-    """The JSD's forward and student gradient in one blocked pass; the backward scales it."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
-    ) -> torch.Tensor:
-        done = _jsd_evaluate(ops, with_grad=True)
-        assert done is not None  # checked by _jsd_forward
-        ctx.save_for_backward(x, t)
-        ctx.ops = ops
-        ctx.grad = done[1]
-        return done[0]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return _backward(ctx, grad)
-
-
-def _triton_jsd_call(
-    ops: LogitsOperands, g: torch.Tensor | None, /, *, need_loss: bool, grad_dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Run the Triton JSD kernel: ``(loss or None, student gradient for ``g`` or None)``."""
-    from . import _triton_jsd
-
-    assert ops.beta is not None
-    s2, t2, kept = _rows(ops)
-    gw = None if g is None else _per_term(ops, g, kept)
-    jsd, grad = _triton_jsd.from_logits(
-        s2,
-        t2,
-        temperature=ops.temperature,
-        beta=ops.beta,
-        kept=kept,
-        gw=gw,
-        c=ops.factor / ops.temperature,
-        need_loss=need_loss,
-        grad_dtype=grad_dtype,
-    )
-    loss = None if jsd is None else _reduced(ops, jsd, kept)
-    return loss, (None if grad is None else grad.reshape(ops.shape))
-
-
-class _TritonJSD(torch.autograd.Function):
-    """The Triton JSD forward, with the student gradient from the same launch when needed."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, t: torch.Tensor, ops: LogitsOperands
-    ) -> torch.Tensor:
-        unit = None
-        if x.requires_grad:
-            unit = torch.ones((), dtype=ops.compute_dtype, device=x.device)
-        loss, grad = _triton_jsd_call(ops, unit, need_loss=True, grad_dtype=ops.compute_dtype)
-        assert loss is not None
-        ctx.save_for_backward(x, t)
-        ctx.ops = ops
-        ctx.grad = grad
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return _backward(ctx, grad)
-
-
 def _jsd_forward(ops: LogitsOperands) -> Any:
-    """Return the loss of ``beta`` (the gradient attached when needed), or NotImplemented.
-
-    Triton where the KL's kernel would run (CUDA, or CPU tensors in Triton's
-    interpreter; reductions only), else the float32 CPU kernel.
-    """
+    """Return the loss of ``beta`` on the CPU kernel (the gradient attached), or NotImplemented."""
     x, t = ops.input, ops.target
-    if _on_triton(ops):
-        if ops.reduction == "none":
-            return NotImplemented
-        if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
-            return _TritonJSD.apply(x, t, ops)
-        loss, _ = _triton_jsd_call(ops, None, need_loss=True, grad_dtype=x.dtype)
-        return loss
     if torch.is_grad_enabled() and (x.requires_grad or t.requires_grad):
         if ops.reduction == "none" or _jsd_operands(ops) is None:
             return NotImplemented
-        return _FusedJSD.apply(x, t, ops)
+        return _FusedFromLogits.apply(x, t, ops)
     done = _jsd_evaluate(ops, with_grad=False)
     return NotImplemented if done is None else done[0]
 
 
-def _jsd_backward(g: Any, ops: LogitsOperands, target_grad: bool) -> Any:
-    """Return ``(grad_input, None)`` of ``beta`` (reductions only), or NotImplemented."""
-    if target_grad or ops.reduction == "none":
-        return NotImplemented
-    if _on_triton(ops):
-        x = ops.input
-        # in the dtype on CUDA; rounded by torch in Triton's interpreter (which truncates)
-        direct = x.device.type == "cuda"
-        dt = x.dtype if direct else ops.compute_dtype
-        _, grad = _triton_jsd_call(ops, g, need_loss=False, grad_dtype=dt)
-        assert grad is not None
-        return (grad if direct else grad.to(x.dtype)), None
+def _jsd_backward(g: Any, ops: LogitsOperands) -> Any:
+    """Return ``(grad_input, None)`` of ``beta`` from the CPU kernel, or NotImplemented."""
     done = _jsd_evaluate(ops, with_grad=True)
     if done is None or done[1] is None:
         return NotImplemented
@@ -489,10 +413,10 @@ def _jsd_backward(g: Any, ops: LogitsOperands, target_grad: bool) -> Any:
 def kl_div_from_logits(ops: LogitsOperands, /) -> Any:
     """Return the loss (with the fused gradient attached when needed), or NotImplemented."""
     ops = ops.evaluated()
-    if ops.beta is not None:  # the Jensen-Shannon divergence: its own kernels
-        return _jsd_forward(ops)
-    if _on_triton(ops):
+    if _on_triton(ops):  # the KL's or (beta) the Jensen-Shannon divergence's kernel
         return _triton_forward(ops)
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own CPU kernel
+        return _jsd_forward(ops)
     if not _accepts(ops):
         return NotImplemented
     x, t = ops.input, ops.target
@@ -514,8 +438,6 @@ def _takes(ops: LogitsOperands) -> bool:
 def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, /) -> Any:
     """Return ``(grad_input, None)`` from one pass (one launch with Triton), or NotImplemented."""
     ops = ops.evaluated()
-    if ops.beta is not None:  # the Jensen-Shannon divergence: its own kernels
-        return _jsd_backward(g, ops, target_grad)
     if target_grad or ops.reduction == "none":
         return NotImplemented
     if _on_triton(ops):
@@ -527,6 +449,8 @@ def kl_div_from_logits_backward(g: Any, ops: LogitsOperands, target_grad: bool, 
         _, grad = _triton_call(ops, g, need_loss=False, grad_dtype=dt)
         assert grad is not None
         return (grad if direct else grad.to(x.dtype)), None
+    if ops.beta is not None:  # the Jensen-Shannon divergence: its own CPU kernel
+        return _jsd_backward(g, ops)
     if not _accepts(ops):
         return NotImplemented
     if ops.input.dtype in _HALF_DTYPES:  # the upstream gradient in the scale: one rounding

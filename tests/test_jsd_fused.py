@@ -40,7 +40,7 @@ from _support import setenv
 
 import kldiv_spec
 from kldiv_spec import _core_logits, kl_div_from_logits, kl_div_from_logits_backward
-from kldiv_spec.backends import _blocks_jsd
+from kldiv_spec.backends import _blocks_jsd, _blocks_logits
 from kldiv_spec.conformance import oracle_logits as oracle
 
 
@@ -508,7 +508,7 @@ def test_results_do_not_depend_on_threads_or_blocks(
     results = []
     for threads, block in (("1", 1 << 19), ("3", 1000), ("2", 1)):
         setenv(monkeypatch, THREADS_ENV, threads)
-        monkeypatch.setattr(_blocks_jsd, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(_blocks_logits, "BLOCK_ELEMENTS", block)
         loss = kl_div_from_logits(s, t, beta=0.5, temperature=2.0)
         grad, _ = kl_div_from_logits_backward(1.0, s, t, beta=0.5, temperature=2.0)
         results.append((loss, grad))
@@ -610,7 +610,7 @@ def test_the_torch_cpu_path_takes_the_kernel_forward_and_backward(
     tol_s, _ = oracle.gradient_tolerance(exact)
     x, y = torch.tensor(s, requires_grad=True), torch.tensor(t)
     loss = kl_div_from_logits(x, y, temperature=2.0, beta=0.3, mask=torch.tensor(mask))
-    assert type(loss.grad_fn).__name__ == "_FusedJSDBackward"
+    assert type(loss.grad_fn).__name__ == "_FusedFromLogitsBackward"
     loss.backward()
     assert kernel_calls == [6]  # one pass: the backward reuses the forward's gradient
     assert_close(loss.detach().numpy(), value, tol, "loss")
@@ -734,7 +734,7 @@ def test_triton_values_and_gradients_match_the_oracle(
     t = torch.tensor(t_np)
     m = None if mask is None else torch.tensor(mask)
     loss = kl_div_from_logits(s, t, mask=m, **options)
-    assert type(loss.grad_fn).__name__ == "_TritonJSDBackward"
+    assert type(loss.grad_fn).__name__ == "_TritonFromLogitsBackward"
     (grad,) = torch.autograd.grad(loss, s, torch.tensor(0.75, dtype=loss.dtype))
     assert_close(loss.detach().numpy(), value, tol, f"loss {options}")
     assert_close(grad.numpy(), exact.grad_input, tol_s, f"gradient {options}")
