@@ -86,29 +86,16 @@ def _kl_div_step(kind: str, dtype: str, rows: int, vocab: int) -> Any:
     return step
 
 
+#: This script's kinds of logits, as benchmarks/logits_bench.py's ``--logits`` names them.
+_KINDS = {"dense": "dense", "top50": "teacher-top50", "excluded": "student-excluded"}
+
+
 def _masked_logits(rows: int, vocab: int, kind: str) -> tuple[Any, Any]:
     """float32 logits: dense, a top-50 teacher (log-probabilities, -inf elsewhere), or a
-    student with a tenth of its classes at -inf."""
-    import numpy as np
+    student with a tenth of its classes at -inf (benchmarks/logits_bench.py's)."""
+    import logits_bench  # benchmarks/logits_bench.py (this folder is on sys.path)
 
-    rng = np.random.default_rng(0)
-    s = rng.standard_normal((rows, vocab), dtype=np.float32)
-    t = (s + rng.standard_normal((rows, vocab), dtype=np.float32)).astype(np.float32)
-    for i in range(0, rows, 64):
-        s_rows, t_rows = s[i : i + 64], t[i : i + 64]
-        if kind == "top50":
-            k = min(50, vocab)
-            keep = np.argpartition(-t_rows, k - 1, axis=1)[:, :k]
-            kept = np.take_along_axis(t_rows, keep, 1).astype(np.float64)
-            top = kept.max(axis=1, keepdims=True)
-            kept -= top + np.log(np.exp(kept - top).sum(axis=1, keepdims=True))
-            t_rows[...] = -np.inf
-            np.put_along_axis(t_rows, keep, kept.astype(np.float32), 1)
-        elif kind == "excluded":
-            drop = rng.random(s_rows.shape) < 0.1
-            drop[:, 0] = False
-            s_rows[drop] = -np.inf
-    return s, t
+    return logits_bench._logits(rows, vocab, _KINDS[kind])
 
 
 def _logits_step(name: str, rows: int, vocab: int) -> Any:
