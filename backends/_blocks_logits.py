@@ -281,6 +281,7 @@ def from_logits(
     terms_out: np.ndarray | None = None,
     factor: float = 1.0,
     need_loss: bool = True,
+    grad_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Return the rows' divergences (float64, unscaled) and, if asked, the student gradient.
 
@@ -292,12 +293,17 @@ def from_logits(
     ``need_loss=False`` (a backward alone, forward direction) computes only the
     two softmaxes and :math:`c\,G\,(q - p)`, whose edge values need no second
     evaluation (0 - 0 where both exclude a class, NaN in rows without a
-    softmax); the divergences returned are then 0.
+    softmax); the divergences returned are then 0. ``grad_out``, when given with a
+    ``grad_scale``, is the gradient's buffer (C-contiguous, the shape and dtype of
+    ``s``, sharing no memory with ``s``, ``t`` or ``terms_out``): a caller walking
+    chunks reuses one buffer instead of page-faulting a fresh one per chunk.
     """
     rows, vocab = s.shape
     dt = s.dtype
     kl = np.zeros(rows, np.float64)
-    grad = np.empty_like(s) if grad_scale is not None else None
+    grad = None
+    if grad_scale is not None:
+        grad = np.empty_like(s) if grad_out is None else _checked_out(grad_out, s, t, terms_out)
     forward = direction == "forward"
     softmax_only = forward and not need_loss and grad is not None and terms_out is None
     wide = _wide(dt, temperature)
@@ -394,6 +400,23 @@ def from_logits(
         redo = kl.view(np.uint64) == np.uint64(REDO_BITS)
     _fix_rows(s, t, kl, grad, terms_out, temperature, direction, grad_scale, factor, kept, redo)
     return kl, grad
+
+
+def _checked_out(
+    out: np.ndarray, s: np.ndarray, t: np.ndarray, terms_out: np.ndarray | None
+) -> np.ndarray:
+    """Return ``out`` if it can hold the gradient of ``s``; raise ValueError otherwise."""
+    if type(out) is not np.ndarray or out.shape != s.shape or out.dtype != s.dtype:
+        raise ValueError(
+            f"grad_out must be an ndarray of shape {s.shape} and dtype {s.dtype}, "
+            f"got {getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}"
+        )
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("grad_out must be C-contiguous and writeable")
+    others = (s, t) if terms_out is None else (s, t, terms_out)
+    if any(np.shares_memory(out, a) for a in others):
+        raise ValueError("grad_out must not share memory with the logits or terms_out")
+    return out
 
 
 def _drop_zero_weights(

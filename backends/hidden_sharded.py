@@ -48,7 +48,7 @@ import torch.distributed as dist
 from kldiv_spec._core_logits import row_divisor
 from kldiv_spec._validation import HiddenOperands
 
-from .hidden_torch import DEFAULT_MEMORY_BUDGET, MIN_ROWS
+from .hidden_torch import chunk_rows
 
 __all__ = ["from_hidden_sharded"]
 
@@ -163,9 +163,7 @@ def _evaluate(
         gw = torch.zeros(w_s.shape, dtype=kd) if need_w else None
         gb = torch.zeros((local,), dtype=kd) if need_b and b_s is not None else None
         per_row = max(widest, 1) * 6 * torch.empty((), dtype=kd).element_size()  # 6 arrays
-        chunk = max(1, min(rows, max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row) // per_row))
-        if ops.memory_budget is not None:
-            chunk = max(1, min(rows, ops.memory_budget // per_row))
+        chunk = chunk_rows(rows, per_row, ops.memory_budget)
         total = torch.zeros((), dtype=torch.float64)
         for i in range(0, rows, chunk):
             j = min(i + chunk, rows)

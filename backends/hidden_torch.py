@@ -20,14 +20,16 @@ operands and the gradients: one chunk's temporaries (:func:`bytes_per_row` times
 chunk's rows, at most the memory budget) and, under autocast, the weights' copies in
 the autocast dtype.
 
-**The chunk rule.** ``rows = clamp(budget // bytes_per_row(V), 1, R)``: the
-budget divided by the bytes one row's temporaries take (both logits in the product's
-dtype, their copies in the kernel's dtype where it differs, the gradient, and its
-copy in the weight's dtype where it differs: 12 bytes per class for float32). The
-budget is ``memory_budget=`` when given; by default the larger of
-:data:`DEFAULT_MEMORY_BUDGET` (128 MiB) and :data:`MIN_ROWS` (384) rows' worth, since
-the matrix products of fewer rows read the weights more often per row and run slower
-per row on a CPU (2x to 3x at 64 rows against 512: ``docs/hidden.md``).
+**The chunk rule.** ``rows = clamp(budget // bytes_per_row(V), 1, R)``, evened out
+over the chunks (:func:`chunk_rows`): the budget divided by the bytes one row's
+temporaries take (both logits in the product's dtype, their copies in the kernel's
+dtype where it differs, the gradient, and its copy in the weight's dtype where it
+differs: 12 bytes per class for float32). The budget is ``memory_budget=`` when
+given; by default the larger of :data:`DEFAULT_MEMORY_BUDGET` (128 MiB) and
+:data:`MIN_ROWS` (384) rows' worth, since the matrix products of fewer rows read the
+weights more often per row and run slower per row on a CPU (2x to 3x at 64 rows against
+512: ``docs/hidden.md``). The chunk's temporaries are allocated once per call and reused
+by every chunk (:class:`_Buffers`).
 
 **Dtypes.** The logits are formed in each model's dtype (as the reference does), or
 in the autocast dtype under ``torch.autocast("cpu")`` (bfloat16 matrix products, as
@@ -103,7 +105,8 @@ def bytes_per_row(
 
     The student's and the teacher's logits in their product dtypes, their copies in
     ``kernel_dtype`` where it differs, the logits' gradient (``kernel_dtype``) and its
-    copy in ``weight_dtype`` where it differs, for ``vocab`` classes.
+    copies in ``weight_dtype`` and in the accumulation dtype (float32 for half-precision
+    weights) where they differ, for ``vocab`` classes.
     """
     k = _size(kernel_dtype)
     per_class = k  # the gradient
@@ -111,40 +114,74 @@ def bytes_per_row(
         per_class += _size(dt) + (k if dt != kernel_dtype else 0)
     if weight_dtype != kernel_dtype:
         per_class += _size(weight_dtype)
+        if weight_dtype in _HALF and kernel_dtype != torch.float32:
+            per_class += 4  # and in the float32 the weight's gradient accumulates in
     return max(vocab, 1) * per_class
 
 
 def chunk_rows(rows: int, per_row: int, budget: int | None, /) -> int:
-    """Return the rows per chunk: ``clamp(budget // per_row, 1, rows)``.
+    """Return the rows per chunk: ``c = clamp(budget // per_row, 1, rows)``, evened out.
 
-    ``budget`` None is ``max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row)``.
+    ``budget`` None is ``max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row)``. The
+    ``ceil(rows / c)`` chunks then share the rows evenly, ``ceil(rows / ceil(rows / c))``
+    each (at most ``c``): 2048 rows in chunks of at most 384 are five of 342 and one of
+    338, not five of 384 and a last one of 128, whose matrix products run slower per row.
     """
     b = max(DEFAULT_MEMORY_BUDGET, MIN_ROWS * per_row) if budget is None else budget
-    return max(1, min(max(rows, 1), b // max(per_row, 1)))
+    rows = max(rows, 1)
+    most = max(1, min(rows, b // max(per_row, 1)))
+    chunks = -(-rows // most)
+    return -(-rows // chunks)
 
 
 # --------------------------------------------------------------------------- the operator
 
 
+class _Buffers:
+    """One chunk's temporaries, allocated at the first chunk and reused by the others.
+
+    A chunk's logits take tens of megabytes, above glibc's largest ``mmap`` threshold
+    (32 MiB): allocated afresh per chunk, every chunk would page-fault its logits and
+    gradient in again (about 5% of a 2048 x 1024 x 32,000 step on a 2-core CPU). Each
+    buffer has ``rows`` rows; a chunk of ``n`` rows takes the first ``n`` (C-contiguous).
+    """
+
+    def __init__(self, rows: int, vocab: int) -> None:
+        self._shape = (rows, vocab)
+        self._held: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+        key = (name, dtype)
+        if key not in self._held:
+            self._held[key] = torch.empty(self._shape, dtype=dtype)
+        return self._held[key][:n]
+
+    def convert(self, name: str, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Return ``a`` in ``dtype`` and C-contiguous, copied into buffer ``name`` if need be."""
+        if a.dtype == dtype and a.is_contiguous():
+            return a
+        return self.take(name, dtype, a.shape[0]).copy_(a)
+
+
 def _product(
-    h: torch.Tensor, w: torch.Tensor, w_m: torch.Tensor, b: torch.Tensor | None
+    h: torch.Tensor,
+    w: torch.Tensor,
+    w_m: torch.Tensor,
+    b: torch.Tensor | None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     r"""Return :math:`h W^\top (+ b)` as the reference forms it.
 
-    The product in ``w_m``'s dtype (the operands' common dtype, or autocast's); the
-    bias then added in the common dtype of the product and every operand, as the
-    reference's ``matmul(h, W.T) + b`` promotes.
+    The product in ``w_m``'s dtype (the operands' common dtype, or autocast's), into
+    ``out`` (that dtype); the bias then added in the common dtype of the product and
+    every operand, as the reference's ``matmul(h, W.T) + b`` promotes.
     """
-    z = torch.mm(h if h.dtype == w_m.dtype else h.to(w_m.dtype), w_m.T)
+    z = torch.mm(h if h.dtype == w_m.dtype else h.to(w_m.dtype), w_m.T, out=out)
     if b is None:
         return z
     dt = _common([z, h, w, b])
     z = z if z.dtype == dt else z.to(dt)
     return z.add_(b if b.dtype == dt else b.to(dt))
-
-
-def _as(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (a if a.dtype == dtype else a.to(dtype)).contiguous()
 
 
 def _loss(
@@ -252,15 +289,19 @@ def _chunked(
     d = _divisor(reduction, divisor, kept, vocab)
     scale = (0.0 if d == 0 else factor / temperature / d) if any_grad else None
     total = 0.0
+    buffers = _Buffers(min(chunk, rows), vocab)
     for i in range(0, rows, chunk):
         j = min(i + chunk, rows)
+        n = j - i
         hs = h_s[i:j]
-        s = _as(_product(hs, w_s, ws_m, b_s), kd)
+        s = _product(hs, w_s, ws_m, b_s, buffers.take("s", ws_m.dtype, n))
+        s = buffers.convert("s, kernel", s, kd)
         if t_logits is not None:
-            t = _as(t_logits[i:j], kd)
+            t = buffers.convert("t, kernel", t_logits[i:j], kd)
         else:
             assert h_t is not None and w_t is not None and wt_m is not None
-            t = _as(_product(h_t[i:j], w_t, wt_m, b_t), kd)
+            t = _product(h_t[i:j], w_t, wt_m, b_t, buffers.take("t", wt_m.dtype, n))
+            t = buffers.convert("t, kernel", t, kd)
         kl, grad = _blocks_logits.from_logits(
             s.numpy(),
             t.numpy(),
@@ -268,22 +309,21 @@ def _chunked(
             direction=direction,
             kept=None if kept is None else kept[i:j],
             grad_scale=scale,
+            grad_out=buffers.take("grad", kd, n).numpy() if any_grad else None,
         )
         total += float(np.add.reduce(kl))
         del s, t, kl
         if grad is None:
             continue
         g = torch.from_numpy(grad)
+        gm = buffers.convert("grad", g, w_s.dtype) if need_h or acc == w_s.dtype else g
         if need_h:
-            gw_dt = w_s.dtype
-            gm = g if g.dtype == gw_dt else g.to(gw_dt)
-            if gh.dtype == gw_dt:
+            if gh.dtype == gm.dtype:
                 torch.mm(gm, w_s, out=gh[i:j])
             else:
                 gh[i:j] = torch.mm(gm, w_s)
-            del gm
         if need_w:
-            ga = g if g.dtype == acc else g.to(acc)
+            ga = gm if gm.dtype == acc else buffers.convert("grad", g, acc)
             ha = hs if hs.dtype == acc else hs.to(acc)
             if i == 0:  # the first chunk writes the gradient: no zero fill beforehand
                 torch.mm(ga.T, ha, out=gw)
@@ -292,7 +332,7 @@ def _chunked(
             del ga, ha
         if need_b:
             gb += g.sum(0, dtype=acc)
-        del g, grad
+        del g, gm, grad
     loss = _loss(total, d, kept is not None, factor, kd, out)
     if need_w and gw.dtype != w_s.dtype:
         gw = gw.to(w_s.dtype)
