@@ -479,6 +479,56 @@ def test_peak_memory_follows_the_chunk_not_the_tokens():
     assert bigger > small + 2 * budget, (small, bigger)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 7, 35, 341, 342, 343, 2048])
+@pytest.mark.parametrize("most", [1, 3, 64, 342, 384, 5000])
+def test_chunks_are_evened_out_within_the_budget(rows, most):
+    """As many chunks as the budget's rows need, each at most those rows, none short."""
+    per_row = 1000
+    c = hidden_torch.chunk_rows(rows, per_row, most * per_row + per_row - 1)
+    chunks = -(-rows // c)
+    assert c <= min(most, rows)
+    assert chunks == -(-rows // min(most, rows))
+    assert rows - (chunks - 1) * c > c - chunks  # the last chunk: short by under `chunks`
+    assert hidden_torch.chunk_rows(2048, 384 * 32000 * 12 // 384, None) == 342
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_from_logits_fills_a_given_gradient_buffer_with_the_same_values(dtype, direction):
+    """``grad_out=`` (the chunks' reused buffer) changes where the gradient goes, not it."""
+    if not _blocks_logits.supported(np.zeros((1, 1), dtype)):
+        pytest.skip(f"no kernel for {np.dtype(dtype)} here")
+    rng = np.random.default_rng(3)
+    s, t = (rng.standard_normal((9, 37)).astype(dtype) * 3 for _ in range(2))
+    s[1, 4], t[2, :5], s[3, 0] = -np.inf, -np.inf, np.nan  # excluded classes, a redo row
+    kept = np.ones(9, bool)
+    kept[5] = False
+    options = dict(temperature=2.0, direction=direction, kept=kept, grad_scale=0.25)
+    kl, grad = _blocks_logits.from_logits(s, t, **options)
+    buffer = np.full_like(s, 7.0)
+    kl2, grad2 = _blocks_logits.from_logits(s, t, grad_out=buffer, **options)
+    assert grad2 is buffer
+    np.testing.assert_array_equal(kl2, kl)
+    np.testing.assert_array_equal(grad2, grad)
+
+
+def test_a_bad_gradient_buffer_is_refused_by_name():
+    s = np.zeros((3, 4), np.float32)
+    t = np.zeros((3, 4), np.float32)
+    options = dict(temperature=1.0, direction="forward", kept=None, grad_scale=1.0)
+    bad = [
+        np.zeros((3, 5), np.float32),
+        np.zeros((3, 4), np.float64),
+        np.zeros((4, 3), np.float32).T,
+        s,
+        np.zeros((3, 4), np.float32)[::1].copy().view(np.float32),
+    ]
+    bad[-1].flags.writeable = False
+    for out in bad:
+        with pytest.raises(ValueError, match="grad_out"):
+            _blocks_logits.from_logits(s, t, grad_out=out, **options)
+
+
 # --------------------------------------------------------------------------- errors
 
 
