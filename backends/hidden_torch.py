@@ -1,12 +1,14 @@
-r"""The PyTorch CPU fast path of ``kl_div_from_hidden``: chunks of rows, never the logits.
+r"""The PyTorch fast path of ``kl_div_from_hidden`` (CPU, CUDA): chunks of rows, never the logits.
 
 The rows (tokens) are walked in chunks of :func:`chunk_rows` rows. Per chunk of
 student hidden states :math:`h_c` (and the teacher's, or its logits):
 
 1. the chunk's logits :math:`s_c = h_c W_s^\top + b_s` and :math:`t_c` by one matrix
    product each (``torch.mm``, the bias added after it, as the reference does);
-2. the fused from-logits kernel (:func:`kldiv_spec.backends._blocks_logits.from_logits`,
-   on zero-copy NumPy views) gives the rows' divergences and the logits' gradient
+2. the fused from-logits kernel (on the CPU the C kernel,
+   :func:`kldiv_spec.backends._blocks_logits.from_logits` on zero-copy NumPy views; on
+   CUDA the Triton kernel, :func:`kldiv_spec.backends._triton_logits.from_logits`, its
+   row sums kept on the device) gives the rows' divergences and the logits' gradient
    :math:`G_c = c\,(q - p)` (forward KL; :math:`c = k / (T D)`, :math:`D` the
    reduction's divisor) in one pass;
 3. :math:`\partial h_c = G_c W_s` is written into its rows of the hidden states'
@@ -47,11 +49,11 @@ formula, so ``torch.compile(fullgraph=True)`` records it as one opaque call (no 
 break) and the compiled step never holds the logits either. Eagerly, the operator
 runs inside an ``autograd.Function`` that hands its gradients to autograd once
 (:class:`_Eager`): through the operator's own autograd, ``AccumulateGrad`` would copy
-the weight's gradient, a weight-sized peak. Declined (left to the
-reference, which materialises the logits): ``beta``, ``reduction='none'``, tensors
-on other devices (CUDA: no chunked Triton path yet), empty operands, ``torch.func``
-transforms, forward-mode AD, TorchScript. The backward is not differentiable again
-(no double backward), as in the fused linear losses.
+the weight's gradient, a weight-sized peak. Declined (left to the reference, which
+materialises the logits): ``beta``, ``reduction='none'``, tensors on other devices
+(CUDA without Triton, MPS, ...), operands on several devices, empty operands,
+``torch.func`` transforms, forward-mode AD, TorchScript. The backward is not
+differentiable again (no double backward), as in the fused linear losses.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ __all__ = [
     "chunk_rows",
     "kl_div_from_hidden",
     "kl_div_from_hidden_backward",
+    "on_triton",
 ]
 
 #: The default budget of one chunk's temporaries: 128 MiB (or :data:`MIN_ROWS` rows).
@@ -86,6 +89,20 @@ _HALF = (torch.float16, torch.bfloat16)
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def on_triton(device: torch.device) -> bool:
+    """Return whether a chunk's logits on ``device`` go to the Triton kernel.
+
+    CUDA devices where Triton is installed, and the CPU when Triton's interpreter is on
+    (``TRITON_INTERPRET=1``: the tests of the CUDA path); otherwise the CPU takes the C
+    kernel and other devices the reference.
+    """
+    from . import logits_torch
+
+    if device.type == "cuda":
+        return logits_torch._triton_importable()
+    return device.type == "cpu" and logits_torch._interpreted()
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -146,14 +163,15 @@ class _Buffers:
     buffer has ``rows`` rows; a chunk of ``n`` rows takes the first ``n`` (C-contiguous).
     """
 
-    def __init__(self, rows: int, vocab: int) -> None:
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
         self._shape = (rows, vocab)
+        self._device = device
         self._held: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def take(self, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
         key = (name, dtype)
         if key not in self._held:
-            self._held[key] = torch.empty(self._shape, dtype=dtype)
+            self._held[key] = torch.empty(self._shape, dtype=dtype, device=self._device)
         return self._held[key][:n]
 
     def convert(self, name: str, a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -185,16 +203,26 @@ def _product(
 
 
 def _loss(
-    total: float, d: int, masked: bool, factor: float, kd: torch.dtype, out: torch.dtype
+    total: float | torch.Tensor,
+    d: int,
+    masked: bool,
+    factor: float,
+    kd: torch.dtype,
+    out: torch.dtype,
 ) -> torch.Tensor:
     """Round the float64 total to ``kd``, divide by ``d`` once, times ``factor``, to ``out``.
 
-    The from-logits rule (``kldiv_spec.backends.logits_numpy``): ``d = 0`` gives 0 with
-    a mask (no kept row) and NaN without (an empty ``'mean'``).
+    ``total`` a float (the CPU kernel's) or a 0-d float64 tensor on the device (the
+    Triton kernel's, never synchronised). The from-logits rule
+    (``kldiv_spec.backends.logits_numpy``): ``d = 0`` gives 0 with a mask (no kept row)
+    and NaN without (an empty ``'mean'``).
     """
-    result = torch.tensor(total, dtype=kd)
+    if isinstance(total, torch.Tensor):
+        result, device = total.to(kd), total.device
+    else:
+        result, device = torch.tensor(total, dtype=kd), torch.device("cpu")
     if d == 0:
-        result = torch.zeros((), dtype=kd) if masked else torch.full((), math.nan, dtype=kd)
+        result = torch.full((), 0.0 if masked else math.nan, dtype=kd, device=device)
     elif d != 1:
         result = result / d
     if factor != 1.0:
@@ -202,10 +230,10 @@ def _loss(
     return result.to(out)
 
 
-def _divisor(reduction: str, divisor: int, kept: np.ndarray | None, vocab: int) -> int:
+def _divisor(reduction: str, divisor: int, kept: torch.Tensor | None, vocab: int) -> int:
     if kept is None:
         return divisor
-    n = int(np.count_nonzero(kept))
+    n = int(torch.count_nonzero(kept))  # on a GPU: the call's one synchronisation
     return n * vocab if reduction == "mean" else (1 if reduction == "sum" else n)
 
 
@@ -239,13 +267,13 @@ def _from_hidden(
     or ``t_logits`` ``(R, V)``; ``kept`` a bool ``(R,)`` or None. Returns ``(loss,
     grad_h, grad_w, grad_b)``, each gradient empty ``(0,)`` unless asked for.
     """
-    with torch.autocast("cpu", enabled=False), torch.no_grad():
+    with torch.autocast(h_s.device.type, enabled=False), torch.no_grad():
         return _chunked(
             h_s.detach(),
             w_s.detach(),
             None if b_s is None else b_s.detach(),
             (h_t, w_t, b_t, t_logits),
-            None if kept is None else kept.detach().numpy(),
+            None if kept is None else kept.detach(),
             temperature=temperature,
             factor=factor,
             direction="reverse" if reverse else "forward",
@@ -262,7 +290,7 @@ def _chunked(
     w_s: torch.Tensor,
     b_s: torch.Tensor | None,
     teacher: tuple[torch.Tensor | None, ...],
-    kept: np.ndarray | None,
+    kept: torch.Tensor | None,
     *,
     temperature: float,
     factor: float,
@@ -282,14 +310,20 @@ def _chunked(
     wt_m = None if w_t is None else (w_t if w_t.dtype == td else w_t.to(td))
     acc = torch.float32 if w_s.dtype in _HALF else w_s.dtype
     # the operator's outputs must not alias one another: one empty tensor each
-    gh = torch.empty((rows, width), dtype=h_s.dtype) if need_h else h_s.new_empty((0,))
-    gw = torch.empty((vocab, width), dtype=acc) if need_w else h_s.new_empty((0,))
-    gb = torch.zeros((vocab,), dtype=acc) if need_b else h_s.new_empty((0,))
+    gh = h_s.new_empty((rows, width)) if need_h else h_s.new_empty((0,))
+    gw = h_s.new_empty((vocab, width), dtype=acc) if need_w else h_s.new_empty((0,))
+    gb = h_s.new_zeros((vocab,), dtype=acc) if need_b else h_s.new_empty((0,))
     any_grad = need_h or need_w or need_b
     d = _divisor(reduction, divisor, kept, vocab)
     scale = (0.0 if d == 0 else factor / temperature / d) if any_grad else None
-    total = 0.0
-    buffers = _Buffers(min(chunk, rows), vocab)
+    triton = on_triton(h_s.device)
+    total: float | torch.Tensor = 0.0
+    unit = None  # the Triton kernel's upstream gradient of every term, 1 / d
+    if triton:
+        total = h_s.new_zeros((), dtype=torch.float64)
+        if any_grad:
+            unit = h_s.new_full((), 0.0 if d == 0 else 1.0 / d, dtype=kd)
+    buffers = _Buffers(min(chunk, rows), vocab, h_s.device)
     for i in range(0, rows, chunk):
         j = min(i + chunk, rows)
         n = j - i
@@ -302,20 +336,31 @@ def _chunked(
             assert h_t is not None and w_t is not None and wt_m is not None
             t = _product(h_t[i:j], w_t, wt_m, b_t, buffers.take("t", wt_m.dtype, n))
             t = buffers.convert("t, kernel", t, kd)
-        kl, grad = _blocks_logits.from_logits(
-            s.numpy(),
-            t.numpy(),
-            temperature=temperature,
-            direction=direction,
-            kept=None if kept is None else kept[i:j],
-            grad_scale=scale,
-            grad_out=buffers.take("grad", kd, n).numpy() if any_grad else None,
-        )
-        total += float(np.add.reduce(kl))
-        del s, t, kl
-        if grad is None:
+        kept_c = None if kept is None else kept[i:j]
+        if triton:  # CUDA, or the CPU in Triton's interpreter
+            from . import _triton_logits
+
+            kl_t, g = _triton_logits.from_logits(
+                s, t, temperature=temperature, direction=direction, kept=kept_c,
+                gw=unit, c=factor / temperature, grad_dtype=kd,
+            )  # fmt: skip
+            assert isinstance(total, torch.Tensor) and kl_t is not None
+            total += kl_t.sum()  # on the device: no synchronisation
+        else:
+            kl, grad = _blocks_logits.from_logits(
+                s.numpy(),
+                t.numpy(),
+                temperature=temperature,
+                direction=direction,
+                kept=None if kept_c is None else kept_c.numpy(),
+                grad_scale=scale,
+                grad_out=buffers.take("grad", kd, n).numpy() if any_grad else None,
+            )
+            total += float(np.add.reduce(kl))
+            g = None if grad is None else torch.from_numpy(grad)
+        del s, t
+        if g is None:
             continue
-        g = torch.from_numpy(grad)
         gm = buffers.convert("grad", g, w_s.dtype) if need_h or acc == w_s.dtype else g
         if need_h:
             if gh.dtype == gm.dtype:
@@ -332,7 +377,7 @@ def _chunked(
             del ga, ha
         if need_b:
             gb += g.sum(0, dtype=acc)
-        del g, gm, grad
+        del g, gm
     loss = _loss(total, d, kept is not None, factor, kd, out)
     if need_w and gw.dtype != w_s.dtype:
         gw = gw.to(w_s.dtype)
@@ -410,7 +455,10 @@ def _accepts(ops: HiddenOperands) -> bool:
     if ops.beta is not None or ops.reduction == "none":
         return False
     tensors = _tensors(ops)
-    if any(a.device.type != "cpu" for a in tensors):
+    device = ops.student_hidden.device
+    if any(a.device != device for a in tensors):
+        return False
+    if device.type != "cpu" and not on_triton(device):
         return False
     if ops.student_hidden.numel() == 0 or ops.vocab == 0:
         return False
@@ -425,10 +473,10 @@ def _accepts(ops: HiddenOperands) -> bool:
     return not any(_is_wrapped(a) for a in tensors)
 
 
-def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+def _product_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
     """Return the dtype a model's logits are formed in: autocast's, else ``dtype``."""
-    if dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
+    if dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return dtype
 
 
@@ -448,8 +496,8 @@ def _call(
         h_t = ops.teacher_hidden.reshape(rows, ops.teacher_weight.shape[1])
         w_t = ops.teacher_weight
         parts = [h_t, w_t] if ops.teacher_bias is None else [h_t, w_t, ops.teacher_bias]
-        td = _product_dtype(_common(parts))
-    sd = _product_dtype(_common([h, w] if b is None else [h, w, b]))
+        td = _product_dtype(_common(parts), h.device.type)
+    sd = _product_dtype(_common([h, w] if b is None else [h, w, b]), h.device.type)
     kd = ops.compute_dtype
     kept = ops.row_mask()
     if kept is not None:

@@ -631,3 +631,96 @@ def test_the_sharded_form_rejects_what_it_cannot_reduce():
     h_s, w_s, _, h_t, w_t, _ = (torch.tensor(a) for a in _operands())
     with pytest.raises(ValueError, match="reduction='none'"):
         kt.kl_div_from_hidden_sharded(h_s, w_s, h_t, w_t, reduction="none")
+
+
+# --------------------------------------------------------------------------- CUDA (Triton)
+#
+# On CUDA each chunk's logits go to the Triton kernel (backends/_triton_logits.py). It runs
+# here in Triton's interpreter, which reads TRITON_INTERPRET=1 when triton is imported:
+# test_triton_path_in_the_interpreter starts pytest on this file's Triton tests in a fresh
+# process with the variable set, where CPU tensors take the Triton route
+# (hidden_torch.on_triton).
+
+INTERPRETED = hidden_torch.on_triton(torch.device("cpu"))
+in_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in a subprocess with TRITON_INTERPRET=1 (see above)"
+)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_triton_path_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(
+        [*command, "-k", "triton_ and not in_the_interpreter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+    assert " skipped" not in result.stdout  # every Triton test ran there
+
+
+@pytest.fixture
+def triton_chunks(monkeypatch):
+    """The rows of every chunk the Triton kernel took; the C kernel must take none."""
+    from kldiv_spec.backends import _triton_logits
+
+    seen: list[int] = []
+    original = _triton_logits.from_logits
+
+    def counted(s, *args, **kwargs):
+        seen.append(s.shape[0])
+        return original(s, *args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the C kernel ran on the Triton route")
+
+    monkeypatch.setattr(_triton_logits, "from_logits", counted)
+    monkeypatch.setattr(_blocks_logits, "from_logits", refused)
+    return seen
+
+
+@in_interpreter
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("budget_rows", [4, 1000])
+def test_triton_chunks_equal_the_composition(triton_chunks, options, budget_rows):
+    """35 rows in 9 chunks (of 4, the last of 3) or one; float64, bias on both sides."""
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands()
+    budget = budget_rows * 40 * 3 * 8
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, **options)
+    got = _torch_grads(_ours, h_s, w_s, b_s, h_t, w_t, b_t, memory_budget=budget, **options)
+    assert triton_chunks == ([4] * 8 + [3] if budget_rows == 4 else [35])
+    for mine, oracle in zip(got, want, strict=True):
+        _close64(mine, oracle)
+
+
+@in_interpreter
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_triton_mask_teacher_logits_and_float32(triton_chunks, direction):
+    """Masked rows, the teacher as logits, float32 against the float64 definition."""
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(12,), vocab=50)
+    t_logits = h_t @ w_t.T + b_t
+    kept = np.arange(12) % 3 != 1
+    opts = {"temperature": 2.0, "direction": direction, "reduction": "batchmean"}
+
+    def ours(hs, ws, bs, tl, **k):
+        return kt.kl_div_from_hidden(
+            hs, ws, student_bias=bs, teacher_logits=tl, mask=torch.tensor(kept), **k
+        )
+
+    def reference(hs, ws, bs, tl, **k):
+        with kldiv_spec.use_reference():
+            return ours(hs, ws, bs, tl, **k)
+
+    want = _torch_grads(reference, h_s, w_s, b_s, t_logits, **opts)
+    f32 = [a.astype(np.float32) for a in (h_s, w_s, b_s, t_logits)]
+    got = _torch_grads(ours, *f32, memory_budget=5 * 50 * 12, **opts)
+    assert triton_chunks == [4, 4, 4]
+    for mine, oracle in zip(got, want, strict=True):
+        assert mine.dtype == np.float32
+        np.testing.assert_allclose(mine, oracle, rtol=2e-5, atol=2e-6 * np.abs(oracle).max())
+    np.testing.assert_array_equal(got[1][~kept], 0.0)  # dropped rows: no gradient
