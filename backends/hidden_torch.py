@@ -329,13 +329,16 @@ def _chunked(
         n = j - i
         hs = h_s[i:j]
         s = _product(hs, w_s, ws_m, b_s, buffers.take("s", ws_m.dtype, n))
-        s = buffers.convert("s, kernel", s, kd)
         if t_logits is not None:
-            t = buffers.convert("t, kernel", t_logits[i:j], kd)
+            t = t_logits[i:j]
         else:
             assert h_t is not None and w_t is not None and wt_m is not None
             t = _product(h_t[i:j], w_t, wt_m, b_t, buffers.take("t", wt_m.dtype, n))
-            t = buffers.convert("t, kernel", t, kd)
+        # Triton reads half-precision logits of one dtype as they are and widens them in
+        # registers (exactly, as the conversion would); the C kernel takes kd
+        read = s.dtype if triton and s.dtype == t.dtype and s.dtype in _HALF else kd
+        s = buffers.convert("s, kernel", s, read)
+        t = buffers.convert("t, kernel", t, read)
         kept_c = None if kept is None else kept[i:j]
         if triton:  # CUDA, or the CPU in Triton's interpreter
             from . import _triton_logits

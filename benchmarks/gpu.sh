@@ -9,7 +9,9 @@
 # --device cuda: the Triton kernel against the composition, eager and compiled, at 2048x32000 and
 # 4096x128000 float32), the half-precision and JSD cases (benchmarks/holes_bench.py --device cuda:
 # bfloat16 kl_div, from logits and the generalised JSD against F.kl_div, the composition and
-# Liger-Kernel's LigerKLDIVLoss and LigerJSD), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
+# Liger-Kernel's LigerKLDIVLoss and LigerJSD), distillation from hidden states
+# (benchmarks/hidden_bench.py --device cuda: the chunked Triton path against the composition and
+# Liger-Kernel's chunked and Triton fused linear losses, bfloat16), the CUDA and CuPy tests (with tests/test_torch_compile.py: CUDA
 # graph capture, CUDA autocast; tests/test_triton_logits_interpret.py: the logits kernel on CUDA),
 # and the conformance suite on torch CUDA and CuPy. It ends
 # with a summary of the steps and the benchmark table.
@@ -148,6 +150,8 @@ if [[ $DRY == 1 ]]; then
         --out "$LOGS/logits-cuda"
     step holes 120 "$PY" benchmarks/holes_bench.py --device cuda --dry-run \
         --out "$LOGS/holes-cuda"
+    step hidden 120 "$PY" benchmarks/hidden_bench.py --device cuda --dry-run \
+        --out "$LOGS/hidden-cuda"
 else
     step benchmark 150 "$PY" benchmarks/gpu_bench.py --repeats 20 --sweep \
         --json "$LOGS/gpu_bench.json" "${PUBLISH[@]}"
@@ -160,12 +164,16 @@ else
     # F.kl_div, the composition and Liger-Kernel's Triton losses, 2048x32000.
     step holes 120 "$PY" benchmarks/holes_bench.py --device cuda --repeats 20 \
         --out "$LOGS/holes-cuda"
+    # Distillation from hidden states (issue 21): the chunked Triton path against the
+    # composition and Liger-Kernel's chunked and Triton fused linear losses, bfloat16.
+    step hidden 150 "$PY" benchmarks/hidden_bench.py --device cuda --repeats 5 \
+        --out "$LOGS/hidden-cuda"
 fi
 
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
 SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
         tests/test_values.py tests/test_errors.py tests/test_gradients.py
-        tests/test_torch_compile.py tests/test_triton_logits_interpret.py)
+        tests/test_torch_compile.py tests/test_triton_logits_interpret.py tests/test_hidden.py)
 # (-p no:benchmark: pytest-benchmark warns under xdist, and the tests make warnings errors.)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -rs -k "cuda or torch_gpu or cupy")
 if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi

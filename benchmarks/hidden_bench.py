@@ -73,7 +73,14 @@ def _status(key: str) -> int:
     raise LookupError(key)
 
 
-def _step(method: str, tokens: int, width: int, vocab: int) -> tuple[Any, Any, Any]:
+def _step(
+    method: str,
+    tokens: int,
+    width: int,
+    vocab: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[Any, Any, Any]:
     """Return ``(step, clear, grads_bytes)``: step() runs one forward + backward.
 
     step() returns the loss; clear() drops the gradients (before the baseline is read).
@@ -85,11 +92,16 @@ def _step(method: str, tokens: int, width: int, vocab: int) -> tuple[Any, Any, A
     if method == "kl_div_from_hidden, 2x tokens":
         tokens *= 2
     T = TEMPERATURE  # noqa: N806
-    h_s = torch.randn(tokens, width).requires_grad_()
-    w_s = (torch.randn(vocab, width) / width**0.5).requires_grad_()
-    h_t = torch.randn(tokens, width)
-    w_t = torch.randn(vocab, width) / width**0.5
-    grads = (h_s.numel() + w_s.numel()) * 4
+    dt = getattr(torch, dtype)
+
+    def make(*shape: int, scale: float = 1.0) -> Any:
+        return (torch.randn(*shape, device=device) * scale).to(dt)
+
+    h_s = make(tokens, width).requires_grad_()
+    w_s = make(vocab, width, scale=width**-0.5).requires_grad_()
+    h_t = make(tokens, width)
+    w_t = make(vocab, width, scale=width**-0.5)
+    grads = (h_s.numel() + w_s.numel()) * h_s.element_size()
 
     def clear() -> None:
         h_s.grad = w_s.grad = None
@@ -103,6 +115,7 @@ def _step(method: str, tokens: int, width: int, vocab: int) -> tuple[Any, Any, A
             with torch.no_grad():
                 t = h_t @ w_t.T
             if method == "composition":
+                s, t = s.float(), t.float()  # (float32 logits: the usual upcast)
                 log_q, p = F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1)
                 loss = F.kl_div(log_q, p, reduction="batchmean") * T**2
             else:
@@ -131,6 +144,18 @@ def _step(method: str, tokens: int, width: int, vocab: int) -> tuple[Any, Any, A
             return float(loss.detach()) * T**2  # Liger does not scale by T**2
 
         return liger_step, clear, grads
+    if method == "Liger Triton":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        fused = LigerFusedLinearJSD(jsd_beta=0.0, temperature=T)
+
+        def liger_triton_step() -> float:
+            clear()
+            loss = fused(h_s, w_s, h_t, w_t, None)
+            loss.backward()
+            return float(loss.detach())
+
+        return liger_triton_step, clear, grads
     import kldiv_spec.torch as kt
 
     def hidden_step() -> float:
@@ -208,11 +233,77 @@ def run(
     return list(records.values())
 
 
+CUDA_METHODS = (*METHODS[:4], "Liger Triton", *METHODS[4:])
+
+
+def run_cuda(
+    shapes: tuple[tuple[int, int, int], ...], repeats: int, device: str, dtype: str
+) -> list[dict[str, Any]]:
+    """Every method in this process on ``device``: median step time, extra peak memory.
+
+    The time of a step is measured between two synchronisations; the extra peak is
+    ``torch.cuda.max_memory_allocated`` during the step above the memory allocated
+    before it (the inputs) and the gradients every method holds. On the CPU
+    (``--dry-run``) the memory is not measured, and the Triton losses are left out.
+    """
+    import gc
+
+    import torch
+
+    cuda = device == "cuda"
+    records = []
+    for shape in shapes:
+        for method in CUDA_METHODS:
+            rec: dict[str, Any] = {"shape": list(shape), "method": method}
+            records.append(rec)
+            if (
+                method in (*LIGER, "Liger Triton")
+                and importlib.util.find_spec("liger_kernel") is None
+            ):
+                rec["error"] = "liger_kernel is not installed"
+                continue
+            if method == "Liger Triton" and not cuda:
+                rec["error"] = "Liger's Triton loss needs CUDA"
+                continue
+            try:
+                step, clear, grads = _step(method, *shape, device=device, dtype=dtype)
+                step()  # warm-up: compilation, autotuning, the caching allocator
+                times, peaks, loss = [], [], float("nan")
+                for _ in range(repeats):
+                    clear()
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    start = time.perf_counter()
+                    loss = step()  # float(loss) synchronises
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                    if cuda:
+                        peaks.append(torch.cuda.max_memory_allocated() - base - grads)
+                del step, clear
+            except Exception as error:
+                rec["error"] = [f"{type(error).__name__}: {error}"[:300]]
+                continue
+            finally:
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+            rec.update(times=times, loss=loss, median_ms=1e3 * statistics.median(times))
+            rec["extra_peak_mb"] = max(peaks) / 1e6 if peaks else 0.0
+            print(f"{shape} {method}: {rec['median_ms']:.1f} ms", file=sys.stderr, flush=True)
+    return records
+
+
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The tables of issue 21, one per shape, with the ratios of the targets."""
-    lines = ["# Distillation from hidden states, CPU: forward + backward", ""]
+    where = meta.get("device", "cpu")
+    lines = [f"# Distillation from hidden states, {where.upper()}: forward + backward", ""]
     lines.append(
-        f"float32, T = {TEMPERATURE:g}, gradients for the student's hidden states and "
+        f"{meta.get('dtype', 'float32')}, T = {TEMPERATURE:g}, gradients for the student's "
+        "hidden states and "
         f"weight; median of {meta['repeats']} step(s) x {meta['rounds']} round(s); extra "
         "peak memory above the inputs and the gradients. Ratios are within this one run."
     )
@@ -248,7 +339,8 @@ def _targets(rows: list[dict[str, Any]], ours: dict[str, Any]) -> list[str]:
     if "median_ms" not in ours:
         return []
     out = []
-    for other, what in (("Liger compiled", "Liger compiled"), ("composition", "composition")):
+    others = ("Liger compiled", "Liger Triton", "composition")
+    for other, what in ((name, name) for name in others):
         if other in by:
             speed = by[other]["median_ms"] / ours["median_ms"]
             memory = ours["extra_peak_mb"] / max(by[other]["extra_peak_mb"], 1e-9)
@@ -276,12 +368,22 @@ def main(argv: list[str] | None = None) -> None:
         help="the interpreter with liger_kernel, when this one has none",
     )
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: every method in this process on the GPU, bfloat16 (benchmarks/gpu.sh)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="with --device cuda: tiny, CPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         tokens, width, vocab = map(int, args.shape.split("x"))
         print(json.dumps(child(args.child, tokens, width, vocab, args.repeats)))
+        return
+    if args.device == "cuda":
+        main_cuda(args, argv)
         return
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rounds = 1 if args.quick else args.rounds
@@ -295,6 +397,32 @@ def main(argv: list[str] | None = None) -> None:
         "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     records = run(shapes, args.repeats, rounds, args.liger_python)
+    text = markdown(records, meta)
+    title, _, rest = text.partition("\n")
+    text = f"{title}\n\n{bench_stamp.describe(stamp)}\n{rest}"
+    print(text)
+    if args.out is not None:
+        bench_stamp.write_outputs(
+            args.out, {"stamp": stamp, "meta": meta, "records": records}, text
+        )
+
+
+def main_cuda(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--device cuda``: bfloat16 hidden states and weights, in this process."""
+    device = "cpu" if args.dry_run else "cuda"
+    shapes = ((64, 32, 500),) if args.dry_run else SHAPES
+    dtype = "float32" if args.dry_run else "bfloat16"
+    repeats = 1 if args.dry_run else max(args.repeats, 5)
+    stamp = bench_stamp.stamp(__file__, argv, libraries=("torch",), quick=args.dry_run)
+    meta = {
+        "shapes": [list(s) for s in shapes],
+        "repeats": repeats,
+        "rounds": 1,
+        "temperature": TEMPERATURE,
+        "device": device,
+        "dtype": dtype,
+    }
+    records = run_cuda(shapes, repeats, device, dtype)
     text = markdown(records, meta)
     title, _, rest = text.partition("\n")
     text = f"{title}\n\n{bench_stamp.describe(stamp)}\n{rest}"

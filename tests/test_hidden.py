@@ -724,3 +724,54 @@ def test_triton_mask_teacher_logits_and_float32(triton_chunks, direction):
         assert mine.dtype == np.float32
         np.testing.assert_allclose(mine, oracle, rtol=2e-5, atol=2e-6 * np.abs(oracle).max())
     np.testing.assert_array_equal(got[1][~kept], 0.0)  # dropped rows: no gradient
+
+
+@in_interpreter
+def test_triton_reads_bfloat16_logits_as_they_are(monkeypatch):
+    """bfloat16 models: the chunks' logits reach Triton in bfloat16 (no float32 copy)."""
+    from kldiv_spec.backends import _triton_logits
+
+    seen = []
+    original = _triton_logits.from_logits
+
+    def counted(s, t, **kwargs):
+        seen.append((s.dtype, t.dtype, kwargs["grad_dtype"]))
+        return original(s, t, **kwargs)
+
+    monkeypatch.setattr(_triton_logits, "from_logits", counted)
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(10,), vocab=30)
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, temperature=2.0)
+
+    def ours(*a, **k):
+        a = [None if x is None else x.to(torch.bfloat16) for x in a]
+        return _ours(*a, **k).double()
+
+    got = _torch_grads(ours, h_s, w_s, b_s, h_t, w_t, b_t, temperature=2.0)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)]
+    for mine, oracle in zip(got, want, strict=True):
+        np.testing.assert_allclose(mine, oracle, rtol=0.05, atol=0.02 * np.abs(oracle).max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_chunks_go_to_the_gpu_kernel_and_equal_the_composition(triton_chunks, dtype):
+    """On a GPU (benchmarks/gpu.sh): the chunked Triton route against the CPU reference."""
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(300,), width=64, vocab=3000)
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, temperature=2.0)
+    leaves = [torch.tensor(a, device="cuda", dtype=getattr(torch, dtype)) for a in (h_s, w_s)]
+    for leaf in leaves:
+        leaf.requires_grad_()
+    teacher = [torch.tensor(a, device="cuda", dtype=getattr(torch, dtype)) for a in (h_t, w_t)]
+    bias = torch.tensor(b_s, device="cuda", dtype=getattr(torch, dtype))
+    loss = kt.kl_div_from_hidden(
+        *leaves[:1], leaves[1], *teacher, student_bias=bias,
+        teacher_bias=torch.tensor(b_t, device="cuda", dtype=getattr(torch, dtype)),
+        temperature=2.0, memory_budget=64 * 3000 * 12,
+    )  # fmt: skip
+    loss.backward()
+    assert triton_chunks == [60] * 5
+    got = [loss.detach(), leaves[0].grad, leaves[1].grad]
+    rtol = 2e-5 if dtype == "float32" else 0.05
+    for mine, oracle in zip(got, want[:3], strict=True):
+        mine = mine.double().cpu().numpy()
+        np.testing.assert_allclose(mine, oracle, rtol=rtol, atol=rtol * np.abs(oracle).max())
