@@ -169,10 +169,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 20's table: half precision, -inf classes and the JSD against their peers, "
         "2048x32000",
         "benchmarks/holes_bench.py",
-        "--repeats 3 --rounds 3 --out {out}/fast-path-holes",
+        "--repeats 7 --rounds 3 --out {out}/fast-path-holes",
         "--quick --out {out}/fast-path-holes",
         _files("fast-path-holes", "json", "md"),
-        9,
+        16,
         needs=("torch",),
     ),
     Benchmark(
@@ -202,10 +202,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "issue 21's table: distillation from hidden states against the composition and "
         "Liger-Kernel, 2048x1024x32000 and 1024x2048x128256, time and extra peak memory",
         "benchmarks/hidden_bench.py",
-        "--out {out}/hidden-cpu",
+        "--repeats 3 --rounds 2 --out {out}/hidden-cpu",
         "--quick --out {out}/hidden-cpu",
         _files("hidden-cpu", "json", "md"),
-        12,
+        20,
         needs=("torch",),
     ),
     Benchmark(
