@@ -57,17 +57,15 @@ mask, by the number of kept rows, 0 when there is none) and multiply by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from kldiv_spec import _core_logits, _settings
-from kldiv_spec._core import divide_total
 from kldiv_spec._validation import LogitsOperands
 
-from . import _blocks, _blocks_logits, _compiled
+from . import _blocks, _blocks_logits, _compiled, logits_numpy
 
 # The compiled kernel where it was built, else None (see :mod:`._compiled`).
 _fused_jsd: Any = _compiled.fused_jsd
@@ -228,30 +226,14 @@ def _fix_rows(
 
 
 def _arranged(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | None:
-    """Return ``(s2, t2, kept)``: 2-d (rows, classes) views and the row mask, or None.
+    """Return ``(s2, t2, kept)`` (:func:`kldiv_spec.backends.logits_numpy.rows`), or None.
 
-    None where the kernel does not take the call: classes not on the last axis,
-    fewer elements than :func:`kldiv_spec.backends._blocks.min_elements`, or
-    operands :func:`takes` refuses.
+    None also where ``beta`` is None or :func:`takes` refuses the operands.
     """
-    shape = ops.shape
-    if ops.beta is None or ops.axis != len(shape) - 1:
+    if ops.beta is None:
         return None
-    if math.prod(shape) < max(_blocks.min_elements(), 1):
-        return None
-    if type(s) is not np.ndarray or type(t) is not np.ndarray:
-        return None
-    if not (s.flags.c_contiguous and t.flags.c_contiguous):
-        return None
-    rows, vocab = math.prod(shape[:-1]), shape[-1]
-    s2, t2 = s.reshape(rows, vocab), t.reshape(rows, vocab)
-    if not takes(s2, t2, ops.temperature, ops.beta):
-        return None
-    kept = None
-    if ops.mask is not None:
-        full = np.broadcast_to(np.asarray(ops.mask), ops.row_shape)
-        kept = np.ascontiguousarray(full).reshape(rows)
-    return s2, t2, kept
+    beta = ops.beta
+    return logits_numpy.rows(ops, s, t, lambda a, b: takes(a, b, ops.temperature, beta))
 
 
 def evaluate(
@@ -284,13 +266,8 @@ def evaluate(
         scale = 0.0 if d == 0 else ops.factor / ops.temperature / d
     jsd, grad = from_logits(s2, t2, grad_scale=scale, **common)
     with np.errstate(all="ignore"):
-        total = np.asarray(float(np.add.reduce(jsd) + 0.0), dtype=np.float32)
-        if kept is not None and d == 0:
-            loss = np.zeros((), np.float32)
-        else:
-            loss = np.asarray(divide_total(total, d, xp=np))
-        if ops.factor != 1.0:
-            loss = np.asarray(loss * ops.factor, dtype=np.float32)
+        total = float(np.add.reduce(jsd) + 0.0)
+    loss = logits_numpy.finish(total, d, ops, np.dtype(np.float32), kept is not None)
     return loss, (None if grad is None else grad.reshape(ops.shape))
 
 
