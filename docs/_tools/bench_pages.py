@@ -545,6 +545,8 @@ def fast_path_holes(ctx: Context) -> str:
             rows.append(
                 [r["row"], f"{100 * r['share']:.0f}%", f"at most {100 * r['target']:.0f}%", met]
             )
+        elif r.get("target") is None:  # measured, without a target in the issue
+            rows.append([r["row"], f"{r['ratio']:.2f}x", "none", "(measured)"])
         else:
             met = "yes" if r["met"] else "**no**"
             rows.append([r["row"], f"{r['ratio']:.2f}x", f"{r['target']:g}x", met])
