@@ -287,3 +287,16 @@ def set_torch_min_elements(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
 
     monkeypatch.setattr(fast, "MIN_ELEMENTS", n)
     setenv(monkeypatch, "KLDIV_SPEC_TORCH_MIN_ELEMENTS", str(n))
+
+
+def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
+    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary.
+
+    The compiled kernels read and write any alignment; the tests pass such copies.
+    """
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 32 + offset
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 32 == offset
+    return out

@@ -74,6 +74,12 @@ def pytest_configure(config: pytest.Config) -> None:
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
 
+@pytest.fixture
+def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every NumPy call, however small, through the blocked fast path (and kernels)."""
+    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
+
+
 @pytest.fixture(autouse=True)
 def _settings_follow_the_environment() -> Iterator[None]:
     """After the test (and after monkeypatch restored the environment): kldiv_spec reads

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from _support import numpy_fused_available, setenv
+from _support import misaligned, numpy_fused_available, setenv
 
 import kldiv_spec
 from kldiv_spec.backends import _blocks
@@ -49,25 +49,9 @@ def fused_sum(x: np.ndarray, t: np.ndarray) -> float:
     return float(kldiv_spec.kl_div(x, t, reduction="sum"))
 
 
-def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
-    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 32 + offset
-    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % 32 == offset
-    return out
-
-
 def bits(a: np.ndarray) -> np.ndarray:
     """The bit patterns of float32 ``a`` (so that NaN compares by payload too)."""
     return np.ascontiguousarray(a).view(np.uint32)
-
-
-@pytest.fixture
-def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every call, however small, through the blocked kernels."""
-    setenv(monkeypatch, "KLDIV_SPEC_NUMPY_MIN_ELEMENTS", "0")
 
 
 class _CountingFused:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import logits_fused_available, setenv
+from _support import logits_fused_available, misaligned, setenv
 
 import kldiv_spec
 from kldiv_spec import kl_div_from_logits, kl_div_from_logits_backward
@@ -64,12 +64,6 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 
 @pytest.fixture
-def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every call, however small, through the fast path."""
-    setenv(monkeypatch, MIN_ELEMENTS_ENV, "0")
-
-
-@pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every block the compiled kernel evaluates."""
     calls: list[int] = []
@@ -82,16 +76,6 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     fake = types.SimpleNamespace(rows_f32=rows_f32, available=real.available)
     monkeypatch.setattr(_blocks_logits, "_fused_logits", fake)
     return calls
-
-
-def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
-    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 32 + offset
-    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % 32 == offset
-    return out
 
 
 def logits(shape: tuple[int, ...], seed: int, spread: float = 3.0) -> tuple[np.ndarray, ...]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import setenv
+from _support import misaligned, setenv
 
 import kldiv_spec
 from kldiv_spec import _core_logits, kl_div_from_logits, kl_div_from_logits_backward
@@ -75,12 +75,6 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 
 @pytest.fixture
-def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every call, however small, through the fast path."""
-    setenv(monkeypatch, MIN_ELEMENTS_ENV, "0")
-
-
-@pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every block the compiled kernel evaluates."""
     calls: list[int] = []
@@ -100,16 +94,6 @@ def logits(shape: tuple[int, ...], seed: int, spread: float = 3.0) -> tuple[np.n
     s = rng.normal(0.0, spread, size=shape).astype(np.float32)
     t = (s + rng.normal(0.0, spread / 2, size=shape)).astype(np.float32)
     return s, t
-
-
-def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
-    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 32 + offset
-    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    assert out.ctypes.data % 32 == offset
-    return out
 
 
 def assert_close(got: Any, want: Any, tol: Any, what: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import logits_fused_available, setenv
+from _support import logits_fused_available, misaligned
 
 from kldiv_spec import kl_div_from_logits
 from kldiv_spec.backends import _blocks_logits
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
-
-
-@pytest.fixture
-def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every call, however small, through the fast path."""
-    setenv(monkeypatch, MIN_ELEMENTS_ENV, "0")
 
 
 @pytest.fixture
@@ -58,15 +52,6 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
 
 def widen(bits: np.ndarray) -> np.ndarray:
     return _blocks_logits.widen(bits)
-
-
-def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
-    """A writable copy of ``a`` whose data start ``offset`` bytes past a 32-byte boundary."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 32 + offset
-    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def edge_logits(rows: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
