@@ -1,9 +1,10 @@
 """PyTorch front end of the distillation loss from hidden states: the function and a module.
 
 Re-exported by :mod:`kldiv_spec.torch`. Both evaluate
-:func:`kldiv_spec.kl_div_from_hidden`: on CPU tensors the chunked operator of
-:mod:`kldiv_spec.backends.hidden_torch` (eager and under
-``torch.compile(fullgraph=True)``), else the reference, which materialises the logits.
+:func:`kldiv_spec.kl_div_from_hidden`: on CPU tensors, and on CUDA where Triton is
+installed, the chunked operator of :mod:`kldiv_spec.backends.hidden_torch` (eager and
+under ``torch.compile(fullgraph=True)``), else the reference, which materialises the
+logits.
 
 Examples
 --------
@@ -64,7 +65,7 @@ def kl_div_from_hidden(
     """Distillation loss from hidden states and ``(V, H)`` output weights (``nn.Linear``'s).
 
     By definition ``kl_div_from_logits(h_s @ W_s.T + b_s, h_t @ W_t.T + b_t, ...)``,
-    computed on CPU tensors in chunks of rows that never hold the logits; the teacher
+    computed (CPU, CUDA) in chunks of rows that never hold the logits; the teacher
     may come as ``teacher_logits=`` instead. Gradients reach the student's hidden
     states, weight and bias, never the teacher. See
     :func:`kldiv_spec.kl_div_from_hidden` for every option and ``docs/hidden.md``
