@@ -61,7 +61,7 @@
  * 0 weight; where both exclude it, M = 0, log M = -inf, and both products, the stored d_s
  * and the gradient are 0. A row without a softmax on either side (a NaN or +inf logit, a
  * quotient s / T overflowing to +inf: Z is NaN; only -inf: Z = 0) gets the marker
- * JSD_REDO_BITS (a NaN with a payload, the same bits as _fused_logits.c's KL_REDO_BITS) as
+ * KL_REDO_BITS (a NaN with a payload, _kl_simd.h's, as for the KL) as
  * divergence and NaN gradient and terms: the caller evaluates it again with the reference.
  *
  * The build passes -ffp-contract=off: only the explicit FMAs of exp and log are fused. The
@@ -80,9 +80,7 @@
 
 /* What one call computes. */
 typedef struct {
-    float temperature; /* float32(T) */
-    int multiply;      /* 1: s / T computed as s * (1 / T), exactly the same (T a power of 2) */
-    float inverse;     /* 1 / T when multiply */
+    kl_scale scale;    /* s / T (see _kl_simd.h) */
     double beta;       /* 0 < beta < 1 */
     double grad_scale; /* cG */
     double factor;     /* the terms' factor */
@@ -96,54 +94,10 @@ typedef struct {
     unsigned char *grad, *terms; /* the outputs (NULL: not asked) */
 } jsd_row;
 
-/* The divergence of a row the reference must evaluate (see the top of this file). */
-#define JSD_REDO_BITS 0x7FF8000000000BADull
 
 #if KL_X86
 
-KL_TARGET static inline __m256 jsd_scaled8(__m256 v, const jsd_options *o)
-{
-    return o->multiply ? _mm256_mul_ps(v, _mm256_set1_ps(o->inverse))
-                       : _mm256_div_ps(v, _mm256_set1_ps(o->temperature));
-}
 
-static inline float jsd_scaled1(float v, const jsd_options *o)
-{
-    return o->multiply ? v * o->inverse : v / o->temperature;
-}
-
-/* The largest of the lanes of ``m0`` and the ``rest`` floats at ``p`` (NaN ignored). */
-KL_TARGET static float jsd_max_finish(__m256 m0, const unsigned char *p, Py_ssize_t rest)
-{
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m0);
-    float m = -INFINITY;
-    for (int k = 0; k < 8; k++) {
-        m = lanes[k] > m ? lanes[k] : m;
-    }
-    for (Py_ssize_t i = 0; i < rest; i++) {
-        float v;
-        memcpy(&v, p + i * sizeof(float), sizeof(float));
-        m = v > m ? v : m;
-    }
-    return m;
-}
-
-/* The largest of ``n`` floats at ``p`` (NaN ignored; -inf for none). */
-KL_TARGET static float jsd_max(const unsigned char *p, Py_ssize_t n)
-{
-    const size_t lane = sizeof(float);
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
-    Py_ssize_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
-        m1 = _mm256_max_ps(kl_load8(p + (i + 8) * lane), m1);
-    }
-    for (; i + 8 <= n; i += 8) {
-        m0 = _mm256_max_ps(kl_load8(p + i * lane), m0);
-    }
-    return jsd_max_finish(_mm256_max_ps(m0, m1), p + i * lane, n - i);
-}
 
 /* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
 KL_TARGET static inline void jsd_accumulate(__m256d *acc, __m256 v)
@@ -194,8 +148,8 @@ KL_TARGET static void jsd_sums(const jsd_row *row, Py_ssize_t n, float ms, float
             nms = _mm256_max_ps(kl_load8(next_s + i * lane), nms);
             nmt = _mm256_max_ps(kl_load8(next_t + i * lane), nmt);
         }
-        const __m256 xs = _mm256_sub_ps(jsd_scaled8(jsd_load(row->s + i * lane, rest), o), vms);
-        const __m256 xt = _mm256_sub_ps(jsd_scaled8(jsd_load(row->t + i * lane, rest), o), vmt);
+        const __m256 xs = _mm256_sub_ps(kl_divide8(jsd_load(row->s + i * lane, rest), &o->scale), vms);
+        const __m256 xt = _mm256_sub_ps(kl_divide8(jsd_load(row->t + i * lane, rest), &o->scale), vmt);
         const __m256 es = _mm256_and_ps(kl_exp8(xs), keep);
         const __m256 et = _mm256_and_ps(kl_exp8(xt), keep);
         jsd_accumulate(as, es);
@@ -206,8 +160,8 @@ KL_TARGET static void jsd_sums(const jsd_row *row, Py_ssize_t n, float ms, float
     *zs = jsd_total(as);
     *zt = jsd_total(at);
     if (next_s != NULL) {
-        next_max[0] = jsd_max_finish(nms, next_s + full * lane, n - full);
-        next_max[1] = jsd_max_finish(nmt, next_t + full * lane, n - full);
+        next_max[0] = kl_max_finish(nms, next_s + full * lane, n - full, KL_F32);
+        next_max[1] = kl_max_finish(nmt, next_t + full * lane, n - full, KL_F32);
     }
 }
 
@@ -235,8 +189,8 @@ KL_TARGET static void jsd_mixture(const jsd_row *row, Py_ssize_t n, const jsd_op
         const Py_ssize_t rest = n - i < 8 ? n - i : 8;
         const __m256 es = jsd_load(row->es + i * lane, rest);
         const __m256 et = jsd_load(row->et + i * lane, rest); /* read before d_s replaces it */
-        const __m256 xs = _mm256_sub_ps(jsd_scaled8(jsd_load(row->s + i * lane, rest), o), vms);
-        const __m256 xt = _mm256_sub_ps(jsd_scaled8(jsd_load(row->t + i * lane, rest), o), vmt);
+        const __m256 xs = _mm256_sub_ps(kl_divide8(jsd_load(row->s + i * lane, rest), &o->scale), vms);
+        const __m256 xt = _mm256_sub_ps(kl_divide8(jsd_load(row->t + i * lane, rest), &o->scale), vmt);
         const __m256 u = _mm256_mul_ps(valpha, et), v = _mm256_mul_ps(vgamma, es);
         const __m256 lm = kl_log8(_mm256_add_ps(u, v)); /* -inf where both weights are 0 */
         /* all ones where the weight is positive: there x and log M are finite */
@@ -276,27 +230,6 @@ KL_TARGET static void jsd_gradient(const jsd_row *row, Py_ssize_t n, float a, fl
 
 #endif
 
-/* ``value`` into the ``i``-th double of ``p`` (any alignment). */
-static inline void jsd_store_double(unsigned char *p, Py_ssize_t i, double value)
-{
-    memcpy(p + i * sizeof(double), &value, sizeof(double));
-}
-
-/* ``n`` copies of ``value`` at ``p``. */
-static void jsd_fill(unsigned char *p, Py_ssize_t n, float value)
-{
-    for (Py_ssize_t i = 0; i < n; i++) {
-        memcpy(p + i * sizeof(float), &value, sizeof(float));
-    }
-}
-
-static inline double jsd_redo(void)
-{
-    const unsigned long long bits = JSD_REDO_BITS;
-    double value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
 
 #if KL_X86
 
@@ -310,15 +243,15 @@ KL_TARGET static void jsd_rows(const unsigned char *s, const unsigned char *t, P
     const double beta = o->beta, beta1 = 1.0 - o->beta;
     float raw_max[2] = {-INFINITY, -INFINITY};
     if (rows > 0) {
-        raw_max[0] = jsd_max(s, vocab);
-        raw_max[1] = jsd_max(t, vocab);
+        raw_max[0] = kl_max_as(s, vocab, KL_F32);
+        raw_max[1] = kl_max_as(t, vocab, KL_F32);
     }
     for (Py_ssize_t r = 0; r < rows; r++) {
         jsd_row row = {s + r * row_bytes, t + r * row_bytes, NULL, scratch + row_bytes,
                        grad == NULL ? NULL : grad + r * row_bytes,
                        terms == NULL ? NULL : terms + r * row_bytes};
         row.es = row.grad != NULL ? row.grad : scratch;
-        float ms = jsd_scaled1(raw_max[0], o), mt = jsd_scaled1(raw_max[1], o);
+        float ms = kl_divide1(raw_max[0], &o->scale), mt = kl_divide1(raw_max[1], &o->scale);
         const int last = r + 1 == rows;
         /* a row of -inf only is not shifted (its Z is 0), as in the reference */
         ms = ms == -INFINITY ? 0.0f : ms;
@@ -328,12 +261,12 @@ KL_TARGET static void jsd_rows(const unsigned char *s, const unsigned char *t, P
                  last ? NULL : row.t + row_bytes, raw_max);
         /* NaN or +inf logits make Z NaN, a row of -inf only Z = 0: the reference's rows */
         if (!(isfinite(zs) && isfinite(zt) && zs > 0 && zt > 0)) {
-            jsd_store_double(jsd, r, jsd_redo());
+            kl_store_double(jsd, r, kl_redo());
             if (row.grad != NULL) {
-                jsd_fill(row.grad, vocab, NAN);
+                kl_fill(row.grad, vocab, NAN);
             }
             if (row.terms != NULL) {
-                jsd_fill(row.terms, vocab, NAN);
+                kl_fill(row.terms, vocab, NAN);
             }
             continue;
         }
@@ -349,7 +282,7 @@ KL_TARGET static void jsd_rows(const unsigned char *s, const unsigned char *t, P
         jsd_mixture(&row, vocab, o, &k, row.grad != NULL, &st, &ss);
         const double value = beta * (st / zt) + beta1 * (ss / zs) +
                              (beta * ((double)k.lt - log_zt) + beta1 * ((double)k.ls - log_zs));
-        jsd_store_double(jsd, r, value);
+        kl_store_double(jsd, r, value);
         if (row.grad != NULL) {
             jsd_gradient(&row, vocab, (float)(o->grad_scale * beta1 / zs), (float)(ss / zs));
         }
@@ -358,25 +291,6 @@ KL_TARGET static void jsd_rows(const unsigned char *s, const unsigned char *t, P
 
 #endif
 
-/* A C-contiguous buffer of ``obj`` holding ``code`` values ('f' float32, 'd' float64),
- * writable if asked: 0, or -1 with a TypeError naming ``name``. */
-static int jsd_buffer(PyObject *obj, Py_buffer *view, int writable, char code, const char *name)
-{
-    const char *what = code == 'f' ? "float32" : "float64";
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer%s", name, what,
-                     writable ? " (writable)" : "");
-        return -1;
-    }
-    if (view->itemsize != (code == 'f' ? 4 : 8) || !kl_native_format(view->format, code)) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer", name, what);
-        return -1;
-    }
-    return 0;
-}
 
 static PyObject *jsd_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -410,17 +324,9 @@ static PyObject *jsd_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_
         return NULL;
     }
     jsd_options o = {0};
-    o.temperature = (float)temperature;
-    if (!(isfinite(o.temperature) && o.temperature >= 1.17549435e-38f)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "temperature must be a positive normal float32 number");
+    if (kl_scale_from(temperature, &o.scale) < 0) {
         return NULL;
     }
-    int exponent;
-    float mantissa = frexpf(o.temperature, &exponent);
-    /* T = 2^(exponent - 1): 1 / T is exact (normal) when exponent - 1 <= 126 */
-    o.multiply = mantissa == 0.5f && exponent - 1 <= 126;
-    o.inverse = o.multiply ? 1.0f / o.temperature : 0.0f;
     o.beta = beta;
     o.grad_scale = grad_scale;
     o.factor = factor;
@@ -428,23 +334,23 @@ static PyObject *jsd_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_
     Py_buffer sb, tb, jb, gb = {0}, eb = {0};
     int have_grad = args[4] != Py_None, have_terms = args[5] != Py_None;
     PyObject *result = NULL;
-    if (jsd_buffer(args[0], &sb, 0, 'f', "s") < 0) {
+    if (kl_buffer(args[0], &sb, 0, KL_F32, 0, "s") < 0) {
         return NULL;
     }
-    if (jsd_buffer(args[1], &tb, 0, 'f', "t") < 0) {
+    if (kl_buffer(args[1], &tb, 0, KL_F32, 0, "t") < 0) {
         PyBuffer_Release(&sb);
         return NULL;
     }
-    if (jsd_buffer(args[3], &jb, 1, 'd', "jsd") < 0) {
+    if (kl_buffer(args[3], &jb, 1, KL_F32, 1, "jsd") < 0) {
         PyBuffer_Release(&sb);
         PyBuffer_Release(&tb);
         return NULL;
     }
-    if (have_grad && jsd_buffer(args[4], &gb, 1, 'f', "grad") < 0) {
+    if (have_grad && kl_buffer(args[4], &gb, 1, KL_F32, 0, "grad") < 0) {
         have_grad = 0;
         goto done;
     }
-    if (have_terms && jsd_buffer(args[5], &eb, 1, 'f', "terms") < 0) {
+    if (have_terms && kl_buffer(args[5], &eb, 1, KL_F32, 0, "terms") < 0) {
         have_terms = 0;
         goto done;
     }

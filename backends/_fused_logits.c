@@ -112,9 +112,7 @@
 
 /* What one call computes. */
 typedef struct {
-    float temperature;  /* float32(T) */
-    int multiply;       /* 1: s / T computed as s * (1 / T), exactly the same (T a power of 2) */
-    float inverse;      /* 1 / T when multiply */
+    kl_scale scale;     /* s / T (see _kl_simd.h) */
     int reverse;        /* 0: KL(p || q), 1: KL(q || p) */
     int softmax_only;   /* only the forward gradient (kl not asked) */
     double grad_scale;  /* cG */
@@ -124,61 +122,8 @@ typedef struct {
 #if KL_X86
 
 
-KL_TARGET static inline __m256 kl_scaled8(__m256 v,
-                                                                   const kl_options *o)
-{
-    return o->multiply ? _mm256_mul_ps(v, _mm256_set1_ps(o->inverse))
-                       : _mm256_div_ps(v, _mm256_set1_ps(o->temperature));
-}
 
-static inline float kl_scaled1(float v, const kl_options *o)
-{
-    return o->multiply ? v * o->inverse : v / o->temperature;
-}
 
-/* The generic passes below take the logits' element type ``fmt`` (float32, bfloat16 or
- * float16): they are always inlined into one specialisation per type (the _f32, _bf16 and
- * _f16 functions), where ``fmt`` is a constant, so each reads its own type directly (a
- * widening load per eight lanes) and the float32 one is the plain float32 code. */
-#define KL_GENERIC KL_TARGET static inline __attribute__((always_inline))
-
-/* The largest of the lanes of ``m`` and the ``rest`` elements at ``p`` (NaN ignored). */
-KL_GENERIC float kl_max_finish(__m256 m0, const unsigned char *p, Py_ssize_t rest, kl_format fmt)
-{
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m0);
-    float m = -INFINITY;
-    for (int k = 0; k < 8; k++) {
-        m = lanes[k] > m ? lanes[k] : m;
-    }
-    if (rest > 0) {
-        float tail[8];
-        _mm256_storeu_ps(tail, kl_load_tail_as(p, rest, fmt));
-        for (Py_ssize_t i = 0; i < rest; i++) {
-            m = tail[i] > m ? tail[i] : m;
-        }
-    }
-    return m;
-}
-
-/* The largest of ``n`` elements at ``p`` (NaN ignored; -inf for none). */
-KL_GENERIC float kl_max_as(const unsigned char *p, Py_ssize_t n, kl_format fmt)
-{
-    const size_t size = kl_format_size(fmt);
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
-    Py_ssize_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
-        m1 = _mm256_max_ps(kl_load8_as(p + (i + 8) * size, fmt), m1);
-        m2 = _mm256_max_ps(kl_load8_as(p + (i + 16) * size, fmt), m2);
-        m3 = _mm256_max_ps(kl_load8_as(p + (i + 24) * size, fmt), m3);
-    }
-    for (; i + 8 <= n; i += 8) {
-        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
-    }
-    m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
-    return kl_max_finish(m0, p + i * size, n - i, fmt);
-}
 
 /* Add the eight float lanes of ``v`` to the two float64 accumulators ``acc``. */
 KL_TARGET static inline void kl_accumulate(__m256d *acc, __m256 v)
@@ -195,7 +140,7 @@ KL_TARGET static inline double kl_total(const __m256d *acc)
 }
 
 /* One row's shifted logits x = s' - m of eight lanes. */
-#define KL_SHIFTED(src, m) _mm256_sub_ps(kl_scaled8((src), o), (m))
+#define KL_SHIFTED(src, m) _mm256_sub_ps(kl_divide8((src), &o->scale), (m))
 
 /* Pass 2 of one row: Z_s, Z_t and (unless ``sums_only``) S; exp(x_s) and exp(x_t) are
  * also stored at ``es_out`` and ``et_out`` where these are not NULL. Pass 1 of the next
@@ -382,32 +327,6 @@ KL_SPECIALISE(f16, KL_F16)
     ((fmt) == KL_F32 ? name##_f32(__VA_ARGS__)                                                 \
                      : (fmt) == KL_BF16 ? name##_bf16(__VA_ARGS__) : name##_f16(__VA_ARGS__))
 
-/* ``value`` into the ``i``-th double of ``p`` (any alignment). */
-static inline void kl_store_double(unsigned char *p, Py_ssize_t i, double value)
-{
-    memcpy(p + i * sizeof(double), &value, sizeof(double));
-}
-
-/* ``n`` copies of ``value`` at ``p``. */
-static void kl_fill(unsigned char *p, Py_ssize_t n, float value)
-{
-    for (Py_ssize_t i = 0; i < n; i++) {
-        memcpy(p + i * sizeof(float), &value, sizeof(float));
-    }
-}
-
-/* The divergence of a row the reference must evaluate (the caller's marker): a quiet NaN
- * with a payload no arithmetic produces, told apart from a NaN divergence (a row without
- * a softmax) by its bits. */
-#define KL_REDO_BITS 0x7FF8000000000BADull
-
-static inline double kl_redo(void)
-{
-    const unsigned long long bits = KL_REDO_BITS;
-    double value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
 
 /* Whether the reference's probability of a class is 0 (see kl_special_row). */
 enum { KL_ZERO, KL_POSITIVE, KL_UNSURE, KL_UNDEFINED };
@@ -530,7 +449,7 @@ KL_TARGET static int kl_special_row(const kl_row *row, Py_ssize_t n,
         if (ew_src != NULL) {
             memcpy(&ew, ew_src + i * lane, lane); /* read before an output replaces it */
         }
-        const float xs = kl_scaled1(sv, o) - ms, xt = kl_scaled1(tv, o) - mt;
+        const float xs = kl_divide1(sv, &o->scale) - ms, xt = kl_divide1(tv, &o->scale) - mt;
         const float xw = reverse ? xs : xt, xo = reverse ? xt : xs;
         const int status = kl_weight(xw, lzw);
         const int conflict = xo == -INFINITY && xw != -INFINITY; /* d = +inf */
@@ -690,7 +609,7 @@ KL_GENERIC void kl_rows_as(const unsigned char *s, const unsigned char *t, Py_ss
         }
         row.es = es_out;
         row.et = et_out;
-        float ms = kl_scaled1(raw_max[0], o), mt = kl_scaled1(raw_max[1], o);
+        float ms = kl_divide1(raw_max[0], &o->scale), mt = kl_divide1(raw_max[1], &o->scale);
         const int last = r + 1 == rows;
         /* a row of -inf only is not shifted (its Z is 0), as in the reference */
         ms = ms == -INFINITY ? 0.0f : ms;
@@ -790,46 +709,6 @@ KL_TARGET static void kl_exp_avx2(const unsigned char *src,
 
 #endif
 
-/* The buffer format codes of an element type: float32 'f'; bfloat16 (no buffer code of its
- * own: the bits, as NumPy's int16 or uint16 views of a torch.bfloat16 tensor) 'h' or 'H';
- * float16 'e'; and float64 'd' for the divergences. */
-static int kl_format_code(const char *format, kl_format element, int float64)
-{
-    if (float64) {
-        return kl_native_format(format, 'd');
-    }
-    switch (element) {
-    case KL_BF16:
-        return kl_native_format(format, 'h') || kl_native_format(format, 'H');
-    case KL_F16:
-        return kl_native_format(format, 'e');
-    default:
-        return kl_native_format(format, 'f');
-    }
-}
-
-/* A C-contiguous buffer of ``obj`` holding ``element`` values (or float64 ones when
- * ``float64``), writable if asked: 0, or -1 with a TypeError naming ``name``. */
-static int kl_buffer(PyObject *obj, Py_buffer *view, int writable, kl_format element,
-                     int float64, const char *name)
-{
-    static const char *names[] = {"float32", "bfloat16 (int16 or uint16 bits)", "float16"};
-    const char *what = float64 ? "float64" : names[element];
-    const Py_ssize_t size = float64 ? 8 : (Py_ssize_t)kl_format_size(element);
-    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, view, flags) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer%s", name, what,
-                     writable ? " (writable)" : "");
-        return -1;
-    }
-    if (view->itemsize != size || !kl_format_code(view->format, element, float64)) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer", name, what);
-        return -1;
-    }
-    return 0;
-}
 
 /* rows_f32 and rows_half: ``element`` the logits' (and outputs') element type. */
 static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
@@ -853,17 +732,9 @@ static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
         return NULL;
     }
     kl_options o = {0};
-    o.temperature = (float)temperature;
-    if (!(isfinite(o.temperature) && o.temperature >= 1.17549435e-38f)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "temperature must be a positive normal float32 number");
+    if (kl_scale_from(temperature, &o.scale) < 0) {
         return NULL;
     }
-    int exponent;
-    float mantissa = frexpf(o.temperature, &exponent);
-    /* T = 2^(exponent - 1): 1 / T is exact (normal) when exponent - 1 <= 126 */
-    o.multiply = mantissa == 0.5f && exponent - 1 <= 126;
-    o.inverse = o.multiply ? 1.0f / o.temperature : 0.0f;
     o.reverse = reverse;
     o.grad_scale = grad_scale;
     o.factor = factor;

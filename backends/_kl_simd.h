@@ -328,4 +328,164 @@ static inline int kl_native_format(const char *format, char code)
     return format[0] == code && format[1] == '\0';
 }
 
+
+/* ------------------------------------------------------------------------------------------
+ * Shared by the kernels (_fused_logits.c, _fused_jsd.c): the temperature's quotient, the row
+ * maxima, the outputs' stores and the redo marker, and the buffer checks.
+ */
+
+/* How the kernels form s / T: with T rounded to float32, as NumPy's s / T of float32 s is;
+ * as s * (1 / T) when T is a power of 2 whose inverse is a normal float32, which gives
+ * exactly the same quotient. */
+typedef struct {
+    float temperature; /* float32(T) */
+    int multiply;      /* 1: s / T computed as s * (1 / T) */
+    float inverse;     /* 1 / T when multiply */
+} kl_scale;
+
+/* ``sc`` for ``temperature``: 0, or -1 with a ValueError when float32(T) is not a
+ * positive normal number. */
+static inline int kl_scale_from(double temperature, kl_scale *sc)
+{
+    sc->temperature = (float)temperature;
+    if (!(isfinite(sc->temperature) && sc->temperature >= 1.17549435e-38f)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "temperature must be a positive normal float32 number");
+        return -1;
+    }
+    int exponent;
+    float mantissa = frexpf(sc->temperature, &exponent);
+    /* T = 2^(exponent - 1): 1 / T is exact (normal) when exponent - 1 <= 126 */
+    sc->multiply = mantissa == 0.5f && exponent - 1 <= 126;
+    sc->inverse = sc->multiply ? 1.0f / sc->temperature : 0.0f;
+    return 0;
+}
+
+static inline float kl_divide1(float v, const kl_scale *sc)
+{
+    return sc->multiply ? v * sc->inverse : v / sc->temperature;
+}
+
+#if KL_X86
+
+KL_TARGET static inline __m256 kl_divide8(__m256 v, const kl_scale *sc)
+{
+    return sc->multiply ? _mm256_mul_ps(v, _mm256_set1_ps(sc->inverse))
+                        : _mm256_div_ps(v, _mm256_set1_ps(sc->temperature));
+}
+
+/* The generic passes below take the logits' element type ``fmt`` (float32, bfloat16 or
+ * float16): they are always inlined into one specialisation per type (the _f32, _bf16 and
+ * _f16 functions), where ``fmt`` is a constant, so each reads its own type directly (a
+ * widening load per eight lanes) and the float32 one is the plain float32 code. */
+#define KL_GENERIC KL_TARGET static inline __attribute__((always_inline))
+
+/* The largest of the lanes of ``m`` and the ``rest`` elements at ``p`` (NaN ignored). */
+KL_GENERIC float kl_max_finish(__m256 m0, const unsigned char *p, Py_ssize_t rest, kl_format fmt)
+{
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float m = -INFINITY;
+    for (int k = 0; k < 8; k++) {
+        m = lanes[k] > m ? lanes[k] : m;
+    }
+    if (rest > 0) {
+        float tail[8];
+        _mm256_storeu_ps(tail, kl_load_tail_as(p, rest, fmt));
+        for (Py_ssize_t i = 0; i < rest; i++) {
+            m = tail[i] > m ? tail[i] : m;
+        }
+    }
+    return m;
+}
+
+/* The largest of ``n`` elements at ``p`` (NaN ignored; -inf for none). */
+KL_GENERIC float kl_max_as(const unsigned char *p, Py_ssize_t n, kl_format fmt)
+{
+    const size_t size = kl_format_size(fmt);
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
+        m1 = _mm256_max_ps(kl_load8_as(p + (i + 8) * size, fmt), m1);
+        m2 = _mm256_max_ps(kl_load8_as(p + (i + 16) * size, fmt), m2);
+        m3 = _mm256_max_ps(kl_load8_as(p + (i + 24) * size, fmt), m3);
+    }
+    for (; i + 8 <= n; i += 8) {
+        m0 = _mm256_max_ps(kl_load8_as(p + i * size, fmt), m0);
+    }
+    m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    return kl_max_finish(m0, p + i * size, n - i, fmt);
+}
+
+#endif
+
+/* ``value`` into the ``i``-th double of ``p`` (any alignment). */
+static inline void kl_store_double(unsigned char *p, Py_ssize_t i, double value)
+{
+    memcpy(p + i * sizeof(double), &value, sizeof(double));
+}
+
+/* ``n`` copies of ``value`` at ``p``. */
+static inline void kl_fill(unsigned char *p, Py_ssize_t n, float value)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(p + i * sizeof(float), &value, sizeof(float));
+    }
+}
+
+/* The divergence of a row the reference must evaluate (the caller's marker): a quiet NaN
+ * with a payload no arithmetic produces, told apart from a NaN divergence (a row without
+ * a softmax) by its bits. */
+#define KL_REDO_BITS 0x7FF8000000000BADull
+
+static inline double kl_redo(void)
+{
+    const unsigned long long bits = KL_REDO_BITS;
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* The buffer format codes of an element type: float32 'f'; bfloat16 (no buffer code of its
+ * own: the bits, as NumPy's int16 or uint16 views of a torch.bfloat16 tensor) 'h' or 'H';
+ * float16 'e'; and float64 'd' for the divergences. */
+static inline int kl_format_code(const char *format, kl_format element, int float64)
+{
+    if (float64) {
+        return kl_native_format(format, 'd');
+    }
+    switch (element) {
+    case KL_BF16:
+        return kl_native_format(format, 'h') || kl_native_format(format, 'H');
+    case KL_F16:
+        return kl_native_format(format, 'e');
+    default:
+        return kl_native_format(format, 'f');
+    }
+}
+
+/* A C-contiguous buffer of ``obj`` holding ``element`` values (or float64 ones when
+ * ``float64``), writable if asked: 0, or -1 with a TypeError naming ``name``. */
+static inline int kl_buffer(PyObject *obj, Py_buffer *view, int writable, kl_format element,
+                     int float64, const char *name)
+{
+    static const char *names[] = {"float32", "bfloat16 (int16 or uint16 bits)", "float16"};
+    const char *what = float64 ? "float64" : names[element];
+    const Py_ssize_t size = float64 ? 8 : (Py_ssize_t)kl_format_size(element);
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer%s", name, what,
+                     writable ? " (writable)" : "");
+        return -1;
+    }
+    if (view->itemsize != size || !kl_format_code(view->format, element, float64)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous %s buffer", name, what);
+        return -1;
+    }
+    return 0;
+}
+
 #endif /* KL_SIMD_H */
