@@ -133,10 +133,12 @@ def from_logits(
     grad_scale: float | None,
     terms_out: np.ndarray | None = None,
     factor: float = 1.0,
+    grad_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Return the rows' divergences (float64, unscaled) and, if asked, the student gradient.
 
-    ``s`` and ``t`` are 2-d (rows, classes) and :func:`takes` them. ``kept`` is
+    ``s`` and ``t`` are 2-d (rows, classes) and :func:`takes` them. ``grad_out`` as
+    in :func:`kldiv_spec.backends._blocks_logits.from_logits` (a reused buffer). ``kept`` is
     None or a boolean vector over the rows (masked rows get a 0 divergence, 0
     terms and a 0 gradient). ``grad_scale`` is :math:`c\,G` (the same for every
     row: a reduced loss), or None for no gradient. ``terms_out``, when given,
@@ -146,7 +148,13 @@ def from_logits(
     assert kernel is not None, "from_logits needs the compiled kernel: check takes() first"
     rows, vocab = s.shape
     jsd = np.zeros(rows, np.float64)
-    grad = np.empty_like(s) if grad_scale is not None else None
+    grad = None
+    if grad_scale is not None:
+        grad = (
+            np.empty_like(s)
+            if grad_out is None
+            else _blocks_logits._checked_out(grad_out, s, t, terms_out)
+        )
     step = _blocks_logits.rows_per_block(vocab)
     starts = list(range(0, rows, step))
 

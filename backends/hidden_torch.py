@@ -49,8 +49,13 @@ formula, so ``torch.compile(fullgraph=True)`` records it as one opaque call (no 
 break) and the compiled step never holds the logits either. Eagerly, the operator
 runs inside an ``autograd.Function`` that hands its gradients to autograd once
 (:class:`_Eager`): through the operator's own autograd, ``AccumulateGrad`` would copy
-the weight's gradient, a weight-sized peak. Declined (left to the reference, which
-materialises the logits): ``beta``, ``reduction='none'``, tensors on other devices
+the weight's gradient, a weight-sized peak. ``beta`` 0 and 1 are the two KLs; any
+other ``beta`` (the generalised Jensen-Shannon divergence) takes the Jensen-Shannon
+kernels per chunk (:mod:`kldiv_spec.backends._blocks_jsd` for a float32 evaluation on
+the CPU, :mod:`kldiv_spec.backends._triton_jsd` on CUDA). Declined (left to the
+reference, which materialises the logits): ``beta`` with a float64 evaluation on the
+CPU (or a temperature above 64, or ``beta`` within 2**-60 of an endpoint: the kernel's
+ranges), ``reduction='none'``, tensors on other devices
 (CUDA without Triton, MPS, ...), operands on several devices, empty operands,
 ``torch.func`` transforms, forward-mode AD, TorchScript. The backward is not
 differentiable again (no double backward), as in the fused linear losses.
@@ -65,10 +70,10 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad
 
-from kldiv_spec._core_logits import row_divisor
+from kldiv_spec._core_logits import resolve_beta, row_divisor
 from kldiv_spec._validation import HiddenOperands
 
-from . import _blocks_logits
+from . import _blocks_jsd, _blocks_logits
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -250,6 +255,7 @@ def _from_hidden(
     temperature: float,
     factor: float,
     reverse: bool,
+    beta: float | None,
     reduction: str,
     divisor: int,
     student_dtype: torch.dtype,
@@ -277,6 +283,7 @@ def _from_hidden(
             temperature=temperature,
             factor=factor,
             direction="reverse" if reverse else "forward",
+            beta=beta,
             reduction=reduction,
             divisor=divisor,
             dtypes=(student_dtype, teacher_dtype, kernel_dtype, result_dtype),
@@ -295,6 +302,7 @@ def _chunked(
     temperature: float,
     factor: float,
     direction: str,
+    beta: float | None,
     reduction: str,
     divisor: int,
     dtypes: tuple[torch.dtype, torch.dtype, torch.dtype, torch.dtype],
@@ -341,24 +349,29 @@ def _chunked(
         t = buffers.convert("t, kernel", t, read)
         kept_c = None if kept is None else kept[i:j]
         if triton:  # CUDA, or the CPU in Triton's interpreter
-            from . import _triton_logits
+            from . import _triton_jsd, _triton_logits
 
-            kl_t, g = _triton_logits.from_logits(
-                s, t, temperature=temperature, direction=direction, kept=kept_c,
-                gw=unit, c=factor / temperature, grad_dtype=kd,
-            )  # fmt: skip
+            common = {"temperature": temperature, "kept": kept_c, "gw": unit}
+            common |= {"c": factor / temperature, "grad_dtype": kd}
+            if beta is None:
+                kl_t, g = _triton_logits.from_logits(s, t, direction=direction, **common)
+            else:
+                kl_t, g = _triton_jsd.from_logits(s, t, beta=beta, **common)
             assert isinstance(total, torch.Tensor) and kl_t is not None
             total += kl_t.sum()  # on the device: no synchronisation
         else:
-            kl, grad = _blocks_logits.from_logits(
-                s.numpy(),
-                t.numpy(),
-                temperature=temperature,
-                direction=direction,
-                kept=None if kept_c is None else kept_c.numpy(),
-                grad_scale=scale,
-                grad_out=buffers.take("grad", kd, n).numpy() if any_grad else None,
-            )
+            grad_out = buffers.take("grad", kd, n).numpy() if any_grad else None
+            kept_n = None if kept_c is None else kept_c.numpy()
+            if beta is None:
+                kl, grad = _blocks_logits.from_logits(
+                    s.numpy(), t.numpy(), temperature=temperature, direction=direction,
+                    kept=kept_n, grad_scale=scale, grad_out=grad_out,
+                )  # fmt: skip
+            else:  # float32 (_accepts checks it)
+                kl, grad = _blocks_jsd.from_logits(
+                    s.numpy(), t.numpy(), temperature=temperature, beta=beta,
+                    kept=kept_n, grad_scale=scale, grad_out=grad_out,
+                )  # fmt: skip
             total += float(np.add.reduce(kl))
             g = None if grad is None else torch.from_numpy(grad)
         del s, t
@@ -402,6 +415,7 @@ def _(
     temperature: float,
     factor: float,
     reverse: bool,
+    beta: float | None,
     reduction: str,
     divisor: int,
     student_dtype: torch.dtype,
@@ -431,7 +445,7 @@ def _backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     """Scale the saved gradients, in place, by the upstream gradient (used once)."""
     gh, gw, gb = ctx.saved_tensors
     need_h, need_w, need_b = ctx.need
-    out: list[Any] = [None] * 21
+    out: list[Any] = [None] * 22
     if need_h:
         out[0] = gh.mul_(grad.to(gh.dtype))
     if need_w:
@@ -455,7 +469,10 @@ def _tensors(ops: HiddenOperands) -> list[Any]:
 
 def _accepts(ops: HiddenOperands) -> bool:
     """Return whether the chunked operator takes the call (else the reference does)."""
-    if ops.beta is not None or ops.reduction == "none":
+    if ops.reduction == "none":
+        return False
+    _, beta = resolve_beta(ops.beta, ops.direction)
+    if beta is not None and not _takes_beta(ops, beta):
         return False
     tensors = _tensors(ops)
     device = ops.student_hidden.device
@@ -476,6 +493,21 @@ def _accepts(ops: HiddenOperands) -> bool:
     return not any(_is_wrapped(a) for a in tensors)
 
 
+def _takes_beta(ops: HiddenOperands, beta: float) -> bool:
+    """Return whether the Jensen-Shannon kernel takes ``beta`` with these operands.
+
+    On CUDA (Triton) always; on the CPU where the compiled kernel runs, for a float32
+    evaluation (the compute dtype) with its temperature and ``beta`` ranges
+    (:func:`kldiv_spec.backends._blocks_jsd.takes`); float64 goes to the reference.
+    """
+    if on_triton(ops.student_hidden.device):
+        return True
+    probe = np.zeros((1, 1), np.float32)
+    return ops.compute_dtype == torch.float32 and _blocks_jsd.takes(
+        probe, probe, ops.temperature, beta
+    )
+
+
 def _product_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
     """Return the dtype a model's logits are formed in: autocast's, else ``dtype``."""
     if dtype != torch.float64 and torch.is_autocast_enabled(device):
@@ -487,6 +519,7 @@ def _call(
     ops: HiddenOperands, need: tuple[bool, bool, bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     h, w, b = ops.student_hidden, ops.student_weight, ops.student_bias
+    direction, beta = resolve_beta(ops.beta, ops.direction)  # beta 0 and 1: the KLs
     width = w.shape[1]
     h2 = h.reshape(-1, width)
     rows = h2.shape[0]
@@ -520,7 +553,8 @@ def _call(
         kept,
         ops.temperature,
         ops.factor,
-        ops.direction == "reverse",
+        direction == "reverse",
+        beta,
         ops.reduction,
         row_divisor(ops.reduction, shape=shape, axis=len(shape) - 1),
         sd,

@@ -369,6 +369,61 @@ def test_declined_calls_go_to_the_reference(spy):
     _close64(none.numpy(), _composition(*plain, reduction="none"))
 
 
+@pytest.fixture
+def jsd_chunks(monkeypatch):
+    """The rows of every chunk the Jensen-Shannon kernel took (CPU)."""
+    from kldiv_spec.backends import _blocks_jsd
+
+    seen: list[int] = []
+    original = _blocks_jsd.from_logits
+
+    def counted(s, *args, **kwargs):
+        seen.append(s.shape[0])
+        return original(s, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks_jsd, "from_logits", counted)
+    return seen
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "rowmean"])
+def test_float32_beta_is_chunked_through_the_jsd_kernel(spy, jsd_chunks, beta, reduction):
+    """The generalised JSD from hidden states, float32: chunked, within float32 roundoff."""
+    from kldiv_spec.backends import _blocks_jsd
+
+    if not _blocks_jsd.fused_available() or hidden_torch.on_triton(torch.device("cpu")):
+        pytest.skip("the compiled Jensen-Shannon kernel does not run here")
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(21,), vocab=60)
+    mask = np.arange(21) % 5 != 2
+    opts = {"temperature": 2.0, "beta": beta, "reduction": reduction}
+
+    def ours(*a, **k):
+        return _ours(*a, mask=torch.tensor(mask), memory_budget=4 * 60 * 12, **k)
+
+    def reference(*a, **k):
+        return _reference(*a, mask=torch.tensor(mask), **k)
+
+    want = _torch_grads(reference, h_s, w_s, b_s, h_t, w_t, b_t, **opts)
+    f32 = [a.astype(np.float32) for a in (h_s, w_s, b_s, h_t, w_t, b_t)]
+    got = _torch_grads(ours, *f32, **opts)
+    assert spy.runs == 1 and jsd_chunks == [4] * 5 + [1]
+    for mine, oracle in zip(got, want, strict=True):
+        assert mine.dtype == np.float32
+        np.testing.assert_allclose(mine, oracle, rtol=3e-5, atol=3e-6 * np.abs(oracle).max())
+
+
+@pytest.mark.parametrize(("beta", "direction"), [(0.0, "forward"), (1.0, "reverse")])
+def test_beta_zero_and_one_are_chunked_as_the_two_kls(spy, jsd_chunks, beta, direction):
+    """beta 0 and 1 are the forward and reverse KL (trl's and Liger's rule): the KL kernel."""
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands()
+    got = _torch_grads(_ours, h_s, w_s, b_s, h_t, w_t, b_t, beta=beta, temperature=2.0)
+    assert spy.runs == 1 and spy.chunks and not jsd_chunks
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, direction=direction,
+                        temperature=2.0)  # fmt: skip
+    for mine, oracle in zip(got, want, strict=True):
+        _close64(mine, oracle)
+
+
 def test_the_module_form_trains_a_step(spy):
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(8, 50), torch.nn.Linear(12, 50)
@@ -775,3 +830,26 @@ def test_cuda_chunks_go_to_the_gpu_kernel_and_equal_the_composition(triton_chunk
     for mine, oracle in zip(got, want[:3], strict=True):
         mine = mine.double().cpu().numpy()
         np.testing.assert_allclose(mine, oracle, rtol=rtol, atol=rtol * np.abs(oracle).max())
+
+
+@in_interpreter
+@pytest.mark.parametrize("beta", [0.25, 0.5])
+def test_triton_beta_chunks_equal_the_composition(monkeypatch, beta):
+    """The generalised JSD on the Triton route: its kernel per chunk, the definition's value."""
+    from kldiv_spec.backends import _triton_jsd
+
+    seen: list[int] = []
+    original = _triton_jsd.from_logits
+
+    def counted(s, *args, **kwargs):
+        seen.append(s.shape[0])
+        return original(s, *args, **kwargs)
+
+    monkeypatch.setattr(_triton_jsd, "from_logits", counted)
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands()
+    opts = {"temperature": 2.0, "beta": beta, "reduction": "sum"}
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, **opts)
+    got = _torch_grads(_ours, h_s, w_s, b_s, h_t, w_t, b_t, memory_budget=10 * 40 * 24, **opts)
+    assert seen == [9, 9, 9, 8]  # 35 rows in chunks of at most 10, evened out
+    for mine, oracle in zip(got, want, strict=True):
+        _close64(mine, oracle)
