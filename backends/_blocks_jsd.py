@@ -153,7 +153,7 @@ def from_logits(
         grad = (
             np.empty_like(s)
             if grad_out is None
-            else _blocks_logits._checked_out(grad_out, s, t, terms_out)
+            else _blocks_logits.checked_out(grad_out, s, t, terms_out)
         )
     step = _blocks_logits.rows_per_block(vocab)
     starts = list(range(0, rows, step))

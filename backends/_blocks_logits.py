@@ -2,8 +2,9 @@ r"""Blocked, multithreaded KL divergence from logits on NumPy: forward and gradi
 
 The logits are walked in blocks of whole rows (:func:`rows_per_block` rows,
 about :data:`BLOCK_ELEMENTS` elements), on the worker threads of
-:mod:`kldiv_spec.backends._blocks`. With NumPy's ufuncs (float64, or where the
-compiled float32 kernel below is not available), each worker owns five scratch buffers of
+:mod:`kldiv_spec.backends._blocks`. With NumPy's ufuncs (where the compiled kernels
+below are not available, and float64 evaluations at temperatures above
+:data:`KERNEL64_TEMPERATURE`), each worker owns five scratch buffers of
 one block, and every operation writes into them with ``out=``: nothing of the
 logits' size is allocated except the outputs asked for (the gradient, or the
 ``'none'`` terms), so the extra memory is :math:`O(\text{rows per block}
@@ -65,6 +66,14 @@ to the dtype. So the values are the float32 kernel's on the widened logits,
 rounded once, and nothing larger than a few rows of float32 scratch exists.
 Rows the kernel leaves to the reference are evaluated in float32 and rounded the
 same way (:func:`narrow`).
+
+Float64 logits take the float64 kernel (``backends/_fused_logits64.c``, ``rows_f64``):
+the same passes and contract in float64, with an AVX2 ``exp`` within 0.7852 ulp over 12
+million arguments (subnormal results included) and compensated row sums (within
+:math:`8u \sum |v|`, :math:`u = 2^{-53}`, for any number of classes), up to
+:data:`KERNEL64_TEMPERATURE`. So do float32 and half-precision logits at temperatures
+above :data:`WIDE_TEMPERATURE`, which are evaluated in float64: on float64 copies of each
+block, the gradient and terms rounded once into the outputs.
 """
 
 from __future__ import annotations
@@ -82,6 +91,8 @@ from . import _blocks, _compiled
 
 # The compiled kernel where it was built, else None (see :mod:`._compiled`).
 _fused_logits: Any = _compiled.fused_logits
+# The compiled float64 kernel (``backends/_fused_logits64.c``) where it was built, else None.
+_fused_logits64: Any = _compiled.fused_logits64
 
 __all__: list[str] = []
 
@@ -163,6 +174,36 @@ def _float32_kernel(s: np.ndarray, temperature: float) -> Callable[..., Any] | N
     if s.dtype == np.float32:
         return _kernel()
     return _half_kernel(s.dtype in _BFLOAT16_BITS)
+
+
+#: The least positive normal float64: the float64 kernel's least temperature.
+_SMALLEST_NORMAL = float(np.finfo(np.float64).smallest_normal)
+
+#: The float64 kernel's largest temperature; above it, NumPy's ufuncs. Both evaluations have
+#: an absolute error of some units of 2**-53 on a divergence of order Var(z) / T**2, which
+#: k = T**2 amplifies: at T = 2**16 some units of 2**-21 on a loss of order Var(z). At
+#: T = 2**63 the kernel's loss of about 1 came out as -1.4e19 (its first-order terms, which
+#: cancel in exact arithmetic, each within its bound; -inf in float16) where the ufuncs'
+#: cancel to 0: so the ufuncs keep the largest temperatures.
+KERNEL64_TEMPERATURE = 2.0**16
+
+
+def _float64_kernel(s: np.ndarray, temperature: float) -> Callable[..., Any] | None:
+    """Return the compiled float64 kernel if it takes these logits, or None.
+
+    It takes float64 logits, and those of other dtypes evaluated in float64 (:func:`_wide`:
+    on float64 copies of each block, so that their values are the float64 logits' rounded
+    once), with a class or more and a temperature from the least positive normal float64
+    to :data:`KERNEL64_TEMPERATURE`, where the kernel is built, the CPU has AVX2 and FMA,
+    and the fused kernels are not turned off (as :func:`_kernel`).
+    """
+    if s.dtype != np.float64 and not _wide(s.dtype, temperature):
+        return None
+    if s.shape[1] == 0 or not _SMALLEST_NORMAL <= temperature <= KERNEL64_TEMPERATURE:
+        return None
+    if not _settings.current.numpy_fused or _fused_logits64 is None:
+        return None
+    return _fused_logits64.rows_f64 if _fused_logits64.available() else None
 
 
 def widen(a: np.ndarray, /) -> np.ndarray:
@@ -303,14 +344,19 @@ def from_logits(
     kl = np.zeros(rows, np.float64)
     grad = None
     if grad_scale is not None:
-        grad = np.empty_like(s) if grad_out is None else _checked_out(grad_out, s, t, terms_out)
+        grad = np.empty_like(s) if grad_out is None else checked_out(grad_out, s, t, terms_out)
     forward = direction == "forward"
     softmax_only = forward and not need_loss and grad is not None and terms_out is None
     wide = _wide(dt, temperature)
-    kernel = None if wide else _float32_kernel(s, temperature)
+    # float64 logits, and wide ones on float64 copies of each block: the float64 kernel
+    kernel = _float64_kernel(s, temperature)
+    if kernel is None and not wide:
+        kernel = _float32_kernel(s, temperature)
     cdt = np.dtype(np.float64) if wide else dt  # the ufuncs' dtype
     step = (
-        rows_per_block(vocab) if kernel is not None else _ufunc_rows_per_block(vocab, cdt.itemsize)
+        rows_per_block(vocab)
+        if kernel is not None and not wide
+        else _ufunc_rows_per_block(vocab, cdt.itemsize)
     )
     starts = list(range(0, rows, step))
     # half precision is computed in float32 by the kernel only (supported() checks it)
@@ -318,20 +364,31 @@ def from_logits(
 
     def compiled(stripe: Sequence[int]) -> list[Any]:
         assert kernel is not None
+        # wide: the kernel runs on float64 copies (blocks of the ufunc path's size), and the
+        # gradient and terms are rounded once from float64 into the outputs (_store)
+        g64 = np.empty((step, vocab)) if wide and grad is not None else None
+        e64 = np.empty((step, vocab)) if wide and terms_out is not None else None
         for i in stripe:
             j = min(i + step, rows)
+            sb, tb = (_float64(s[i:j]), _float64(t[i:j])) if wide else (s[i:j], t[i:j])
+            g = None if grad is None else (grad[i:j] if g64 is None else g64[: j - i])
+            e = None if terms_out is None else (terms_out[i:j] if e64 is None else e64[: j - i])
             kernel(
-                s[i:j],
-                t[i:j],
+                sb,
+                tb,
                 vocab,
                 None if softmax_only else kl[i:j],
-                None if grad is None else grad[i:j],
-                None if terms_out is None else terms_out[i:j],
+                g,
+                e,
                 temperature,
                 0.0 if grad_scale is None else grad_scale,
                 factor,
                 not forward,
             )
+            if g64 is not None and grad is not None and g is not None:
+                _store(grad[i:j], g)
+            if e64 is not None and terms_out is not None and e is not None:
+                _store(terms_out[i:j], e)
         return []
 
     def work(stripe: Sequence[int]) -> list[Any]:
@@ -402,7 +459,7 @@ def from_logits(
     return kl, grad
 
 
-def _checked_out(
+def checked_out(
     out: np.ndarray, s: np.ndarray, t: np.ndarray, terms_out: np.ndarray | None
 ) -> np.ndarray:
     """Return ``out`` if it can hold the gradient of ``s``; raise ValueError otherwise."""

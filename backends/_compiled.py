@@ -35,6 +35,8 @@ fused: Any = _load("_fused")
 fused_logits: Any = _load("_fused_logits")
 #: The fused float32 Jensen-Shannon (``beta``) from-logits kernel, or None.
 fused_jsd: Any = _load("_fused_jsd")
+#: The fused float64 from-logits kernel, or None.
+fused_logits64: Any = _load("_fused_logits64")
 
 _MISSING = [
     name
@@ -42,6 +44,7 @@ _MISSING = [
         ("_fused", fused),
         ("_fused_logits", fused_logits),
         ("_fused_jsd", fused_jsd),
+        ("_fused_logits64", fused_logits64),
     )
     if module is None and (_HERE / f"{name}.c").is_file()
 ]

@@ -133,7 +133,8 @@ VARIABLES: tuple[Variable, ...] = (
         "numpy_fused",
         "1",
         "`0` turns the compiled AVX2 passes off (`backends/_fused.c`, "
-        "`backends/_fused_logits.c`, `backends/_fused_jsd.c`): the blocked kernels use "
+        "`backends/_fused_logits.c`, `backends/_fused_logits64.c`, `backends/_fused_jsd.c`): "
+        "the blocked kernels use "
         "NumPy's ufuncs instead (NumPy float16 `kl_div` too), PyTorch's half-precision "
         "`kl_div` the reference's ATen operations summed in float64 (the same values), and "
         "half-precision logits and the Jensen-Shannon divergence (`beta`) the reference.",

@@ -587,7 +587,7 @@ def test_without_the_kernel_the_ufunc_path_runs(
     assert not kernel_calls
 
 
-def test_float64_and_unusual_temperatures_take_the_ufunc_path(
+def test_float64_and_unusual_temperatures_are_not_the_float32_kernels(
     every_size: None, kernel_calls: list[int]
 ) -> None:
     s, t = logits((3, 11), 4)

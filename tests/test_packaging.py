@@ -83,7 +83,7 @@ def test_wheel_carries_the_compiled_fused_sum(wheel_files):
     """The optional extensions are built wherever a C compiler is (CI has one)."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the wheel is built without the fused float32 sum")
-    for name in ("_fused", "_fused_logits", "_fused_jsd"):
+    for name in ("_fused", "_fused_logits", "_fused_jsd", "_fused_logits64"):
         built = [n for n in wheel_files if n.startswith(f"kldiv_spec/backends/{name}.")]
         assert len(built) == 1 and built[0].endswith((".so", ".pyd")), (name, built)
 
