@@ -65,7 +65,7 @@ import numpy as np
 from kldiv_spec import _core_logits, _settings
 from kldiv_spec._validation import LogitsOperands
 
-from . import _blocks, _blocks_logits, _compiled, logits_numpy
+from . import _blocks, _blocks_logits, _compiled
 
 # The compiled kernel where it was built, else None (see :mod:`._compiled`).
 _fused_jsd: Any = _compiled.fused_jsd
@@ -234,14 +234,14 @@ def _fix_rows(
 
 
 def _arranged(ops: LogitsOperands, s: Any, t: Any) -> tuple[Any, Any, Any] | None:
-    """Return ``(s2, t2, kept)`` (:func:`kldiv_spec.backends.logits_numpy.rows`), or None.
+    """Return ``(s2, t2, kept)`` (:func:`kldiv_spec.backends._blocks_logits.rows`), or None.
 
     None also where ``beta`` is None or :func:`takes` refuses the operands.
     """
     if ops.beta is None:
         return None
     beta = ops.beta
-    return logits_numpy.rows(ops, s, t, lambda a, b: takes(a, b, ops.temperature, beta))
+    return _blocks_logits.rows(ops, s, t, lambda a, b: takes(a, b, ops.temperature, beta))
 
 
 def evaluate(
@@ -275,7 +275,7 @@ def evaluate(
     jsd, grad = from_logits(s2, t2, grad_scale=scale, **common)
     with np.errstate(all="ignore"):
         total = float(np.add.reduce(jsd) + 0.0)
-    loss = logits_numpy.finish(total, d, ops, np.dtype(np.float32), kept is not None)
+    loss = _blocks_logits.finish(total, d, ops, np.dtype(np.float32), kept is not None)
     return loss, (None if grad is None else grad.reshape(ops.shape))
 
 

@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 
 from kldiv_spec import _core_logits, _settings
+from kldiv_spec._core import divide_total
 
 from . import _blocks, _compiled
 
@@ -474,6 +475,48 @@ def checked_out(
     if any(np.shares_memory(out, a) for a in others):
         raise ValueError("grad_out must not share memory with the logits or terms_out")
     return out
+
+
+def rows(
+    ops: Any, s: Any, t: Any, takes: Callable[[np.ndarray, np.ndarray], bool], /
+) -> tuple[Any, Any, Any] | None:
+    """Return ``(s2, t2, kept)``: 2-d (rows, classes) views and the row mask, or None.
+
+    None where a kernel does not take the call: classes not on the last axis, fewer
+    elements than :func:`kldiv_spec.backends._blocks.min_elements`, operands that are
+    not C-contiguous ndarrays, or views ``takes(s2, t2)`` refuses (the KL's and the
+    Jensen-Shannon divergence's kernels share this arrangement).
+    """
+    shape = ops.shape
+    if ops.axis != len(shape) - 1 or math.prod(shape) < max(_blocks.min_elements(), 1):
+        return None
+    if type(s) is not np.ndarray or type(t) is not np.ndarray:
+        return None
+    if not (s.flags.c_contiguous and t.flags.c_contiguous):
+        return None
+    n, vocab = math.prod(shape[:-1]), shape[-1]
+    s2, t2 = s.reshape(n, vocab), t.reshape(n, vocab)
+    if not takes(s2, t2):
+        return None
+    kept = None
+    if ops.mask is not None:
+        full = np.broadcast_to(np.asarray(ops.mask), ops.row_shape)
+        kept = np.ascontiguousarray(full).reshape(n)
+    return s2, t2, kept
+
+
+def finish(total: float, d: int, ops: Any, dt: Any, masked: bool) -> Any:
+    """Round the total to ``dt``, divide by ``d`` (0 for none kept: 0 with a mask), times k.
+
+    ``dt`` is the compute dtype (float32 for half precision: the caller rounds the result).
+    """
+    with np.errstate(all="ignore"):
+        result = np.asarray(total, dtype=dt)
+        if masked and d == 0:
+            result = np.zeros((), dt)
+        else:
+            result = np.asarray(divide_total(result, d, xp=np))
+        return result if ops.factor == 1.0 else np.asarray(result * ops.factor, dtype=dt)
 
 
 def _drop_zero_weights(

@@ -24,60 +24,15 @@ by the number of kept rows, 0 when there is none), then multiply by
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from kldiv_spec._core import divide_total
 from kldiv_spec._validation import LogitsOperands
 
-from . import _blocks, _blocks_logits
+from . import _blocks_logits
 
 __all__ = ["evaluate", "kl_div_from_logits", "kl_div_from_logits_backward"]
-
-
-def rows(
-    ops: LogitsOperands, s: Any, t: Any, takes: Callable[[np.ndarray, np.ndarray], bool], /
-) -> tuple[Any, Any, Any] | None:
-    """Return ``(s2, t2, kept)``: 2-d (rows, classes) views and the row mask, or None.
-
-    None where a kernel does not take the call: classes not on the last axis, fewer
-    elements than :func:`kldiv_spec.backends._blocks.min_elements`, operands that are
-    not C-contiguous ndarrays, or views ``takes(s2, t2)`` refuses (the KL's and the
-    Jensen-Shannon divergence's kernels share this arrangement).
-    """
-    shape = ops.shape
-    if ops.axis != len(shape) - 1 or math.prod(shape) < max(_blocks.min_elements(), 1):
-        return None
-    if type(s) is not np.ndarray or type(t) is not np.ndarray:
-        return None
-    if not (s.flags.c_contiguous and t.flags.c_contiguous):
-        return None
-    n, vocab = math.prod(shape[:-1]), shape[-1]
-    s2, t2 = s.reshape(n, vocab), t.reshape(n, vocab)
-    if not takes(s2, t2):
-        return None
-    kept = None
-    if ops.mask is not None:
-        full = np.broadcast_to(np.asarray(ops.mask), ops.row_shape)
-        kept = np.ascontiguousarray(full).reshape(n)
-    return s2, t2, kept
-
-
-def finish(total: float, d: int, ops: LogitsOperands, dt: Any, masked: bool) -> Any:
-    """Round the total to ``dt``, divide by ``d`` (0 for none kept: 0 with a mask), times k.
-
-    ``dt`` is the compute dtype (float32 for half precision: the caller rounds the result).
-    """
-    with np.errstate(all="ignore"):
-        result = np.asarray(total, dtype=dt)
-        if masked and d == 0:
-            result = np.zeros((), dt)
-        else:
-            result = np.asarray(divide_total(result, d, xp=np))
-        return result if ops.factor == 1.0 else np.asarray(result * ops.factor, dtype=dt)
 
 
 def evaluate(
@@ -105,7 +60,9 @@ def evaluate(
     returned in float32 for bfloat16 (the caller rounds it) and rounded to
     float16 here; the gradient and ``'none'`` terms come in the logits' dtype.
     """
-    arranged = rows(ops, s, t, lambda a, b: _blocks_logits.supported(a, b, bfloat16=bfloat16))
+    arranged = _blocks_logits.rows(
+        ops, s, t, lambda a, b: _blocks_logits.supported(a, b, bfloat16=bfloat16)
+    )
     if arranged is None:
         return None
     s2, t2, kept = arranged
@@ -141,7 +98,8 @@ def evaluate(
     )
     with np.errstate(all="ignore"):
         total = float(np.add.reduce(kl) + 0.0)
-    loss = finish(total, d, ops, np.dtype(np.float32) if half else dt, kept is not None)
+    compute = np.dtype(np.float32) if half else dt
+    loss = _blocks_logits.finish(total, d, ops, compute, kept is not None)
     if half and not bfloat16:
         loss = loss.astype(dt)
     return loss, (None if grad is None else grad.reshape(ops.shape))
