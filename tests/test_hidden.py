@@ -824,7 +824,9 @@ def test_cuda_chunks_go_to_the_gpu_kernel_and_equal_the_composition(triton_chunk
         temperature=2.0, memory_budget=64 * 3000 * 12,
     )  # fmt: skip
     loss.backward()
-    assert triton_chunks == [60] * 5
+    # 64 float32 rows' budget: 5 chunks of 60 rows (float32), more for bfloat16's copies
+    assert sum(triton_chunks) == 300 and len(triton_chunks) >= 5
+    assert len(set(triton_chunks[:-1])) == 1 and triton_chunks[-1] <= triton_chunks[0]
     got = [loss.detach(), leaves[0].grad, leaves[1].grad]
     rtol = 2e-5 if dtype == "float32" else 0.05
     for mine, oracle in zip(got, want[:3], strict=True):
