@@ -304,88 +304,43 @@ static PyObject *jsd_rows_f32(PyObject *module, PyObject *const *args, Py_ssize_
     if (!kl_have_avx2()) {
         Py_RETURN_NOTIMPLEMENTED;
     }
-    Py_ssize_t vocab = PyLong_AsSsize_t(args[2]);
-    if (vocab == -1 && PyErr_Occurred()) {
+    kl_rows_args a;
+    if (kl_rows_scalars(args, 0, &a) < 0) {
         return NULL;
     }
-    double temperature = PyFloat_AsDouble(args[6]);
-    double grad_scale = PyFloat_AsDouble(args[7]);
-    double factor = PyFloat_AsDouble(args[8]);
-    double beta = PyFloat_AsDouble(args[9]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (vocab < 1) {
-        PyErr_SetString(PyExc_ValueError, "vocab must be at least 1");
-        return NULL;
-    }
-    if (!(beta > 0.0 && beta < 1.0)) {
+    if (!(a.last > 0.0 && a.last < 1.0)) {
         PyErr_SetString(PyExc_ValueError, "beta must lie strictly between 0 and 1");
         return NULL;
     }
     jsd_options o = {0};
-    if (kl_scale_from(temperature, &o.scale) < 0) {
+    if (kl_scale_from(a.temperature, &o.scale) < 0) {
         return NULL;
     }
-    o.beta = beta;
-    o.grad_scale = grad_scale;
-    o.factor = factor;
-
-    Py_buffer sb, tb, jb, gb = {0}, eb = {0};
-    int have_grad = args[4] != Py_None, have_terms = args[5] != Py_None;
+    o.beta = a.last;
+    o.grad_scale = a.grad_scale;
+    o.factor = a.factor;
+    if (kl_rows_buffers(args, KL_F32, 0, "jsd", 1, &a) < 0) {
+        return NULL;
+    }
     PyObject *result = NULL;
-    if (kl_buffer(args[0], &sb, 0, KL_F32, 0, "s") < 0) {
-        return NULL;
-    }
-    if (kl_buffer(args[1], &tb, 0, KL_F32, 0, "t") < 0) {
-        PyBuffer_Release(&sb);
-        return NULL;
-    }
-    if (kl_buffer(args[3], &jb, 1, KL_F32, 1, "jsd") < 0) {
-        PyBuffer_Release(&sb);
-        PyBuffer_Release(&tb);
-        return NULL;
-    }
-    if (have_grad && kl_buffer(args[4], &gb, 1, KL_F32, 0, "grad") < 0) {
-        have_grad = 0;
-        goto done;
-    }
-    if (have_terms && kl_buffer(args[5], &eb, 1, KL_F32, 0, "terms") < 0) {
-        have_terms = 0;
-        goto done;
-    }
-    Py_ssize_t n = sb.len / 4, rows = n / vocab;
-    if (tb.len != sb.len || n % vocab != 0 || (have_grad && gb.len != sb.len) ||
-        (have_terms && eb.len != sb.len) || jb.len / 8 != rows) {
-        PyErr_SetString(PyExc_ValueError,
-                        "s, t, grad and terms must hold rows * vocab values, jsd one per row");
-        goto done;
-    }
 #if KL_X86
-    unsigned char *scratch = PyMem_RawMalloc(2 * (size_t)vocab * sizeof(float));
+    unsigned char *scratch = PyMem_RawMalloc(2 * (size_t)a.vocab * sizeof(float));
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    jsd_rows((const unsigned char *)sb.buf, (const unsigned char *)tb.buf, rows, vocab,
-             (unsigned char *)jb.buf, have_grad ? (unsigned char *)gb.buf : NULL,
-             have_terms ? (unsigned char *)eb.buf : NULL, scratch, &o);
+    jsd_rows(a.s.buf, a.t.buf, a.rows, a.vocab, a.out.buf, a.have_grad ? a.grad.buf : NULL,
+             a.have_terms ? a.terms.buf : NULL, scratch, &o);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scratch);
 #endif
     result = Py_None;
     Py_INCREF(result);
+#if KL_X86
 done:
-    PyBuffer_Release(&sb);
-    PyBuffer_Release(&tb);
-    PyBuffer_Release(&jb);
-    if (have_grad) {
-        PyBuffer_Release(&gb);
-    }
-    if (have_terms) {
-        PyBuffer_Release(&eb);
-    }
+#endif
+    kl_rows_release(&a);
     return result;
 }
 

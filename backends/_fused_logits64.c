@@ -722,21 +722,11 @@ static PyObject *kl64_rows_f64(PyObject *module, PyObject *const *args, Py_ssize
     if (!kl_have_avx2()) {
         Py_RETURN_NOTIMPLEMENTED;
     }
-    Py_ssize_t vocab = PyLong_AsSsize_t(args[2]);
-    if (vocab == -1 && PyErr_Occurred()) {
+    kl_rows_args a;
+    if (kl_rows_scalars(args, 1, &a) < 0) {
         return NULL;
     }
-    double temperature = PyFloat_AsDouble(args[6]);
-    double grad_scale = PyFloat_AsDouble(args[7]);
-    double factor = PyFloat_AsDouble(args[8]);
-    int reverse = PyObject_IsTrue(args[9]);
-    if (PyErr_Occurred() || reverse < 0) {
-        return NULL;
-    }
-    if (vocab < 1) {
-        PyErr_SetString(PyExc_ValueError, "vocab must be at least 1");
-        return NULL;
-    }
+    const double temperature = a.temperature;
     if (!(isfinite(temperature) && temperature >= 2.2250738585072014e-308)) {
         PyErr_SetString(PyExc_ValueError, "temperature must be a positive normal float64 number");
         return NULL;
@@ -748,79 +738,38 @@ static PyObject *kl64_rows_f64(PyObject *module, PyObject *const *args, Py_ssize
     /* T = 2^(exponent - 1): 1 / T is exact (normal) when exponent - 1 <= 1022 */
     o.multiply = mantissa == 0.5 && exponent - 1 <= 1022;
     o.inverse = o.multiply ? 1.0 / temperature : 0.0;
-    o.reverse = reverse;
-    o.grad_scale = grad_scale;
-    o.factor = factor;
-
-    Py_buffer sb, tb, klb = {0}, gb = {0}, eb = {0};
-    int have_kl = args[3] != Py_None, have_grad = args[4] != Py_None;
-    int have_terms = args[5] != Py_None;
+    o.reverse = a.last != 0.0;
+    o.grad_scale = a.grad_scale;
+    o.factor = a.factor;
+    if (kl_rows_buffers(args, KL_F32, 1, "kl", 0, &a) < 0) {
+        return NULL;
+    }
     PyObject *result = NULL;
-    if (kl_buffer(args[0], &sb, 0, KL_F32, 1, "s") < 0) {
-        return NULL;
-    }
-    if (kl_buffer(args[1], &tb, 0, KL_F32, 1, "t") < 0) {
-        PyBuffer_Release(&sb);
-        return NULL;
-    }
-    if (have_kl && kl_buffer(args[3], &klb, 1, KL_F32, 1, "kl") < 0) {
-        have_kl = 0;
-        goto done;
-    }
-    if (have_grad && kl_buffer(args[4], &gb, 1, KL_F32, 1, "grad") < 0) {
-        have_grad = 0;
-        goto done;
-    }
-    if (have_terms && kl_buffer(args[5], &eb, 1, KL_F32, 1, "terms") < 0) {
-        have_terms = 0;
-        goto done;
-    }
-    Py_ssize_t n = sb.len / 8, rows = n / vocab;
-    if (tb.len != sb.len || n % vocab != 0 || (have_grad && gb.len != sb.len) ||
-        (have_terms && eb.len != sb.len) || (have_kl && klb.len / 8 != rows)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "s, t, grad and terms must hold rows * vocab values, kl one per row");
-        goto done;
-    }
-    if (!have_kl && (have_terms || !have_grad || reverse)) {
+    if (!a.have_out && (a.have_terms || !a.have_grad || o.reverse)) {
         PyErr_SetString(PyExc_ValueError,
                         "without kl, only the forward gradient is computed (grad, no terms)");
         goto done;
     }
-    o.softmax_only = !have_kl;
+    o.softmax_only = !a.have_out;
 #if KL_X86
     unsigned char *scratch = NULL;
-    if (have_grad && !reverse) {
-        scratch = PyMem_RawMalloc((size_t)vocab * sizeof(double));
+    if (a.have_grad && !o.reverse) {
+        scratch = PyMem_RawMalloc((size_t)a.vocab * sizeof(double));
         if (scratch == NULL) {
             PyErr_NoMemory();
             goto done;
         }
     }
-    const unsigned char *s_buf = (const unsigned char *)sb.buf;
-    const unsigned char *t_buf = (const unsigned char *)tb.buf;
-    unsigned char *kl_buf = have_kl ? (unsigned char *)klb.buf : NULL;
-    unsigned char *g_buf = have_grad ? (unsigned char *)gb.buf : NULL;
-    unsigned char *e_buf = have_terms ? (unsigned char *)eb.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
-    kl64_rows(s_buf, t_buf, rows, vocab, kl_buf, g_buf, e_buf, scratch, &o);
+    kl64_rows(a.s.buf, a.t.buf, a.rows, a.vocab, a.have_out ? a.out.buf : NULL,
+              a.have_grad ? a.grad.buf : NULL, a.have_terms ? a.terms.buf : NULL, scratch, &o);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(scratch);
 #endif
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&sb);
-    PyBuffer_Release(&tb);
-    if (have_kl) {
-        PyBuffer_Release(&klb);
-    }
-    if (have_grad) {
-        PyBuffer_Release(&gb);
-    }
-    if (have_terms) {
-        PyBuffer_Release(&eb);
-    }
+    kl_rows_release(&a);
     return result;
 }
 

@@ -488,4 +488,112 @@ static inline int kl_buffer(PyObject *obj, Py_buffer *view, int writable, kl_for
     return 0;
 }
 
+/* The arguments of every rows_* entry point, (s, t, vocab, out, grad, terms, temperature,
+ * grad_scale, factor, last): the scalars parsed, then the buffers held and checked. */
+typedef struct {
+    Py_buffer s, t, out, grad, terms;
+    int have_out, have_grad, have_terms; /* which of the optional buffers are held */
+    Py_ssize_t vocab, rows;
+    double temperature, grad_scale, factor;
+    double last; /* args[9]: the truth of ``reverse`` (0 or 1), or ``beta`` */
+} kl_rows_args;
+
+/* Parse vocab, temperature, grad_scale, factor and args[9] (its truth when
+ * ``last_is_bool``, else a float): 0, or -1 with an exception (vocab below 1 included). */
+static inline int kl_rows_scalars(PyObject *const *args, int last_is_bool, kl_rows_args *a)
+{
+    memset(a, 0, sizeof *a);
+    a->vocab = PyLong_AsSsize_t(args[2]);
+    if (a->vocab == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    a->temperature = PyFloat_AsDouble(args[6]);
+    a->grad_scale = PyFloat_AsDouble(args[7]);
+    a->factor = PyFloat_AsDouble(args[8]);
+    if (last_is_bool) {
+        int truth = PyObject_IsTrue(args[9]);
+        if (truth < 0) {
+            return -1;
+        }
+        a->last = truth;
+    } else {
+        a->last = PyFloat_AsDouble(args[9]);
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (a->vocab < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab must be at least 1");
+        return -1;
+    }
+    return 0;
+}
+
+/* Release the buffers kl_rows_buffers holds. */
+static inline void kl_rows_release(kl_rows_args *a)
+{
+    PyBuffer_Release(&a->s);
+    PyBuffer_Release(&a->t);
+    if (a->have_out) {
+        PyBuffer_Release(&a->out);
+    }
+    if (a->have_grad) {
+        PyBuffer_Release(&a->grad);
+    }
+    if (a->have_terms) {
+        PyBuffer_Release(&a->terms);
+    }
+}
+
+/* Hold the buffers: s and t (read), grad and terms (written; None: not asked) of
+ * ``element`` values (float64 ones when ``float64``), and ``out`` (written), float64, one
+ * per row, named ``out_name`` (None: not asked, unless ``out_required``); then check that
+ * s, t, grad and terms hold rows * vocab values and out one per row. 0, or -1 with an
+ * exception and nothing held. */
+static inline int kl_rows_buffers(PyObject *const *args, kl_format element, int float64,
+                                  const char *out_name, int out_required, kl_rows_args *a)
+{
+    if (kl_buffer(args[0], &a->s, 0, element, float64, "s") < 0) {
+        return -1;
+    }
+    if (kl_buffer(args[1], &a->t, 0, element, float64, "t") < 0) {
+        PyBuffer_Release(&a->s);
+        return -1;
+    }
+    if (out_required || args[3] != Py_None) {
+        if (kl_buffer(args[3], &a->out, 1, element, 1, out_name) < 0) {
+            goto fail;
+        }
+        a->have_out = 1;
+    }
+    if (args[4] != Py_None) {
+        if (kl_buffer(args[4], &a->grad, 1, element, float64, "grad") < 0) {
+            goto fail;
+        }
+        a->have_grad = 1;
+    }
+    if (args[5] != Py_None) {
+        if (kl_buffer(args[5], &a->terms, 1, element, float64, "terms") < 0) {
+            goto fail;
+        }
+        a->have_terms = 1;
+    }
+    const Py_ssize_t size = float64 ? 8 : (Py_ssize_t)kl_format_size(element);
+    const Py_ssize_t n = a->s.len / size;
+    a->rows = n / a->vocab;
+    if (a->t.len != a->s.len || n % a->vocab != 0 ||
+        (a->have_grad && a->grad.len != a->s.len) ||
+        (a->have_terms && a->terms.len != a->s.len) ||
+        (a->have_out && a->out.len / 8 != a->rows)) {
+        PyErr_Format(PyExc_ValueError,
+                     "s, t, grad and terms must hold rows * vocab values, %s one per row",
+                     out_name);
+        goto fail;
+    }
+    return 0;
+fail:
+    kl_rows_release(a);
+    return -1;
+}
+
 #endif /* KL_SIMD_H */
