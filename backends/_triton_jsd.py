@@ -36,22 +36,13 @@ computed in float32. Importing this module raises ImportError without Triton.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_kernels import _exp, _log, interpreting
-from ._triton_logits import (
-    _launch,
-    _rescale,
-    _shift,
-    _tile,
-    _times_c,
-    block_for,
-    num_warps_for,
-)
+from ._triton_logits import _rescale, _shift, _tile, _times_c, launch_rows
 
 __all__ = ["from_logits", "interpreting"]
 
@@ -228,38 +219,19 @@ def from_logits(
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie strictly between 0 and 1, got {beta!r}")
-    rows, vocab = s.shape
-    if block is None:
-        block = block_for(vocab, s.dtype)
-    if num_warps is None:
-        num_warps = num_warps_for(block)
-    jsd = torch.empty(rows, dtype=torch.float64, device=s.device) if need_loss else None
-    grad = None
-    if gw is not None:
-        grad = torch.empty(s.shape, dtype=grad_dtype or s.dtype, device=s.device)
-    dummy = s
-    constexprs: dict[str, Any] = {
-        "NEED_LOSS": need_loss,
-        "WITH_GRAD": grad is not None,
-        "HAS_MASK": kept is not None,
-        "WIDE": s.dtype == torch.float64,
-        "SCALED": temperature != 1.0,
-        "BLOCK": block,
-    }
-    args = (
+    scalars = (float(temperature), float(c), float(beta), 1.0 - beta)
+    scalars += (math.log(beta), math.log1p(-beta))
+    return launch_rows(
+        _jsd_kernel,
         s,
-        t,
-        dummy if kept is None else kept,
-        dummy if gw is None else gw,
-        dummy if jsd is None else jsd,
-        dummy if grad is None else grad,
-        vocab,
-        float(temperature),
-        float(c),
-        float(beta),
-        1.0 - beta,
-        math.log(beta),
-        math.log1p(-beta),
+        (s, t),
+        scalars,
+        {},
+        temperature=temperature,
+        kept=kept,
+        gw=gw,
+        need_loss=need_loss,
+        grad_dtype=grad_dtype,
+        block=block,
+        num_warps=num_warps,
     )
-    _launch(_jsd_kernel, (rows,), s.device, args, constexprs, num_warps)
-    return jsd, grad

@@ -78,7 +78,7 @@ import triton.language as tl
 
 from ._triton_kernels import _exp, _log, interpreting
 
-__all__ = ["MAX_BLOCK", "block_for", "from_logits", "interpreting", "num_warps_for"]
+__all__ = ["MAX_BLOCK", "block_for", "from_logits", "interpreting", "launch_rows", "num_warps_for"]
 
 #: The largest tile (classes per iteration) for 32-bit and narrower logits; float64 uses half.
 MAX_BLOCK = 4096
@@ -304,20 +304,58 @@ def from_logits(
     grad : torch.Tensor or None
         ``s``'s shape: :math:`\nabla_s` for the upstream gradient ``gw``.
     """
-    rows, vocab = s.shape
     forward = direction == "forward"
     w, o = (t, s) if forward else (s, t)
+    return launch_rows(
+        _from_logits_kernel,
+        s,
+        (w, o),
+        (float(temperature), float(c)),
+        {"FORWARD": forward},
+        temperature=temperature,
+        kept=kept,
+        gw=gw,
+        need_loss=need_loss,
+        grad_dtype=grad_dtype,
+        block=block,
+        num_warps=num_warps,
+    )
+
+
+def launch_rows(
+    kernel: Any,
+    s: torch.Tensor,
+    logits: tuple[torch.Tensor, torch.Tensor],
+    scalars: tuple[float, ...],
+    constexprs: dict[str, Any],
+    *,
+    temperature: float,
+    kept: torch.Tensor | None,
+    gw: torch.Tensor | None,
+    need_loss: bool,
+    grad_dtype: torch.dtype | None,
+    block: int | None,
+    num_warps: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Run a from-logits ``kernel`` (the KL's, the JSD's), one program per row of ``s``.
+
+    Allocates the rows' float64 divergences (``need_loss``) and the gradient (``gw``
+    given, in ``grad_dtype`` or ``s``'s dtype), and passes the kernels' shared arguments,
+    ``(*logits, kept, gw, loss, grad, vocab, *scalars)``, with the shared constexprs
+    and the kernel's own ``constexprs``. Returns ``(loss or None, grad or None)``.
+    """
+    rows, vocab = s.shape
     if block is None:
         block = block_for(vocab, s.dtype)
     if num_warps is None:
         num_warps = num_warps_for(block)
-    kl = torch.empty(rows, dtype=torch.float64, device=s.device) if need_loss else None
+    loss = torch.empty(rows, dtype=torch.float64, device=s.device) if need_loss else None
     grad = None
     if gw is not None:
         grad = torch.empty(s.shape, dtype=grad_dtype or s.dtype, device=s.device)
     dummy = s
-    constexprs: dict[str, Any] = {
-        "FORWARD": forward,
+    flags: dict[str, Any] = {
+        **constexprs,
         "NEED_LOSS": need_loss,
         "WITH_GRAD": grad is not None,
         "HAS_MASK": kept is not None,
@@ -326,18 +364,16 @@ def from_logits(
         "BLOCK": block,
     }
     args = (
-        w,
-        o,
+        *logits,
         dummy if kept is None else kept,
         dummy if gw is None else gw,
-        dummy if kl is None else kl,
+        dummy if loss is None else loss,
         dummy if grad is None else grad,
         vocab,
-        float(temperature),
-        float(c),
+        *scalars,
     )
-    _launch(_from_logits_kernel, (rows,), s.device, args, constexprs, num_warps)
-    return kl, grad
+    _launch(kernel, (rows,), s.device, args, flags, num_warps)
+    return loss, grad
 
 
 def _launch(
