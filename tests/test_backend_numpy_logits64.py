@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import setenv
+from _support import misaligned, setenv
 from test_backend_numpy_logits_fused import (
     CASES,
     assert_close,
     check_against_oracle,
-    misaligned,
     reduced_options,
 )
 
@@ -55,18 +54,11 @@ ETA = 1.4 * U
 #: The compensated sums' bound, relative to the sum of the magnitudes (the header: 8u).
 SUM = 8 * U
 TINY = float(np.finfo(np.float64).smallest_subnormal)
-MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
 THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
 FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send every call, however small, through the fast path."""
-    setenv(monkeypatch, MIN_ELEMENTS_ENV, "0")
 
 
 @pytest.fixture

@@ -66,7 +66,6 @@ F = _blocks_jsd._fused_jsd
 inf, nan = math.inf, math.nan
 U = 2.0**-24  # float32's unit roundoff
 TINY = float(np.finfo(np.float32).smallest_subnormal)
-MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
 THREADS_ENV = "KLDIV_SPEC_NUM_THREADS"
 FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 

@@ -25,8 +25,6 @@ pytestmark = pytest.mark.skipif(
     not logits_fused_available(), reason="the compiled from-logits kernel is not built or no AVX2"
 )
 
-MIN_ELEMENTS_ENV = "KLDIV_SPEC_NUMPY_MIN_ELEMENTS"
-
 
 @pytest.fixture
 def half_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
