@@ -96,10 +96,8 @@ def fused_available() -> bool:
 def takes(s: np.ndarray, t: np.ndarray, temperature: float, beta: float) -> bool:
     r"""Return whether the kernel takes these 2-d logits, temperature and ``beta``.
 
-    C-contiguous float32 NumPy arrays of one shape with at least one class; a
-    temperature whose float32 value is a positive normal number (``s / T`` is
-    computed with ``T`` rounded to float32, as NumPy does); :data:`MIN_BETA`
-    :math:`\le \beta \le 1 -` :data:`MIN_BETA`; and the kernel available.
+    C-contiguous float32 NumPy arrays of one shape with at least one class, and
+    :func:`takes_options`.
     """
     arrays_ok = all(
         type(a) is np.ndarray
@@ -109,8 +107,17 @@ def takes(s: np.ndarray, t: np.ndarray, temperature: float, beta: float) -> bool
         and a.shape == s.shape
         for a in (s, t)
     )
-    if not arrays_ok or s.shape[1] == 0:
-        return False
+    return arrays_ok and s.shape[1] > 0 and takes_options(temperature, beta)
+
+
+def takes_options(temperature: float, beta: float) -> bool:
+    r"""Return whether the kernel takes this temperature and ``beta`` (float32 logits).
+
+    A temperature whose float32 value is a positive normal number (``s / T`` is
+    computed with ``T`` rounded to float32, as NumPy does) and at most
+    :data:`~kldiv_spec.backends._blocks_logits.WIDE_TEMPERATURE`; :data:`MIN_BETA`
+    :math:`\le \beta \le 1 -` :data:`MIN_BETA`; and the kernel available.
+    """
     with np.errstate(over="ignore"):
         t32 = np.float32(temperature)
     if not (np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal):

@@ -498,14 +498,11 @@ def _takes_beta(ops: HiddenOperands, beta: float) -> bool:
 
     On CUDA (Triton) always; on the CPU where the compiled kernel runs, for a float32
     evaluation (the compute dtype) with its temperature and ``beta`` ranges
-    (:func:`kldiv_spec.backends._blocks_jsd.takes`); float64 goes to the reference.
+    (:func:`kldiv_spec.backends._blocks_jsd.takes_options`); float64 goes to the reference.
     """
     if on_triton(ops.student_hidden.device):
         return True
-    probe = np.zeros((1, 1), np.float32)
-    return ops.compute_dtype == torch.float32 and _blocks_jsd.takes(
-        probe, probe, ops.temperature, beta
-    )
+    return ops.compute_dtype == torch.float32 and _blocks_jsd.takes_options(ops.temperature, beta)
 
 
 def _product_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
