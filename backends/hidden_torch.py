@@ -348,32 +348,12 @@ def _chunked(
         s = buffers.convert("s, kernel", s, read)
         t = buffers.convert("t, kernel", t, read)
         kept_c = None if kept is None else kept[i:j]
-        if triton:  # CUDA, or the CPU in Triton's interpreter
-            from . import _triton_jsd, _triton_logits
-
-            common = {"temperature": temperature, "kept": kept_c, "gw": unit}
-            common |= {"c": factor / temperature, "grad_dtype": kd}
-            if beta is None:
-                kl_t, g = _triton_logits.from_logits(s, t, direction=direction, **common)
-            else:
-                kl_t, g = _triton_jsd.from_logits(s, t, beta=beta, **common)
-            assert isinstance(total, torch.Tensor) and kl_t is not None
-            total += kl_t.sum()  # on the device: no synchronisation
-        else:
-            grad_out = buffers.take("grad", kd, n).numpy() if any_grad else None
-            kept_n = None if kept_c is None else kept_c.numpy()
-            if beta is None:
-                kl, grad = _blocks_logits.from_logits(
-                    s.numpy(), t.numpy(), temperature=temperature, direction=direction,
-                    kept=kept_n, grad_scale=scale, grad_out=grad_out,
-                )  # fmt: skip
-            else:  # float32 (_accepts checks it)
-                kl, grad = _blocks_jsd.from_logits(
-                    s.numpy(), t.numpy(), temperature=temperature, beta=beta,
-                    kept=kept_n, grad_scale=scale, grad_out=grad_out,
-                )  # fmt: skip
-            total += float(np.add.reduce(kl))
-            g = None if grad is None else torch.from_numpy(grad)
+        grad_out = buffers.take("grad", kd, n) if any_grad and not triton else None
+        part, g = _evaluate(
+            s, t, kept_c, grad_out, temperature=temperature, factor=factor,
+            direction=direction, beta=beta, scale=scale, unit=unit, kd=kd, triton=triton,
+        )  # fmt: skip
+        total += part
         del s, t
         if g is None:
             continue
@@ -400,6 +380,50 @@ def _chunked(
     if need_b and b_s is not None and gb.dtype != b_s.dtype:
         gb = gb.to(b_s.dtype)
     return loss, gh, gw, gb
+
+
+def _evaluate(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    kept: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    *,
+    temperature: float,
+    factor: float,
+    direction: str,
+    beta: float | None,
+    scale: float | None,
+    unit: torch.Tensor | None,
+    kd: torch.dtype,
+    triton: bool,
+) -> tuple[float | torch.Tensor, torch.Tensor | None]:
+    """One chunk's fused kernel: ``(the sum of its rows' divergences, the logits' gradient)``.
+
+    On the Triton route (CUDA, or the CPU in Triton's interpreter) the sum is a 0-d
+    float64 tensor on the device (no synchronisation) and ``unit`` is the upstream
+    gradient of every term; on the CPU the C kernels on zero-copy NumPy views, the sum
+    a float and the gradient written into ``grad_out``. ``beta`` (strictly between 0
+    and 1) takes the Jensen-Shannon kernels, float32 on the CPU (``_accepts``).
+    """
+    if triton:
+        from . import _triton_jsd, _triton_logits
+
+        common = {"temperature": temperature, "kept": kept, "gw": unit}
+        common |= {"c": factor / temperature, "grad_dtype": kd}
+        if beta is None:
+            kl_t, g = _triton_logits.from_logits(s, t, direction=direction, **common)
+        else:
+            kl_t, g = _triton_jsd.from_logits(s, t, beta=beta, **common)
+        assert kl_t is not None
+        return kl_t.sum(), g
+    options: dict[str, Any] = {"temperature": temperature, "grad_scale": scale}
+    options["kept"] = None if kept is None else kept.numpy()
+    options["grad_out"] = None if grad_out is None else grad_out.numpy()
+    if beta is None:
+        kl, grad = _blocks_logits.from_logits(s.numpy(), t.numpy(), direction=direction, **options)
+    else:
+        kl, grad = _blocks_jsd.from_logits(s.numpy(), t.numpy(), beta=beta, **options)
+    return float(np.add.reduce(kl)), (None if grad is None else torch.from_numpy(grad))
 
 
 @_from_hidden.register_fake
