@@ -67,10 +67,12 @@ from .logits_cases import (
     OPTION_KEYS,
     as_declared,
     axis_cases,
+    composition_gradient_nan_cases,
     dtype_cases,
     edge_cases,
     excluded_by_both_cases,
     fully_masked_cases,
+    gradient_edge_cases,
     gradient_option_cases,
     identity_cases,
     logits_case,
@@ -677,17 +679,21 @@ def assert_from_logits_gradient(
     grad_output: Any,
     mask: Any = None,
     compute_dtype: Any = None,
+    strict: bool = True,
     **options: Any,
 ) -> None:
     """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound.
 
     The bound is that of the gradient's precision (its dtype, or ``compute_dtype``).
+    Without ``strict`` a NaN is accepted where PyTorch's composition gives one
+    (:func:`oracle_logits.composition_gradient_nan`).
     """
     exact = oracle.from_logits(input, target, grad_output=grad_output, mask=mask, **options)
     precision = _precision(grad, np.result_type(input.dtype, target.dtype), compute_dtype)
     tol, _ = oracle.gradient_tolerance(_at(exact, precision))
     what = f"gradient w.r.t. the student logits, {_what(input, target, mask, options)}"
-    compare_values(grad, exact.grad_input, tol, what)
+    nan_ok = None if strict else oracle.composition_gradient_nan(exact)
+    compare_values(grad, exact.grad_input, tol, what, nan_ok=nan_ok)
 
 
 # --------------------------------------------------------------------------- from logits
@@ -968,7 +974,7 @@ def _take_logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
     return _numpy_result(ctx, gx)
 
 
-def _check_gradient(ctx: Context, case: Case) -> None:
+def _check_gradient(ctx: Context, case: Case, *, strict: bool = True) -> None:
     g = grad_output(case)
     got = _logits_gradient(ctx, case, g)
     # judged at the forward's precision too: a float32 loss of float64 logits has a
@@ -982,6 +988,7 @@ def _check_gradient(ctx: Context, case: Case) -> None:
         grad_output=g,
         mask=case.extra.get("mask"),
         compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
+        strict=strict,
         **options_of(case),
     )
 
@@ -995,6 +1002,34 @@ def _check_gradient(ctx: Context, case: Case) -> None:
     subject="from_logits",
 )
 def _logits_gradients(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case)
+
+
+@register(
+    "gradients.logits_edge_values",
+    "the student gradient on the edge values: NaN in rows without a softmax, 0 in masked "
+    "rows, 0 at a class the weighting side excludes, also where the loss is +inf "
+    "(PyTorch's composition's NaN accepted in reverse rows where the student excludes a class)",
+    cases=gradient_edge_cases,
+    applies=needs_function("from_logits"),
+    subject="from_logits",
+)
+def _logits_edge_gradients(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case, strict=False)
+
+
+@register(
+    "gradients.logits_edge_numbers",
+    "the student gradient is the specification's number where PyTorch's composition gives "
+    "NaN: in reverse, exactly 0 at a class the student excludes and the chain rule's value "
+    "at the others (the composition: 0 * inf across the row); zero gradients in a dropped "
+    "row whatever it holds (the composition: the mask's 0 times the row's NaN)",
+    cases=composition_gradient_nan_cases,
+    applies=needs_function("from_logits"),
+    level="SHOULD",
+    subject="from_logits",
+)
+def _logits_edge_numbers(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
 
 

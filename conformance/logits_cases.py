@@ -44,10 +44,12 @@ __all__ = [
     "OPTION_KEYS",
     "as_declared",
     "axis_cases",
+    "composition_gradient_nan_cases",
     "dtype_cases",
     "edge_cases",
     "excluded_by_both_cases",
     "fully_masked_cases",
+    "gradient_edge_cases",
     "gradient_option_cases",
     "identity_cases",
     "logits_case",
@@ -386,6 +388,18 @@ def identity_cases(ctx: Context) -> list[Case]:
     return _expressible(ctx, cases)
 
 
+#: Rows where the side that weights the terms keeps a class the other excludes
+#: (loss ``+inf``) and excludes others itself, and a row where it excludes
+#: classes the other keeps (a finite loss): the student's gradient is 0 at each
+#: class the weighting side excludes, NaN or infinite at the others
+#: (``docs/logits.md``, edge values).
+_WEIGHT_EXCLUDES = (
+    ([0.0, -math.inf, -math.inf, -math.inf], [-math.inf, 0.0, 0.0, 0.0]),
+    ([-math.inf, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf]),
+    ([0.0, 0.0, -math.inf, -math.inf], [0.0, 0.0, 0.0, 0.0]),
+)
+
+
 def edge_cases(ctx: Context) -> list[Case]:
     """Return the edge values: excluded classes, rows without a softmax, masks, large logits.
 
@@ -422,14 +436,14 @@ def edge_cases(ctx: Context) -> list[Case]:
     big_s = np.asarray([[120.0, 100.0, 0.0, -30.0]], np.float32)
     big_t = np.asarray([[110.0, 115.0, -5.0, 0.0]], np.float32)
     one_s, one_t = np.asarray([[3.0], [-1.0]]), np.asarray([[0.5], [2.0]])  # one class: KL 0
+    rows = [(s[i : i + 1], t[i : i + 1]) for i in range(len(s))]
+    rows += [(np.asarray([a]), np.asarray([b])) for a, b in _WEIGHT_EXCLUDES]
     cases = []
     for direction in ("forward", "reverse"):
         common = {"temperature": 1.0, "direction": direction}
         for reduction in ("none", "sum", "rowmean"):
-            for i in range(len(s)):
-                cases.append(
-                    logits_case(s[i : i + 1], t[i : i + 1], reduction=reduction, **common)
-                )
+            for row_s, row_t in rows:
+                cases.append(logits_case(row_s, row_t, reduction=reduction, **common))
             cases.append(logits_case(big_s, big_t, reduction=reduction, **common))
             cases.append(logits_case(one_s, one_t, reduction=reduction, **common))
         # masked rows under both T**2 conventions (a loss without T**2 takes them too)
@@ -511,6 +525,42 @@ def _composition_nan(case: Case) -> np.ndarray:
 def excluded_by_both_cases(ctx: Context) -> list[Case]:
     """Return the edge cases with a class both distributions exclude (0 weight, -inf)."""
     cases = [c for c in edge_cases(ctx) if _composition_nan(c).any() and not _fully_masked(c)]
+    if not cases:
+        raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
+    return cases
+
+
+def gradient_edge_cases(ctx: Context) -> list[Case]:
+    """Return the edge cases of the KL (no ``beta``) that are not fully masked.
+
+    Their student gradients follow the edge-value table: NaN in rows without a
+    softmax, 0 in dropped rows, exactly 0 at a class the weighting side excludes.
+    """
+    cases = [
+        c
+        for c in edge_cases(ctx)
+        if "beta" not in c.extra and "symmetric" not in c.extra and not _fully_masked(c)
+    ]
+    if not cases:
+        raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
+    return cases
+
+
+def composition_gradient_nan_cases(ctx: Context) -> list[Case]:
+    """Return the edge cases where the composition's student gradient is NaN, the spec's not.
+
+    In reverse, a class the student excludes (PyTorch's composition gives NaN
+    across the row, the specification 0 there and the chain rule's value
+    elsewhere), and dropped rows without a softmax (the specification: zero
+    gradients); :func:`oracle_logits.composition_gradient_nan`.
+    """
+    cases = []
+    for case in gradient_edge_cases(ctx):
+        exact = oracle.from_logits(
+            case.input, case.target, mask=case.extra.get("mask"), **options_of(case)
+        )
+        if oracle.composition_gradient_nan(exact).any():
+            cases.append(case)
     if not cases:
         raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
     return cases

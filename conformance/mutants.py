@@ -669,6 +669,69 @@ def _gaussian_grad_no_half(g: Any, mu: Any, logvar: Any, /, **options: Any) -> A
     return g_mu, np.asarray(2 * g_lv).astype(g_lv.dtype), g_mp, g_lp
 
 
+def _logits_grad_nan_to_zero(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+    """Return the student gradient with NaN replaced by 0 (a NaN guard in the backward)."""
+    gx, gt = kldiv_spec.kl_div_from_logits_backward(g, input, target, **options)
+    return np.nan_to_num(np.asarray(gx), nan=0.0, posinf=np.inf, neginf=-np.inf), gt
+
+
+def _composition_backward(
+    g: Any,
+    input: Any,
+    target: Any,
+    /,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    axis: int = -1,
+    direction: str = "forward",
+    scale_by_temperature_squared: bool = True,
+    mask: Any = None,
+) -> Any:
+    r"""Return autograd's student gradient of PyTorch's composition, in NumPy.
+
+    The composition is ``k * kl_div(log_softmax(s / T), softmax(t / T))``
+    (reverse: the roles swapped), its dropped rows selected away by ``where``.
+    Forward: :math:`\partial/\partial \log q = -G p`, then the log-softmax's
+    backward. Reverse: :math:`\partial/\partial q = G (\log q + 1 - \log p)`,
+    ``-inf`` at :math:`q_j = 0`, then the softmax's backward
+    :math:`q \odot (h - \sum_j q_j h_j)`, where :math:`0 \cdot \infty` makes the row
+    NaN; a dropped row's :math:`G = 0` meets its NaN (no softmax) or that ``-inf``.
+    """
+    s, t = np.asarray(input), np.asarray(target)
+    dtype = np.result_type(s.dtype, t.dtype)
+    work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    s = np.moveaxis(s.astype(work), axis, -1)
+    t = np.moveaxis(t.astype(work), axis, -1)
+    rows, vocab = s.shape[:-1], s.shape[-1]
+    keep = np.ones(rows, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), rows)
+    if reduction == "none":
+        gg = np.moveaxis(np.broadcast_to(np.asarray(g, work), np.shape(input)), axis, -1)
+    else:
+        n = int(keep.sum()) if mask is not None else math.prod(rows)
+        d = {
+            "sum": 1,
+            "mean": n * vocab,
+            "batchmean": n if mask is not None else np.shape(input)[0],
+            "rowmean": n,
+        }[reduction]
+        gg = np.broadcast_to(np.asarray(g, work) / work.type(d), s.shape)
+    k = temperature * temperature if scale_by_temperature_squared else 1.0
+    with np.errstate(all="ignore"):
+        gg = np.where(keep[..., None], gg, 0).astype(work)
+        log_q = _np_log_softmax(s / temperature, naive=False)
+        log_p = _np_log_softmax(t / temperature, naive=False)
+        q, p = np.exp(log_q), np.exp(log_p)
+        if direction == "forward":
+            d_log_q = -gg * p
+            grad = d_log_q - q * np.sum(d_log_q, axis=-1, keepdims=True)
+        else:
+            h = gg * (log_q + 1 - log_p)
+            grad = q * (h - np.sum(q * h, axis=-1, keepdims=True))
+        grad = grad * work.type(k / temperature)
+    return np.moveaxis(grad, -1, axis).astype(dtype), None
+
+
 def _logits_m(
     name: str, bug: str, description: str, backward: Fn | None = None, *, beta: bool = False
 ) -> Implementation:
@@ -742,7 +805,16 @@ _LIST += [
         "logits_composition",
         "composition",
         "from logits: PyTorch's composition T**2 * kl_div(log_softmax, softmax): rounding at "
-        "s = t, 0 * inf = NaN where both exclude a class, 0/0 for a fully masked mean",
+        "s = t, 0 * inf = NaN where both exclude a class, 0/0 for a fully masked mean; its "
+        "gradient NaN across a reverse row where the student excludes a class",
+        _composition_backward,
+    ),
+    _logits_m(
+        "logits_grad_nan_to_zero",
+        "",
+        "from logits: the student gradient's NaN replaced by 0 (a NaN guard): a row without a "
+        "softmax gets a zero gradient",
+        _logits_grad_nan_to_zero,
     ),
     _logits_m(
         "logits_float32_result",

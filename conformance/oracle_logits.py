@@ -11,7 +11,9 @@ Edge rules (per row, the row being the slice along the class axis):
   softmax: its log-probabilities are all NaN;
 - otherwise a ``-inf`` logit has log-probability ``-inf`` (probability 0);
 - a term whose weight (:math:`p_i` forward, :math:`q_i` reverse) is 0 in the
-  working dtype is 0, whatever the other distribution says there;
+  working dtype is 0, whatever the other distribution says there, and so is
+  the gradient w.r.t. that side's logit (the student's in reverse, the
+  teacher's forward), even in a row whose loss is ``+inf``;
 - masked rows contribute 0 and get zero gradients; an empty class axis gives 0.
 
 PyTorch's composition ``T**2 * kl_div(log_softmax(s / T), softmax(t / T))``
@@ -66,6 +68,7 @@ __all__ = [
     "LOGITS_ULPS",
     "PRECISION",
     "ExactLogits",
+    "composition_gradient_nan",
     "composition_nan",
     "from_logits",
     "gaussian",
@@ -108,7 +111,8 @@ class ExactLogits:
     ``masked``: whether a mask was given. ``composition_nan``: bool array of
     the terms' shape, True where the term is 0 here but PyTorch's composition
     gives ``0 * inf`` = NaN (a weight of 0 against a log-probability of
-    ``-inf`` or NaN), in kept rows.
+    ``-inf`` or NaN), in kept rows. ``composition_grad_nan``: likewise for the
+    student gradient (:func:`composition_gradient_nan`).
     """
 
     terms: np.ndarray
@@ -122,6 +126,7 @@ class ExactLogits:
     grad_target_scale: np.ndarray
     masked: bool = False
     composition_nan: np.ndarray | None = None
+    composition_grad_nan: np.ndarray | None = None
 
 
 def _scaled(v: float, temperature: Any, work: np.dtype) -> Any:
@@ -228,13 +233,16 @@ def from_logits(
     gin_s = np.zeros((rows, vocab))
     gtg_s = np.zeros((rows, vocab))
     comp_nan = np.zeros((rows, vocab), bool)
+    comp_grad_nan = np.zeros((rows, vocab), bool)
     total = mp.mpf(0)
     zero = mp.mpf(0)
     for i in range(rows):
-        if not kept[i]:
-            continue
         lq, lse_s = _log_softmax_row(list(s2[i]), temp, work)
         lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
+        if beta is None:
+            comp_grad_nan[i, :] = _composition_gradient_nan_row(lq, lp, kept[i], direction, work)
+        if not kept[i]:
+            continue
         if beta is not None:
             if reduction == "none":
                 gg = [mp.mpf(float(v)) for v in g2[i]]  # type: ignore[index]
@@ -300,7 +308,11 @@ def from_logits(
         wg = [zero if zero_w[j] else w[j] * (lw[j] - lo[j] + 1) for j in range(vocab)]
         sum_gwg = _fsum_special([gg[j] * wg[j] for j in range(vocab)])
         sum_gw = mp.fsum(gg[j] * w[j] for j in range(vocab))
-        grad_w = [c * (gg[j] * wg[j] - w[j] * sum_gwg) for j in range(vocab)]
+        # a class the weighting side excludes gets exactly 0, also where the row's
+        # loss is +inf (sum_gwg infinite: there w_j * sum_gwg would be 0 * inf)
+        grad_w = [
+            zero if zero_w[j] else c * (gg[j] * wg[j] - w[j] * sum_gwg) for j in range(vocab)
+        ]
         grad_o = [c * (o[j] * sum_gw - gg[j] * w[j]) for j in range(vocab)]
         gs, gt = (grad_o, grad_w) if direction == "forward" else (grad_w, grad_o)
         for j in range(vocab):
@@ -327,6 +339,7 @@ def from_logits(
         grad_target_scale=back(gtg_s),
         masked=mask is not None,
         composition_nan=back(comp_nan),
+        composition_grad_nan=back(comp_grad_nan),
     )
 
 
@@ -360,7 +373,36 @@ def _mixed(forward: ExactLogits, reverse: ExactLogits, ratio: float, /) -> Exact
         grad_target_scale=mix(forward.grad_target_scale, reverse.grad_target_scale),
         masked=forward.masked,
         composition_nan=np.logical_or(*nan) if len(nan) == 2 else None,
+        composition_grad_nan=np.logical_or(
+            _or_false(forward.composition_grad_nan, forward.terms),
+            _or_false(reverse.composition_grad_nan, reverse.terms),
+        ),
     )
+
+
+def _rounds_to_zero(v: Any, work: np.dtype) -> bool:
+    """Whether the probability ``v`` (not NaN) is 0 in the working dtype."""
+    mp = _mp()
+    return (not mp.isnan(v)) and np.asarray(float(v), np.float64).astype(work) == 0
+
+
+def _composition_gradient_nan_row(
+    lq: list[Any], lp: list[Any], kept: bool, direction: str, work: np.dtype
+) -> bool:
+    r"""Whether PyTorch's composition's student gradient is NaN across a row, the spec's not.
+
+    - In reverse, a class the student excludes: ``kl_div(log p, q)``'s derivative
+      w.r.t. :math:`q_j = 0` is ``-inf`` (:math:`\log 0`), and the softmax's backward
+      sums :math:`q_j` times it: :math:`0 \cdot \infty` = NaN, in kept and dropped rows
+      (a mask's zero upstream gradient times ``-inf`` is NaN too).
+    - A dropped row without a softmax (NaN, ``+inf``, a side of ``-inf`` only): the
+      mask's zero upstream gradient meets the row's NaN in the log-softmax's
+      backward. The specification gives the dropped row zero gradients.
+    """
+    mp = _mp()
+    if any(mp.isnan(v) for v in lq + lp):
+        return not kept
+    return direction == "reverse" and any(_rounds_to_zero(mp.exp(v), work) for v in lq)
 
 
 def _jsd_row(
@@ -514,6 +556,23 @@ def composition_nan(exact: ExactLogits, /, reduction: str) -> np.ndarray:
         return terms
     fully_masked = exact.masked and exact.total[1] == 0
     return np.asarray(bool(terms.any()) or fully_masked)
+
+
+def composition_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
+    r"""Where PyTorch's composition's student gradient is NaN and the specification's is not.
+
+    A bool array of the logits' shape, True across the rows where the composition's
+    gradient is NaN (:func:`_composition_gradient_nan_row`: in reverse, a class the
+    student excludes; a dropped row without a softmax) and the specification's
+    value is not: 0 at the excluded classes and the chain rule's value at the
+    others, zero gradients in dropped rows.
+    """
+    nan = _or_false(exact.composition_grad_nan, exact.terms)
+    return nan & ~np.isnan(np.asarray(exact.grad_input, np.float64))
+
+
+def _or_false(flags: np.ndarray | None, like: np.ndarray, /) -> np.ndarray:
+    return np.zeros(np.shape(like), bool) if flags is None else np.asarray(flags, bool)
 
 
 def reduce_logits(exact: ExactLogits, /) -> tuple[float, float]:

@@ -370,9 +370,11 @@ def from_logits_backward(
     :math:`c\,G\,(q - p)` and :math:`c\,G\,p \odot (r - \mathrm{KL})`, the
     forms evaluated then. The reverse divergence swaps :math:`p \leftrightarrow q`
     and :math:`s \leftrightarrow t`. Terms with weight :math:`p_j = 0` (resp.
-    :math:`q_j = 0`) are 0, as in the forward. ``beta`` (not None, not an
-    endpoint) gives the gradients of the generalised Jensen-Shannon divergence
-    (:func:`jsd_backward`).
+    :math:`q_j = 0`) are 0, as in the forward, and so is the gradient w.r.t.
+    that logit, also in a row whose loss is ``+inf`` (where
+    :math:`w_j \sum_i G_i w_i (r_i + 1)` would be :math:`0 \cdot \infty`).
+    ``beta`` (not None, not an endpoint) gives the gradients of the generalised
+    Jensen-Shannon divergence (:func:`jsd_backward`).
     """
     shape = tuple(s.shape)
     direction, beta = resolve_beta(beta, direction)
@@ -391,8 +393,10 @@ def from_logits_backward(
     r = _log_ratio(lw, lo, xp=xp)
     if reduction == "none":
         # the general chain rule, G varying along the row
+        # 0 at a class of weight 0, also where the row sum is infinite (loss +inf)
         weight_grad = _weighted(w, r + 1, xp=xp)
-        grad_w = gw * weight_grad - w * xp.sum(gw * weight_grad, axis=axis, keepdims=True)
+        row_sum = xp.sum(gw * weight_grad, axis=axis, keepdims=True)
+        grad_w = gw * weight_grad - _weighted(w, row_sum, xp=xp)
         grad_o = o * xp.sum(gw * w, axis=axis, keepdims=True) - gw * w
     else:
         kl = xp.sum(_weighted(w, r, xp=xp), axis=axis, keepdims=True)

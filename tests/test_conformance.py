@@ -51,6 +51,7 @@ def test_every_property_has_a_requirement_level():
         "math.logits_exact_zero_at_identity",
         "semantics.logits_excluded_by_both",
         "semantics.logits_fully_masked",
+        "gradients.logits_edge_numbers",
         "gradients.hidden_teacher_frozen",
     }
 

@@ -35,6 +35,7 @@ GAUSSIAN = sorted(n for n, p in PROPERTIES.items() if p.subject == "gaussian")
 
 #: The SHOULD properties that hold kl_div_from_logits's guarantees beyond PyTorch's.
 STRICTER = {
+    "gradients.logits_edge_numbers",
     "math.logits_exact_zero_at_identity",
     "semantics.logits_excluded_by_both",
     "semantics.logits_fully_masked",
@@ -134,6 +135,7 @@ def test_the_stricter_guarantees_are_should_properties():
     for name in (
         "math.logits_zero_at_identity",
         "semantics.logits_edge_values",
+        "gradients.logits_edge_values",
         "semantics.logits_dtypes",
         "hygiene.logits_inputs_unmodified",
         "hygiene.gaussian_inputs_unmodified",

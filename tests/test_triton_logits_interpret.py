@@ -239,6 +239,10 @@ def edge_rows(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
     low = 4.0 - (742.5 if dtype == torch.float64 else 101.5)
     row([(7, -inf)], [(7, low), (slice(20, 40), 4.0)])
     row([(7, low), (slice(20, 40), 4.0)], [(7, -inf)])  # the same, reverse
+    # the student keeps class 25 alone, which the teacher excludes: +inf both ways; in
+    # reverse the student gradient is NaN at 25 and exactly 0 at the classes it excludes
+    row([(slice(0, 25), -inf), (slice(26, 40), -inf)], [(25, -inf)])
+    row([(25, -inf)], [(slice(0, 25), -inf), (slice(26, 40), -inf)])  # the teacher, forward
     s = np.stack([r[0] for r in rows])
     t = np.stack([r[1] for r in rows])
     return s, t
@@ -305,7 +309,7 @@ def test_edge_rows_equal_the_reference(
     kl_np = to_numpy(kl)
     assert np.isnan(kl_np[3:7]).all()
     # a class excluded by the weighting distribution only: +inf; by both, or by the other: 0
-    infinite = [1] if direction == "forward" else [2, 7]
+    infinite = ([1] if direction == "forward" else [2, 7]) + [15, 16]
     assert (kl_np[infinite] == inf).all()
     finite = [0, 8, 9, 11, 12, 13, 14] + ([2, 7] if direction == "forward" else [1])
     assert np.isfinite(kl_np[finite]).all()
@@ -325,7 +329,7 @@ def test_masked_rows_contribute_nothing(device: str) -> None:
     s = torch.tensor(s_np, device=device, requires_grad=True)
     t = torch.tensor(t_np, device=device)
     keep = np.ones(len(s_np), bool)
-    keep[[1, 2, 3, 4, 5, 6, 7, 13, 14]] = False  # every row that is not finite, dropped
+    keep[[1, 2, 3, 4, 5, 6, 7, 13, 14, 15, 16]] = False  # every row not finite, dropped
     m = torch.tensor(keep, device=device)
     for reduction, direction in [
         ("sum", "forward"),
