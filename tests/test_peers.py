@@ -200,6 +200,73 @@ def test_torchtune_chunked_reverse_kl_is_nan_when_every_token_is_ignored():
     assert math.isnan(float(reverse))  # 0 / 0: no guard for an empty batch
 
 
+@_needs("torchtune")
+def test_torchtune_forward_kl_gradient_drops_the_teacher_mass_the_student_excludes():
+    # the student excludes class 1, which the teacher keeps: the KL is +inf and its student
+    # gradient the finite q - p (PyTorch's composition gives it too); torchtune masks the
+    # class out of its cross-entropy, so its gradient is q * p(kept) - p on the kept classes
+    s = torch.tensor([[0.0, -math.inf, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1.0, 0.5, 0.0, 2.0]], dtype=torch.float64)
+    _call(peers.torchtune_forward_kl(), s, t, reduction="sum").backward()
+    q, p = torch.softmax(s.detach(), -1), torch.softmax(t, -1)
+    kept = torch.isfinite(s.detach())
+    masked_ce = torch.where(kept, q * p[kept].sum() - p, torch.zeros_like(p))
+    torch.testing.assert_close(s.grad, masked_ce, rtol=1e-6, atol=1e-7)
+    composed = s.detach().clone().requires_grad_(True)
+    F.kl_div(torch.log_softmax(composed, -1), p, reduction="sum").backward()
+    torch.testing.assert_close(composed.grad, q - p)  # [-0.1231, -0.1293, 0.1663, 0.0860]
+    assert float((s.grad - composed.grad).abs().max()) > 0.09
+
+
+@_needs("torchtune")
+def test_torchtune_forward_kl_gradient_is_nan_for_huge_float64_logits():
+    # torchtune's softmaxes run in float32: 1e300 becomes inf, the row NaN; in float64 both
+    # distributions are one-hot on class 0, so the KL and its gradient are 0
+    s = torch.tensor([[1e300, -1e300, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1e300, -1e300, 1.0, 3.0]], dtype=torch.float64)
+    loss = _call(peers.torchtune_forward_kl(), s, t, reduction="sum")
+    loss.backward()
+    assert math.isnan(float(loss.detach())) and torch.isnan(s.grad).all()
+    assert torch.isinf(s.detach().to(torch.float32)).any()
+    q, p = torch.softmax(s.detach(), -1), torch.softmax(t, -1)
+    assert torch.equal(q - p, torch.zeros_like(q)) and float(_kl_rows(t, s.detach())) == 0.0
+
+
+@_needs("torchtune")
+def test_torchtune_reverse_kl_finite_loss_nan_gradient_where_the_teacher_excludes():
+    # the teacher excludes class 1, the student keeps it: KL(q || p) is +inf. torchtune masks
+    # the class out of the value (finite, even negative) but its backward multiplies the
+    # mask's 0 by log p_1 = -inf: NaN across the row. The composition: +inf, and -inf at the
+    # classes both keep, NaN at class 1 (inf - inf).
+    s = torch.tensor([[0.0, 1.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1.0, -math.inf, 0.0, 2.0]], dtype=torch.float64)
+    loss = _call(peers.torchtune_reverse_kl(), s, t, reduction="sum", direction="reverse")
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and float(loss.detach()) < 0.0  # -0.0516
+    assert torch.isnan(s.grad).all()
+    composed = s.detach().clone().requires_grad_(True)
+    value = F.kl_div(torch.log_softmax(t, -1), torch.softmax(composed, -1), reduction="sum")
+    value.backward()
+    assert float(value.detach()) == math.inf
+    assert torch.isnan(composed.grad[0, 1]) and (composed.grad[0, [0, 2, 3]] == -math.inf).all()
+
+
+@_needs("torchtune")
+def test_torchtune_ignored_tokens_with_nan_logits_get_nan_gradients():
+    # a padded token (ignored) whose logits hold NaN: torchtune multiplies its row's loss by
+    # the mask's 0, NaN * 0 = NaN in the value (as recorded above) and in the backward; the
+    # specification gives the row 0 and zero gradients, and the kept row its own
+    s = torch.tensor(_S, dtype=torch.float64)
+    s[1, 2] = math.nan
+    s.requires_grad_(True)
+    t = torch.tensor(_T, dtype=torch.float64)
+    keep = torch.tensor([True, False])
+    loss = _call(peers.torchtune_forward_kl(), s, t, reduction="rowmean", mask=keep)
+    loss.backward()
+    assert math.isnan(float(loss.detach()))
+    assert torch.isfinite(s.grad[0]).all() and torch.isnan(s.grad[1]).all()
+
+
 # --------------------------------------------------------------------------- trl
 
 
@@ -245,6 +312,22 @@ def test_trl_nan_where_the_weighting_distribution_alone_excludes_a_class():
         assert math.isfinite(float(composed))
         assert float(composed) == pytest.approx(float(_kl_rows(w, o).sum()), rel=1e-12)
         w[0, 1] = _T[0][1] if direction == "forward" else _S[0][1]
+
+
+@_needs("trl")
+def test_trl_gradient_nan_where_the_student_excludes_a_class_in_reverse():
+    # reverse, the student excludes class 1 (the teacher too): the specification's gradient
+    # is 0 there and the chain rule's value at the other classes; trl's is NaN across the row
+    s = torch.tensor([[0.0, -math.inf, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1.0, -math.inf, 0.0, 2.0]], dtype=torch.float64)
+    loss = _call(peers.trl_generalized_jsd(), s, t, reduction="sum", direction="reverse")
+    loss.backward()
+    assert torch.isnan(s.grad).all()
+    q, p = torch.softmax(s.detach(), -1), torch.softmax(t, -1)
+    kept = q > 0
+    r = torch.where(kept, torch.log(q) - torch.log(p), torch.zeros_like(q))
+    want = torch.where(kept, q * (r - (q * r).sum()), torch.zeros_like(q))
+    assert torch.isfinite(want).all() and float(want[0, 1]) == 0.0
 
 
 @_needs("trl")
@@ -417,6 +500,20 @@ def test_liger_jsd_float32_kernel_and_nan_edges():
 
 
 @_needs("liger_kernel", "triton")
+@pytest.mark.skipif(not _INTERPRET, reason="LigerJSD on CPU needs TRITON_INTERPRET=1")
+def test_liger_jsd_gradient_on_excluded_classes_is_float32():
+    # both exclude class 1: the value is NaN (above), the gradient finite but computed in
+    # float32 and returned as float64: class 3's exact q_3 - p_3 is 0, Liger's about 1e-8
+    s = torch.tensor([[0.0, -math.inf, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[1.0, -math.inf, 0.0, 2.0]], dtype=torch.float64)
+    _call(peers.liger_jsd(), s, t, reduction="rowmean").backward()
+    want = torch.softmax(s.detach(), -1) - torch.softmax(t, -1)
+    assert s.grad.dtype == torch.float64 and float(s.grad[0, 1]) == 0.0
+    err = float((s.grad - want).abs().max())
+    assert 1e-10 < err < 1e-6  # float32 rounding, beyond a float64 bound
+
+
+@_needs("liger_kernel", "triton")
 @pytest.mark.skipif(_INTERPRET, reason="checks the refusal without TRITON_INTERPRET=1")
 def test_liger_jsd_could_not_run_without_the_interpreter():
     if torch.cuda.is_available():
@@ -544,6 +641,20 @@ def test_torchdistill_is_pytorchs_composition():
 
 
 @_needs()
+def test_torch_composition_gradient_nan_where_the_student_excludes_a_class_in_reverse():
+    # reverse, the student excludes two classes of a uniform teacher: KL(q || p) = log 2,
+    # finite, and every student gradient is 0 (q is uniform on the classes it keeps); the
+    # composition's backward gives NaN across the row (q_j = 0 times d/dq_j = -inf)
+    s = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]], dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(1, 4, dtype=torch.float64)
+    loss = _call(peers.torch_composition(), s, t, reduction="sum", direction="reverse")
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(math.log(2.0), rel=1e-15)
+    assert torch.isnan(s.grad).all()
+    assert float(_kl_rows(s.detach(), t).sum()) == pytest.approx(math.log(2.0), rel=1e-15)
+
+
+@_needs()
 def test_torch_composition_nan_where_both_exclude_a_class():
     s, t = _logits()
     s[:, 2] = t[:, 2] = -math.inf
@@ -567,27 +678,36 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_dtypes",  # float32 for float64
         "semantics.logits_excluded_by_both",
         "math.logits_exact_zero_at_identity",
+        "gradients.logits_edge_values",  # the masked cross-entropy's gradient; NaN at 1e300
+        "gradients.logits_edge_numbers",  # NaN gradients of ignored NaN rows
     },
     "torchtune.ReverseKLLoss": {
         "semantics.logits_edge_values",  # finite where the teacher excludes a class
         "semantics.logits_dtypes",  # float32 for float64 (checked above)
         "semantics.logits_fully_masked",  # NaN of ignored rows leaks (checked above)
+        "gradients.logits_edge_values",  # a finite loss, NaN gradients (teacher excludes)
+        "gradients.logits_edge_numbers",
     },
     "torchtune.SymmetricKLLoss": {"accuracy.logits_options"},  # its forward part: the CE
     "torchtune.ForwardKLWithChunkedOutputLoss": {
         "accuracy.logits_options",  # the cross-entropy, as ForwardKLLoss
         "semantics.logits_edge_values",
         "semantics.logits_dtypes",
+        "gradients.logits_edge_values",  # as ForwardKLLoss (the chunks equal it)
+        "gradients.logits_edge_numbers",
     },
     "torchtune.ReverseKLWithChunkedOutputLoss": {
         "semantics.logits_edge_values",  # finite where the teacher alone excludes a class
         "semantics.logits_dtypes",
         "semantics.logits_fully_masked",  # NaN (checked above)
+        "gradients.logits_edge_values",  # as ReverseKLLoss
+        "gradients.logits_edge_numbers",
     },
     "trl.generalized_jsd_loss": {
         "semantics.logits_edge_values",  # NaN where the weighting side alone excludes a class
         "semantics.logits_excluded_by_both",  # NaN
         "semantics.logits_fully_masked",  # NaN for a fully masked 'mean'
+        "gradients.logits_edge_numbers",  # NaN where the student excludes (reverse)
     },
     "torchdistill.KDLoss": {
         "semantics.logits_excluded_by_both",  # PyTorch's composition's NaN
@@ -599,6 +719,8 @@ FAILING: dict[str, set[str]] = {
         "gradients.logits_options",
         "semantics.logits_edge_values",  # NaN for 1e300
         "semantics.logits_excluded_by_both",
+        "gradients.logits_edge_values",  # float32 gradient on excluded classes
+        "gradients.logits_edge_numbers",
     },
     "optax.kl_divergence": {"semantics.edge_values"},  # inf target
     "torchmetrics.kl_divergence": {
@@ -618,6 +740,7 @@ FAILING: dict[str, set[str]] = {
     "torch.composition": {
         "semantics.logits_excluded_by_both",
         "math.logits_exact_zero_at_identity",
+        "gradients.logits_edge_numbers",  # NaN where the student excludes (reverse)
     },
 }
 
