@@ -1009,7 +1009,9 @@ def _logits_gradients(ctx: Context, case: Case) -> None:
     "gradients.logits_edge_values",
     "the student gradient on the edge values: NaN in rows without a softmax, 0 in masked "
     "rows, 0 at a class the weighting side excludes, also where the loss is +inf "
-    "(PyTorch's composition's NaN accepted in reverse rows where the student excludes a class)",
+    "(PyTorch's composition's NaN accepted in rows where the student excludes a class, in "
+    "reverse or with beta inside (0, 1), and in dropped rows without a softmax or, in "
+    "reverse, with a class the teacher excludes)",
     cases=gradient_edge_cases,
     applies=needs_function("from_logits"),
     subject="from_logits",
@@ -1021,9 +1023,10 @@ def _logits_edge_gradients(ctx: Context, case: Case) -> None:
 @register(
     "gradients.logits_edge_numbers",
     "the student gradient is the specification's number where PyTorch's composition gives "
-    "NaN: in reverse, exactly 0 at a class the student excludes and the chain rule's value "
-    "at the others (the composition: 0 * inf across the row); zero gradients in a dropped "
-    "row whatever it holds (the composition: the mask's 0 times the row's NaN)",
+    "NaN: in reverse (or with beta inside (0, 1)), exactly 0 at a class the student excludes "
+    "and the chain rule's value at the others (the composition: 0 * inf across the row); "
+    "zero gradients in a dropped row whatever it holds (the composition: the mask's 0 times "
+    "the row's NaN)",
     cases=composition_gradient_nan_cases,
     applies=needs_function("from_logits"),
     level="SHOULD",

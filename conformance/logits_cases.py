@@ -531,16 +531,13 @@ def excluded_by_both_cases(ctx: Context) -> list[Case]:
 
 
 def gradient_edge_cases(ctx: Context) -> list[Case]:
-    """Return the edge cases of the KL (no ``beta``) that are not fully masked.
+    """Return the edge cases that are not fully masked (with ``beta`` where declared).
 
     Their student gradients follow the edge-value table: NaN in rows without a
-    softmax, 0 in dropped rows, exactly 0 at a class the weighting side excludes.
+    softmax, 0 in dropped rows, exactly 0 at a class the weighting side excludes
+    (and, inside ``(0, 1)``, at a class the student excludes).
     """
-    cases = [
-        c
-        for c in edge_cases(ctx)
-        if "beta" not in c.extra and "symmetric" not in c.extra and not _fully_masked(c)
-    ]
+    cases = [c for c in edge_cases(ctx) if not _fully_masked(c)]
     if not cases:
         raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
     return cases

@@ -239,8 +239,8 @@ def from_logits(
     for i in range(rows):
         lq, lse_s = _log_softmax_row(list(s2[i]), temp, work)
         lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
-        if beta is None:
-            comp_grad_nan[i, :] = _composition_gradient_nan_row(lq, lp, kept[i], direction, work)
+        kind = "mixture" if beta is not None else direction
+        comp_grad_nan[i, :] = _composition_gradient_nan_row(lq, lp, kept[i], kind, work)
         if not kept[i]:
             continue
         if beta is not None:
@@ -387,22 +387,33 @@ def _rounds_to_zero(v: Any, work: np.dtype) -> bool:
 
 
 def _composition_gradient_nan_row(
-    lq: list[Any], lp: list[Any], kept: bool, direction: str, work: np.dtype
+    lq: list[Any], lp: list[Any], kept: bool, kind: str, work: np.dtype
 ) -> bool:
     r"""Whether PyTorch's composition's student gradient is NaN across a row, the spec's not.
 
-    - In reverse, a class the student excludes: ``kl_div(log p, q)``'s derivative
-      w.r.t. :math:`q_j = 0` is ``-inf`` (:math:`\log 0`), and the softmax's backward
-      sums :math:`q_j` times it: :math:`0 \cdot \infty` = NaN, in kept and dropped rows
-      (a mask's zero upstream gradient times ``-inf`` is NaN too).
+    - Where the student's distribution weights terms (reverse, and the generalised
+      JSD's :math:`(1 - \beta)\,\mathrm{KL}(q \,\|\, m)`), a class the student
+      excludes: ``kl_div(log p, q)``'s derivative w.r.t. :math:`q_j = 0` is ``-inf``
+      (:math:`\log 0`; with ``log_target=True``, :math:`e^{\log q_j}(\log q_j - \log m_j)`
+      gives :math:`0 \cdot \infty`), and the softmax's backward sums :math:`q_j` times
+      it: NaN, in kept and dropped rows (a mask's zero upstream gradient times ``-inf``
+      is NaN too).
     - A dropped row without a softmax (NaN, ``+inf``, a side of ``-inf`` only): the
       mask's zero upstream gradient meets the row's NaN in the log-softmax's
-      backward. The specification gives the dropped row zero gradients.
+      backward; in reverse also a dropped row where the teacher excludes a class
+      (the zero upstream gradient times :math:`-\log p_j = \infty`). The
+      specification gives the dropped row zero gradients.
+
+    ``kind``: ``'forward'``, ``'reverse'`` or ``'mixture'`` (``beta`` inside (0, 1)).
     """
     mp = _mp()
     if any(mp.isnan(v) for v in lq + lp):
         return not kept
-    return direction == "reverse" and any(_rounds_to_zero(mp.exp(v), work) for v in lq)
+    if kind == "forward":
+        return False
+    if any(_rounds_to_zero(mp.exp(v), work) for v in lq):
+        return True
+    return kind == "reverse" and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in lp)
 
 
 def _jsd_row(
@@ -562,10 +573,10 @@ def composition_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
     r"""Where PyTorch's composition's student gradient is NaN and the specification's is not.
 
     A bool array of the logits' shape, True across the rows where the composition's
-    gradient is NaN (:func:`_composition_gradient_nan_row`: in reverse, a class the
-    student excludes; a dropped row without a softmax) and the specification's
-    value is not: 0 at the excluded classes and the chain rule's value at the
-    others, zero gradients in dropped rows.
+    gradient is NaN (:func:`_composition_gradient_nan_row`: in reverse or the
+    generalised JSD, a class the student excludes; a dropped row without a
+    softmax) and the specification's value is not: 0 at the excluded classes and
+    the chain rule's value at the others, zero gradients in dropped rows.
     """
     nan = _or_false(exact.composition_grad_nan, exact.terms)
     return nan & ~np.isnan(np.asarray(exact.grad_input, np.float64))
