@@ -1,7 +1,7 @@
 """The gradient at a class the weighting distribution excludes (docs/logits.md, edge values).
 
 The weighting distribution is the teacher's ``p`` forward and the student's ``q`` in
-reverse. Where it is 0 (a ``-inf`` logit) the term is 0, and so is the gradient w.r.t.
+reverse; with ``beta`` inside (0, 1) both weight terms of the mixture's divergence. Where it is 0 (a ``-inf`` logit) the term is 0, and so is the gradient w.r.t.
 that side's logit, in every row with a softmax: also in a row whose loss is ``+inf``
 (the weighting side keeps a class the other excludes), where the chain rule's
 :math:`w_j \\sum_i G_i w_i (r_i + 1)` is :math:`0 \\cdot \\infty`, and for ``'none'``
@@ -107,38 +107,44 @@ def test_every_library_and_path_matches_the_oracle(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize(
+    "options",
+    [{"direction": "forward"}, {"direction": "reverse"}, {"beta": 0.5}, {"beta": 0.3}],
+    ids=str,
+)
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
 def test_the_numpy_kernels_match_the_oracle(
-    every_size: None, dtype: Any, direction: str, reduction: str
+    every_size: None, dtype: Any, options: dict[str, Any], reduction: str
 ) -> None:
-    """The compiled kernels (float32, float64) compute the student gradient themselves."""
+    """The compiled kernels (KL float32 and float64, JSD float32) compute the student
+    gradient themselves; inside (0, 1) the student weights terms too, so a class it
+    excludes gets 0."""
     s, t = logits(dtype)
     grad = np.asarray(GRAD_NONE, dtype) if reduction == "none" else dtype(0.75)
-    exact = oracle.from_logits(s, t, reduction=reduction, direction=direction, grad_output=grad)
-    gs, _ = kldiv_spec.kl_div_from_logits_backward(
-        grad, s, t, reduction=reduction, direction=direction
-    )
+    exact = oracle.from_logits(s, t, reduction=reduction, grad_output=grad, **options)
+    gs, _ = kldiv_spec.kl_div_from_logits_backward(grad, s, t, reduction=reduction, **options)
     assert gs.dtype == dtype
-    check(gs, exact.grad_input, float(np.finfo(dtype).eps), f"{direction}, {reduction}")
+    check(gs, exact.grad_input, float(np.finfo(dtype).eps), f"{options}, {reduction}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize(
+    "options", [{"direction": "forward"}, {"direction": "reverse"}, {"beta": 0.5}], ids=str
+)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
-def test_torch_autograd_matches_the_oracle(dtype: str, direction: str, reduction: str) -> None:
+def test_torch_autograd_matches_the_oracle(
+    dtype: str, options: dict[str, Any], reduction: str
+) -> None:
     torch = pytest.importorskip("torch")
     import kldiv_spec.torch as kt
 
     s_np, t_np = logits(np.dtype(dtype))
     grad = np.asarray(GRAD_NONE, dtype) if reduction == "none" else np.asarray(0.75, dtype)
-    exact = oracle.from_logits(
-        s_np, t_np, reduction=reduction, direction=direction, grad_output=grad
-    )
+    exact = oracle.from_logits(s_np, t_np, reduction=reduction, grad_output=grad, **options)
     s = torch.tensor(s_np, requires_grad=True)
     t = torch.tensor(t_np, requires_grad=True)
-    loss = kt.kl_div_from_logits(s, t, reduction=reduction, direction=direction)
+    loss = kt.kl_div_from_logits(s, t, reduction=reduction, **options)
     loss.backward(torch.tensor(grad))
     eps = float(np.finfo(np.dtype(dtype)).eps)
-    check(s.grad, exact.grad_input, eps, f"student, {direction}, {reduction}")
-    check(t.grad, exact.grad_target, eps, f"teacher, {direction}, {reduction}")
+    check(s.grad, exact.grad_input, eps, f"student, {options}, {reduction}")
+    check(t.grad, exact.grad_target, eps, f"teacher, {options}, {reduction}")
