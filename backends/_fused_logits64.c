@@ -776,26 +776,13 @@ done:
 static PyObject *kl64_exp_f64(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "exp_f64(src, dst) takes two buffers");
-        return NULL;
-    }
-    if (!kl_have_avx2()) {
-        Py_RETURN_NOTIMPLEMENTED;
-    }
     Py_buffer src, dst;
-    if (kl_buffer(args[0], &src, 0, KL_F32, 1, "src") < 0) {
-        return NULL;
-    }
-    if (kl_buffer(args[1], &dst, 1, KL_F32, 1, "dst") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (src.len != dst.len) {
-        PyBuffer_Release(&src);
-        PyBuffer_Release(&dst);
-        PyErr_SetString(PyExc_ValueError, "src and dst must have the same length");
-        return NULL;
+    const int held = kl_exp_buffers(args, nargs, 1, "exp_f64", &src, &dst);
+    if (held != 0) {
+        if (held < 0) {
+            return NULL;
+        }
+        Py_RETURN_NOTIMPLEMENTED;
     }
 #if KL_X86
     Py_BEGIN_ALLOW_THREADS

@@ -488,6 +488,37 @@ static inline int kl_buffer(PyObject *obj, Py_buffer *view, int writable, kl_for
     return 0;
 }
 
+/* The arguments of the exp_* entry points (test-only), ``name(src, dst)``: two C-contiguous
+ * buffers of float32 (float64 when ``float64``) values of one length, ``dst`` writable.
+ * 1 where this CPU has no AVX2 (nothing held: the caller returns NotImplemented), 0 with
+ * both held, or -1 with an exception and nothing held. The checks come in this order:
+ * the count, the CPU, then each buffer and their lengths. */
+static inline int kl_exp_buffers(PyObject *const *args, Py_ssize_t nargs, int float64,
+                                 const char *name, Py_buffer *src, Py_buffer *dst)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s(src, dst) takes two buffers", name);
+        return -1;
+    }
+    if (!kl_have_avx2()) {
+        return 1;
+    }
+    if (kl_buffer(args[0], src, 0, KL_F32, float64, "src") < 0) {
+        return -1;
+    }
+    if (kl_buffer(args[1], dst, 1, KL_F32, float64, "dst") < 0) {
+        PyBuffer_Release(src);
+        return -1;
+    }
+    if (src->len != dst->len) {
+        PyBuffer_Release(src);
+        PyBuffer_Release(dst);
+        PyErr_SetString(PyExc_ValueError, "src and dst must have the same length");
+        return -1;
+    }
+    return 0;
+}
+
 /* The arguments of every rows_* entry point, (s, t, vocab, out, grad, terms, temperature,
  * grad_scale, factor, last): the scalars parsed, then the buffers held and checked. */
 typedef struct {

@@ -754,3 +754,33 @@ def test_bad_arguments_are_refused_by_name() -> None:
         F.exp_f64(s)
     assert F.rows_f64(s, s, 4, kl, None, None, 1.0, 0.0, 1.0, False) is None
     np.testing.assert_array_equal(kl, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_exp_entry_points_check_their_buffers_alike(dtype: Any) -> None:
+    """exp_f32 and exp_f64 share one parser (``kl_exp_buffers``): the same checks, each
+    naming the argument, and nothing written on a refusal."""
+    from kldiv_spec.backends import _compiled
+
+    module = _compiled.fused_logits if dtype == np.float32 else _compiled.fused_logits64
+    if module is None:
+        pytest.skip("the kernel of this dtype is not built here")
+    exp = module.exp_f32 if dtype == np.float32 else module.exp_f64
+    other = np.float64 if dtype == np.float32 else np.float32
+    name = exp.__name__
+    x, out = np.zeros(5, dtype), np.full(5, 7.0, dtype)
+    with pytest.raises(TypeError, match=f"{name}\\(src, dst\\) takes two buffers"):
+        exp(x)
+    with pytest.raises(TypeError, match="src must be a C-contiguous"):
+        exp(x.astype(other), out)
+    with pytest.raises(TypeError, match="dst must be a C-contiguous"):
+        exp(x, out.astype(other))
+    with pytest.raises(TypeError, match=r"dst must be a C-contiguous .* buffer \(writable\)"):
+        exp(x, np.frombuffer(bytes(out), dtype))
+    with pytest.raises(TypeError, match="src must be a C-contiguous"):
+        exp(np.zeros(10, dtype)[::2], out)
+    with pytest.raises(ValueError, match="same length"):
+        exp(np.zeros(4, dtype), out)
+    np.testing.assert_array_equal(out, 7.0)
+    assert exp(x, out) is None
+    np.testing.assert_array_equal(out, 1.0)

@@ -1,8 +1,9 @@
 """The gradient at a class the weighting distribution excludes (docs/logits.md, edge values).
 
 The weighting distribution is the teacher's ``p`` forward and the student's ``q`` in
-reverse; with ``beta`` inside (0, 1) both weight terms of the mixture's divergence. Where it is 0 (a ``-inf`` logit) the term is 0, and so is the gradient w.r.t.
-that side's logit, in every row with a softmax: also in a row whose loss is ``+inf``
+reverse; with ``beta`` inside (0, 1) both weight terms of the mixture's divergence.
+Where it is 0 (a ``-inf`` logit) the term is 0, and so is the gradient w.r.t. that
+side's logit, in every row with a softmax: also in a row whose loss is ``+inf``
 (the weighting side keeps a class the other excludes), where the chain rule's
 :math:`w_j \\sum_i G_i w_i (r_i + 1)` is :math:`0 \\cdot \\infty`, and for ``'none'``
 (an upstream gradient that varies along the row) as for the reductions. The kept
