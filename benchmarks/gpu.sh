@@ -173,7 +173,8 @@ fi
 # The CUDA and CuPy tests: the fast-path files and every xp-fixture test on torch_gpu/cupy.
 SELECT=(tests/test_backend_torch.py tests/test_backend_cupy.py tests/test_api.py
         tests/test_values.py tests/test_errors.py tests/test_gradients.py
-        tests/test_torch_compile.py tests/test_triton_logits_interpret.py tests/test_hidden.py)
+        tests/test_torch_compile.py tests/test_triton_logits_interpret.py tests/test_hidden.py
+        tests/test_logits_weight_excludes.py)
 # (-p no:benchmark: pytest-benchmark warns under xdist, and the tests make warnings errors.)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -rs -k "cuda or torch_gpu or cupy")
 if has xdist && [[ $DRY == 0 ]]; then PYTEST+=(-n 4); fi
