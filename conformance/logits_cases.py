@@ -42,6 +42,7 @@ from .strategies import Case
 
 __all__ = [
     "OPTION_KEYS",
+    "WEIGHT_EXCLUDES",
     "as_declared",
     "axis_cases",
     "composition_gradient_nan_cases",
@@ -393,7 +394,7 @@ def identity_cases(ctx: Context) -> list[Case]:
 #: classes the other keeps (a finite loss): the student's gradient is 0 at each
 #: class the weighting side excludes, NaN or infinite at the others
 #: (``docs/logits.md``, edge values).
-_WEIGHT_EXCLUDES = (
+WEIGHT_EXCLUDES = (
     ([0.0, -math.inf, -math.inf, -math.inf], [-math.inf, 0.0, 0.0, 0.0]),
     ([-math.inf, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf]),
     ([0.0, 0.0, -math.inf, -math.inf], [0.0, 0.0, 0.0, 0.0]),
@@ -437,7 +438,7 @@ def edge_cases(ctx: Context) -> list[Case]:
     big_t = np.asarray([[110.0, 115.0, -5.0, 0.0]], np.float32)
     one_s, one_t = np.asarray([[3.0], [-1.0]]), np.asarray([[0.5], [2.0]])  # one class: KL 0
     rows = [(s[i : i + 1], t[i : i + 1]) for i in range(len(s))]
-    rows += [(np.asarray([a]), np.asarray([b])) for a, b in _WEIGHT_EXCLUDES]
+    rows += [(np.asarray([a]), np.asarray([b])) for a, b in WEIGHT_EXCLUDES]
     cases = []
     for direction in ("forward", "reverse"):
         common = {"temperature": 1.0, "direction": direction}

@@ -45,6 +45,7 @@ import numpy as np
 
 from . import oracle, oracle_logits
 from .catalog import PROPERTIES
+from .logits_cases import WEIGHT_EXCLUDES
 from .strategies import SPEC_EDGE_TABLE
 
 __all__ = [
@@ -1099,6 +1100,32 @@ def logits_specs() -> list[LogitsSpec]:
                 "excluded by the student, the teacher, both; no softmax",
             )
         )
+    # the weighting side keeps a class the other excludes and excludes the rest (+inf), and
+    # excludes half of a uniform other's classes: 0 at each class it excludes, also there
+    s_w = np.asarray([row[0] for row in WEIGHT_EXCLUDES])
+    t_w = np.asarray([row[1] for row in WEIGHT_EXCLUDES])
+    for beta in (0.0, 1.0):
+        for reduction in ("none", "sum"):
+            cid = f"logits/beta={beta}/weight_excludes/{reduction}"
+            options = {
+                "beta": beta,
+                "temperature": 1.0,
+                "reduction": reduction,
+                "direction": "forward",
+                "scale_by_temperature_squared": True,
+            }
+            out.append(
+                LogitsSpec(
+                    cid,
+                    "gradients.logits_edge_values",
+                    s_w,
+                    t_w,
+                    options,
+                    _logits_grad_output(cid, s_w.shape, reduction, "float64"),
+                    None,
+                    "the weighting side excludes classes: their gradient is 0, also at +inf",
+                )
+            )
     for reduction in ("sum", "rowmean"):
         cid = f"logits/beta=0.3/fully_masked/{reduction}"
         options = {

@@ -10,6 +10,7 @@ files exit 2 naming the case and the field.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -701,6 +702,27 @@ def test_the_logits_beta_vectors_state_the_edges():
     for beta in (0.3, 0.5):
         assert np.isfinite(edges[beta][:3]).all() and edges[beta][2, 3] == 0.0
         assert np.isnan(edges[beta][3]).all()
+
+
+def test_the_logits_vectors_state_the_zero_gradient_where_the_weight_is_zero():
+    from kldiv_spec.conformance.vectors_cases import logits_expected, logits_specs
+
+    grads = {
+        s.id: logits_expected(s).grad_input.value
+        for s in logits_specs()
+        if "/weight_excludes/" in s.id
+    }
+    assert len(grads) == 4
+    for beta, reduction in itertools.product(("0.0", "1.0"), ("none", "sum")):
+        g = grads[f"logits/beta={beta}/weight_excludes/{reduction}"]
+        if beta == "1.0":  # reverse: the student weights; +inf rows 0 and 1
+            np.testing.assert_array_equal(np.isnan(g[0]), [True, False, False, False])
+            np.testing.assert_array_equal(g[0, 1:], 0.0)
+            np.testing.assert_array_equal(np.isnan(g[1]), [False, True, True, True])
+            assert g[1, 0] == 0.0
+            np.testing.assert_array_equal(g[2, 2:], 0.0)
+        else:  # forward: the student gradient is c G (q - p) or its chain rule, finite
+            assert np.isfinite(g).all()
 
 
 def test_a_swapped_mixture_fails_the_logits_beta_vectors():
