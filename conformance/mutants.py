@@ -496,13 +496,9 @@ def np_from_logits(
     ``beta`` the generalised Jensen-Shannon terms (:func:`_np_jsd_terms`),
     ``beta=0`` the forward and ``beta=1`` the reverse KL.
     """
-    s, t = np.asarray(input), np.asarray(target)
-    dtype = np.result_type(s.dtype, t.dtype)
-    work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    s, t, dtype, work, keep = _np_rows(input, target, axis, mask)
     if bug == "float32_result":  # the result cast to float32, whatever the logits' dtype
         dtype = np.dtype(np.float32)
-    s = np.moveaxis(s.astype(work), axis, -1)
-    t = np.moveaxis(t.astype(work), axis, -1)
     naive = bug == "unstable_lse"
     with np.errstate(all="ignore"):
         log_q = _np_log_softmax(s / temperature, naive=naive)
@@ -525,10 +521,6 @@ def np_from_logits(
             terms = w * (log_w - log_o)
         if not jsd and bug not in ("excluded_class_nan", "composition"):
             terms = np.where(w == 0, 0, terms)
-        rows = s.shape[:-1]
-        keep = (
-            np.ones(rows, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), rows)
-        )
         terms = np.where(keep[..., None], terms, 0).astype(work)
         k = temperature * temperature if scale_by_temperature_squared else 1.0
         if bug == "no_t_squared":
@@ -536,20 +528,42 @@ def np_from_logits(
         if reduction == "none":
             return np.moveaxis(terms * work.type(k), -1, axis).astype(dtype)
         total = terms.sum(dtype=work)
-        vocab = s.shape[-1]
-        if mask is not None and bug != "mask_in_divisor":
-            n = int(keep.sum())
-            d = {"sum": 1, "mean": n * vocab}.get(reduction, n)
-            if d == 0 and bug != "composition":  # the composition: 0/0
-                return np.asarray(0, dtype)
-        else:
-            d = {
-                "sum": 1,
-                "mean": s.size,
-                "batchmean": np.shape(input)[0],
-                "rowmean": math.prod(rows),
-            }[reduction]
+        masked = mask is not None and bug != "mask_in_divisor"
+        d = _np_divisor(reduction, np.shape(input), s.shape, keep if masked else None)
+        if masked and d == 0 and bug != "composition":  # the composition: 0/0
+            return np.asarray(0, dtype)
         return np.asarray(total * work.type(k) / work.type(d)).astype(dtype)
+
+
+def _np_rows(
+    input: Any, target: Any, axis: int, mask: Any
+) -> tuple[np.ndarray, np.ndarray, np.dtype, np.dtype, np.ndarray]:
+    """Return ``(s, t, result dtype, working dtype, kept rows)`` of a from-logits call.
+
+    The logits with the classes last, in the working dtype (float32 for half
+    precision); the kept rows are all of them without a mask.
+    """
+    s, t = np.asarray(input), np.asarray(target)
+    dtype = np.result_type(s.dtype, t.dtype)
+    work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+    s = np.moveaxis(s.astype(work), axis, -1)
+    t = np.moveaxis(t.astype(work), axis, -1)
+    rows = s.shape[:-1]
+    keep = np.ones(rows, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), rows)
+    return s, t, dtype, work, keep
+
+
+def _np_divisor(
+    reduction: str, shape: tuple[int, ...], moved: tuple[int, ...], kept: np.ndarray | None
+) -> int:
+    """Return a reduction's divisor (``docs/logits.md``).
+
+    ``shape`` is the logits' shape, ``moved`` theirs with the classes last; with
+    ``kept`` (a mask) only the kept rows count.
+    """
+    n = math.prod(moved[:-1]) if kept is None else int(kept.sum())
+    batch = shape[0] if kept is None else n
+    return {"sum": 1, "mean": n * moved[-1], "batchmean": batch, "rowmean": n}[reduction]
 
 
 def _np_jsd_terms(log_q: np.ndarray, log_p: np.ndarray, beta: float, bug: str) -> np.ndarray:
@@ -698,23 +712,11 @@ def _composition_backward(
     :math:`q \odot (h - \sum_j q_j h_j)`, where :math:`0 \cdot \infty` makes the row
     NaN; a dropped row's :math:`G = 0` meets its NaN (no softmax) or that ``-inf``.
     """
-    s, t = np.asarray(input), np.asarray(target)
-    dtype = np.result_type(s.dtype, t.dtype)
-    work = np.dtype(np.float32) if dtype.itemsize < 4 else dtype
-    s = np.moveaxis(s.astype(work), axis, -1)
-    t = np.moveaxis(t.astype(work), axis, -1)
-    rows, vocab = s.shape[:-1], s.shape[-1]
-    keep = np.ones(rows, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), rows)
+    s, t, dtype, work, keep = _np_rows(input, target, axis, mask)
     if reduction == "none":
         gg = np.moveaxis(np.broadcast_to(np.asarray(g, work), np.shape(input)), axis, -1)
     else:
-        n = int(keep.sum()) if mask is not None else math.prod(rows)
-        d = {
-            "sum": 1,
-            "mean": n * vocab,
-            "batchmean": n if mask is not None else np.shape(input)[0],
-            "rowmean": n,
-        }[reduction]
+        d = _np_divisor(reduction, np.shape(input), s.shape, None if mask is None else keep)
         gg = np.broadcast_to(np.asarray(g, work) / work.type(d), s.shape)
     k = temperature * temperature if scale_by_temperature_squared else 1.0
     with np.errstate(all="ignore"):
