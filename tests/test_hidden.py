@@ -208,6 +208,61 @@ def test_chunked_equals_the_composition_at_every_chunk_boundary(spy, options, bu
         _close64(mine, oracle)
 
 
+def _same(a, b, what, rtol=1e-11, atol=1e-13):
+    """The same NaN and infinities; the finite values within ``rtol``/``atol``."""
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=what)
+    inf = np.isinf(b)
+    np.testing.assert_array_equal(a[inf], b[inf], err_msg=what)
+    finite = np.isfinite(b)
+    np.testing.assert_allclose(a[finite], b[finite], rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"direction": "reverse"}, {"beta": 0.5, "reduction": "sum"}, {"reduction": "rowmean"}],
+    ids=str,
+)
+def test_a_masked_vocabulary_minus_inf_bias_follows_the_edge_table(spy, options):
+    """Padded classes carry a bias of -inf (a vocabulary rounded up, a banned token).
+
+    The student excludes class 3 (its bias), the teacher class 11, which the student
+    keeps. Forward, the student's exclusion makes the loss +inf with the finite student
+    gradient c G (q - p): -c G p_3 at class 3. In reverse the teacher's exclusion does,
+    with -inf and NaN in the gradients, and the student's excluded class gets exactly 0
+    (its bias and its weight row); inside (0, 1) (``beta``) the loss is finite and the
+    student's excluded class gets 0 too. The chunked operator (chunks of 3 rows; float32
+    through the Jensen-Shannon kernel for ``beta``) gives the reference's values, NaN and
+    infinities included.
+    """
+    jsd = "beta" in options
+    dtype = np.float32 if jsd else np.float64
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands(dtype=dtype)
+    b_s[3] = -math.inf
+    b_t[11] = -math.inf
+    vocab = w_s.shape[0]
+    budget = 3 * vocab * 3 * np.dtype(dtype).itemsize
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, **options)
+    got = _torch_grads(_ours, h_s, w_s, b_s, h_t, w_t, b_t, memory_budget=budget, **options)
+    assert spy.runs == 1
+    if not jsd:
+        assert spy.chunks == [3] * 11 + [2]
+    tol = {"rtol": 3e-5, "atol": 3e-6} if jsd else {}
+    for name, mine, oracle in zip(("loss", "h", "W", "b"), got, want, strict=True):
+        _same(mine, oracle, f"{name}, {options}", **tol)
+    loss, _, grad_w, grad_b = got
+    if jsd:
+        assert np.isfinite(loss) and np.isfinite(grad_b).all()
+    else:
+        assert float(loss) == math.inf
+    if options.get("direction") == "reverse" or jsd:
+        # the weighting student excludes class 3: no gradient for its bias or weight row
+        assert grad_b[3] == 0.0 and not grad_w[3].any()
+    else:
+        assert np.isfinite(grad_b).all() and grad_b[3] < 0.0  # -c G p_3, summed over rows
+    if options.get("direction") == "reverse":
+        assert np.isnan(grad_b[11])
+
+
 def test_float32_is_within_the_documented_bound_of_a_float64_oracle(spy):
     """|chunked float32 - float64 oracle| within the propagated rounding (docs/hidden.md)."""
     h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(64,), width=32, vocab=500, teacher_width=24)
@@ -779,6 +834,24 @@ def test_triton_mask_teacher_logits_and_float32(triton_chunks, direction):
         assert mine.dtype == np.float32
         np.testing.assert_allclose(mine, oracle, rtol=2e-5, atol=2e-6 * np.abs(oracle).max())
     np.testing.assert_array_equal(got[1][~kept], 0.0)  # dropped rows: no gradient
+
+
+@in_interpreter
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_triton_masked_vocabulary_minus_inf_bias(triton_chunks, direction):
+    """The -inf biases of test_a_masked_vocabulary_minus_inf_bias_follows_the_edge_table
+    through the Triton chunks: the reference's values, NaN and infinities included."""
+    h_s, w_s, b_s, h_t, w_t, b_t = _operands()
+    b_s[3] = -math.inf
+    b_t[11] = -math.inf
+    opts = {"direction": direction, "temperature": 2.0}
+    want = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, **opts)
+    budget = 4 * 40 * 3 * 8
+    got = _torch_grads(_ours, h_s, w_s, b_s, h_t, w_t, b_t, memory_budget=budget, **opts)
+    assert triton_chunks == [4] * 8 + [3]
+    for name, mine, oracle in zip(("loss", "h", "W", "b"), got, want, strict=True):
+        _same(mine, oracle, f"{name}, {direction}")
+    assert (got[3][3] == 0.0) == (direction == "reverse")
 
 
 @in_interpreter
