@@ -680,20 +680,27 @@ def assert_from_logits_gradient(
     mask: Any = None,
     compute_dtype: Any = None,
     strict: bool = True,
+    teacher: bool = False,
     **options: Any,
 ) -> None:
     """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound.
 
     The bound is that of the gradient's precision (its dtype, or ``compute_dtype``).
     Without ``strict`` a NaN is accepted where PyTorch's composition gives one
-    (:func:`oracle_logits.composition_gradient_nan`).
+    (:func:`oracle_logits.composition_gradient_nan`). ``teacher``: ``grad`` is the
+    gradient w.r.t. the teacher logits (:func:`oracle_logits.composition_teacher_gradient_nan`).
     """
     exact = oracle.from_logits(input, target, grad_output=grad_output, mask=mask, **options)
     precision = _precision(grad, np.result_type(input.dtype, target.dtype), compute_dtype)
-    tol, _ = oracle.gradient_tolerance(_at(exact, precision))
-    what = f"gradient w.r.t. the student logits, {_what(input, target, mask, options)}"
-    nan_ok = None if strict else oracle.composition_gradient_nan(exact)
-    compare_values(grad, exact.grad_input, tol, what, nan_ok=nan_ok)
+    tol_s, tol_t = oracle.gradient_tolerance(_at(exact, precision))
+    who = "teacher" if teacher else "student"
+    what = f"gradient w.r.t. the {who} logits, {_what(input, target, mask, options)}"
+    nan_rule = (
+        oracle.composition_teacher_gradient_nan if teacher else oracle.composition_gradient_nan
+    )
+    nan_ok = None if strict else nan_rule(exact)
+    want, tol = (exact.grad_target, tol_t) if teacher else (exact.grad_input, tol_s)
+    compare_values(grad, want, tol, what, nan_ok=nan_ok)
 
 
 # --------------------------------------------------------------------------- from logits
@@ -921,10 +928,10 @@ def _logits_unmodified(ctx: Context, case: Case) -> None:
     assert_unchanged(be, operands, "from_logits")
 
 
-def _logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
+def _logits_gradient(ctx: Context, case: Case, g: Any, teacher: bool = False) -> np.ndarray:
     with warnings.catch_warnings(record=True):  # a composition's 'mean' UserWarning
         warnings.simplefilter("always")
-        return _take_logits_gradient(ctx, case, g)
+        return _take_logits_gradient(ctx, case, g, teacher)
 
 
 def _forward_dtype(ctx: Context, case: Case, out: Any) -> None:
@@ -935,48 +942,75 @@ def _forward_dtype(ctx: Context, case: Case, out: Any) -> None:
     ctx.result_dtype = dtype if dtype is not None and dtype.kind == "f" else None
 
 
-def _take_logits_gradient(ctx: Context, case: Case, g: Any) -> np.ndarray:
+def _take_logits_gradient(ctx: Context, case: Case, g: Any, teacher: bool) -> np.ndarray:
+    """Return the gradient w.r.t. the student logits, or the teacher's (``teacher``).
+
+    Through the backend's autograd (both logits differentiable) or the declared
+    backward. An implementation that gives the teacher no gradient (autograd's
+    None, a zero gradient everywhere from JAX, a backward's None) treats the
+    teacher as a constant: its teacher properties are n/a.
+    """
     ctx.result_dtype = None
     fn = require_function(ctx, "from_logits")
     _skip_unsupported(ctx, case)
     be = ctx.backend
-    ctx.record(case, "logits_gradient", grad=g)
+    ctx.record(case, "logits_teacher_gradient" if teacher else "logits_gradient", grad=g)
     options = options_of(case)
     if case.extra.get("mask") is not None:
         options["mask"] = be.asarray(case.extra["mask"])
+    constant = NotApplicable(f"{ctx.impl.name} gives the teacher logits no gradient")
     try:
         if be.autograd == "torch" and ctx.impl.differentiable:
             import torch
 
             x = be.asarray(case.input).requires_grad_(True)
-            out = fn(x, be.asarray(case.target), **options)
+            t = be.asarray(case.target).requires_grad_(teacher)
+            out = fn(x, t, **options)
             _forward_dtype(ctx, case, out)
             gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)
-            (gx,) = torch.autograd.grad(out, (x,), gout.expand(out.shape))
-            return np.asarray(gx.detach().cpu().numpy())
+            wrt = (x, t) if teacher else (x,)
+            grads = torch.autograd.grad(out, wrt, gout.expand(out.shape), allow_unused=True)
+            if grads[-1] is None:
+                raise constant
+            return np.asarray(grads[-1].detach().cpu().numpy())
         if be.autograd == "jax" and ctx.impl.differentiable:
             import jax
             import jax.numpy as jnp
 
             out, vjp = jax.vjp(
-                lambda a: fn(a, be.asarray(case.target), **options), be.asarray(case.input)
+                lambda a, b: fn(a, b, **options), be.asarray(case.input), be.asarray(case.target)
             )
             _forward_dtype(ctx, case, out)
-            (gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
-            return np.asarray(gx)
+            gx, gt = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))
+            if teacher and not np.any(np.asarray(gt)) and _teacher_moves(case, g):
+                raise constant  # stop_gradient, as far as a zero gradient can tell
+            return np.asarray(gt if teacher else gx)
         backward = ctx.impl.from_logits_backward
         if backward is None:
             raise NotApplicable(f"{ctx.impl.name} has no from-logits backward on {be.name}")
         gb = g if isinstance(g, float) else be.asarray(np.asarray(g))
-        gx = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)[0]
+        grads = backward(gb, be.asarray(case.input), be.asarray(case.target), **options)
+        grad = grads[1] if teacher else grads[0]
+        if grad is None:
+            raise constant
     except NotImplementedError as exc:
         raise NotApplicable(f"{ctx.impl.name} does not implement {options}: {exc}") from None
-    return _numpy_result(ctx, gx)
+    return _numpy_result(ctx, grad)
 
 
-def _check_gradient(ctx: Context, case: Case, *, strict: bool = True) -> None:
+def _teacher_moves(case: Case, g: Any) -> bool:
+    """Whether the exact teacher gradient of ``case`` is nonzero somewhere."""
+    exact = oracle.from_logits(
+        case.input, case.target, grad_output=g, mask=case.extra.get("mask"), **options_of(case)
+    )
+    return bool(np.any(np.asarray(exact.grad_target) != 0))
+
+
+def _check_gradient(
+    ctx: Context, case: Case, *, strict: bool = True, teacher: bool = False
+) -> None:
     g = grad_output(case)
-    got = _logits_gradient(ctx, case, g)
+    got = _logits_gradient(ctx, case, g, teacher)
     # judged at the forward's precision too: a float32 loss of float64 logits has a
     # float64 gradient (autograd casts it back) computed in float32
     declared = [_compute_dtype(ctx), ctx.result_dtype]
@@ -989,6 +1023,7 @@ def _check_gradient(ctx: Context, case: Case, *, strict: bool = True) -> None:
         mask=case.extra.get("mask"),
         compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
         strict=strict,
+        teacher=teacher,
         **options_of(case),
     )
 
@@ -1018,6 +1053,26 @@ def _logits_gradients(ctx: Context, case: Case) -> None:
 )
 def _logits_edge_gradients(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case, strict=False)
+
+
+def _teacher_cases(ctx: Context) -> list[Case]:
+    """Return the fixed option cases and the edge cases that are not fully masked."""
+    return gradient_option_cases(ctx) + gradient_edge_cases(ctx)
+
+
+@register(
+    "gradients.logits_teacher",
+    "the gradient w.r.t. the teacher logits, for an implementation that gives one: the "
+    "oracle's within its bound on the option grid and the edge rows (PyTorch's "
+    "composition's NaN accepted where the teacher excludes a class, forward or in the "
+    "mixture, and in dropped rows without a softmax or, forward, with a class the student "
+    "excludes); n/a where the teacher is a constant",
+    cases=_teacher_cases,
+    applies=needs_function("from_logits"),
+    subject="from_logits",
+)
+def _logits_teacher_gradient(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case, strict=False, teacher=True)
 
 
 @register(

@@ -197,6 +197,11 @@ class Implementation:
         raise TypeError(msg)
 
 
+def _with_teacher_gradient(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+    """``kl_div_from_logits_backward`` with the teacher's gradient (``target_grad=True``)."""
+    return kldiv_spec.kl_div_from_logits_backward(g, input, target, target_grad=True, **options)
+
+
 def _reference() -> Implementation:
     def fn(input: Any, target: Any, reduction: str = "mean", log_target: bool = False) -> Any:
         return kldiv_spec.kl_div(input, target, reduction=reduction, log_target=log_target)
@@ -218,7 +223,7 @@ def _reference() -> Implementation:
         ),
         from_logits=kldiv_spec.kl_div_from_logits,
         logits_axes=(-1, 0, 1, -2),
-        from_logits_backward=kldiv_spec.kl_div_from_logits_backward,
+        from_logits_backward=_with_teacher_gradient,
         gaussian=kldiv_spec.gaussian_kl,
         gaussian_backward=kldiv_spec.gaussian_kl_backward,
         from_hidden=hidden_reference.from_hidden,

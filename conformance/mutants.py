@@ -689,6 +689,12 @@ def _logits_grad_nan_to_zero(g: Any, input: Any, target: Any, /, **options: Any)
     return np.nan_to_num(np.asarray(gx), nan=0.0, posinf=np.inf, neginf=-np.inf), gt
 
 
+def _logits_teacher_grad_sign(g: Any, input: Any, target: Any, /, **options: Any) -> Any:
+    """Return the student gradient and the teacher's negated (a sign slip in d/dt)."""
+    gx, gt = kldiv_spec.kl_div_from_logits_backward(g, input, target, target_grad=True, **options)
+    return gx, np.asarray(-gt).astype(gt.dtype)
+
+
 def _composition_backward(
     g: Any,
     input: Any,
@@ -810,6 +816,12 @@ _LIST += [
         "s = t, 0 * inf = NaN where both exclude a class, 0/0 for a fully masked mean; its "
         "gradient NaN across a reverse row where the student excludes a class",
         _composition_backward,
+    ),
+    _logits_m(
+        "logits_teacher_grad_sign",
+        "",
+        "from logits: the teacher gradient negated (p's chain rule with the sign slipped)",
+        _logits_teacher_grad_sign,
     ),
     _logits_m(
         "logits_grad_nan_to_zero",

@@ -70,6 +70,7 @@ __all__ = [
     "ExactLogits",
     "composition_gradient_nan",
     "composition_nan",
+    "composition_teacher_gradient_nan",
     "from_logits",
     "gaussian",
     "reduce_logits",
@@ -112,7 +113,9 @@ class ExactLogits:
     the terms' shape, True where the term is 0 here but PyTorch's composition
     gives ``0 * inf`` = NaN (a weight of 0 against a log-probability of
     ``-inf`` or NaN), in kept rows. ``composition_grad_nan``: likewise for the
-    student gradient (:func:`composition_gradient_nan`).
+    student gradient (:func:`composition_gradient_nan`), and
+    ``composition_target_grad_nan`` for the teacher's
+    (:func:`composition_teacher_gradient_nan`).
     """
 
     terms: np.ndarray
@@ -127,6 +130,7 @@ class ExactLogits:
     masked: bool = False
     composition_nan: np.ndarray | None = None
     composition_grad_nan: np.ndarray | None = None
+    composition_target_grad_nan: np.ndarray | None = None
 
 
 def _scaled(v: float, temperature: Any, work: np.dtype) -> Any:
@@ -234,6 +238,7 @@ def from_logits(
     gtg_s = np.zeros((rows, vocab))
     comp_nan = np.zeros((rows, vocab), bool)
     comp_grad_nan = np.zeros((rows, vocab), bool)
+    comp_target_nan = np.zeros((rows, vocab), bool)
     total = mp.mpf(0)
     zero = mp.mpf(0)
     for i in range(rows):
@@ -241,6 +246,7 @@ def from_logits(
         lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
         kind = "mixture" if beta is not None else direction
         comp_grad_nan[i, :] = _composition_gradient_nan_row(lq, lp, kept[i], kind, work)
+        comp_target_nan[i, :] = _composition_teacher_nan_row(lq, lp, kept[i], kind, work)
         if not kept[i]:
             continue
         if beta is not None:
@@ -340,6 +346,7 @@ def from_logits(
         masked=mask is not None,
         composition_nan=back(comp_nan),
         composition_grad_nan=back(comp_grad_nan),
+        composition_target_grad_nan=back(comp_target_nan),
     )
 
 
@@ -376,6 +383,10 @@ def _mixed(forward: ExactLogits, reverse: ExactLogits, ratio: float, /) -> Exact
         composition_grad_nan=np.logical_or(
             _or_false(forward.composition_grad_nan, forward.terms),
             _or_false(reverse.composition_grad_nan, reverse.terms),
+        ),
+        composition_target_grad_nan=np.logical_or(
+            _or_false(forward.composition_target_grad_nan, forward.terms),
+            _or_false(reverse.composition_target_grad_nan, reverse.terms),
         ),
     )
 
@@ -414,6 +425,29 @@ def _composition_gradient_nan_row(
     if any(_rounds_to_zero(mp.exp(v), work) for v in lq):
         return True
     return kind == "reverse" and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in lp)
+
+
+def _composition_teacher_nan_row(
+    lq: list[Any], lp: list[Any], kept: bool, kind: str, work: np.dtype
+) -> bool:
+    r"""Whether the composition's teacher gradient is NaN across a row, the spec's not.
+
+    The student's rule (:func:`_composition_gradient_nan_row`) with the roles
+    swapped: forward (and in the mixture, :math:`\beta\,\mathrm{KL}(p \,\|\, m)`) the
+    teacher's distribution weights the terms, so a class it excludes makes the
+    derivative w.r.t. :math:`p_j = 0` infinite and the softmax's backward NaN across
+    the row (kept or dropped); a dropped forward row where the student excludes a
+    class (the mask's 0 times :math:`-\log q_j = \infty`), and a dropped row without a
+    softmax.
+    """
+    mp = _mp()
+    if any(mp.isnan(v) for v in lq + lp):
+        return not kept
+    if kind == "reverse":
+        return False
+    if any(_rounds_to_zero(mp.exp(v), work) for v in lp):
+        return True
+    return kind == "forward" and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in lq)
 
 
 def _jsd_row(
@@ -580,6 +614,16 @@ def composition_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
     """
     nan = _or_false(exact.composition_grad_nan, exact.terms)
     return nan & ~np.isnan(np.asarray(exact.grad_input, np.float64))
+
+
+def composition_teacher_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
+    """Where PyTorch's composition's teacher gradient is NaN and the specification's is not.
+
+    :func:`composition_gradient_nan` for the teacher's logits
+    (:func:`_composition_teacher_nan_row`).
+    """
+    nan = _or_false(exact.composition_target_grad_nan, exact.terms)
+    return nan & ~np.isnan(np.asarray(exact.grad_target, np.float64))
 
 
 def _or_false(flags: np.ndarray | None, like: np.ndarray, /) -> np.ndarray:

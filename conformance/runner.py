@@ -626,39 +626,44 @@ def _logits_lines(record: Record, autograd: str | None) -> list[str]:
         + ")",
         "masked = {} if mask is None else {'mask': backend.asarray(mask)}",
     ]
-    if record.kind == "logits_gradient":
+    if record.kind in ("logits_gradient", "logits_teacher_gradient"):
+        teacher = record.kind == "logits_teacher_gradient"
+        field = "grad_target" if teacher else "grad_input"
         lines += [f"g = {_grad_code(record.grad)}  # the upstream gradient"]
         if autograd == "torch":
             lines += [
                 "import torch",
                 "xb = backend.asarray(x).requires_grad_(True)",
-                "out = impl.from_logits(xb, backend.asarray(t), **kw, **masked)",
+                f"tb = backend.asarray(t).requires_grad_({teacher})",
+                "out = impl.from_logits(xb, tb, **kw, **masked)",
                 "gout = torch.as_tensor(np.asarray(g), dtype=out.dtype, device=out.device)",
-                "(gx,) = torch.autograd.grad(out, (xb,), gout.expand(out.shape))",
-                "gx = gx.detach().cpu().numpy()",
+                "grads = torch.autograd.grad(out, (xb, tb) if tb.requires_grad else (xb,), "
+                "gout.expand(out.shape))",
+                "gx = grads[-1].detach().cpu().numpy()",
             ]
         elif autograd == "jax":
             lines += [
                 "import jax, jax.numpy as jnp",
-                "out, vjp = jax.vjp(lambda a: impl.from_logits(a, backend.asarray(t), **kw, "
-                "**masked), backend.asarray(x))",
-                "(gx,) = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))",
-                "gx = np.asarray(gx)",
+                "out, vjp = jax.vjp(lambda a, b: impl.from_logits(a, b, **kw, **masked), "
+                "backend.asarray(x), backend.asarray(t))",
+                "grads = vjp(jnp.broadcast_to(jnp.asarray(g, dtype=out.dtype), out.shape))",
+                f"gx = np.asarray(grads[{int(teacher)}])",
             ]
         else:
             lines += [
                 "gb = g if np.ndim(g) == 0 else backend.asarray(g)",
                 "gx = impl.from_logits_backward(gb, backend.asarray(x), backend.asarray(t), "
-                "**kw, **masked)[0]",
+                f"**kw, **masked)[{int(teacher)}]",
                 "gx = backend.to_numpy(gx)",
             ]
         return [
             *lines,
-            "want = oracle.from_logits(x, t, grad_output=g, mask=mask, **kw).grad_input",
-            "print('got:      grad_input', show(gx))",
-            "print('expected: grad_input', show(want))",
+            f"want = oracle.from_logits(x, t, grad_output=g, mask=mask, **kw).{field}",
+            f"print('got:      {field}', show(gx))",
+            f"print('expected: {field}', show(want))",
             "try:",
-            "    judge.assert_from_logits_gradient(gx, x, t, grad_output=g, mask=mask, **kw)",
+            "    judge.assert_from_logits_gradient(gx, x, t, grad_output=g, mask=mask, "
+            f"teacher={teacher}, **kw)",
             "    print('verdict:  agrees')",
             "except AssertionError as exc:",
             "    print('verdict:  differs:', exc)",

@@ -65,6 +65,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
         "gradients.logits_edge_numbers",
     ),
     "logits_grad_nan_to_zero": ("gradients.logits_edge_values",),
+    "logits_teacher_grad_sign": ("gradients.logits_teacher",),
     "logits_float32_result": ("semantics.logits_dtypes",),
     "logits_jsd_beta_swapped": ("accuracy.logits_options",),
     "logits_jsd_endpoints_formula": ("accuracy.logits_options", "semantics.logits_edge_values"),
