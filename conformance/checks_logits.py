@@ -51,6 +51,7 @@ from-hidden ones (:mod:`.checks_hidden`) too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -1056,8 +1057,18 @@ def _logits_edge_gradients(ctx: Context, case: Case) -> None:
 
 
 def _teacher_cases(ctx: Context) -> list[Case]:
-    """Return the fixed option cases and the edge cases that are not fully masked."""
-    return gradient_option_cases(ctx) + gradient_edge_cases(ctx)
+    """Return the fixed option cases and the edge cases that are not fully masked.
+
+    Either set alone may be n/a (a function without a temperature expresses no
+    option case, and still every edge case at T = 1).
+    """
+    cases: list[Case] = []
+    for make in (gradient_option_cases, gradient_edge_cases):
+        with contextlib.suppress(NotApplicable):
+            cases += make(ctx)
+    if not cases:
+        raise NotApplicable(f"{ctx.impl.name} cannot express the cases")
+    return cases
 
 
 @register(

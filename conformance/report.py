@@ -134,7 +134,10 @@ def cause(outcome: Outcome, /) -> str:
     if kind in ("errors", "warnings", "side effects", "device"):
         return kind
     what = "loss"
-    grad = re.search(r"gradient w\.r\.t\. (input|target|the student logits|mu|logvar)", reason)
+    grad = re.search(
+        r"gradient w\.r\.t\. (input|target|the student logits|the teacher logits|mu|logvar)",
+        reason,
+    )
     if grad is not None:
         what = f"gradient w.r.t. {grad.group(1)}"
     reduction = re.search(r"reduction='(\w+)'", reason) or re.search(

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import pytest
 
+import kldiv_spec
 from kldiv_spec.conformance import peers
 
 _TORCH = importlib.util.find_spec("torch") is not None
@@ -249,6 +250,78 @@ def test_torchtune_reverse_kl_finite_loss_nan_gradient_where_the_teacher_exclude
     value.backward()
     assert float(value.detach()) == math.inf
     assert torch.isnan(composed.grad[0, 1]) and (composed.grad[0, [0, 2, 3]] == -math.inf).all()
+
+
+def _teacher_grads(impl, s, t, **options):
+    """The teacher's gradient of ``impl`` (autograd), and of PyTorch's composition."""
+    s = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(_call(impl, s, t, reduction="sum", **options), (t,))
+    t2 = t.detach().clone().requires_grad_(True)
+    w, o = (t2, s.detach()) if options.get("direction", "forward") == "forward" else (s, t2)
+    value = F.kl_div(torch.log_softmax(o, -1), torch.softmax(w, -1), reduction="sum")
+    (composed,) = torch.autograd.grad(value, (t2,))
+    return got, composed
+
+
+@_needs("torchtune")
+def test_torchtune_forward_kl_teacher_gradient_is_the_cross_entropys():
+    # -sum p log q differs from the KL by the teacher's entropy, so its teacher gradient
+    # lacks the entropy's: it is the cross-entropy's, not the composition's
+    s, t = _logits()
+    t1 = t.clone().requires_grad_(True)
+    _call(peers.torchtune_forward_kl(), s, t1, reduction="rowmean").backward()
+    t2 = t.clone().requires_grad_(True)
+    _cross_entropy_rows(s, t2).mean().backward()
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-6, atol=1e-7)
+    t3 = t.clone().requires_grad_(True)
+    _kl_rows(t3, s).mean().backward()
+    assert float((t1.grad - t3.grad).abs().max()) > 0.1
+    # the teacher excludes class 1: finite in both, and still the cross-entropy's
+    got, composed = _teacher_grads(
+        peers.torchtune_forward_kl(), [[0.0, 1.0, 1.0, 2.0]], [[1.0, -math.inf, 0.0, 2.0]]
+    )
+    assert torch.isfinite(got).all() and float(got[0, 1]) == 0.0
+    assert torch.isnan(composed).all()  # the composition's 0 * inf, accepted by the suite
+    s4 = np.array([[0.0, 1.0, 1.0, 2.0]])
+    t4 = np.array([[1.0, -math.inf, 0.0, 2.0]])
+    _, spec = kldiv_spec.kl_div_from_logits_backward(
+        1.0, s4, t4, reduction="sum", scale_by_temperature_squared=False, target_grad=True
+    )
+    assert np.isfinite(spec).all() and float(np.abs(got.numpy() - spec).max()) > 0.05
+
+
+@_needs("torchtune")
+def test_torchtune_forward_kl_teacher_gradient_nan_where_the_student_excludes_a_class():
+    # the student excludes class 1, the teacher keeps it: the KL is +inf, its teacher
+    # gradient -inf at the classes both keep and NaN at class 1 (the composition's too);
+    # torchtune's masked_fill backward gives NaN across the row
+    got, composed = _teacher_grads(
+        peers.torchtune_forward_kl(), [[0.0, -math.inf, 1.0, 2.0]], [[1.0, 0.5, 0.0, 2.0]]
+    )
+    assert torch.isnan(got).all()
+    assert torch.isnan(composed[0, 1]) and (composed[0, [0, 2, 3]] == -math.inf).all()
+
+
+@_needs("torchtune")
+def test_torchtune_reverse_kl_teacher_gradient_where_the_teacher_excludes_a_class():
+    # reverse, the teacher excludes class 1, which the student keeps (KL +inf): the
+    # teacher's gradient c G (p - q) is finite, the composition's too; torchtune masks
+    # the class out of its sum and gets another finite gradient, 0 at class 1
+    impl = peers.torchtune_reverse_kl()
+    got, composed = _teacher_grads(
+        impl, [[0.0, 1.0, 1.0, 2.0]], [[1.0, -math.inf, 0.0, 2.0]], direction="reverse"
+    )
+    assert torch.isfinite(got).all() and torch.isfinite(composed).all()
+    s = torch.tensor([[0.0, 1.0, 1.0, 2.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, -math.inf, 0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(composed, torch.softmax(t, -1) - torch.softmax(s, -1))
+    assert float(got[0, 1]) == 0.0 and float((got - composed).abs().max()) > 0.04
+    # and NaN for 1e300 logits (float32 softmaxes), where p = q one-hot gives 0
+    got, composed = _teacher_grads(
+        impl, [[1e300, -1e300, 0.0, 5.0]], [[1e300, -1e300, 1.0, 3.0]], direction="reverse"
+    )
+    assert torch.isnan(got).all() and not composed.any()
 
 
 @_needs("torchtune")
@@ -680,6 +753,7 @@ FAILING: dict[str, set[str]] = {
         "math.logits_exact_zero_at_identity",
         "gradients.logits_edge_values",  # the masked cross-entropy's gradient; NaN at 1e300
         "gradients.logits_edge_numbers",  # NaN gradients of ignored NaN rows
+        "gradients.logits_teacher",  # the cross-entropy's teacher gradient
     },
     "torchtune.ReverseKLLoss": {
         "semantics.logits_edge_values",  # finite where the teacher excludes a class
@@ -687,6 +761,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_fully_masked",  # NaN of ignored rows leaks (checked above)
         "gradients.logits_edge_values",  # a finite loss, NaN gradients (teacher excludes)
         "gradients.logits_edge_numbers",
+        "gradients.logits_teacher",  # masks the class the teacher excludes; NaN at 1e300
     },
     "torchtune.SymmetricKLLoss": {"accuracy.logits_options"},  # its forward part: the CE
     "torchtune.ForwardKLWithChunkedOutputLoss": {
@@ -695,6 +770,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_dtypes",
         "gradients.logits_edge_values",  # as ForwardKLLoss (the chunks equal it)
         "gradients.logits_edge_numbers",
+        "gradients.logits_teacher",
     },
     "torchtune.ReverseKLWithChunkedOutputLoss": {
         "semantics.logits_edge_values",  # finite where the teacher alone excludes a class
@@ -702,6 +778,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_fully_masked",  # NaN (checked above)
         "gradients.logits_edge_values",  # as ReverseKLLoss
         "gradients.logits_edge_numbers",
+        "gradients.logits_teacher",
     },
     "trl.generalized_jsd_loss": {
         "semantics.logits_edge_values",  # NaN where the weighting side alone excludes a class
