@@ -186,6 +186,21 @@ def test_torchtune_symmetric_kl_mixes_the_cross_entropy():
 
 
 @_needs("torchtune")
+def test_torchtune_symmetric_kl_teacher_gradient_mixes_the_cross_entropys():
+    # its value mixes the cross-entropy (above), so its teacher gradient lacks r times the
+    # gradient of the teacher's entropy
+    s, t = _logits()
+    t1 = t.clone().requires_grad_(True)
+    _call(peers.torchtune_symmetric_kl(), s, t1, reduction="rowmean", symmetric=0.25).backward()
+    t2 = t.clone().requires_grad_(True)
+    (0.25 * _cross_entropy_rows(s, t2).mean() + 0.75 * _kl_rows(s, t2).mean()).backward()
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-6, atol=1e-7)
+    t3 = t.clone().requires_grad_(True)
+    (0.25 * _kl_rows(t3, s).mean() + 0.75 * _kl_rows(s, t3).mean()).backward()
+    assert float((t1.grad - t3.grad).abs().max()) > 0.02
+
+
+@_needs("torchtune")
 def test_torchtune_chunked_reverse_kl_is_nan_when_every_token_is_ignored():
     from torchtune.modules.loss import (
         ForwardKLWithChunkedOutputLoss,
@@ -763,7 +778,10 @@ FAILING: dict[str, set[str]] = {
         "gradients.logits_edge_numbers",
         "gradients.logits_teacher",  # masks the class the teacher excludes; NaN at 1e300
     },
-    "torchtune.SymmetricKLLoss": {"accuracy.logits_options"},  # its forward part: the CE
+    "torchtune.SymmetricKLLoss": {
+        "accuracy.logits_options",  # its forward part: the CE
+        "gradients.logits_teacher",  # and its teacher gradient, the CE's
+    },
     "torchtune.ForwardKLWithChunkedOutputLoss": {
         "accuracy.logits_options",  # the cross-entropy, as ForwardKLLoss
         "semantics.logits_edge_values",
