@@ -684,7 +684,7 @@ def assert_from_logits_gradient(
     teacher: bool = False,
     **options: Any,
 ) -> None:
-    """Assert the gradient w.r.t. the student logits agrees with the oracle within its bound.
+    """Assert a gradient w.r.t. the student (or teacher) logits agrees with the oracle's.
 
     The bound is that of the gradient's precision (its dtype, or ``compute_dtype``).
     Without ``strict`` a NaN is accepted where PyTorch's composition gives one
@@ -948,8 +948,9 @@ def _take_logits_gradient(ctx: Context, case: Case, g: Any, teacher: bool) -> np
 
     Through the backend's autograd (both logits differentiable) or the declared
     backward. An implementation that gives the teacher no gradient (autograd's
-    None, a zero gradient everywhere from JAX, a backward's None) treats the
-    teacher as a constant: its teacher properties are n/a.
+    None, from JAX a zero gradient everywhere where the exact one is not, a
+    backward's None) treats the teacher as a constant: its teacher properties are
+    n/a.
     """
     ctx.result_dtype = None
     fn = require_function(ctx, "from_logits")
