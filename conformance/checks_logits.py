@@ -69,6 +69,7 @@ from .logits_cases import (
     as_declared,
     axis_cases,
     composition_gradient_nan_cases,
+    composition_teacher_gradient_nan_cases,
     dtype_cases,
     edge_cases,
     excluded_by_both_cases,
@@ -1101,6 +1102,21 @@ def _logits_teacher_gradient(ctx: Context, case: Case) -> None:
 )
 def _logits_edge_numbers(ctx: Context, case: Case) -> None:
     _check_gradient(ctx, case)
+
+
+@register(
+    "gradients.logits_teacher_edge_numbers",
+    "the teacher gradient, for an implementation that gives one, is the specification's "
+    "number where PyTorch's composition gives NaN: forward (or with beta inside (0, 1)), "
+    "exactly 0 at a class the teacher excludes and the chain rule's value at the others; "
+    "zero gradients in a dropped row whatever it holds",
+    cases=composition_teacher_gradient_nan_cases,
+    applies=needs_function("from_logits"),
+    level="SHOULD",
+    subject="from_logits",
+)
+def _logits_teacher_edge_numbers(ctx: Context, case: Case) -> None:
+    _check_gradient(ctx, case, teacher=True)
 
 
 @register(

@@ -46,6 +46,7 @@ __all__ = [
     "as_declared",
     "axis_cases",
     "composition_gradient_nan_cases",
+    "composition_teacher_gradient_nan_cases",
     "dtype_cases",
     "edge_cases",
     "excluded_by_both_cases",
@@ -552,12 +553,26 @@ def composition_gradient_nan_cases(ctx: Context) -> list[Case]:
     elsewhere), and dropped rows without a softmax (the specification: zero
     gradients); :func:`oracle_logits.composition_gradient_nan`.
     """
+    return _where_composition_nan(ctx, oracle.composition_gradient_nan)
+
+
+def composition_teacher_gradient_nan_cases(ctx: Context) -> list[Case]:
+    """Return the edge cases where the composition's teacher gradient is NaN, the spec's not.
+
+    :func:`composition_gradient_nan_cases` for the teacher's logits
+    (:func:`oracle_logits.composition_teacher_gradient_nan`): forward, a class the
+    teacher excludes; dropped rows.
+    """
+    return _where_composition_nan(ctx, oracle.composition_teacher_gradient_nan)
+
+
+def _where_composition_nan(ctx: Context, rule: Any) -> list[Case]:
     cases = []
     for case in gradient_edge_cases(ctx):
         exact = oracle.from_logits(
             case.input, case.target, mask=case.extra.get("mask"), **options_of(case)
         )
-        if oracle.composition_gradient_nan(exact).any():
+        if rule(exact).any():
             cases.append(case)
     if not cases:
         raise NotApplicable(f"{ctx.impl.name} cannot express the cases")

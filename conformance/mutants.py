@@ -708,15 +708,17 @@ def _composition_backward(
     scale_by_temperature_squared: bool = True,
     mask: Any = None,
 ) -> Any:
-    r"""Return autograd's student gradient of PyTorch's composition, in NumPy.
+    r"""Return autograd's gradients of PyTorch's composition, in NumPy.
 
     The composition is ``k * kl_div(log_softmax(s / T), softmax(t / T))``
     (reverse: the roles swapped), its dropped rows selected away by ``where``.
-    Forward: :math:`\partial/\partial \log q = -G p`, then the log-softmax's
-    backward. Reverse: :math:`\partial/\partial q = G (\log q + 1 - \log p)`,
-    ``-inf`` at :math:`q_j = 0`, then the softmax's backward
-    :math:`q \odot (h - \sum_j q_j h_j)`, where :math:`0 \cdot \infty` makes the row
-    NaN; a dropped row's :math:`G = 0` meets its NaN (no softmax) or that ``-inf``.
+    With :math:`w` the weighting distribution and :math:`o` the other:
+    :math:`\partial/\partial \log o = -G w`, then the log-softmax's backward, and
+    :math:`\partial/\partial w = G (\log w + 1 - \log o)`, ``-inf`` at
+    :math:`w_j = 0`, then the softmax's backward :math:`w \odot (h - \sum_j w_j h_j)`,
+    where :math:`0 \cdot \infty` makes the row NaN; a dropped row's :math:`G = 0`
+    meets its NaN (no softmax) or that infinity. Returns the student's and the
+    teacher's gradients.
     """
     s, t, dtype, work, keep = _np_rows(input, target, axis, mask)
     if reduction == "none":
@@ -730,14 +732,17 @@ def _composition_backward(
         log_q = _np_log_softmax(s / temperature, naive=False)
         log_p = _np_log_softmax(t / temperature, naive=False)
         q, p = np.exp(log_q), np.exp(log_p)
-        if direction == "forward":
-            d_log_q = -gg * p
-            grad = d_log_q - q * np.sum(d_log_q, axis=-1, keepdims=True)
-        else:
-            h = gg * (log_q + 1 - log_p)
-            grad = q * (h - np.sum(q * h, axis=-1, keepdims=True))
-        grad = grad * work.type(k / temperature)
-    return np.moveaxis(grad, -1, axis).astype(dtype), None
+        # kl_div(log o, w): d/dw = G (log w + 1 - log o), d/d(log o) = -G w; then the
+        # softmax's and the log-softmax's backward
+        lw, lo, w, o = (log_p, log_q, p, q) if direction == "forward" else (log_q, log_p, q, p)
+        h = gg * (lw + 1 - lo)
+        grad_w = w * (h - np.sum(w * h, axis=-1, keepdims=True))
+        d_log_o = -gg * w
+        grad_o = d_log_o - o * np.sum(d_log_o, axis=-1, keepdims=True)
+        grad_s, grad_t = (grad_o, grad_w) if direction == "forward" else (grad_w, grad_o)
+        c = work.type(k / temperature)
+    back = (np.moveaxis(a * c, -1, axis).astype(dtype) for a in (grad_s, grad_t))
+    return tuple(back)
 
 
 def _logits_m(

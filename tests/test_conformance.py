@@ -52,6 +52,7 @@ def test_every_property_has_a_requirement_level():
         "semantics.logits_excluded_by_both",
         "semantics.logits_fully_masked",
         "gradients.logits_edge_numbers",
+        "gradients.logits_teacher_edge_numbers",
         "gradients.hidden_teacher_frozen",
     }
 

@@ -36,6 +36,7 @@ GAUSSIAN = sorted(n for n, p in PROPERTIES.items() if p.subject == "gaussian")
 #: The SHOULD properties that hold kl_div_from_logits's guarantees beyond PyTorch's.
 STRICTER = {
     "gradients.logits_edge_numbers",
+    "gradients.logits_teacher_edge_numbers",
     "math.logits_exact_zero_at_identity",
     "semantics.logits_excluded_by_both",
     "semantics.logits_fully_masked",

@@ -63,6 +63,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
         "semantics.logits_excluded_by_both",
         "semantics.logits_fully_masked",
         "gradients.logits_edge_numbers",
+        "gradients.logits_teacher_edge_numbers",
     ),
     "logits_grad_nan_to_zero": ("gradients.logits_edge_values",),
     "logits_teacher_grad_sign": ("gradients.logits_teacher",),
