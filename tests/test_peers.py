@@ -355,6 +355,61 @@ def test_torchtune_ignored_tokens_with_nan_logits_get_nan_gradients():
     assert torch.isfinite(s.grad[0]).all() and torch.isnan(s.grad[1]).all()
 
 
+@_needs("torchtune")
+def test_torchtune_ignored_tokens_with_nan_teacher_logits_get_nan_teacher_gradients():
+    # the teacher's side of the test above: an ignored token whose teacher logits hold NaN
+    s = torch.tensor(_S, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(_T, dtype=torch.float64)
+    t[1, 2] = math.nan
+    t.requires_grad_(True)
+    keep = torch.tensor([True, False])
+    options = {"reduction": "rowmean", "direction": "reverse", "mask": keep}
+    loss = _call(peers.torchtune_reverse_kl(), s, t, **options)
+    (grad_t,) = torch.autograd.grad(loss, (t,))
+    assert torch.isfinite(grad_t[0]).all() and torch.isnan(grad_t[1]).all()
+    _, spec = kldiv_spec.kl_div_from_logits_backward(
+        1.0,
+        s.detach().numpy(),
+        t.detach().numpy(),
+        scale_by_temperature_squared=False,
+        target_grad=True,
+        **{**options, "mask": keep.numpy()},
+    )
+    np.testing.assert_array_equal(spec[1], 0.0)  # the specification: a dropped row, zeros
+
+
+_BOTH_EXCLUDE = ([[0.0, -math.inf, 1.0, 2.0]], [[1.0, -math.inf, 0.0, 2.0]])
+_TEACHER_NAN_PEERS = [
+    ("torchtune", "torchtune_forward_kl", "sum"),
+    ("trl", "trl_generalized_jsd", "sum"),
+    ("torchdistill", "torchdistill_kd_loss", "batchmean"),
+    ("torch", "torch_composition", "sum"),
+]
+
+
+@pytest.mark.parametrize(("library", "adapter", "reduction"), _TEACHER_NAN_PEERS)
+def test_teacher_gradient_nan_where_both_exclude_a_class(library, adapter, reduction):
+    # forward, both exclude class 1: the KL is finite and so is its teacher gradient, 0 at
+    # class 1 (the teacher's p_1 = 0 weights nothing); the libraries' backward multiplies
+    # p_1 = 0 by d/dp_1 = log 0 - log 0: NaN across the row
+    if library != "torch" and importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} not installed (the peers nox session installs it)")
+    s = torch.tensor(_BOTH_EXCLUDE[0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(_BOTH_EXCLUDE[1], dtype=torch.float64, requires_grad=True)
+    loss = _call(getattr(peers, adapter)(), s, t, reduction=reduction)
+    (grad_t,) = torch.autograd.grad(loss, (t,))
+    assert torch.isnan(grad_t).any()
+    _, spec = kldiv_spec.kl_div_from_logits_backward(
+        1.0,
+        np.array(_BOTH_EXCLUDE[0]),
+        np.array(_BOTH_EXCLUDE[1]),
+        reduction=reduction,
+        scale_by_temperature_squared=False,
+        target_grad=True,
+    )
+    assert np.isfinite(spec).all() and spec[0, 1] == 0.0
+
+
 # --------------------------------------------------------------------------- trl
 
 
@@ -769,6 +824,7 @@ FAILING: dict[str, set[str]] = {
         "gradients.logits_edge_values",  # the masked cross-entropy's gradient; NaN at 1e300
         "gradients.logits_edge_numbers",  # NaN gradients of ignored NaN rows
         "gradients.logits_teacher",  # the cross-entropy's teacher gradient
+        "gradients.logits_teacher_edge_numbers",  # NaN where both exclude a class
     },
     "torchtune.ReverseKLLoss": {
         "semantics.logits_edge_values",  # finite where the teacher excludes a class
@@ -777,6 +833,7 @@ FAILING: dict[str, set[str]] = {
         "gradients.logits_edge_values",  # a finite loss, NaN gradients (teacher excludes)
         "gradients.logits_edge_numbers",
         "gradients.logits_teacher",  # masks the class the teacher excludes; NaN at 1e300
+        "gradients.logits_teacher_edge_numbers",  # NaN teacher gradients of ignored rows
     },
     "torchtune.SymmetricKLLoss": {
         "accuracy.logits_options",  # its forward part: the CE
@@ -803,10 +860,12 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_excluded_by_both",  # NaN
         "semantics.logits_fully_masked",  # NaN for a fully masked 'mean'
         "gradients.logits_edge_numbers",  # NaN where the student excludes (reverse)
+        "gradients.logits_teacher_edge_numbers",  # NaN where both exclude a class
     },
     "torchdistill.KDLoss": {
         "semantics.logits_excluded_by_both",  # PyTorch's composition's NaN
         "math.logits_exact_zero_at_identity",
+        "gradients.logits_teacher_edge_numbers",  # the composition's NaN, for the teacher
     },
     "liger.LigerFusedLinearJSDLoss": {"semantics.logits_dtypes", "semantics.hidden_dtypes"},
     "liger.LigerJSD": {
@@ -836,6 +895,7 @@ FAILING: dict[str, set[str]] = {
         "semantics.logits_excluded_by_both",
         "math.logits_exact_zero_at_identity",
         "gradients.logits_edge_numbers",  # NaN where the student excludes (reverse)
+        "gradients.logits_teacher_edge_numbers",  # NaN where both exclude a class
     },
 }
 
