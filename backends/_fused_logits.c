@@ -731,12 +731,10 @@ static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
         return NULL;
     }
     PyObject *result = NULL;
-    if (!a.have_out && (a.have_terms || !a.have_grad || o.reverse)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "without kl, only the forward gradient is computed (grad, no terms)");
+    o.softmax_only = kl_rows_softmax_only(&a, o.reverse);
+    if (o.softmax_only < 0) {
         goto done;
     }
-    o.softmax_only = !a.have_out;
 #if KL_X86
     unsigned char *scratch = NULL;
     size_t scratch_rows = element == KL_F32 ? (kl_scratch_needed(&o, a.have_grad) ? 1 : 0)

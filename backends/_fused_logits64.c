@@ -745,12 +745,10 @@ static PyObject *kl64_rows_f64(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     PyObject *result = NULL;
-    if (!a.have_out && (a.have_terms || !a.have_grad || o.reverse)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "without kl, only the forward gradient is computed (grad, no terms)");
+    o.softmax_only = kl_rows_softmax_only(&a, o.reverse);
+    if (o.softmax_only < 0) {
         goto done;
     }
-    o.softmax_only = !a.have_out;
 #if KL_X86
     unsigned char *scratch = NULL;
     if (a.have_grad && !o.reverse) {

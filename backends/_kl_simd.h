@@ -560,6 +560,22 @@ static inline int kl_rows_scalars(PyObject *const *args, int last_is_bool, kl_ro
     return 0;
 }
 
+/* Whether a rows_* call computes only the forward gradient: 1 where ``out`` (the
+ * divergences) was not asked, 0 where it was, or -1 with a ValueError where it was not
+ * but the call asks for more than the forward gradient (terms, no grad, or ``reverse``). */
+static inline int kl_rows_softmax_only(const kl_rows_args *a, int reverse)
+{
+    if (a->have_out) {
+        return 0;
+    }
+    if (a->have_terms || !a->have_grad || reverse) {
+        PyErr_SetString(PyExc_ValueError,
+                        "without kl, only the forward gradient is computed (grad, no terms)");
+        return -1;
+    }
+    return 1;
+}
+
 /* Release the buffers kl_rows_buffers holds. */
 static inline void kl_rows_release(kl_rows_args *a)
 {
