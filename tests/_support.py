@@ -7,7 +7,7 @@ import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import array_api_compat
@@ -300,3 +300,24 @@ def misaligned(a: np.ndarray, offset: int) -> np.ndarray:
     out[...] = a
     assert out.ctypes.data % 32 == offset
     return out
+
+
+def spy_kernel_rows(
+    monkeypatch: pytest.MonkeyPatch, owner: ModuleType, attr: str, entry: str
+) -> list[int]:
+    """Record the rows of every block the compiled kernel ``owner.attr.entry`` evaluates.
+
+    ``owner.attr`` (a compiled module, as ``_blocks_logits._fused_logits``) is replaced for
+    the test by one whose ``entry`` (``rows_f32``, ``rows_f64``) counts each call's rows
+    and calls the real one; ``available`` is the real one's.
+    """
+    calls: list[int] = []
+    real = getattr(owner, attr)
+
+    def rows(*args: Any) -> Any:
+        calls.append(len(args[0]))
+        return getattr(real, entry)(*args)
+
+    fake = SimpleNamespace(**{entry: rows, "available": real.available})
+    monkeypatch.setattr(owner, attr, fake)
+    return calls

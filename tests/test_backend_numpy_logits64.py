@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import misaligned, setenv
+from _support import misaligned, setenv, spy_kernel_rows
 from test_backend_numpy_logits_fused import (
     CASES,
     assert_close,
@@ -64,16 +64,7 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every block the compiled float64 kernel evaluates."""
-    calls: list[int] = []
-    real = _blocks_logits._fused_logits64
-
-    def rows_f64(*args: Any) -> Any:
-        calls.append(len(args[0]))
-        return real.rows_f64(*args)
-
-    fake = types.SimpleNamespace(rows_f64=rows_f64, available=real.available)
-    monkeypatch.setattr(_blocks_logits, "_fused_logits64", fake)
-    return calls
+    return spy_kernel_rows(monkeypatch, _blocks_logits, "_fused_logits64", "rows_f64")
 
 
 def without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import logits_fused_available, misaligned, setenv
+from _support import logits_fused_available, misaligned, setenv, spy_kernel_rows
 
 import kldiv_spec
 from kldiv_spec import kl_div_from_logits, kl_div_from_logits_backward
@@ -66,16 +66,7 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every block the compiled kernel evaluates."""
-    calls: list[int] = []
-    real = _blocks_logits._fused_logits
-
-    def rows_f32(*args: Any) -> Any:
-        calls.append(len(args[0]))
-        return real.rows_f32(*args)
-
-    fake = types.SimpleNamespace(rows_f32=rows_f32, available=real.available)
-    monkeypatch.setattr(_blocks_logits, "_fused_logits", fake)
-    return calls
+    return spy_kernel_rows(monkeypatch, _blocks_logits, "_fused_logits", "rows_f32")
 
 
 def logits(shape: tuple[int, ...], seed: int, spread: float = 3.0) -> tuple[np.ndarray, ...]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import misaligned, setenv
+from _support import misaligned, setenv, spy_kernel_rows
 
 import kldiv_spec
 from kldiv_spec import _core_logits, kl_div_from_logits, kl_div_from_logits_backward
@@ -76,16 +76,7 @@ FUSED_ENV = "KLDIV_SPEC_NUMPY_FUSED"
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the rows of every block the compiled kernel evaluates."""
-    calls: list[int] = []
-    real = _blocks_jsd._fused_jsd
-
-    def rows_f32(*args: Any) -> Any:
-        calls.append(len(args[0]))
-        return real.rows_f32(*args)
-
-    fake = types.SimpleNamespace(rows_f32=rows_f32, available=real.available)
-    monkeypatch.setattr(_blocks_jsd, "_fused_jsd", fake)
-    return calls
+    return spy_kernel_rows(monkeypatch, _blocks_jsd, "_fused_jsd", "rows_f32")
 
 
 def logits(shape: tuple[int, ...], seed: int, spread: float = 3.0) -> tuple[np.ndarray, ...]:
