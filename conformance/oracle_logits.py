@@ -244,9 +244,10 @@ def from_logits(
     for i in range(rows):
         lq, lse_s = _log_softmax_row(list(s2[i]), temp, work)
         lp, lse_t = _log_softmax_row(list(t2[i]), temp, work)
-        kind = "mixture" if beta is not None else direction
-        comp_grad_nan[i, :] = _composition_gradient_nan_row(lq, lp, kept[i], kind, work)
-        comp_target_nan[i, :] = _composition_teacher_nan_row(lq, lp, kept[i], kind, work)
+        kl = beta is None
+        student, teacher = direction == "reverse" or not kl, direction == "forward" or not kl
+        comp_grad_nan[i, :] = _composition_nan_row(lq, lp, kept[i], student, kl, work)
+        comp_target_nan[i, :] = _composition_nan_row(lp, lq, kept[i], teacher, kl, work)
         if not kept[i]:
             continue
         if beta is not None:
@@ -397,57 +398,35 @@ def _rounds_to_zero(v: Any, work: np.dtype) -> bool:
     return (not mp.isnan(v)) and np.asarray(float(v), np.float64).astype(work) == 0
 
 
-def _composition_gradient_nan_row(
-    lq: list[Any], lp: list[Any], kept: bool, kind: str, work: np.dtype
+def _composition_nan_row(
+    own: list[Any], other: list[Any], kept: bool, weights: bool, kl: bool, work: np.dtype
 ) -> bool:
-    r"""Whether PyTorch's composition's student gradient is NaN across a row, the spec's not.
+    r"""Whether the composition's gradient w.r.t. one side is NaN across a row, the spec's not.
 
-    - Where the student's distribution weights terms (reverse, and the generalised
-      JSD's :math:`(1 - \beta)\,\mathrm{KL}(q \,\|\, m)`), a class the student
-      excludes: ``kl_div(log p, q)``'s derivative w.r.t. :math:`q_j = 0` is ``-inf``
-      (:math:`\log 0`; with ``log_target=True``, :math:`e^{\log q_j}(\log q_j - \log m_j)`
-      gives :math:`0 \cdot \infty`), and the softmax's backward sums :math:`q_j` times
-      it: NaN, in kept and dropped rows (a mask's zero upstream gradient times ``-inf``
-      is NaN too).
+    ``own`` and ``other`` are that side's log-probabilities and the other side's;
+    ``weights`` says whether that side's distribution weights terms (the student in
+    reverse, the teacher forward, both in the generalised JSD), ``kl`` whether the
+    call is a KL (not the mixture).
+
+    - Where the side weights terms, a class it excludes: ``kl_div``'s derivative
+      w.r.t. :math:`w_j = 0` is ``-inf`` (:math:`\log 0`; with ``log_target=True``,
+      :math:`e^{\log w_j}(\log w_j - \log m_j)` gives :math:`0 \cdot \infty`), and the
+      softmax's backward sums :math:`w_j` times it: NaN, in kept and dropped rows (a
+      mask's zero upstream gradient times ``-inf`` is NaN too).
     - A dropped row without a softmax (NaN, ``+inf``, a side of ``-inf`` only): the
       mask's zero upstream gradient meets the row's NaN in the log-softmax's
-      backward; in reverse also a dropped row where the teacher excludes a class
-      (the zero upstream gradient times :math:`-\log p_j = \infty`). The
+      backward; for a KL also a dropped row where the other side excludes a class
+      (the zero upstream gradient times :math:`-\log o_j = \infty`). The
       specification gives the dropped row zero gradients.
-
-    ``kind``: ``'forward'``, ``'reverse'`` or ``'mixture'`` (``beta`` inside (0, 1)).
     """
     mp = _mp()
-    if any(mp.isnan(v) for v in lq + lp):
+    if any(mp.isnan(v) for v in own + other):
         return not kept
-    if kind == "forward":
+    if not weights:
         return False
-    if any(_rounds_to_zero(mp.exp(v), work) for v in lq):
+    if any(_rounds_to_zero(mp.exp(v), work) for v in own):
         return True
-    return kind == "reverse" and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in lp)
-
-
-def _composition_teacher_nan_row(
-    lq: list[Any], lp: list[Any], kept: bool, kind: str, work: np.dtype
-) -> bool:
-    r"""Whether the composition's teacher gradient is NaN across a row, the spec's not.
-
-    The student's rule (:func:`_composition_gradient_nan_row`) with the roles
-    swapped: forward (and in the mixture, :math:`\beta\,\mathrm{KL}(p \,\|\, m)`) the
-    teacher's distribution weights the terms, so a class it excludes makes the
-    derivative w.r.t. :math:`p_j = 0` infinite and the softmax's backward NaN across
-    the row (kept or dropped); a dropped forward row where the student excludes a
-    class (the mask's 0 times :math:`-\log q_j = \infty`), and a dropped row without a
-    softmax.
-    """
-    mp = _mp()
-    if any(mp.isnan(v) for v in lq + lp):
-        return not kept
-    if kind == "reverse":
-        return False
-    if any(_rounds_to_zero(mp.exp(v), work) for v in lp):
-        return True
-    return kind == "forward" and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in lq)
+    return kl and not kept and any(_rounds_to_zero(mp.exp(v), work) for v in other)
 
 
 def _jsd_row(
@@ -607,7 +586,7 @@ def composition_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
     r"""Where PyTorch's composition's student gradient is NaN and the specification's is not.
 
     A bool array of the logits' shape, True across the rows where the composition's
-    gradient is NaN (:func:`_composition_gradient_nan_row`: in reverse or the
+    gradient is NaN (:func:`_composition_nan_row`: in reverse or the
     generalised JSD, a class the student excludes; a dropped row without a
     softmax) and the specification's value is not: 0 at the excluded classes and
     the chain rule's value at the others, zero gradients in dropped rows.
@@ -620,7 +599,7 @@ def composition_teacher_gradient_nan(exact: ExactLogits, /) -> np.ndarray:
     """Where PyTorch's composition's teacher gradient is NaN and the specification's is not.
 
     :func:`composition_gradient_nan` for the teacher's logits
-    (:func:`_composition_teacher_nan_row`).
+    (:func:`_composition_nan_row`, the sides swapped).
     """
     nan = _or_false(exact.composition_target_grad_nan, exact.terms)
     return nan & ~np.isnan(np.asarray(exact.grad_target, np.float64))
