@@ -100,11 +100,15 @@ def _worker(rank: int, nprocs: int, init: str) -> None:
                 msg = f"rank {rank}, case {case}: {name} differs by {(a - b).abs().max()}"
                 raise AssertionError(msg)
     print(f"rank {rank}: OK ({len(CASES)} cases)", flush=True)
+    # No rank tears its connections down while another may still be finishing the last
+    # collective's traffic: gloo aborts a process whose peer closes under it.
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def main() -> None:
     nprocs, folder = int(sys.argv[1]), Path(sys.argv[2])
+    folder.mkdir(parents=True, exist_ok=True)
     init = f"file://{folder / 'rendezvous'}"
     mp.spawn(_worker, args=(nprocs, init), nprocs=nprocs, join=True)
 

@@ -720,18 +720,36 @@ def test_the_from_hidden_conformance_properties_pass(backend):
 # --------------------------------------------------------------------------- sharded
 
 
+def _sharded_check(nprocs: int, folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_hidden_sharded_check.py"), str(nprocs),
+         str(folder)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _died_in_teardown(done: subprocess.CompletedProcess, nprocs: int) -> bool:
+    """Every rank passed every check, then a worker was killed by a signal on the way out."""
+    all_ok = all(f"rank {rank}: OK (5 cases)" in done.stdout for rank in range(nprocs))
+    return done.returncode != 0 and all_ok and "terminated with signal" in done.stderr
+
+
 @pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_the_class_sharded_form_equals_one_process(nprocs, tmp_path):
-    """Weights sharded over the classes on 2 and 4 gloo processes: one process's results."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_hidden_sharded_check.py"), str(nprocs),
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
+    """Weights sharded over the classes on 2 and 4 gloo processes: one process's results.
+
+    A worker that gloo aborts while the process group is torn down, after every rank
+    has printed its OK, is a fault of the teardown, not of the sharded loss (seen once
+    in CI on a loaded 2-core machine): the check runs once more, and a second such
+    exit fails the test. A wrong value raises before any OK is printed.
+    """
+    done = _sharded_check(nprocs, tmp_path / "first")
+    if _died_in_teardown(done, nprocs):
+        done = _sharded_check(nprocs, tmp_path / "second")
     assert done.returncode == 0, done.stdout + done.stderr
     for rank in range(nprocs):
         assert f"rank {rank}: OK (5 cases)" in done.stdout
