@@ -1010,8 +1010,16 @@ def _teacher_moves(case: Case, g: Any) -> bool:
 
 
 def _check_gradient(
-    ctx: Context, case: Case, *, strict: bool = True, teacher: bool = False
+    ctx: Context, case: Case, *, strict: bool = False, teacher: bool = False
 ) -> None:
+    """Judge one call's student (or ``teacher``) gradient against the oracle.
+
+    Without ``strict`` (MUST) PyTorch's composition's NaN is accepted where it
+    differs (:func:`oracle_logits.composition_gradient_nan`: a class the weighting
+    side excludes, or whose probability rounds to 0 at the working precision, e.g.
+    float32 logits 200 apart); ``strict`` (the SHOULD properties) wants the
+    specification's number there.
+    """
     g = grad_output(case)
     got = _logits_gradient(ctx, case, g, teacher)
     # judged at the forward's precision too: a float32 loss of float64 logits has a
@@ -1033,7 +1041,10 @@ def _check_gradient(
 
 @register(
     "gradients.logits_oracle",
-    "the gradient w.r.t. the student logits agrees with the exact oracle within its bound",
+    "the gradient w.r.t. the student logits agrees with the exact oracle within its bound "
+    "(PyTorch's composition's NaN accepted across a row where a probability of the "
+    "weighting side is 0 or rounds to 0, e.g. float32 logits 200 apart in reverse; "
+    "gradients.logits_edge_numbers asks for the number)",
     strategy=logits_strategy,
     applies=needs_function("from_logits"),
     examples_scale=0.5,
@@ -1055,7 +1066,7 @@ def _logits_gradients(ctx: Context, case: Case) -> None:
     subject="from_logits",
 )
 def _logits_edge_gradients(ctx: Context, case: Case) -> None:
-    _check_gradient(ctx, case, strict=False)
+    _check_gradient(ctx, case)
 
 
 def _teacher_cases(ctx: Context) -> list[Case]:
@@ -1085,7 +1096,7 @@ def _teacher_cases(ctx: Context) -> list[Case]:
     subject="from_logits",
 )
 def _logits_teacher_gradient(ctx: Context, case: Case) -> None:
-    _check_gradient(ctx, case, strict=False, teacher=True)
+    _check_gradient(ctx, case, teacher=True)
 
 
 @register(
@@ -1101,7 +1112,7 @@ def _logits_teacher_gradient(ctx: Context, case: Case) -> None:
     subject="from_logits",
 )
 def _logits_edge_numbers(ctx: Context, case: Case) -> None:
-    _check_gradient(ctx, case)
+    _check_gradient(ctx, case, strict=True)
 
 
 @register(
@@ -1116,7 +1127,7 @@ def _logits_edge_numbers(ctx: Context, case: Case) -> None:
     subject="from_logits",
 )
 def _logits_teacher_edge_numbers(ctx: Context, case: Case) -> None:
-    _check_gradient(ctx, case, teacher=True)
+    _check_gradient(ctx, case, strict=True, teacher=True)
 
 
 @register(

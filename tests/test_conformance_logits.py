@@ -276,6 +276,36 @@ def test_the_liger_convention_at_beta_0_and_1_is_the_kl():
     assert {v for k, v in status.items() if "axis" in k} == {"n/a"}
 
 
+def test_a_probability_that_rounds_to_zero_is_the_compositions_nan_at_must_a_number_at_should():
+    """Found by gradients.logits_oracle at 15 examples: float32 logits about 180 apart.
+
+    Reverse KL at T = 0.5: the student's second probability, exp(-368), rounds to 0 in
+    float32, and PyTorch's composition multiplies it by log 0 in its backward (NaN
+    across the row). The exact gradient is a number, which the strict (SHOULD)
+    judgement asks for; the MUST judgement accepts the composition's NaN there.
+    """
+    from kldiv_spec.conformance import checks_logits as judge
+    from kldiv_spec.conformance import oracle_logits as oracle
+
+    s = np.asarray([[81.63676452636719, -102.22660064697266]], np.float32)
+    t = np.asarray([[98.3607177734375, -124.93738555908203]], np.float32)
+    g = np.asarray([[0.5, 1.5]], np.float32)
+    kw = dict(reduction="none", temperature=0.5, direction="reverse")
+    exact = oracle.from_logits(s, t, grad_output=g, **kw)
+    assert np.isfinite(np.asarray(exact.grad_input, np.float64)).all()
+    assert oracle.composition_gradient_nan(exact).all()
+    nan = np.full(s.shape, np.nan, np.float32)
+    judge.assert_from_logits_gradient(nan, s, t, grad_output=g, strict=False, **kw)
+    with pytest.raises(AssertionError):
+        judge.assert_from_logits_gradient(nan, s, t, grad_output=g, **kw)
+    want = np.asarray(exact.grad_input, np.float32)
+    judge.assert_from_logits_gradient(want, s, t, grad_output=g, **kw)
+    # a NaN where the composition gives a number is still wrong at MUST
+    finite_row = np.asarray([[1.0, 0.0]], np.float32)
+    with pytest.raises(AssertionError):
+        judge.assert_from_logits_gradient(nan, finite_row, t, grad_output=g, strict=False, **kw)
+
+
 def test_the_style_adapters_wrap_a_users_loss():
     """A class is instantiated (with beta= for Liger); a Liger function gets beta=."""
     _torch()
