@@ -165,8 +165,6 @@ def peers(session: nox.Session) -> None:
         "kldiv-spec",
         "check",
         *[f"--impl=peer:{name}" for name in names],
-        "--max-examples",
-        "5",
         "--no-shrink",
         "--quiet",
         "--markdown",

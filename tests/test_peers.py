@@ -685,6 +685,32 @@ def test_optax_infinite_target_gives_inf_where_pytorch_gives_nan():
     assert math.isnan(float(ref))
 
 
+@_needs("optax", "jax")
+def test_optax_target_gradient_loses_the_one_at_the_smallest_normal_float32():
+    """Found by gradients.target at 15 examples: t = 2**-126 (float32), upstream 0.75.
+
+    The derivative of t (log t - x) is log t + 1 - x. optax writes
+    ``targets * log(targets)``, whose backward sends ``g * t`` into log's backward,
+    ``(g * t) / t``: here ``0.75 * 2**-126`` is subnormal, XLA's CPU flushes it to 0,
+    and the ``+ 1`` is lost (an error of g = 0.75). PyTorch's kl_div gives the exact value.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    impl = peers.optax_kl_divergence()
+    x = np.full((1, 2), -0.6931471824645996, np.float32)
+    t = np.asarray([[2.0**-126, 1.0]], np.float32)
+    g = 0.75
+    _, vjp = jax.vjp(lambda a, b: impl(a, b, reduction="sum"), jnp.asarray(x), jnp.asarray(t))
+    got = np.asarray(vjp(jnp.asarray(g, jnp.float32))[1])
+    exact = g * (math.log(2.0**-126) + 1 - float(x[0, 0]))  # -64.2325...
+    assert float(got[0, 0]) == pytest.approx(exact - g, rel=1e-6)  # g (log t - x): no + 1
+    assert float(jax.jit(jnp.multiply)(jnp.float32(g), jnp.float32(2.0**-126))) == 0.0
+    tt = torch.tensor(t, requires_grad=True)
+    (ref,) = torch.autograd.grad(F.kl_div(torch.tensor(x), tt, reduction="sum") * g, tt)
+    assert float(ref[0, 0]) == pytest.approx(exact, rel=1e-6)
+
+
 @_needs("torchmetrics")
 def test_torchmetrics_renormalises_the_rows():
     impl = peers.torchmetrics_kl_divergence()
