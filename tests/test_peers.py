@@ -686,26 +686,35 @@ def test_optax_infinite_target_gives_inf_where_pytorch_gives_nan():
 
 
 @_needs("optax", "jax")
-def test_optax_target_gradient_loses_the_one_at_the_smallest_normal_float32():
-    """Found by gradients.target at 15 examples: t = 2**-126 (float32), upstream 0.75.
+@pytest.mark.parametrize(("dtype", "tiny"), [(np.float32, 2.0**-126), (np.float64, 2.0**-1022)])
+def test_optax_target_gradient_loses_the_one_at_the_smallest_normal(dtype, tiny):
+    """Found by gradients.target at 15 examples: t the smallest normal, upstream 0.75.
 
     The derivative of t (log t - x) is log t + 1 - x. optax writes
     ``targets * log(targets)``, whose backward sends ``g * t`` into log's backward,
-    ``(g * t) / t``: here ``0.75 * 2**-126`` is subnormal, XLA's CPU flushes it to 0,
-    and the ``+ 1`` is lost (an error of g = 0.75). PyTorch's kl_div gives the exact value.
+    ``(g * t) / t``: here ``0.75 * t`` is subnormal, XLA's CPU flushes it to 0, and
+    the ``+ 1`` is lost (an error of g = 0.75). PyTorch's kl_div gives the exact value.
     """
     import jax
     import jax.numpy as jnp
 
+    from kldiv_spec.conformance import load_backend
+
+    backend = load_backend("jax")  # float64 enabled, as the suite runs it
     impl = peers.optax_kl_divergence()
-    x = np.full((1, 2), -0.6931471824645996, np.float32)
-    t = np.asarray([[2.0**-126, 1.0]], np.float32)
+    x = np.full((1, 2), -0.6931471824645996, dtype)
+    t = np.asarray([[tiny, 1.0]], dtype)
     g = 0.75
-    _, vjp = jax.vjp(lambda a, b: impl(a, b, reduction="sum"), jnp.asarray(x), jnp.asarray(t))
-    got = np.asarray(vjp(jnp.asarray(g, jnp.float32))[1])
-    exact = g * (math.log(2.0**-126) + 1 - float(x[0, 0]))  # -64.2325...
+    out, vjp = jax.vjp(
+        lambda a, b: impl(a, b, reduction="sum"), backend.asarray(x), backend.asarray(t)
+    )
+    got = np.asarray(vjp(jnp.asarray(g, out.dtype))[1])
+    assert got.dtype == dtype
+    exact = g * (math.log(tiny) + 1 - float(x[0, 0]))
     assert float(got[0, 0]) == pytest.approx(exact - g, rel=1e-6)  # g (log t - x): no + 1
-    assert float(jax.jit(jnp.multiply)(jnp.float32(g), jnp.float32(2.0**-126))) == 0.0
+    product = jax.jit(jnp.multiply)(backend.asarray(np.asarray(g, dtype)), backend.asarray(t))
+    assert float(product[0, 0]) == 0.0  # flushed; NumPy's is subnormal
+    assert np.multiply(np.asarray(g, dtype), t)[0, 0] > 0
     tt = torch.tensor(t, requires_grad=True)
     (ref,) = torch.autograd.grad(F.kl_div(torch.tensor(x), tt, reduction="sum") * g, tt)
     assert float(ref[0, 0]) == pytest.approx(exact, rel=1e-6)
