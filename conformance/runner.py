@@ -7,13 +7,14 @@ counterexample and a copy-paste reproduction) or ``n/a`` (with the reason).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -880,6 +881,43 @@ def _settings(max_examples: int, shrink: bool) -> settings:
     )
 
 
+@contextlib.contextmanager
+def _seeded_draws_only() -> Iterator[None]:
+    """Make a seeded run's draws depend on the seed and the strategies alone.
+
+    Hypothesis (6.13x and later) draws, now and then, a literal constant collected
+    from every imported module outside site-packages: the checked implementation's
+    own module, a user's script, this package in an editable install. The same seed
+    then gives other cases on another machine, or after an unrelated edit to any of
+    them, and a verdict could not be replayed. Within the run the collection returns
+    nothing (Hypothesis's own constants still take part); where the internal hook is
+    absent (another Hypothesis version), nothing changes.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:  # pragma: no cover - a Hypothesis without providers
+        yield
+        return
+    original = getattr(providers, "_get_local_constants", None)
+    empty = getattr(providers, "Constants", None)
+    cache = getattr(providers, "CONSTANTS_CACHE", None)
+    if original is None or empty is None:
+        yield
+        return
+
+    def clear() -> None:
+        with contextlib.suppress(AttributeError):
+            cache.cache.clear()  # type: ignore[union-attr]
+
+    providers._get_local_constants = empty  # a fresh, empty set per call
+    clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
+        clear()
+
+
 def _describe_failure(exc: BaseException) -> str:
     text = str(exc).strip()
     if isinstance(exc, AssertionError) and text:
@@ -963,7 +1001,8 @@ def run_property(
             if seed is not None:
                 test = hypothesis_seed(seed)(test)
             try:
-                test()
+                with _seeded_draws_only():
+                    test()
             except Exception as exc:
                 if environment_failure(exc) is not None:
                     raise

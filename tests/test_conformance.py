@@ -449,3 +449,40 @@ def test_the_pytest_plugin_reports_an_unknown_backend_as_a_usage_error(tmp_path)
     assert done.returncode == 4, done.stdout + done.stderr
     assert "--kldiv-backend" in done.stderr and "no_such_library" in done.stderr
     assert "INTERNALERROR" not in done.stdout + done.stderr
+
+
+def test_a_seeded_run_draws_the_same_cases_whatever_local_modules_are_imported(tmp_path):
+    """Hypothesis draws literals from imported non-site-packages modules; the runner does not.
+
+    Without the runner's guard, importing a module full of float constants (a user's
+    script, an edited source file) changes the cases a seed gives, and with them the
+    verdicts (seen in this suite: a mutant caught by a drawn property at seed 0
+    escaped after an unrelated edit added constants).
+    """
+    import importlib
+    import sys
+
+    import kldiv_spec
+
+    def drawn() -> list[bytes]:
+        seen: list[bytes] = []
+
+        def fn(input, target, /, *, reduction="mean", log_target=False):
+            seen.append(np.asarray(target).tobytes())
+            return kldiv_spec.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+        impl = Implementation("recorder", fn, backends=("numpy",))
+        run(impl, "numpy", names=["math.zero_at_identity"], max_examples=25, shrink=False)
+        return seen
+
+    before = drawn()
+    floats = ", ".join(repr(v) for v in (1e-300, 2.5e-12, 0.123456789, 7.75, 1e-45, 3.0e38))
+    (tmp_path / "kl_local_constants.py").write_text(f"VALUES = ({floats})\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.import_module("kl_local_constants")
+        after = drawn()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kl_local_constants", None)
+    assert before and after == before

@@ -17,11 +17,21 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "batchmean_broadcast_rows": ("semantics.broadcast_divisors",),
     "batchmean_broadcast_rows_backward": ("gradients.broadcast_divisors",),
     "log_target_grad_zero_at_neg_inf": ("gradients.edge_values",),
-    "no_xlogy_mask": ("semantics.edge_values", "math.non_negative"),
+    # NaN at t = 0 makes a sum negative only where the draw has a zero target that
+    # xlogy would mask (3 of 6 seeds at 10 examples): math.non_negative is
+    # log_target_ignored's, which fails it on every seed
+    "no_xlogy_mask": ("semantics.edge_values",),
     "mask_nonpositive": ("semantics.edge_values", "semantics.edge_mixtures"),
-    "eps_clamp": ("semantics.edge_values", "accuracy.subnormal", "math.zero_at_identity"),
+    # max(t, 1e-10) breaks the identity only where p < 1e-10 is drawn (2 of 6 seeds at 10
+    # examples): math.zero_at_identity is log_target_ignored's, which fails it on every seed
+    "eps_clamp": ("semantics.edge_values", "accuracy.subnormal"),
     "zero_target_always_zero": ("semantics.edge_values",),
-    "log_target_ignored": ("accuracy.pointwise", "accuracy.large_support"),
+    "log_target_ignored": (
+        "accuracy.pointwise",
+        "accuracy.large_support",
+        "math.zero_at_identity",
+        "math.non_negative",
+    ),
     "exp_twice": ("accuracy.pointwise", "semantics.opinfo"),
     "float32_result": ("semantics.result",),
     "float16_pointwise": ("accuracy.pointwise", "accuracy.float32", "math.gibbs_pinsker"),
