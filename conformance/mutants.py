@@ -715,8 +715,9 @@ def _composition_backward(
     With :math:`w` the weighting distribution and :math:`o` the other:
     :math:`\partial/\partial \log o = -G w`, then the log-softmax's backward, and
     :math:`\partial/\partial w = G (\log w + 1 - \log o)`, ``-inf`` at
-    :math:`w_j = 0`, then the softmax's backward :math:`w \odot (h - \sum_j w_j h_j)`,
-    where :math:`0 \cdot \infty` makes the row NaN; a dropped row's :math:`G = 0`
+    :math:`w_j = 0` (an excluded class, or a probability that underflowed), then
+    the softmax's backward :math:`w \odot (h - \sum_j w_j h_j)`, where
+    :math:`0 \cdot \infty` makes the row NaN; a dropped row's :math:`G = 0`
     meets its NaN (no softmax) or that infinity. Returns the student's and the
     teacher's gradients.
     """
@@ -734,8 +735,10 @@ def _composition_backward(
         q, p = np.exp(log_q), np.exp(log_p)
         # kl_div(log o, w): d/dw = G (log w + 1 - log o), d/d(log o) = -G w; then the
         # softmax's and the log-softmax's backward
-        lw, lo, w, o = (log_p, log_q, p, q) if direction == "forward" else (log_q, log_p, q, p)
-        h = gg * (lw + 1 - lo)
+        lo, w, o = (log_q, p, q) if direction == "forward" else (log_p, q, p)
+        # kl_div's d/dw is log(w) + 1 - log o at the softmax's output w: -inf where w
+        # is 0, also where it underflowed from a finite logit
+        h = gg * (np.log(w) + 1 - lo)
         grad_w = w * (h - np.sum(w * h, axis=-1, keepdims=True))
         d_log_o = -gg * w
         grad_o = d_log_o - o * np.sum(d_log_o, axis=-1, keepdims=True)
@@ -935,6 +938,35 @@ def _hidden_bias_grad_dropped(g: Any, *operands: Any, **options: Any) -> Any:
     return grad_h, grad_w, None if grad_b is None else np.zeros_like(grad_b)
 
 
+def _hidden_composition_backward(
+    g: Any,
+    h_s: Any,
+    w_s: Any,
+    h_t: Any,
+    w_t: Any,
+    /,
+    *,
+    student_bias: Any = None,
+    teacher_bias: Any = None,
+    **options: Any,
+) -> Any:
+    """Return the chain rule of PyTorch's composition's logit gradient (its NaN rows too).
+
+    :func:`_composition_backward` at the logits ``h W.T + b``, then ``G W_s``,
+    ``G_2.T h_2`` and ``sum G_2``: a NaN row of ``G`` spreads through the sums.
+    """
+    s = np.asarray(hidden_reference.logits(h_s, w_s, student_bias))
+    t = np.asarray(hidden_reference.logits(h_t, w_t, teacher_bias))
+    grad_s = np.asarray(_composition_backward(g, s, t, **options)[0])
+    vocab, width = np.shape(w_s)
+    g2, h2 = grad_s.reshape(-1, vocab), np.asarray(h_s).reshape(-1, width)
+    with np.errstate(invalid="ignore"):
+        grad_h = (grad_s @ np.asarray(w_s)).astype(grad_s.dtype)
+        grad_w = (g2.T @ h2).astype(grad_s.dtype)
+        grad_b = None if student_bias is None else g2.sum(axis=0).astype(grad_s.dtype)
+    return grad_h, grad_w, grad_b
+
+
 def _chunk_divisor(reduction: str, lead: tuple[int, ...], vocab: int, kept: np.ndarray) -> int:
     """Return the divisor of ``reduction`` over rows ``kept`` (of leading shape ``lead``)."""
     if reduction == "mean":
@@ -1043,6 +1075,14 @@ _HIDDEN = [
         _hidden_chunked,
         "from hidden states: rows in two chunks, the second's sum divided by its own count "
         "(a chunked mean gone wrong)",
+    ),
+    _hidden_m(
+        "hidden_composition",
+        hidden_reference.from_hidden,
+        "from hidden states: the student gradients of PyTorch's composition (the logits, "
+        "then T**2 * kl_div(log_softmax, softmax)): NaN across a row whose smallest "
+        "probability rounds to 0 in reverse, and in the whole weight's gradient",
+        _hidden_composition_backward,
     ),
     _hidden_m(
         "hidden_float32_result",

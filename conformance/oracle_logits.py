@@ -175,6 +175,7 @@ def from_logits(
     grad_output: np.ndarray | float = 1.0,
     beta: float | None = None,
     symmetric: float | None = None,
+    working: Any = None,
 ) -> ExactLogits:
     r"""Return the exact terms and gradients of ``kl_div_from_logits`` for NumPy logits.
 
@@ -187,6 +188,12 @@ def from_logits(
     (not None) gives the generalised Jensen-Shannon divergence
     (:func:`_jsd_row`); ``beta=0`` is the forward KL and ``beta=1`` the reverse
     KL, whatever ``direction`` says.
+
+    ``working`` is the dtype the checked computation runs in (default: the logits'
+    dtype; half precision runs in float32). It decides which quotients by ``T``
+    overflow and which probabilities round to 0 (a weight of 0, and where PyTorch's
+    composition gives NaN): exact float64 logits of a float32 computation (the
+    from-hidden oracle's) are judged at float32.
     """
     if symmetric is not None:
         options = {
@@ -196,6 +203,7 @@ def from_logits(
             "scale_by_temperature_squared": scale_by_temperature_squared,
             "mask": mask,
             "grad_output": grad_output,
+            "working": working,
         }
         forward = from_logits(input, target, direction="forward", **options)
         reverse = from_logits(input, target, direction="reverse", **options)
@@ -206,7 +214,7 @@ def from_logits(
             direction, beta = ("forward" if beta == 0.0 else "reverse"), None
     mp = _mp()
     dtype = np.result_type(input.dtype, target.dtype)
-    work = _working(dtype)
+    work = _working(dtype if working is None else working)
     shape = input.shape
     ax = axis % input.ndim
     s2 = np.moveaxis(input.astype(np.float64), ax, -1).reshape(-1, shape[ax])

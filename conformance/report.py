@@ -135,7 +135,8 @@ def cause(outcome: Outcome, /) -> str:
         return kind
     what = "loss"
     grad = re.search(
-        r"gradient w\.r\.t\. (input|target|the student logits|the teacher logits|mu|logvar)",
+        r"gradient w\.r\.t\. (input|target|the student logits|the teacher logits|mu|logvar"
+        r"|the student hidden|the student weight|the student bias)",
         reason,
     )
     if grad is not None:

@@ -53,6 +53,7 @@ def test_every_property_has_a_requirement_level():
         "semantics.logits_fully_masked",
         "gradients.logits_edge_numbers",
         "gradients.logits_teacher_edge_numbers",
+        "gradients.hidden_edge_numbers",
         "gradients.hidden_teacher_frozen",
     }
 

@@ -90,6 +90,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     "gaussian_grad_no_half": ("gradients.gaussian_oracle",),
     # from hidden states and output weights (a from_hidden function only)
     "hidden_bias_grad_dropped": ("gradients.hidden_oracle",),
+    "hidden_composition": ("gradients.hidden_edge_numbers",),
     "hidden_chunk_divisor": (
         "accuracy.hidden_oracle",
         "accuracy.hidden_options",
