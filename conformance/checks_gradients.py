@@ -236,6 +236,38 @@ def _grad_edge_values(ctx: Context, case: Case) -> None:
     _compare_both(ctx, case)
 
 
+def _tiny_target_cases(ctx: Context) -> list[Case]:
+    r"""Targets at and just above the smallest normal number, float32 and float64.
+
+    ``g / D`` times such a target is subnormal (g = 0.75, and 0.5 to 2.5 for
+    'none'), so a backward that forms ``g * t`` (the product rule through ``log t``'s
+    backward, ``(g t) / t``) on a machine that flushes subnormals to zero (XLA's
+    CPU) loses the ``+ 1`` of :math:`\partial_t\, t \log t`. The exact gradient is
+    ``g (log t + 1 - x) / D``, as PyTorch's kl_div gives it.
+    """
+    if False not in ctx.log_targets:
+        raise NotApplicable(f"{ctx.impl.name} takes log-targets only")
+    cases = []
+    for dtype in FLOATS:
+        tiny = float(np.finfo(dtype).smallest_normal)
+        t = np.asarray([[tiny, 1.25 * tiny], [3.0 * tiny, 0.5]], dtype)
+        x = np.asarray([[-0.6931471805599453, -1.0986122886681098], [-0.25, -0.6931471805599453]])
+        for reduction in ctx.reductions:
+            cases.append(Case(x.astype(dtype), t, reduction, False))
+    return cases
+
+
+@register(
+    "gradients.tiny_targets",
+    "both gradients where g t / D is subnormal (targets at the smallest normal number, "
+    "float32 and float64): d/d target keeps the + 1 of d(t log t)/dt",
+    cases=_tiny_target_cases,
+    applies=_applies,
+)
+def _grad_tiny_targets(ctx: Context, case: Case) -> None:
+    _compare_both(ctx, case)
+
+
 @register(
     "gradients.broadcast_divisors",
     "both gradients on the fixed broadcasts of semantics.broadcast_divisors: divided by "

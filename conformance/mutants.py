@@ -129,6 +129,31 @@ def _backward(flip_target: bool = False, no_sum: bool = False) -> Fn:
     return backward
 
 
+def _flushed_product_backward(
+    g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
+) -> Any:
+    """Return the target gradient as autograd forms ``t * log(t) - t * x``, subnormals flushed.
+
+    ``g (log t - x) + flush(g t) / t``: the product rule through ``log t``'s backward on
+    a machine that flushes subnormal results to zero (optax's kl_divergence on XLA's
+    CPU), where ``g t`` below the smallest normal number loses the ``+ 1``.
+    """
+    gx, gt = numpy_impl.kl_div_backward(g, input, target, reduction, log_target)
+    if log_target:
+        return gx, gt
+    x, t = np.asarray(input), np.asarray(target)
+    shape = np.broadcast_shapes(x.shape, t.shape)
+    if shape != t.shape:
+        return gx, gt
+    with np.errstate(all="ignore"):
+        gd = np.asarray(g, t.dtype) / t.dtype.type(numpy_impl._divisor(reduction, x, shape))
+        gt_t = gd * t
+        gt_t = np.where(np.abs(gt_t) < np.finfo(t.dtype).smallest_normal, 0, gt_t)
+        flushed = gd * (np.log(t) - x) + gt_t / t
+        gt = np.where((t > 0) & (t < np.inf), flushed, gt).astype(t.dtype)
+    return gx, gt
+
+
 def _rows_backward(
     g: Any, input: Any, target: Any, reduction: str = "mean", log_target: bool = False
 ) -> Any:
@@ -361,6 +386,12 @@ _LIST = [
     _m("no_xlogy_mask", _forward(pointwise=_no_xlogy_mask), description="t = 0 gives NaN"),
     _m("mask_nonpositive", _forward(pointwise=_zero_mask), description="t <= 0 gives 0 (paddle)"),
     _m("eps_clamp", _forward(pointwise=_clamped), description="max(t, 1e-10) (Keras/Liger)"),
+    _m(
+        "flushed_product_target_grad",
+        _forward(),
+        _flushed_product_backward,
+        description="d/d target through (g t) / t with subnormal g t flushed to 0 (optax on XLA)",
+    ),
     _m(
         "zero_target_always_zero",
         _forward(pointwise=_optax_like),

@@ -25,6 +25,7 @@ CAUGHT_BY: dict[str, tuple[str, ...]] = {
     # max(t, 1e-10) breaks the identity only where p < 1e-10 is drawn (2 of 6 seeds at 10
     # examples): math.zero_at_identity is log_target_ignored's, which fails it on every seed
     "eps_clamp": ("semantics.edge_values", "accuracy.subnormal"),
+    "flushed_product_target_grad": ("gradients.tiny_targets",),
     "zero_target_always_zero": ("semantics.edge_values",),
     "log_target_ignored": (
         "accuracy.pointwise",
