@@ -196,8 +196,10 @@ def test_adapters_map_any_shape_to_rows(library, shapes, two_d, want):
 @pytest.mark.parametrize(
     ("adapter", "library", "backend", "fails"),
     [
-        # optax follows PyTorch except where the target is infinite (inf, not NaN).
-        ("optax", "optax", "jax", {"semantics.edge_values"}),
+        # optax follows PyTorch except where the target is infinite (inf, not NaN) and
+        # where g t / D is subnormal (XLA flushes it, and the target gradient loses its
+        # + 1: tests/test_peers.py)
+        ("optax", "optax", "jax", {"semantics.edge_values", "gradients.tiny_targets"}),
         # torchmetrics renormalises p and q, which changes values and gradients.
         ("torchmetrics", "torchmetrics", "torch", {"gradients.input", "semantics.edge_values"}),
     ],
