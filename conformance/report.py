@@ -122,6 +122,10 @@ _KINDS = (
 )
 
 
+#: A failure that is an exception's description (``Name: message``), not a comparison.
+_EXCEPTION = re.compile(r"^([A-Z]\w*(?:Error|Exception)): ")
+
+
 def cause(outcome: Outcome, /) -> str:
     """Return a short description of what ``outcome``'s failure is about (its cause key).
 
@@ -130,6 +134,12 @@ def cause(outcome: Outcome, /) -> str:
     reduction. Failures with the same key are most likely one bug.
     """
     reason = outcome.reason
+    raised = _EXCEPTION.match(reason)
+    if raised is not None:  # the call (or the gradient) raised where a value was due
+        reduction = re.search(r"reduction='(\w+)'", outcome.reproduction)
+        where = f", reduction={reduction.group(1)!r}" if reduction else ""
+        of = "gradient" if outcome.group == "gradients" else "call"
+        return f"{raised.group(1)} from the {of}{where}"
     kind = next((k for word, k in _KINDS if word in reason), "values")
     if kind in ("errors", "warnings", "side effects", "device"):
         return kind

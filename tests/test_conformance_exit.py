@@ -304,3 +304,20 @@ def test_version_and_python_m():
     assert done.returncode == 0
     assert done.stdout.strip() == f"kldiv-spec {kldiv_spec.__version__}"
     assert kldiv_spec_main(["-V"]) == 0
+
+
+def test_an_exception_is_its_own_cause_not_a_wrong_value():
+    """torchtune's fully masked loss is a constant: taking its gradient raises."""
+    from kldiv_spec.conformance.report import cause
+    from kldiv_spec.conformance.runner import Outcome
+
+    reason = "RuntimeError: element 0 of tensors does not require grad and does not have a grad_fn"
+    raised = Outcome(
+        "gradients.logits_oracle", "gradients", "", "fail", reason=reason,
+        reproduction="kw = dict(reduction='rowmean', temperature=1.0)",
+    )  # fmt: skip
+    assert cause(raised) == "RuntimeError from the gradient, reduction='rowmean'"
+    call = Outcome("accuracy.logits_oracle", "accuracy", "", "fail", reason="ValueError: bad")
+    assert cause(call) == "ValueError from the call"
+    wrong = Outcome("gradients.input", "gradients", "", "fail", reason="gradient w.r.t. input: 1")
+    assert cause(wrong) == "values of the gradient w.r.t. input"
