@@ -40,7 +40,7 @@ import array_api_compat
 
 import kldiv_spec
 
-__all__ = ["from_hidden", "from_hidden_backward", "logits"]
+__all__ = ["chain_rule", "from_hidden", "from_hidden_backward", "logits"]
 
 
 def _namespace(*arrays: Any) -> Any:
@@ -182,10 +182,20 @@ def from_hidden_backward(
         ``(grad_hidden, grad_weight, grad_bias)``; ``grad_bias`` is None
         without a ``student_bias``. The teacher gets none.
     """
-    xp = _namespace(student_hidden, student_weight, student_bias)
     s = logits(student_hidden, student_weight, student_bias)
     t = logits(teacher_hidden, teacher_weight, teacher_bias)
     g, _ = kldiv_spec.kl_div_from_logits_backward(grad_output, s, t, **options)
+    return chain_rule(g, student_hidden, student_weight, student_bias)
+
+
+def chain_rule(g: Any, student_hidden: Any, student_weight: Any, student_bias: Any, /) -> Any:
+    r"""Carry a gradient ``g`` w.r.t. the student logits back to ``(h, W, b)``.
+
+    :math:`\partial_{h} = G W_s`, :math:`\partial_{W} = G_2^\top h_2` and
+    :math:`\partial_{b} = \sum_i G_{2,i}` (None without a bias), as
+    :func:`from_hidden_backward` does; a NaN row of ``g`` spreads through the sums.
+    """
+    xp = _namespace(g, student_hidden, student_weight, student_bias)
     vocab, width = student_weight.shape
     grad_hidden = xp.matmul(g, student_weight)
     g2 = xp.reshape(g, (-1, vocab))

@@ -983,19 +983,14 @@ def _hidden_composition_backward(
 ) -> Any:
     """Return the chain rule of PyTorch's composition's logit gradient (its NaN rows too).
 
-    :func:`_composition_backward` at the logits ``h W.T + b``, then ``G W_s``,
-    ``G_2.T h_2`` and ``sum G_2``: a NaN row of ``G`` spreads through the sums.
+    :func:`_composition_backward` at the logits ``h W.T + b``, carried back by
+    :func:`hidden_reference.chain_rule`: a NaN row of ``G`` spreads through the sums.
     """
     s = np.asarray(hidden_reference.logits(h_s, w_s, student_bias))
     t = np.asarray(hidden_reference.logits(h_t, w_t, teacher_bias))
     grad_s = np.asarray(_composition_backward(g, s, t, **options)[0])
-    vocab, width = np.shape(w_s)
-    g2, h2 = grad_s.reshape(-1, vocab), np.asarray(h_s).reshape(-1, width)
     with np.errstate(invalid="ignore"):
-        grad_h = (grad_s @ np.asarray(w_s)).astype(grad_s.dtype)
-        grad_w = (g2.T @ h2).astype(grad_s.dtype)
-        grad_b = None if student_bias is None else g2.sum(axis=0).astype(grad_s.dtype)
-    return grad_h, grad_w, grad_b
+        return hidden_reference.chain_rule(grad_s, h_s, w_s, student_bias)
 
 
 def _chunk_divisor(reduction: str, lead: tuple[int, ...], vocab: int, kept: np.ndarray) -> int:
