@@ -86,7 +86,13 @@ import kldiv_spec
 
 from . import oracle_logits as oracle
 from .assertions import dtype_name, to_numpy
-from .checks_logits import check_result, compare_values, failure_message, undeclared
+from .checks_logits import (
+    check_result,
+    compare_values,
+    failure_message,
+    gradient_precision,
+    undeclared,
+)
 from .context import Context
 from .properties import NotApplicable, register
 from .strategies import Case
@@ -1165,13 +1171,11 @@ def _check_hidden_gradient(ctx: Context, case: Case, /, *, strict: bool) -> None
     """
     g = _grad_output(case)
     grads = _student_gradients(ctx, case, g)
-    declared = [_compute_dtype(ctx), ctx.result_dtype]
-    found = [np.dtype(dtype_name(d)) for d in declared if d is not None]
     assert_from_hidden_gradient(
         grads,
         *_arrays(case),
         grad_output=g,
-        compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
+        compute_dtype=gradient_precision(ctx),
         strict=strict,
         **_keywords(case),
     )

@@ -104,6 +104,7 @@ __all__ = [
     "describe",
     "failure_message",
     "grad_output",
+    "gradient_precision",
     "needs_function",
     "require_function",
     "undeclared",
@@ -713,6 +714,18 @@ def _compute_dtype(ctx: Context) -> Any:
     return getattr(ctx.impl, "compute_dtype", None)
 
 
+def gradient_precision(ctx: Context) -> Any:
+    """Return the dtype a gradient is judged at besides its own: the least precise declared.
+
+    The implementation's ``compute_dtype`` and the dtype of the forward's result (read
+    after the gradient was taken): a float32 loss of float64 logits has a float64
+    gradient (autograd casts it back) computed in float32. None if neither is known.
+    """
+    declared = [_compute_dtype(ctx), ctx.result_dtype]
+    found = [np.dtype(dtype_name(d)) for d in declared if d is not None]
+    return min(found, key=lambda d: d.itemsize) if found else None
+
+
 def _check_value(ctx: Context, case: Case, /, *, strict: bool = False) -> None:
     """Judge one call's values at the precision of its result.
 
@@ -1022,17 +1035,13 @@ def _check_gradient(
     """
     g = grad_output(case)
     got = _logits_gradient(ctx, case, g, teacher)
-    # judged at the forward's precision too: a float32 loss of float64 logits has a
-    # float64 gradient (autograd casts it back) computed in float32
-    declared = [_compute_dtype(ctx), ctx.result_dtype]
-    found = [np.dtype(dtype_name(d)) for d in declared if d is not None]
     assert_from_logits_gradient(
         got,
         case.input,
         case.target,
         grad_output=g,
         mask=case.extra.get("mask"),
-        compute_dtype=min(found, key=lambda d: d.itemsize) if found else None,
+        compute_dtype=gradient_precision(ctx),
         strict=strict,
         teacher=teacher,
         **options_of(case),
