@@ -134,9 +134,11 @@ def cause(outcome: Outcome, /) -> str:
     reduction. Failures with the same key are most likely one bug.
     """
     reason = outcome.reason
+    reduction = re.search(r"reduction='(\w+)'", reason) or re.search(
+        r"reduction='(\w+)'", outcome.reproduction
+    )
     raised = _EXCEPTION.match(reason)
     if raised is not None:  # the call (or the gradient) raised where a value was due
-        reduction = re.search(r"reduction='(\w+)'", outcome.reproduction)
         where = f", reduction={reduction.group(1)!r}" if reduction else ""
         of = "gradient" if outcome.group == "gradients" else "call"
         return f"{raised.group(1)} from the {of}{where}"
@@ -151,9 +153,6 @@ def cause(outcome: Outcome, /) -> str:
     )
     if grad is not None:
         what = f"gradient w.r.t. {grad.group(1)}"
-    reduction = re.search(r"reduction='(\w+)'", reason) or re.search(
-        r"reduction='(\w+)'", outcome.reproduction
-    )
     where = f", reduction={reduction.group(1)!r}" if reduction and kind != "dtype" else ""
     # A recognised mistake ("it matches the cross-entropy") is a cause of its own.
     matches = _matched_mistake(reason)
