@@ -337,22 +337,30 @@ def from_logits(
     evaluation (0 - 0 where both exclude a class, NaN in rows without a
     softmax); the divergences returned are then 0. ``grad_out``, when given with a
     ``grad_scale``, is the gradient's buffer (C-contiguous, the shape and dtype of
-    ``s``, sharing no memory with ``s``, ``t`` or ``terms_out``): a caller walking
-    chunks reuses one buffer instead of page-faulting a fresh one per chunk.
+    ``s``, sharing no memory with ``t`` or ``terms_out``): a caller walking chunks
+    reuses one buffer instead of page-faulting a fresh one per chunk. It may be ``s``
+    itself (:func:`in_place`: the same memory, shape and strides), for a caller that
+    no longer needs the student's logits: where the compiled float32 kernel evaluates
+    the call (:func:`takes_in_place`) the gradient replaces them, the rows the
+    reference evaluates again read them first; elsewhere a fresh buffer holds it. Use
+    the gradient returned, never ``s``, afterwards.
     """
     rows, vocab = s.shape
     dt = s.dtype
     kl = np.zeros(rows, np.float64)
     grad = None
-    if grad_scale is not None:
-        grad = np.empty_like(s) if grad_out is None else checked_out(grad_out, s, t, terms_out)
-    forward = direction == "forward"
-    softmax_only = forward and not need_loss and grad is not None and terms_out is None
     wide = _wide(dt, temperature)
     # float64 logits, and wide ones on float64 copies of each block: the float64 kernel
     kernel = _float64_kernel(s, temperature)
     if kernel is None and not wide:
         kernel = _float32_kernel(s, temperature)
+    if grad_scale is not None:
+        if grad_out is None or (in_place(grad_out, s) and not takes_in_place(s, temperature)):
+            grad = np.empty_like(s)
+        else:
+            grad = checked_out(grad_out, s, t, terms_out)
+    forward = direction == "forward"
+    softmax_only = forward and not need_loss and grad is not None and terms_out is None
     cdt = np.dtype(np.float64) if wide else dt  # the ufuncs' dtype
     step = (
         rows_per_block(vocab)
@@ -460,10 +468,39 @@ def from_logits(
     return kl, grad
 
 
+def in_place(out: Any, s: np.ndarray, /) -> bool:
+    """Return whether ``out`` is ``s``'s memory exactly (the same start, shape, strides, dtype)."""
+    return (
+        type(out) is np.ndarray
+        and out.shape == s.shape
+        and out.strides == s.strides
+        and out.dtype == s.dtype
+        and out.__array_interface__["data"][0] == s.__array_interface__["data"][0]
+    )
+
+
+def takes_in_place(s: np.ndarray, temperature: float, /) -> bool:
+    """Return whether the gradient of ``s`` can replace it: the compiled float32 kernel.
+
+    Its passes keep their exponentials in scratch rows when the gradient's buffer is
+    the logits' (``backends/_fused_logits.c``); the ufuncs, the half-precision and
+    float64 kernels write theirs elsewhere.
+    """
+    return (
+        s.dtype == np.float32
+        and not _wide(s.dtype, temperature)
+        and _float32_kernel(s, temperature) is not None
+    )
+
+
 def checked_out(
     out: np.ndarray, s: np.ndarray, t: np.ndarray, terms_out: np.ndarray | None
 ) -> np.ndarray:
-    """Return ``out`` if it can hold the gradient of ``s``; raise ValueError otherwise."""
+    """Return ``out`` if it can hold the gradient of ``s``; raise ValueError otherwise.
+
+    ``out`` is ``s`` itself (:func:`in_place`) or shares no memory with the logits or
+    ``terms_out``.
+    """
     if type(out) is not np.ndarray or out.shape != s.shape or out.dtype != s.dtype:
         raise ValueError(
             f"grad_out must be an ndarray of shape {s.shape} and dtype {s.dtype}, "
@@ -471,9 +508,13 @@ def checked_out(
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("grad_out must be C-contiguous and writeable")
-    others = (s, t) if terms_out is None else (s, t, terms_out)
+    others = (t,) if in_place(out, s) else (s, t)
+    others += () if terms_out is None else (terms_out,)
     if any(np.shares_memory(out, a) for a in others):
-        raise ValueError("grad_out must not share memory with the logits or terms_out")
+        raise ValueError(
+            "grad_out must be the student's logits themselves or share no memory with "
+            "the logits or terms_out"
+        )
     return out
 
 

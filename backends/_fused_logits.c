@@ -57,6 +57,13 @@
  * the caller evaluates them again with the reference. Within the other rows nothing
  * overflows: x_s, x_t <= 0, so |d| <= max(|x_s|, |x_t|) where both are finite.
  *
+ * grad may be s itself (the same float32 buffer): the gradient then replaces the student's
+ * logits, as a caller that no longer needs them asks (the chunks of kl_div_from_hidden: 8
+ * bytes per class and row instead of 12). Such a call is staged as half precision is
+ * (below): both exponentials kept in scratch rows, each vector of s read in pass 3 before
+ * the gradient's is written over it, the rows kl_special_row settles evaluated on copies,
+ * and a redo row left as it was, its logits intact for the caller's second evaluation.
+ *
  * kl (a writable C-contiguous float64 buffer of one value per row, any alignment) receives
  * the rows' divergences. With kl None, only the forward gradient is computed (a backward
  * that needs no loss), in every row: there the natural IEEE evaluation already has the
@@ -550,10 +557,21 @@ KL_TARGET static void kl_rows_f32(const unsigned char *s, const unsigned char *t
                                   unsigned char *grad, unsigned char *terms,
                                   unsigned char *scratch, const kl_options *o);
 
-/* One half-precision row the passes cannot settle (a NaN or +inf logit, a row of -inf, a
- * class the weighting side keeps and the other excludes): widened exactly into float32
- * rows, evaluated by kl_rows_f32 (its special-row walk, or its redo marker), and its
- * gradient and terms rounded once to ``fmt``. ``work`` holds five rows of floats. */
+/* Whether the divergence stored at ``kl`` is the redo marker. */
+static int kl_is_redo(const unsigned char *kl)
+{
+    unsigned long long bits;
+    memcpy(&bits, kl, sizeof bits);
+    return bits == KL_REDO_BITS;
+}
+
+/* One staged row the passes cannot settle (a NaN or +inf logit, a row of -inf, a class the
+ * weighting side keeps and the other excludes): half precision, or float32 whose gradient
+ * replaces its logits (grad == s). Widened exactly into float32 rows (copied, for
+ * float32), evaluated by kl_rows_f32 (its special-row walk, or its redo marker), and its
+ * gradient and terms rounded once to ``fmt``. A redo row of a call in place keeps its
+ * logits (no NaN gradient written over them): the caller reads them again. ``work``
+ * holds five rows of floats. */
 KL_TARGET static void kl_row_widened(const unsigned char *s, const unsigned char *t,
                                      Py_ssize_t vocab, unsigned char *kl, unsigned char *grad,
                                      unsigned char *terms, unsigned char *work,
@@ -566,7 +584,7 @@ KL_TARGET static void kl_row_widened(const unsigned char *s, const unsigned char
     kl_widen(t, tf, vocab, fmt);
     kl_rows_f32(sf, tf, 1, vocab, kl, grad == NULL ? NULL : gf, terms == NULL ? NULL : ef,
                 scratch, o);
-    if (grad != NULL) {
+    if (grad != NULL && !(grad == s && kl_is_redo(kl))) {
         kl_narrow(gf, grad, vocab, fmt);
     }
     if (terms != NULL) {
@@ -586,6 +604,12 @@ KL_GENERIC void kl_rows_as(const unsigned char *s, const unsigned char *t, Py_ss
                            kl_format fmt)
 {
     const int half = fmt != KL_F32;
+    /* staged: the exponentials pass 3 needs live in scratch rows, and a row the passes
+     * cannot settle goes through kl_row_widened. Half precision (its outputs are too
+     * narrow to keep them), and a float32 gradient written over the student's logits
+     * (grad == s: the logits are read in pass 3, and kept for the reference in a redo
+     * row). */
+    const int staged = half || (grad != NULL && grad == s);
     const size_t row_bytes = (size_t)vocab * kl_format_size(fmt);
     const size_t float_row = (size_t)vocab * sizeof(float);
     float raw_max[2] = {-INFINITY, -INFINITY};
@@ -602,10 +626,10 @@ KL_GENERIC void kl_rows_as(const unsigned char *s, const unsigned char *t, Py_ss
          * half precision: both in scratch rows */
         unsigned char *es_out = NULL, *et_out = NULL;
         if (row.grad != NULL || (row.terms != NULL && o->reverse)) {
-            es_out = half ? scratch : row.grad != NULL ? row.grad : row.terms;
+            es_out = staged ? scratch : row.grad != NULL ? row.grad : row.terms;
         }
         if (!o->reverse && (row.grad != NULL || row.terms != NULL)) {
-            et_out = half ? scratch + float_row : row.grad != NULL ? scratch : row.terms;
+            et_out = staged ? scratch + float_row : row.grad != NULL ? scratch : row.terms;
         }
         row.es = es_out;
         row.et = et_out;
@@ -627,7 +651,7 @@ KL_GENERIC void kl_rows_as(const unsigned char *s, const unsigned char *t, Py_ss
         /* NaN or +inf logits (or a quotient z / T that overflows to +inf) make Z NaN: those
          * rows are the reference's. Otherwise Z is finite, and 0 only for a row of -inf. */
         int redo = !(isfinite(zs) && isfinite(zt));
-        if (half && (redo || !(zs > 0 && zt > 0 && isfinite(sw)))) {
+        if (staged && (redo || !(zs > 0 && zt > 0 && isfinite(sw)))) {
             kl_row_widened(row.s, row.t, vocab, kl + r * sizeof(double), row.grad, row.terms,
                            scratch + 2 * float_row, o, fmt);
             continue;
@@ -737,8 +761,11 @@ static PyObject *kl_rows_call(PyObject *const *args, kl_format element)
     }
 #if KL_X86
     unsigned char *scratch = NULL;
-    size_t scratch_rows = element == KL_F32 ? (kl_scratch_needed(&o, a.have_grad) ? 1 : 0)
-                                            : KL_HALF_WORK_ROWS;
+    /* a float32 gradient written over the student's logits is staged as half precision */
+    const int in_place = a.have_grad && a.grad.buf == a.s.buf;
+    size_t scratch_rows = element == KL_F32 && !in_place
+                              ? (kl_scratch_needed(&o, a.have_grad) ? 1 : 0)
+                              : KL_HALF_WORK_ROWS;
     if (scratch_rows > 0) {
         scratch = PyMem_RawMalloc(scratch_rows * (size_t)a.vocab * sizeof(float));
         if (scratch == NULL) {

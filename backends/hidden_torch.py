@@ -22,11 +22,18 @@ operands and the gradients: one chunk's temporaries (:func:`bytes_per_row` times
 chunk's rows, at most the memory budget) and, under autocast, the weights' copies in
 the autocast dtype.
 
+**The gradient over the student's logits.** Where the C kernel evaluates a chunk in
+float32 (:func:`gradient_in_place`), it writes the logits' gradient over the chunk's
+student logits, which it reads for the last time in that pass (bit for bit the values
+of a separate buffer: ``backends/_fused_logits.c``); elsewhere the gradient has a
+buffer of its own.
+
 **The chunk rule.** ``rows = clamp(budget // bytes_per_row(V), 1, R)``, evened out
 over the chunks (:func:`chunk_rows`): the budget divided by the bytes one row's
 temporaries take (both logits in the product's dtype, their copies in the kernel's
-dtype where it differs, the gradient, and its copy in the weight's dtype where it
-differs: 12 bytes per class for float32). The budget is ``memory_budget=`` when
+dtype where it differs, the gradient where it has its own buffer, and its copy in the
+weight's dtype where it differs: 8 bytes per class for float32 on the CPU, 12 with
+the gradient's own buffer). The budget is ``memory_budget=`` when
 given; by default the larger of :data:`DEFAULT_MEMORY_BUDGET` (128 MiB) and
 :data:`MIN_ROWS` (384) rows' worth, since the matrix products of fewer rows read the
 weights more often per row and run slower per row on a CPU (2x to 3x at 64 rows against
@@ -80,6 +87,7 @@ __all__ = [
     "MIN_ROWS",
     "bytes_per_row",
     "chunk_rows",
+    "gradient_in_place",
     "kl_div_from_hidden",
     "kl_div_from_hidden_backward",
     "on_triton",
@@ -122,16 +130,19 @@ def bytes_per_row(
     teacher_dtype: torch.dtype,
     kernel_dtype: torch.dtype,
     weight_dtype: torch.dtype,
+    gradient_in_place: bool = False,
 ) -> int:
     """Return the bytes of one row's temporaries in a chunk.
 
     The student's and the teacher's logits in their product dtypes, their copies in
-    ``kernel_dtype`` where it differs, the logits' gradient (``kernel_dtype``) and its
-    copies in ``weight_dtype`` and in the accumulation dtype (float32 for half-precision
-    weights) where they differ, for ``vocab`` classes.
+    ``kernel_dtype`` where it differs, the logits' gradient (``kernel_dtype``; none
+    with ``gradient_in_place``, written over the student's logits by the kernel:
+    :func:`gradient_in_place`) and its copies in ``weight_dtype`` and in the
+    accumulation dtype (float32 for half-precision weights) where they differ, for
+    ``vocab`` classes.
     """
     k = _size(kernel_dtype)
-    per_class = k  # the gradient
+    per_class = 0 if gradient_in_place else k  # the gradient
     for dt in (student_dtype, teacher_dtype):
         per_class += _size(dt) + (k if dt != kernel_dtype else 0)
     if weight_dtype != kernel_dtype:
@@ -139,6 +150,24 @@ def bytes_per_row(
         if weight_dtype in _HALF and kernel_dtype != torch.float32:
             per_class += 4  # and in the float32 the weight's gradient accumulates in
     return max(vocab, 1) * per_class
+
+
+def gradient_in_place(
+    device: torch.device, kernel_dtype: torch.dtype, beta: float | None, temperature: float
+) -> bool:
+    """Return whether a chunk's logits' gradient is written over the student's logits.
+
+    Where the C kernel evaluates the chunk in float32 (the CPU without Triton's
+    interpreter, a float32 evaluation, the KL, a temperature the float32 kernel takes:
+    :func:`kldiv_spec.backends._blocks_logits.takes_in_place`): the student's logits of
+    a chunk are the operator's own temporaries, read for the last time by the kernel.
+    """
+    if device.type != "cpu" or on_triton(device) or beta is not None:
+        return False
+    if kernel_dtype != torch.float32:
+        return False
+    probe = np.empty((1, 1), np.float32)
+    return _blocks_logits.takes_in_place(probe, temperature)
 
 
 def chunk_rows(rows: int, per_row: int, budget: int | None, /) -> int:
@@ -332,6 +361,7 @@ def _chunked(
         if any_grad:
             unit = h_s.new_full((), 0.0 if d == 0 else 1.0 / d, dtype=kd)
     buffers = _Buffers(min(chunk, rows), vocab, h_s.device)
+    in_place = gradient_in_place(h_s.device, kd, beta, temperature)
     for i in range(0, rows, chunk):
         j = min(i + chunk, rows)
         n = j - i
@@ -348,7 +378,9 @@ def _chunked(
         s = buffers.convert("s, kernel", s, read)
         t = buffers.convert("t, kernel", t, read)
         kept_c = None if kept is None else kept[i:j]
-        grad_out = buffers.take("grad", kd, n) if any_grad and not triton else None
+        grad_out = None
+        if any_grad and not triton:  # the kernel writes over s where it can (in_place)
+            grad_out = s if in_place else buffers.take("grad", kd, n)
         part, g = _evaluate(
             s, t, kept_c, grad_out, temperature=temperature, factor=factor,
             direction=direction, beta=beta, scale=scale, unit=unit, kd=kd, triton=triton,
@@ -560,7 +592,12 @@ def _call(
     if kept is not None:
         kept = torch.broadcast_to(kept, ops.row_shape).reshape(rows).contiguous()
     per_row = bytes_per_row(
-        ops.vocab, student_dtype=sd, teacher_dtype=td, kernel_dtype=kd, weight_dtype=w.dtype
+        ops.vocab,
+        student_dtype=sd,
+        teacher_dtype=td,
+        kernel_dtype=kd,
+        weight_dtype=w.dtype,
+        gradient_in_place=gradient_in_place(h.device, kd, beta, ops.temperature),
     )
     shape = ops.logits_shape
     return torch.ops.kldiv_spec.from_hidden(

@@ -424,6 +424,107 @@ def test_edge_table_through_the_kernel(
     assert kernel_calls
 
 
+# --------------------------------------------------------------------------- gradient in place
+
+
+def in_place_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The edge rows, dense rows, and rows long enough for several vectors and a tail."""
+    s, t = edge_rows()
+    s2, t2 = logits((4, 4), 31)
+    wide_s, wide_t = logits((5, 1003), 32, spread=40.0)
+    wide_s[1, 7] = wide_t[2, 900] = -inf  # an excluded class on each side
+    wide_s[3, 1000] = nan  # the reference's row
+    wide_t[4, :] = -inf  # no teacher softmax
+    cols = wide_s.shape[1]
+    pad = np.full((len(s) + len(s2), cols - 4), -inf, np.float32)  # excluded by both sides
+    s = np.concatenate([np.concatenate([np.concatenate([s, s2]), pad], axis=1), wide_s])
+    t = np.concatenate([np.concatenate([np.concatenate([t, t2]), pad], axis=1), wide_t])
+    return s, t
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("outputs", ["loss and gradient", "gradient and terms", "gradient only"])
+def test_a_gradient_written_over_the_logits_is_the_separate_buffers_bit_for_bit(
+    temperature: float, direction: str, outputs: str
+) -> None:
+    """grad is s: the same divergences, gradient and terms, bit for bit, as with a
+    separate gradient buffer; a row left to the reference (the marker) keeps its logits."""
+    if outputs == "gradient only" and direction == "reverse":
+        pytest.skip("the gradient alone is the forward direction's (softmax_only)")
+    s, t = in_place_rows()
+    rows, vocab = s.shape
+    loss = outputs != "gradient only"
+    kl = np.full(rows, -1.0) if loss else None
+    grad = np.full(s.shape, -1.0, np.float32)
+    terms = np.full(s.shape, -1.0, np.float32) if outputs == "gradient and terms" else None
+    args = (temperature, 0.75, 1.5, direction == "reverse")
+    F.rows_f32(s, t, vocab, kl, grad, terms, *args)
+    kl2 = np.full(rows, -1.0) if loss else None
+    terms2 = None if terms is None else np.full(s.shape, -1.0, np.float32)
+    s_in_place = s.copy()
+    F.rows_f32(s_in_place, t, vocab, kl2, s_in_place, terms2, *args)
+    if kl is not None:
+        assert kl2 is not None
+        np.testing.assert_array_equal(kl2.view(np.uint64), kl.view(np.uint64))
+        redo = kl.view(np.uint64) == np.uint64(_blocks_logits.REDO_BITS)
+        assert redo[[3, 4, 16]].all()  # a NaN or +inf logit: the reference's rows
+    else:
+        redo = np.zeros(rows, bool)
+    settled = ~redo
+    np.testing.assert_array_equal(
+        s_in_place[settled].view(np.uint32), grad[settled].view(np.uint32)
+    )
+    np.testing.assert_array_equal(s_in_place[redo].view(np.uint32), s[redo].view(np.uint32))
+    if terms is not None:
+        assert terms2 is not None
+        np.testing.assert_array_equal(terms2.view(np.uint32), terms.view(np.uint32))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_from_logits_in_place_gives_the_separate_buffers_gradient(
+    direction: str, masked: bool, every_size: None, kernel_calls: list[int]
+) -> None:
+    """``grad_out=s``: the kernel writes the gradient over ``s``; the reference's rows
+    read their logits first; a masked row is 0. The same values as a fresh buffer."""
+    s, t = in_place_rows()
+    kept = None if not masked else np.arange(len(s)) % 4 != 1
+    options = {"temperature": 2.0, "direction": direction, "kept": kept, "grad_scale": 0.5}
+    kl, grad = _blocks_logits.from_logits(s, t, **options)
+    assert grad is not None and not np.shares_memory(grad, s)
+    assert _blocks_logits.takes_in_place(s, 2.0)
+    s_in_place = s.copy()
+    kl2, grad2 = _blocks_logits.from_logits(s_in_place, t, grad_out=s_in_place, **options)
+    assert grad2 is not None and _blocks_logits.in_place(grad2, s_in_place)
+    np.testing.assert_array_equal(kl2, kl)
+    np.testing.assert_array_equal(grad2, grad)
+    assert kernel_calls
+
+
+def test_without_the_float32_kernel_an_in_place_request_gets_a_fresh_buffer(
+    monkeypatch: pytest.MonkeyPatch, every_size: None
+) -> None:
+    """The ufuncs, float64 logits and wide temperatures write their gradients elsewhere:
+    ``s`` is left as it was and the gradient returned is a new array."""
+    s, t = in_place_rows()
+    options = {"direction": "forward", "kept": None, "grad_scale": 1.0}
+    for logits_dtype, temperature in ((np.float64, 2.0), (np.float32, 100.0)):
+        sd, td = s.astype(logits_dtype), t.astype(logits_dtype)
+        assert not _blocks_logits.takes_in_place(sd, temperature)
+        before = sd.copy()
+        _, grad = _blocks_logits.from_logits(sd, td, temperature=temperature, grad_out=sd,
+                                             **options)  # fmt: skip
+        assert grad is not None and not np.shares_memory(grad, sd)
+        np.testing.assert_array_equal(sd, before)
+    setenv(monkeypatch, FUSED_ENV, "0")
+    assert not _blocks_logits.takes_in_place(s, 2.0)
+    before = s.copy()
+    _, grad = _blocks_logits.from_logits(s, t, temperature=2.0, grad_out=s, **options)
+    assert grad is not None and not np.shares_memory(grad, s)
+    np.testing.assert_array_equal(s, before)
+
+
 # --------------------------------------------------------------------------- public calls
 
 

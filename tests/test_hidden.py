@@ -269,7 +269,7 @@ def test_float32_is_within_the_documented_bound_of_a_float64_oracle(spy):
     temp, factor = 2.0, 4.0
     oracle = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, temperature=temp)
     f32 = [a.astype(np.float32) for a in (h_s, w_s, b_s, h_t, w_t, b_t)]
-    got = _torch_grads(_ours, *f32, temperature=temp, memory_budget=10 * 500 * 12)
+    got = _torch_grads(_ours, *f32, temperature=temp, memory_budget=10 * 500 * 8)
     assert spy.runs == 1 and len(spy.chunks) == 7
     # float32 inputs are float64 values: only float32 arithmetic separates the two
     s_err = (32 + 2) * U32 * (np.abs(f32[0]) @ np.abs(f32[1]).T + np.abs(f32[2]))
@@ -505,7 +505,7 @@ def test_compile_fullgraph_records_the_operator(spy):
     def step(hs, ws, bs, ht, wt, bt, mask):
         return kt.kl_div_from_hidden(
             hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, mask=mask,
-            temperature=2.0, reduction="rowmean", memory_budget=6 * 40 * 12,
+            temperature=2.0, reduction="rowmean", memory_budget=6 * 40 * 8,
         )  # fmt: skip
 
     compiled = torch.compile(step, fullgraph=True)
@@ -577,7 +577,7 @@ def _extra_peak(rows: int, vocab: int, width: int, budget: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM")
 def test_peak_memory_follows_the_chunk_not_the_tokens():
     vocab, width = 20000, 256
-    per_row = vocab * 12  # float32: two logits and the gradient
+    per_row = vocab * 8  # float32: two logits, the gradient written over the student's
     budget = 32 * per_row  # 32 rows: 7.3 MiB, less than the weight's gradient (20 MB), so
     # a copy of that gradient (autograd's, when the gradient is referenced twice) shows
     logits = 2048 * vocab * 4  # one float32 logits array of 2048 tokens: 164 MB
@@ -602,6 +602,26 @@ def test_chunks_are_evened_out_within_the_budget(rows, most):
     assert hidden_torch.chunk_rows(2048, 384 * 32000 * 12 // 384, None) == 342
 
 
+def test_the_c_kernel_writes_the_gradient_over_the_students_logits():
+    """Float32 KL chunks on the CPU: 8 bytes per class (two logits), so 2048 tokens of
+    32,000 classes go in four chunks of 512 under the default budget; the Jensen-Shannon
+    kernel, float64 and wide temperatures keep a gradient buffer (12 and 24 bytes)."""
+    if not _blocks_logits.fused_available() or hidden_torch.on_triton(torch.device("cpu")):
+        pytest.skip("the compiled float32 kernel does not evaluate the chunks here")
+    cpu, f32, f64 = torch.device("cpu"), torch.float32, torch.float64
+    assert hidden_torch.gradient_in_place(cpu, f32, None, 2.0)
+    assert not hidden_torch.gradient_in_place(cpu, f32, 0.5, 2.0)  # the JSD kernel
+    assert not hidden_torch.gradient_in_place(cpu, f64, None, 2.0)
+    assert not hidden_torch.gradient_in_place(cpu, f32, None, 100.0)  # evaluated in float64
+    dtypes = {"student_dtype": f32, "teacher_dtype": f32, "kernel_dtype": f32}
+    in_place = hidden_torch.bytes_per_row(
+        32000, weight_dtype=f32, gradient_in_place=True, **dtypes
+    )
+    own = hidden_torch.bytes_per_row(32000, weight_dtype=f32, **dtypes)
+    assert (in_place, own) == (8 * 32000, 12 * 32000)
+    assert hidden_torch.chunk_rows(2048, in_place, None) == 512
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_from_logits_fills_a_given_gradient_buffer_with_the_same_values(dtype, direction):
@@ -623,14 +643,17 @@ def test_from_logits_fills_a_given_gradient_buffer_with_the_same_values(dtype, d
 
 
 def test_a_bad_gradient_buffer_is_refused_by_name():
-    s = np.zeros((3, 4), np.float32)
+    """A wrong buffer, the teacher's logits, or one overlapping the student's but not them."""
+    rows = np.zeros((4, 4), np.float32)
+    s = rows[:3]
     t = np.zeros((3, 4), np.float32)
     options = dict(temperature=1.0, direction="forward", kept=None, grad_scale=1.0)
     bad = [
         np.zeros((3, 5), np.float32),
         np.zeros((3, 4), np.float64),
         np.zeros((4, 3), np.float32).T,
-        s,
+        t,
+        rows[1:],
         np.zeros((3, 4), np.float32)[::1].copy().view(np.float32),
     ]
     bad[-1].flags.writeable = False
