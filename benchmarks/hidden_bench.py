@@ -27,7 +27,7 @@ returns every large freed block and the resident size follows the live memory. T
 rounds (``--rounds``) interleave the methods so that a load change on a shared machine
 touches them alike; each method's time is the median of its steps over all rounds.
 
-    python benchmarks/hidden_bench.py --repeats 3 --rounds 2 --out benchmarks/results/hidden-cpu
+    python benchmarks/hidden_bench.py --repeats 4 --rounds 3 --out benchmarks/results/hidden-cpu
     python benchmarks/hidden_bench.py --quick   # small shapes: checks the script
 """
 
