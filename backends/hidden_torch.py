@@ -35,9 +35,9 @@ dtype where it differs, the gradient where it has its own buffer, and its copy i
 weight's dtype where it differs: 8 bytes per class for float32 on the CPU, 12 with
 the gradient's own buffer). The budget is ``memory_budget=`` when
 given; by default the larger of :data:`DEFAULT_MEMORY_BUDGET` (128 MiB) and
-:data:`MIN_ROWS` (384) rows' worth, since the matrix products of fewer rows read the
+:data:`MIN_ROWS` (512) rows' worth, since the matrix products of fewer rows read the
 weights more often per row and run slower per row on a CPU (2x to 3x at 64 rows against
-512: ``docs/hidden.md``). The chunk's temporaries are allocated once per call and reused
+512, 5% at 342: ``docs/hidden.md``). The chunk's temporaries are allocated once per call and reused
 by every chunk (:class:`_Buffers`).
 
 **Dtypes.** The logits are formed in each model's dtype (as the reference does), or
@@ -96,7 +96,7 @@ __all__ = [
 #: The default budget of one chunk's temporaries: 128 MiB (or :data:`MIN_ROWS` rows).
 DEFAULT_MEMORY_BUDGET = 128 << 20
 #: The fewest rows a chunk takes under the default budget.
-MIN_ROWS = 384
+MIN_ROWS = 512
 
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -599,7 +599,10 @@ def test_chunks_are_evened_out_within_the_budget(rows, most):
     assert c <= min(most, rows)
     assert chunks == -(-rows // min(most, rows))
     assert rows - (chunks - 1) * c > c - chunks  # the last chunk: short by under `chunks`
-    assert hidden_torch.chunk_rows(2048, 384 * 32000 * 12 // 384, None) == 342
+    assert hidden_torch.chunk_rows(2048, 384 * 32000 * 12 // 384, None) == 512
+    # MIN_ROWS' worth when the default budget holds fewer: 128,256 classes, 1024 tokens
+    assert hidden_torch.chunk_rows(1024, 128256 * 8, None) == 512
+    assert hidden_torch.chunk_rows(1500, 128256 * 8, None) == 500
 
 
 def test_the_c_kernel_writes_the_gradient_over_the_students_logits():
