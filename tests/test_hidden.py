@@ -605,6 +605,27 @@ def test_chunks_are_evened_out_within_the_budget(rows, most):
     assert hidden_torch.chunk_rows(1500, 128256 * 8, None) == 500
 
 
+def test_the_chunk_size_diagnostic_runs(capsys):
+    """benchmarks/hidden_chunks.py (the measurement behind MIN_ROWS) in its quick mode."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_hidden_chunks", ROOT / "benchmarks" / "hidden_chunks.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--quick"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("96 tokens x H 32 x V 500")
+    assert [line.split("|")[1:3] for line in lines[3:]] == [
+        [" 16 ", " 6 "],
+        [" 48 ", " 2 "],
+        [" 96 ", " 1 "],
+    ]
+    with pytest.raises(SystemExit):
+        module.main(["--chunks", "0"])
+
+
 def test_the_c_kernel_writes_the_gradient_over_the_students_logits():
     """Float32 KL chunks on the CPU: 8 bytes per class (two logits), so 2048 tokens of
     32,000 classes go in four chunks of 512 under the default budget; the Jensen-Shannon
