@@ -166,15 +166,18 @@ def _float32_kernel(s: np.ndarray, temperature: float) -> Callable[..., Any] | N
     """
     if s.dtype != np.float32 and s.dtype != _FLOAT16 and s.dtype not in _BFLOAT16_BITS:
         return None
-    if s.shape[1] == 0:
-        return None
-    with np.errstate(over="ignore"):
-        t32 = np.float32(temperature)
-    if not (np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal):
+    if s.shape[1] == 0 or not _normal_float32(temperature):
         return None
     if s.dtype == np.float32:
         return _kernel()
     return _half_kernel(s.dtype in _BFLOAT16_BITS)
+
+
+def _normal_float32(temperature: float, /) -> bool:
+    """Return whether ``temperature`` rounded to float32 is a positive normal number."""
+    with np.errstate(over="ignore"):
+        t32 = np.float32(temperature)
+    return bool(np.isfinite(t32) and t32 >= np.finfo(np.float32).smallest_normal)
 
 
 #: The least positive normal float64: the float64 kernel's least temperature.
@@ -355,7 +358,7 @@ def from_logits(
     if kernel is None and not wide:
         kernel = _float32_kernel(s, temperature)
     if grad_scale is not None:
-        if grad_out is None or (in_place(grad_out, s) and not takes_in_place(s, temperature)):
+        if grad_out is None or (in_place(grad_out, s) and not takes_in_place(dt, temperature)):
             grad = np.empty_like(s)
         else:
             grad = checked_out(grad_out, s, t, terms_out)
@@ -479,17 +482,19 @@ def in_place(out: Any, s: np.ndarray, /) -> bool:
     )
 
 
-def takes_in_place(s: np.ndarray, temperature: float, /) -> bool:
-    """Return whether the gradient of ``s`` can replace it: the compiled float32 kernel.
+def takes_in_place(dtype: Any, temperature: float, /) -> bool:
+    """Return whether a gradient can replace logits of ``dtype``: the compiled float32 kernel.
 
     Its passes keep their exponentials in scratch rows when the gradient's buffer is
     the logits' (``backends/_fused_logits.c``); the ufuncs, the half-precision and
     float64 kernels write theirs elsewhere.
     """
+    dtype = np.dtype(dtype)
     return (
-        s.dtype == np.float32
-        and not _wide(s.dtype, temperature)
-        and _float32_kernel(s, temperature) is not None
+        dtype == np.float32
+        and not _wide(dtype, temperature)
+        and _normal_float32(temperature)
+        and _kernel() is not None
     )
 
 

@@ -166,8 +166,7 @@ def gradient_in_place(
         return False
     if kernel_dtype != torch.float32:
         return False
-    probe = np.empty((1, 1), np.float32)
-    return _blocks_logits.takes_in_place(probe, temperature)
+    return _blocks_logits.takes_in_place(np.float32, temperature)
 
 
 def chunk_rows(rows: int, per_row: int, budget: int | None, /) -> int:

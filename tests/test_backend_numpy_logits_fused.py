@@ -493,7 +493,7 @@ def test_from_logits_in_place_gives_the_separate_buffers_gradient(
     options = {"temperature": 2.0, "direction": direction, "kept": kept, "grad_scale": 0.5}
     kl, grad = _blocks_logits.from_logits(s, t, **options)
     assert grad is not None and not np.shares_memory(grad, s)
-    assert _blocks_logits.takes_in_place(s, 2.0)
+    assert _blocks_logits.takes_in_place(s.dtype, 2.0)
     s_in_place = s.copy()
     kl2, grad2 = _blocks_logits.from_logits(s_in_place, t, grad_out=s_in_place, **options)
     assert grad2 is not None and _blocks_logits.in_place(grad2, s_in_place)
@@ -511,14 +511,14 @@ def test_without_the_float32_kernel_an_in_place_request_gets_a_fresh_buffer(
     options = {"direction": "forward", "kept": None, "grad_scale": 1.0}
     for logits_dtype, temperature in ((np.float64, 2.0), (np.float32, 100.0)):
         sd, td = s.astype(logits_dtype), t.astype(logits_dtype)
-        assert not _blocks_logits.takes_in_place(sd, temperature)
+        assert not _blocks_logits.takes_in_place(sd.dtype, temperature)
         before = sd.copy()
         _, grad = _blocks_logits.from_logits(sd, td, temperature=temperature, grad_out=sd,
                                              **options)  # fmt: skip
         assert grad is not None and not np.shares_memory(grad, sd)
         np.testing.assert_array_equal(sd, before)
     setenv(monkeypatch, FUSED_ENV, "0")
-    assert not _blocks_logits.takes_in_place(s, 2.0)
+    assert not _blocks_logits.takes_in_place(s.dtype, 2.0)
     before = s.copy()
     _, grad = _blocks_logits.from_logits(s, t, temperature=2.0, grad_out=s, **options)
     assert grad is not None and not np.shares_memory(grad, s)
