@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import sys
 from collections.abc import Iterable
@@ -321,3 +322,18 @@ def spy_kernel_rows(
     fake = SimpleNamespace(**{entry: rows, "available": real.available})
     monkeypatch.setattr(owner, attr, fake)
     return calls
+
+
+def load_script(path: Any, name: str, /) -> ModuleType:
+    """Import the script at ``path`` (a benchmark or tool, no package) as module ``name``.
+
+    Imported once per session and kept in ``sys.modules`` (a dataclass in it looks its
+    module up there).
+    """
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -11,7 +11,6 @@ reference has them; any alignment of the buffers.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import os
 import pathlib
@@ -21,7 +20,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from _support import misaligned, numpy_fused_available, setenv
+from _support import load_script, misaligned, numpy_fused_available, setenv
 
 import kldiv_spec
 from kldiv_spec.backends import _blocks
@@ -401,13 +400,7 @@ def log_sweep() -> ModuleType:
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "log_sweep.py"
     if not path.is_file():
         pytest.skip("benchmarks/log_sweep.py is not in this tree")
-    if "log_sweep" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("log_sweep", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["log_sweep"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["log_sweep"]
+    return load_script(path, "log_sweep")
 
 
 def test_log_sweep_quick_stays_within_the_documented_bound() -> None:

@@ -19,7 +19,6 @@ it is held to bounds, not to the ufunc path's bits:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import pathlib
@@ -31,7 +30,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _support import logits_fused_available, misaligned, setenv, spy_kernel_rows
+from _support import (
+    load_script,
+    logits_fused_available,
+    misaligned,
+    setenv,
+    spy_kernel_rows,
+)
 
 import kldiv_spec
 from kldiv_spec import kl_div_from_logits, kl_div_from_logits_backward
@@ -126,13 +131,7 @@ def exp_sweep() -> types.ModuleType:
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "exp_sweep.py"
     if not path.is_file():
         pytest.skip("benchmarks/exp_sweep.py is not in this tree")
-    if "exp_sweep" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("exp_sweep", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["exp_sweep"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["exp_sweep"]
+    return load_script(path, "exp_sweep")
 
 
 def test_exp_sweep_quick_stays_within_the_documented_bound() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,25 +19,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _support import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMG = ROOT / "docs" / "img"
 
 
-def _load(path: Path, name: str) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def run() -> ModuleType:
-    return _load(ROOT / "benchmarks" / "run.py", "_test_bench_run")
+    return load_script(ROOT / "benchmarks" / "run.py", "_test_bench_run")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def pages(run: ModuleType) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def stamps() -> ModuleType:
-    return _load(ROOT / "benchmarks" / "bench_stamp.py", "_test_bench_stamp")
+    return load_script(ROOT / "benchmarks" / "bench_stamp.py", "_test_bench_stamp")
 
 
 def _writes(run: ModuleType) -> dict[Path, str]:

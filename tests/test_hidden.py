@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _support import load_script
 
 import kldiv_spec
 
@@ -607,13 +608,7 @@ def test_chunks_are_evened_out_within_the_budget(rows, most):
 
 def test_the_chunk_size_diagnostic_runs(capsys):
     """benchmarks/hidden_chunks.py (the measurement behind MIN_ROWS) in its quick mode."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "_hidden_chunks", ROOT / "benchmarks" / "hidden_chunks.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "benchmarks" / "hidden_chunks.py", "_hidden_chunks")
     module.main(["--quick"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("96 tokens x H 32 x V 500")
