@@ -264,8 +264,17 @@ def test_a_masked_vocabulary_minus_inf_bias_follows_the_edge_table(spy, options)
         assert np.isnan(grad_b[11])
 
 
-def test_float32_is_within_the_documented_bound_of_a_float64_oracle(spy):
-    """|chunked float32 - float64 oracle| within the propagated rounding (docs/hidden.md)."""
+@pytest.mark.parametrize("column_block", [None, 7, 128])
+def test_float32_is_within_the_documented_bound_of_a_float64_oracle(
+    spy, monkeypatch, column_block
+):
+    """|chunked float32 - float64 oracle| within the propagated rounding (docs/hidden.md).
+
+    With the logits' products by blocks of 7 and 128 classes too (a last block of 3
+    and of 116): the blocks are the float32 products' default on the CPU from 512 classes.
+    """
+    if column_block is not None:
+        monkeypatch.setattr(hidden_torch, "COLUMN_BLOCK", column_block)
     h_s, w_s, b_s, h_t, w_t, b_t = _operands(rows=(64,), width=32, vocab=500, teacher_width=24)
     temp, factor = 2.0, 4.0
     oracle = _torch_grads(_reference, h_s, w_s, b_s, h_t, w_t, b_t, temperature=temp)
@@ -293,6 +302,41 @@ def test_float32_is_within_the_documented_bound_of_a_float64_oracle(spy):
     assert np.all(np.abs(got[3] - oracle[3]) <= gb_bound)
     # and the bounds are not vacuous: a wrong chunk scale (2x) breaks them
     assert np.abs(2 * got[2] - oracle[2]).max() > gw_bound.max()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "vocab", "products"),
+    [
+        (torch.float32, 1100, 3),  # 512, 512 and a last block of 76 classes
+        (torch.float32, 1024, 2),
+        (torch.float32, 512, 1),
+        (torch.float64, 1100, 1),  # float64: one product (MKL's measured slower by blocks)
+        (torch.bfloat16, 1100, 1),
+    ],
+)
+def test_the_logits_product_goes_by_blocks_of_columns_in_float32(
+    monkeypatch, dtype, vocab, products
+):
+    """``_mm_transposed`` writes every class of its output, ``COLUMN_BLOCK`` at a time."""
+    calls = []
+    mm = torch.mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return mm(*args, **kwargs)
+
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 24, generator=gen).to(dtype)
+    w = torch.randn(vocab, 24, generator=gen).to(dtype)
+    out = torch.full((5, vocab), math.nan, dtype=dtype)
+    monkeypatch.setattr(torch, "mm", counted)
+    got = hidden_torch._mm_transposed(h, w, out)
+    monkeypatch.undo()
+    assert got is out and len(calls) == products
+    assert sum(c[1] for c in calls) == vocab
+    want = (h.double() @ w.double().T).to(dtype)
+    atol = 24 * torch.finfo(dtype).eps * float((h.abs().double() @ w.abs().double().T).max())
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "rowmean", "sum", "mean"])
@@ -607,18 +651,28 @@ def test_chunks_are_evened_out_within_the_budget(rows, most):
 
 
 def test_the_chunk_size_diagnostic_runs(capsys):
-    """benchmarks/hidden_chunks.py (the measurement behind MIN_ROWS) in its quick mode."""
+    """benchmarks/hidden_chunks.py (behind MIN_ROWS and COLUMN_BLOCK) in its quick mode."""
     module = load_script(ROOT / "benchmarks" / "hidden_chunks.py", "_hidden_chunks")
     module.main(["--quick"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("96 tokens x H 32 x V 500")
-    assert [line.split("|")[1:3] for line in lines[3:]] == [
-        [" 16 ", " 6 "],
-        [" 48 ", " 2 "],
-        [" 96 ", " 1 "],
+    assert [line.split("|")[1:4] for line in lines[3:]] == [
+        [" 16 ", " 6 ", " all 500 "],
+        [" 16 ", " 6 ", " 128 "],
+        [" 48 ", " 2 ", " all 500 "],
+        [" 48 ", " 2 ", " 128 "],
+        [" 96 ", " 1 ", " all 500 "],
+        [" 96 ", " 1 ", " 128 "],
     ]
-    with pytest.raises(SystemExit):
-        module.main(["--chunks", "0"])
+    for bad in (["--chunks", "0"], ["--columns", "-1"]):
+        with pytest.raises(SystemExit):
+            module.main(bad)
+    # the blocks write every class: the products' logits are the same as at once
+    s, s_blocked = torch.empty(3, 500), torch.full((3, 500), math.nan)
+    h, w = torch.randn(3, 32), torch.randn(500, 32)
+    module.logits(h, w, s, 0)
+    module.logits(h, w, s_blocked, 128)
+    torch.testing.assert_close(s_blocked, s)
 
 
 def test_the_c_kernel_writes_the_gradient_over_the_students_logits():
