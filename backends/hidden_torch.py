@@ -4,7 +4,8 @@ The rows (tokens) are walked in chunks of :func:`chunk_rows` rows. Per chunk of
 student hidden states :math:`h_c` (and the teacher's, or its logits):
 
 1. the chunk's logits :math:`s_c = h_c W_s^\top + b_s` and :math:`t_c` by one matrix
-   product each (``torch.mm``, the bias added after it, as the reference does);
+   product each (``torch.mm``, the bias added after it, as the reference does; in
+   float32 on the CPU by blocks of :data:`COLUMN_BLOCK` classes, :func:`_mm_transposed`);
 2. the fused from-logits kernel (on the CPU the C kernel,
    :func:`kldiv_spec.backends._blocks_logits.from_logits` on zero-copy NumPy views; on
    CUDA the Triton kernel, :func:`kldiv_spec.backends._triton_logits.from_logits`, its
