@@ -246,8 +246,8 @@ def _mm_transposed(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, /) -> to
     product's output (``rows x COLUMN_BLOCK``, 1 MiB at 512 rows) stays in the core's
     cache while the product sums over ``H`` in its steps, where one product over all
     ``V`` columns writes and reads its ``rows x V`` output (tens of megabytes) again at
-    each step. The sum over ``H`` of each element is the same product's, and on the
-    benchmarks' CPU (MKL) the values are bit for bit the single product's. Elsewhere
+    each step. Each element is still one product's sum over ``H``; on the benchmarks'
+    CPU (MKL) the values were bit for bit the single product's. Elsewhere
     (float64, whose MKL kernels measured slower by blocks, half precision, CUDA) one
     product.
     """
